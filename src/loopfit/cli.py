@@ -1,0 +1,39 @@
+"""The `loopfit` console script: one subcommand per typed function (jsonargparse), flags with underscores."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _commands() -> dict:
+    # Imported here so `loopfit --help` lists every subcommand while library imports stay lazy elsewhere.
+    from loopfit.convert import convert_command
+    from loopfit.generate import generate_command
+
+    return {
+        "convert": convert_command,
+        "generate": generate_command,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `loopfit` and `python -m loopfit`; user errors print one line and exit 2."""
+    from jsonargparse import CLI
+
+    from loopfit.errors import LoopfitError
+
+    try:
+        CLI(_commands(), args=argv, as_positional=True, fail_untyped=True)
+    except LoopfitError as e:
+        print(f"loopfit: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("loopfit: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

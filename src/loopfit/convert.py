@@ -1,0 +1,250 @@
+"""Feedforward HF causal LM -> looped model (or a pruned static model), with an explicit source-layer map."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from loopfit.errors import LoopfitError
+from loopfit.models import LoopedConfig, LoopedForCausalLM
+from loopfit.models.configuration_looped import SUPPORTED_ARCHITECTURES
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Source-layer indices of the prelude, the recurrent block and the coda; layers named nowhere are dropped."""
+
+    prelude: list[int]
+    block: list[int]
+    coda: list[int]
+
+    def __str__(self) -> str:
+        return ":".join(_format_indices(part) for part in (self.prelude, self.block, self.coda))
+
+    @property
+    def kept(self) -> list[int]:
+        return self.prelude + self.block + self.coda
+
+    def dropped(self, num_layers: int) -> list[int]:
+        return [i for i in range(num_layers) if i not in set(self.kept)]
+
+
+def _format_indices(indices: list[int]) -> str:
+    """Compact `0,1,2,3,7` as `0-3,7`."""
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(parts)
+
+
+def _parse_indices(text: str) -> list[int]:
+    out: list[int] = []
+    for tok in filter(None, (t.strip() for t in text.split(","))):
+        if "-" in tok:
+            a, b = tok.split("-", 1)
+            lo, hi = int(a), int(b)
+            if hi < lo:
+                raise ValueError(f"descending range '{tok}'")
+            out.extend(range(lo, hi + 1))
+        else:
+            out.append(int(tok))
+    return out
+
+
+def parse_layout(spec: str, num_layers: int) -> Layout:
+    """Parse `"0-3:10-15:26-29"` (prelude:block:coda, each a comma/range list; a part may be empty)."""
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise LoopfitError(f"--layers must have three ':'-separated parts (prelude:block:coda), got '{spec}'")
+    try:
+        layout = Layout(*(_parse_indices(p) for p in parts))
+    except ValueError as e:
+        raise LoopfitError(f"cannot parse --layers '{spec}': {e}") from None
+    validate_layout(layout, num_layers)
+    return layout
+
+
+def layout_from_sizes(num_layers: int, prelude: int, block: int, coda: int) -> Layout:
+    """The paper's a-b-c naming: first `prelude` layers; the `block` layers just before the coda; last `coda` layers."""
+    if min(prelude, block, coda) < 0 or block < 1:
+        raise LoopfitError(f"--prelude/--coda must be >= 0 and --block >= 1, got {prelude}-{block}-{coda}")
+    if prelude + block + coda > num_layers:
+        raise LoopfitError(f"layout {prelude}-{block}-{coda} needs {prelude + block + coda} layers; source has {num_layers}")
+    start = num_layers - coda - block
+    return Layout(list(range(prelude)), list(range(start, start + block)), list(range(num_layers - coda, num_layers)))
+
+
+def validate_layout(layout: Layout, num_layers: int) -> None:
+    if not layout.block:
+        raise LoopfitError("the recurrent block needs at least one layer")
+    bad = [i for i in layout.kept if not 0 <= i < num_layers]
+    if bad:
+        raise LoopfitError(f"layer indices {bad} out of range for a source model with {num_layers} layers")
+    dup = sorted({i for i in layout.kept if layout.kept.count(i) > 1})
+    if dup:
+        raise LoopfitError(f"layer indices {dup} appear more than once in the layout")
+
+
+def _check_architecture(config) -> None:
+    if config.model_type == "looped":
+        raise LoopfitError("the source model is already a looped model")
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise LoopfitError(
+            f"architecture '{config.model_type}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def _decoder(model: PreTrainedModel):
+    return model.model  # every supported *ForCausalLM keeps its decoder stack at `.model`
+
+
+def to_looped(
+    source: PreTrainedModel,
+    layout: Layout,
+    adapter_init: str = "identity",
+    state_init: str = "normal",
+    mean_recurrence: int = 4,
+    untie_embeddings: bool = False,
+    **config_kwargs,
+) -> LoopedForCausalLM:
+    """Build a `LoopedForCausalLM` whose layers are copies of `source`'s layers named in `layout`."""
+    base = copy.deepcopy(source.config)
+    _check_architecture(base)
+    validate_layout(layout, base.num_hidden_layers)
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(base, attr):
+            delattr(base, attr)
+    tie = bool(getattr(source.config, "tie_word_embeddings", False)) and not untie_embeddings
+    base.tie_word_embeddings = tie
+    config = LoopedConfig(
+        base_config=base,
+        prelude_layers=layout.prelude,
+        block_layers=layout.block,
+        coda_layers=layout.coda,
+        mean_recurrence=mean_recurrence,
+        adapter_init=adapter_init,
+        state_init=state_init,
+        tie_word_embeddings=tie,
+        **config_kwargs,
+    )
+    config._attn_implementation = source.config._attn_implementation
+    dtype = source.dtype
+    model = LoopedForCausalLM(config).to(dtype)
+    src = _decoder(source)
+    state = {"model.embed_tokens.weight": src.embed_tokens.weight, "model.norm.weight": src.norm.weight}
+    for part, indices in (("prelude", layout.prelude), ("block", layout.block), ("coda", layout.coda)):
+        for j, i in enumerate(indices):
+            for k, v in src.layers[i].state_dict().items():
+                state[f"model.{part}.{j}.{k}"] = v
+    state["lm_head.weight"] = source.get_output_embeddings().weight
+    missing, unexpected = model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if not k.startswith("model.adapter.") and "rotary_emb" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
+    if tie:
+        model.tie_weights()
+    model.generation_config = copy.deepcopy(source.generation_config)
+    return model
+
+
+def to_static(source: PreTrainedModel, layout: Layout) -> PreTrainedModel:
+    """A plain HF model of the same architecture keeping only the layout's layers, in order (the no-loop baseline)."""
+    _check_architecture(source.config)
+    validate_layout(layout, source.config.num_hidden_layers)
+    model = copy.deepcopy(source)
+    dec = _decoder(model)
+    dec.layers = torch.nn.ModuleList(dec.layers[i] for i in layout.kept)
+    for j, layer in enumerate(dec.layers):
+        layer.self_attn.layer_idx = j
+    cfg = model.config
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in layout.kept]
+    cfg.num_hidden_layers = len(layout.kept)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    return model
+
+
+def convert_command(
+    model: str,
+    out: str | None = None,
+    layers: str | None = None,
+    prelude: int | None = None,
+    block: int | None = None,
+    coda: int | None = None,
+    adapter_init: str = "identity",
+    state_init: str = "normal",
+    mean_recurrence: int = 4,
+    cache_mode: str = "full",
+    untie_embeddings: bool = False,
+    static: bool = False,
+    analysis_data: str | None = None,
+    analysis_samples: int = 64,
+    target_recurrent_size: int | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Convert a feedforward HF causal LM into a looped model (prelude -> block x R -> coda).
+
+    Args:
+        model: source model: HF folder, hub id, .gguf file or `smollm2-135m`.
+        out: output folder (an HF model folder: config, safetensors, tokenizer, generation config).
+        layers: `prelude:block:coda` source-layer lists such as `0-3:10-15:26-29`, or `auto` (layer analysis).
+        prelude: with --block/--coda: the first `prelude` layers form the prelude (the paper's a-b-c naming).
+        block: the `block` layers just before the coda form the recurrent block.
+        coda: the last `coda` layers form the coda.
+        adapter_init: `identity` ([0 | I]: reproduces the pruned model at any depth), `random` or `average`.
+        state_init: initial recurrent state: `normal`, `zeros` or `embed`.
+        mean_recurrence: default number of loop iterations when none is given.
+        cache_mode: KV cache: `full` (exact, memory linear in depth) or `compress` (constant memory).
+        untie_embeddings: give the LM head its own copy of a tied embedding matrix.
+        static: write the kept layers as a plain, non-looped model of the source architecture instead.
+        analysis_data: calibration data for `--layers auto` (default: built-in data).
+        analysis_samples: number of calibration samples for `--layers auto`.
+        target_recurrent_size: for `--layers auto`, drop the lowest-influence thinking layers down to this size.
+        overwrite: replace `out` if it exists.
+    """
+    from loopfit.io import atomic_dir
+    from loopfit.loading import load_model, load_tokenizer
+
+    if out is None:
+        raise LoopfitError("--out is required")
+    if (layers is None) == (block is None):
+        raise LoopfitError("give either --layers or --prelude/--block/--coda")
+    for name, value, allowed in (("adapter_init", adapter_init, ("identity", "random", "average")),
+                                 ("state_init", state_init, ("normal", "zeros", "embed")),
+                                 ("cache_mode", cache_mode, ("full", "compress"))):
+        if value not in allowed:
+            raise LoopfitError(f"--{name} must be one of {', '.join(allowed)}, got '{value}'")
+    if mean_recurrence < 1:
+        raise LoopfitError(f"--mean_recurrence must be >= 1, got {mean_recurrence}")
+    if os.path.exists(out) and not overwrite:
+        raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
+    source = load_model(model)
+    _check_architecture(source.config)
+    n = source.config.num_hidden_layers
+    if layers == "auto":
+        from loopfit.analysis import suggest_layout
+
+        layers = suggest_layout(source, load_tokenizer(model), data=analysis_data, num_samples=analysis_samples,
+                                target_recurrent_size=target_recurrent_size)
+        print(f"layer analysis suggests --layers {layers}")
+    layout = parse_layout(layers, n) if layers is not None else layout_from_sizes(n, prelude or 0, block, coda or 0)
+    tokenizer = load_tokenizer(model)
+    if static:
+        result = to_static(source, layout)
+    else:
+        result = to_looped(source, layout, adapter_init=adapter_init, state_init=state_init,
+                           mean_recurrence=mean_recurrence, untie_embeddings=untie_embeddings, cache_mode=cache_mode)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        result.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    kind = "static" if static else f"looped (R defaults to {mean_recurrence})"
+    print(f"wrote {kind} model to {out}: layers {layout} of {n}; dropped {_format_indices(layout.dropped(n)) or 'none'}")

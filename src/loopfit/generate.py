@@ -1,0 +1,79 @@
+"""Text generation at any depth, with an optional chat template."""
+
+from __future__ import annotations
+
+import torch
+
+from loopfit.errors import LoopfitError
+
+
+def format_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> str:
+    """The prompt as text, wrapped in the tokenizer's chat template when `chat`."""
+    if not chat:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise LoopfitError("--chat=true but the tokenizer has no chat template")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.inference_mode()
+def generate_text(model, tokenizer, prompts: list[str], num_steps=None, max_new_tokens: int = 64,
+                  chat: bool = False, system: str | None = None, do_sample: bool = False,
+                  temperature: float = 1.0, use_cache: bool = True) -> list[str]:
+    """Greedy (or sampled) continuations of `prompts`, left-padded into one batch."""
+    texts = [format_prompt(tokenizer, p, chat, system) for p in prompts]
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    kwargs = {"num_steps": num_steps} if num_steps is not None and model.config.model_type == "looped" else {}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                         pad_token_id=tokenizer.pad_token_id, use_cache=use_cache, **kwargs)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def generate_command(
+    model: str,
+    prompt: list[str] | str = "What is 12*7?",
+    num_steps: int | None = None,
+    chat: bool = False,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    cache_mode: str | None = None,
+    seed: int = 0,
+) -> None:
+    """Generate text from a (looped or plain) model at a chosen depth.
+
+    Args:
+        model: model folder, hub id, .gguf file or `smollm2-135m`.
+        prompt: one prompt, or several (`--prompt a --prompt b`).
+        num_steps: loop iterations R (looped models; default: the model's mean_recurrence).
+        chat: wrap the prompt in the tokenizer's chat template.
+        system: optional system prompt (with --chat=true).
+        max_new_tokens: tokens to generate.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature.
+        cache_mode: override the KV cache mode of a looped model: `full` or `compress`.
+        seed: random seed (sampling, state noise in training mode).
+    """
+    from loopfit.loading import load_model, load_tokenizer
+
+    if num_steps is not None and num_steps < 1:
+        raise LoopfitError(f"--num_steps must be >= 1, got {num_steps}")
+    torch.manual_seed(seed)
+    lm = load_model(model).eval()
+    tok = load_tokenizer(model)
+    if cache_mode is not None:
+        if lm.config.model_type != "looped" or cache_mode not in ("full", "compress"):
+            raise LoopfitError("--cache_mode takes `full` or `compress`, for looped models only")
+        lm.config.cache_mode = cache_mode
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    depth = num_steps if num_steps is not None else getattr(lm.config, "mean_recurrence", None)
+    for p, text in zip(prompts, generate_text(lm, tok, prompts, num_steps, max_new_tokens, chat, system,
+                                              do_sample, temperature)):
+        label = f"[R={depth}] " if lm.config.model_type == "looped" else ""
+        print(f"{label}{p!r} -> {text.strip()!r}")

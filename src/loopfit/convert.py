@@ -77,7 +77,9 @@ def layout_from_sizes(num_layers: int, prelude: int, block: int, coda: int) -> L
     if min(prelude, block, coda) < 0 or block < 1:
         raise LoopfitError(f"--prelude/--coda must be >= 0 and --block >= 1, got {prelude}-{block}-{coda}")
     if prelude + block + coda > num_layers:
-        raise LoopfitError(f"layout {prelude}-{block}-{coda} needs {prelude + block + coda} layers; source has {num_layers}")
+        raise LoopfitError(
+            f"layout {prelude}-{block}-{coda} needs {prelude + block + coda} layers; source has {num_layers}"
+        )
     start = num_layers - coda - block
     return Layout(list(range(prelude)), list(range(start, start + block)), list(range(num_layers - coda, num_layers)))
 
@@ -218,9 +220,11 @@ def convert_command(
         raise LoopfitError("--out is required")
     if (layers is None) == (block is None):
         raise LoopfitError("give either --layers or --prelude/--block/--coda")
-    for name, value, allowed in (("adapter_init", adapter_init, ("identity", "random", "average")),
-                                 ("state_init", state_init, ("normal", "zeros", "embed")),
-                                 ("cache_mode", cache_mode, ("full", "compress"))):
+    for name, value, allowed in (
+        ("adapter_init", adapter_init, ("identity", "random", "average")),
+        ("state_init", state_init, ("normal", "zeros", "embed")),
+        ("cache_mode", cache_mode, ("full", "compress")),
+    ):
         if value not in allowed:
             raise LoopfitError(f"--{name} must be one of {', '.join(allowed)}, got '{value}'")
     if mean_recurrence < 1:
@@ -233,18 +237,32 @@ def convert_command(
     if layers == "auto":
         from loopfit.analysis import suggest_layout
 
-        layers = suggest_layout(source, load_tokenizer(model), data=analysis_data, num_samples=analysis_samples,
-                                target_recurrent_size=target_recurrent_size)
+        layers = suggest_layout(
+            source,
+            load_tokenizer(model),
+            data=analysis_data,
+            num_samples=analysis_samples,
+            target_recurrent_size=target_recurrent_size,
+        )
         print(f"layer analysis suggests --layers {layers}")
     layout = parse_layout(layers, n) if layers is not None else layout_from_sizes(n, prelude or 0, block, coda or 0)
     tokenizer = load_tokenizer(model)
     if static:
         result = to_static(source, layout)
     else:
-        result = to_looped(source, layout, adapter_init=adapter_init, state_init=state_init,
-                           mean_recurrence=mean_recurrence, untie_embeddings=untie_embeddings, cache_mode=cache_mode)
+        result = to_looped(
+            source,
+            layout,
+            adapter_init=adapter_init,
+            state_init=state_init,
+            mean_recurrence=mean_recurrence,
+            untie_embeddings=untie_embeddings,
+            cache_mode=cache_mode,
+        )
     with atomic_dir(out, overwrite=overwrite) as tmp:
         result.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     kind = "static" if static else f"looped (R defaults to {mean_recurrence})"
-    print(f"wrote {kind} model to {out}: layers {layout} of {n}; dropped {_format_indices(layout.dropped(n)) or 'none'}")
+    print(
+        f"wrote {kind} model to {out}: layers {layout} of {n}; dropped {_format_indices(layout.dropped(n)) or 'none'}"
+    )

@@ -18,9 +18,18 @@ def format_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None)
 
 
 @torch.inference_mode()
-def generate_text(model, tokenizer, prompts: list[str], num_steps=None, max_new_tokens: int = 64,
-                  chat: bool = False, system: str | None = None, do_sample: bool = False,
-                  temperature: float = 1.0, use_cache: bool = True) -> list[str]:
+def generate_text(
+    model,
+    tokenizer,
+    prompts: list[str],
+    num_steps=None,
+    max_new_tokens: int = 64,
+    chat: bool = False,
+    system: str | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    use_cache: bool = True,
+) -> list[str]:
     """Greedy (or sampled) continuations of `prompts`, left-padded into one batch."""
     texts = [format_prompt(tokenizer, p, chat, system) for p in prompts]
     tokenizer.padding_side = "left"
@@ -28,10 +37,18 @@ def generate_text(model, tokenizer, prompts: list[str], num_steps=None, max_new_
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
     kwargs = {"num_steps": num_steps} if num_steps is not None and model.config.model_type == "looped" else {}
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                         temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                         pad_token_id=tokenizer.pad_token_id, use_cache=use_cache, **kwargs)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def generate_command(
@@ -73,7 +90,8 @@ def generate_command(
         lm.config.cache_mode = cache_mode
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     depth = num_steps if num_steps is not None else getattr(lm.config, "mean_recurrence", None)
-    for p, text in zip(prompts, generate_text(lm, tok, prompts, num_steps, max_new_tokens, chat, system,
-                                              do_sample, temperature)):
+    for p, text in zip(
+        prompts, generate_text(lm, tok, prompts, num_steps, max_new_tokens, chat, system, do_sample, temperature)
+    ):
         label = f"[R={depth}] " if lm.config.model_type == "looped" else ""
         print(f"{label}{p!r} -> {text.strip()!r}")

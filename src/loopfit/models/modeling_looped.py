@@ -250,8 +250,12 @@ class LoopedModel(LoopedPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
         cache = past_key_values if use_cache or past_key_values is not None else None
         masks = self._masks(inputs_embeds, attention_mask, cache, position_ids)
-        kw = dict(position_embeddings=self.rotary_emb(inputs_embeds, position_ids), position_ids=position_ids,
-                  use_cache=use_cache, **kwargs)
+        kw = dict(
+            position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **kwargs,
+        )
         hidden = [inputs_embeds] if output_hidden_states else None
 
         p, b, q = len(c.prelude_layers), len(c.block_layers), len(c.coda_layers)
@@ -270,8 +274,16 @@ class LoopedModel(LoopedPreTrainedModel):
                     slots = [p + q + it * b + j for j in range(b)]
                 else:
                     slots = [p + q + j for j in range(b)]
-                s = self._run(self.block, c.block_layers, s, masks, slots, cache, overwrite=it > 0
-                              and c.cache_mode == "compress", **kw)
+                s = self._run(
+                    self.block,
+                    c.block_layers,
+                    s,
+                    masks,
+                    slots,
+                    cache,
+                    overwrite=it > 0 and c.cache_mode == "compress",
+                    **kw,
+                )
             if output_states:
                 states.append(s)
         if hidden is not None:

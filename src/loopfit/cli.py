@@ -11,11 +11,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _commands() -> dict:
     # Imported here so `loopfit --help` lists every subcommand while library imports stay lazy elsewhere.
     from loopfit.convert import convert_command
+    from loopfit.flops import count_command
     from loopfit.generate import generate_command
 
     return {
         "convert": convert_command,
         "generate": generate_command,
+        "count": count_command,
     }
 
 

@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _commands() -> dict:
     # Imported here so `loopfit --help` lists every subcommand while library imports stay lazy elsewhere.
     from loopfit.convert import convert_command
+    from loopfit.evaluate import eval_command
     from loopfit.flops import count_command
     from loopfit.generate import generate_command
 
@@ -18,6 +19,7 @@ def _commands() -> dict:
         "convert": convert_command,
         "generate": generate_command,
         "count": count_command,
+        "eval": eval_command,
     }
 
 

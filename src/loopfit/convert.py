@@ -214,7 +214,7 @@ def convert_command(
         overwrite: replace `out` if it exists.
     """
     from loopfit.io import atomic_dir
-    from loopfit.loading import load_model, load_tokenizer
+    from loopfit.loading import load_model, load_tokenizer, resolve_model_path
 
     if out is None:
         raise LoopfitError("--out is required")
@@ -231,22 +231,23 @@ def convert_command(
         raise LoopfitError(f"--mean_recurrence must be >= 1, got {mean_recurrence}")
     if os.path.exists(out) and not overwrite:
         raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
-    source = load_model(model)
-    _check_architecture(source.config)
-    n = source.config.num_hidden_layers
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(path)
+    _check_architecture(config)
+    n = config.num_hidden_layers
+    if layers != "auto":  # validate before the (slow) weight load
+        layout = parse_layout(layers, n) if layers is not None else layout_from_sizes(n, prelude or 0, block, coda or 0)
+    source = load_model(path)
     if layers == "auto":
         from loopfit.analysis import suggest_layout
 
-        layers = suggest_layout(
-            source,
-            load_tokenizer(model),
-            data=analysis_data,
-            num_samples=analysis_samples,
-            target_recurrent_size=target_recurrent_size,
-        )
+        layers = suggest_layout(source, load_tokenizer(path), data=analysis_data, num_samples=analysis_samples,
+                                target_recurrent_size=target_recurrent_size)
         print(f"layer analysis suggests --layers {layers}")
-    layout = parse_layout(layers, n) if layers is not None else layout_from_sizes(n, prelude or 0, block, coda or 0)
-    tokenizer = load_tokenizer(model)
+        layout = parse_layout(layers, n)
+    tokenizer = load_tokenizer(path)
     if static:
         result = to_static(source, layout)
     else:

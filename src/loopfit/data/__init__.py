@@ -1,14 +1,32 @@
 """Data: sources, chat formatting with assistant-only masks, packing, mixing, Parquet shards, resumable loading."""
 
 from loopfit.data.arithmetic import ArithmeticProblem, arithmetic_problem, arithmetic_problems
+from loopfit.data.chat import TokenizedDocument, tokenize_documents, tokenizer_hash
+from loopfit.data.dataset import PackedData, PackedDataset, build_dataset, data_hash, parse_source
+from loopfit.data.packing import IGNORE_INDEX, PackedRows, pack_documents
+from loopfit.data.shards import load_prepared, prepare_command, save_prepared
 from loopfit.data.sources import Document, chat_messages, document_text, read_documents
 
 __all__ = [
+    "IGNORE_INDEX",
     "ArithmeticProblem",
     "Document",
+    "PackedData",
+    "PackedDataset",
+    "PackedRows",
+    "TokenizedDocument",
     "arithmetic_problem",
     "arithmetic_problems",
+    "build_dataset",
     "chat_messages",
+    "data_hash",
     "document_text",
+    "load_prepared",
+    "pack_documents",
+    "parse_source",
+    "prepare_command",
     "read_documents",
+    "save_prepared",
+    "tokenize_documents",
+    "tokenizer_hash",
 ]

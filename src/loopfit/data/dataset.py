@@ -1,0 +1,229 @@
+"""Build packed training data from one or several weighted sources, with a deterministic held-out split.
+
+Mixing is by tokens: with weights w_i (normalised to p_i) the train set holds the largest mix whose token shares
+match p_i without repeating any document, so the source that is scarcest relative to its weight is used whole
+and the others are subsampled (seeded). What was used of each source is recorded in the manifest. The held-out
+split is carved per source before mixing: the documents whose seeded content hash is smallest, so the same
+documents are held out for the same seed and sources, whatever their order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from loopfit.data.chat import TokenizedDocument, tokenize_documents, tokenizer_hash
+from loopfit.data.packing import IGNORE_INDEX, PackedRows, pack_documents
+from loopfit.data.sources import ARITHMETIC, Document, read_documents
+from loopfit.errors import LoopfitError
+
+DEFAULT_GENERATED_DOCUMENTS = 2000
+MANIFEST = "manifest.json"
+
+
+class PackedDataset(Dataset):
+    """Packed rows; item `i` is a dict of LongTensors `input_ids`, `labels` (unshifted) and maybe `position_ids`."""
+
+    def __init__(self, rows: PackedRows, with_position_ids: bool = False):
+        self.rows = rows
+        self.with_position_ids = with_position_ids
+
+    def __len__(self) -> int:
+        return len(self.rows.num_tokens)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {
+            "input_ids": torch.from_numpy(self.rows.input_ids[i]).long(),
+            "labels": torch.from_numpy(self.rows.labels[i]).long(),
+        }
+        if self.with_position_ids:
+            item["position_ids"] = torch.from_numpy(self.rows.position_ids[i]).long()
+        return item
+
+    @property
+    def seq_len(self) -> int:
+        return self.rows.input_ids.shape[1]
+
+    @property
+    def num_tokens(self) -> np.ndarray:
+        """Per row, the number of real (non-padding) tokens; padding is always at the end of a row."""
+        return self.rows.num_tokens
+
+    def stats(self) -> dict:
+        return {
+            "rows": len(self),
+            "tokens": int(self.rows.num_tokens.sum()),
+            "target_tokens": int((self.rows.labels != IGNORE_INDEX).sum()),
+            "padding_tokens": int(len(self) * self.seq_len - self.rows.num_tokens.sum()),
+        }
+
+
+@dataclass
+class PackedData:
+    """The result of `build_dataset`: train and held-out sets (`val` is empty, len 0, without a split)."""
+
+    train: PackedDataset
+    val: PackedDataset
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def data_hash(self) -> str:
+        return self.manifest["data_hash"]
+
+
+def data_hash(*datasets: PackedDataset) -> str:
+    """A stable hash of the token content (ids, labels, lengths; position ids only where the items carry them)."""
+    h = hashlib.sha256()
+    for ds in datasets:
+        r = ds.rows
+        h.update(f"{len(ds)}x{ds.seq_len}:{int(ds.with_position_ids)};".encode())
+        for a in (r.input_ids, r.labels, r.num_tokens) + ((r.position_ids,) if ds.with_position_ids else ()):
+            h.update(np.ascontiguousarray(a, dtype="<i4").tobytes())
+    return h.hexdigest()[:16]
+
+
+def parse_source(entry: str) -> tuple[str, float]:
+    """Split `path:weight` into (path, weight); an entry without a numeric suffix has weight 1."""
+    spec, sep, tail = entry.rpartition(":")
+    if sep and spec:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return entry, 1.0
+        if not weight >= 0:
+            raise LoopfitError(f"the weight of data source {spec} must be a number >= 0, got {tail}")
+        return spec, weight
+    return entry, 1.0
+
+
+def _doc_key(seed: int, doc: Document) -> bytes:
+    return hashlib.sha256(f"{seed}\0{doc.text}\0{doc.prompt}\0{doc.response}".encode()).digest()
+
+
+def _carve(docs: list[Document], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, val): the round(fraction*n) documents with the smallest seeded content hash are held out."""
+    if fraction <= 0:
+        return list(range(len(docs))), []
+    k = min(max(1, round(fraction * len(docs))), len(docs) - 1)
+    if k < 1:
+        raise LoopfitError("a held-out split needs at least 2 documents in every source")
+    order = sorted(range(len(docs)), key=lambda i: _doc_key(seed, docs[i]))
+    val = sorted(order[:k])
+    held = set(val)
+    return [i for i in range(len(docs)) if i not in held], val
+
+
+def _mix(sources: list[list[TokenizedDocument]], weights: list[float], seed: int) -> list[list[int]]:
+    """Per source, the indices of the documents used so that token shares follow the weights."""
+    if len(sources) == 1:
+        return [list(range(len(sources[0])))]
+    total_w = sum(weights)
+    shares = [w / total_w for w in weights]
+    tokens = [sum(len(d.input_ids) + 1 for d in docs) for docs in sources]
+    budget = min(t / p for t, p in zip(tokens, shares) if p > 0)
+    chosen = []
+    for n, (docs, p) in enumerate(zip(sources, shares)):
+        order = list(range(len(docs)))
+        random.Random(f"{seed}:mix:{n}").shuffle(order)
+        target, used, picked = p * budget, 0, []
+        for i in order:
+            if used >= target - 1e-6:
+                break
+            picked.append(i)
+            used += len(docs[i].input_ids) + 1
+        chosen.append(sorted(picked))
+    return chosen
+
+
+def build_dataset(
+    data: str | list[str] | None,
+    tokenizer,
+    seq_len: int,
+    chat: bool = False,
+    assistant_only: bool = False,
+    system_prompt: str | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    max_documents: int | None = None,
+    position_ids: bool = False,
+    format: str = "auto",
+    text_field: str | None = None,
+) -> PackedData:
+    """Read, tokenise, carve, mix and pack the data; or load a folder written by `loopfit prepare`.
+
+    `data`: None (the built-in arithmetic generator), one entry or a list; each entry is a source (see
+    `read_documents`) optionally suffixed `:weight`. `max_documents` caps each source (default for the
+    generator: 2000). A prepared folder brings its own formatting; `seq_len` and the tokenizer must match it.
+    """
+    entries = [data] if isinstance(data, str) else list(data or [ARITHMETIC])
+    if not entries:
+        raise LoopfitError("no data sources given")
+    if seq_len < 2:
+        raise LoopfitError(f"--seq_len must be >= 2, got {seq_len}")
+    if not 0 <= val_fraction < 1:
+        raise LoopfitError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    if max_documents is not None and max_documents < 1:
+        raise LoopfitError(f"--max_documents must be >= 1, got {max_documents}")
+    prepared = [e for e in entries if (Path(e) / MANIFEST).is_file()]
+    if prepared:
+        if len(entries) > 1:
+            raise LoopfitError(f"a prepared data folder ({prepared[0]}) cannot be mixed with other sources")
+        from loopfit.data.shards import load_prepared
+
+        return load_prepared(prepared[0], tokenizer, seq_len, position_ids)
+    parsed = [parse_source(e) for e in entries]
+    if sum(w for _, w in parsed) <= 0:
+        raise LoopfitError("the data weights must sum to a positive number")
+    parsed = [(s, w) for s, w in parsed if w > 0]
+    for spec, _ in parsed:  # fail on a missing file before reading any other source
+        read_documents(spec, format=format, text_field=text_field, limit=max_documents, seed=seed)
+
+    train_docs, val_docs, records = [], [], []
+    for spec, weight in parsed:
+        generated = spec == ARITHMETIC or format == ARITHMETIC
+        limit = max_documents or (DEFAULT_GENERATED_DOCUMENTS if generated else None)
+        docs = list(read_documents(spec, format=format, text_field=text_field, limit=limit, seed=seed))
+        tr, va = _carve(docs, val_fraction, seed)
+        tok = tokenize_documents(docs, tokenizer, chat=chat, assistant_only=assistant_only, system=system_prompt)
+        train_docs.append([tok[i] for i in tr])
+        val_docs.extend(tok[i] for i in va)
+        records.append({"spec": spec, "weight": weight, "documents": len(docs), "val_documents": len(va)})
+    chosen = _mix(train_docs, [w for _, w in parsed], seed)
+    mixed = []
+    for rec, docs, idx in zip(records, train_docs, chosen):
+        rec["train_documents_available"] = len(docs)
+        rec["train_documents_used"] = len(idx)
+        rec["train_tokens_used"] = sum(len(docs[i].input_ids) + 1 for i in idx)
+        mixed.extend(docs[i] for i in idx)
+    random.Random(f"{seed}:shuffle").shuffle(mixed)
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    train = PackedDataset(pack_documents(mixed, seq_len, eos, pad), position_ids)
+    val = PackedDataset(pack_documents(val_docs, seq_len, eos, pad), position_ids)
+    manifest = {
+        "format_version": 1,
+        "seq_len": seq_len,
+        "tokenizer": {"name_or_path": getattr(tokenizer, "name_or_path", ""), "hash": tokenizer_hash(tokenizer)},
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "chat": chat,
+        "assistant_only": assistant_only,
+        "system_prompt": system_prompt,
+        "format": format,
+        "text_field": text_field,
+        "position_ids": position_ids,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "max_documents": max_documents,
+        "sources": records,
+        "counts": {"train": train.stats(), "val": val.stats()},
+        "data_hash": data_hash(train, val),
+    }
+    return PackedData(train, val, manifest)

@@ -1,0 +1,238 @@
+"""Depth sweep: loss and perplexity of a looped model at many depths, against a baseline, on the same tokens.
+
+Chunking of a held-out file (`--data FILE`): the whole file is tokenized once (a plain text file as one string,
+without special tokens; other sources document by document, joined with the EOS token), the token stream is cut
+into consecutive, non-overlapping `seq_len`-token chunks (the last one shorter), and the loss is the mean next-token
+cross-entropy over every predicted token of every chunk (each chunk predicts its tokens 2..n; nothing is
+predicted across chunk boundaries). With `--val_fraction` the chunks are instead the validation rows of
+`loopfit.data.build_dataset`, the same deterministic split training uses.
+
+For a looped model, one pass at the largest depth gives every depth: iterations are deterministic in eval mode,
+so the state after iteration R of that pass is the state an R-step run ends with, and only the coda and head run
+once per depth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from loopfit.errors import LoopfitError
+
+DEFAULT_DEPTHS = [1, 2, 4, 8, 16, 32, 64]
+_TEXT_SUFFIXES = {".txt", ".md", ".text"}
+
+
+def is_looped(model) -> bool:
+    return getattr(model.config, "model_type", None) == "looped"
+
+
+def chunk_tokens(ids: list[int], seq_len: int, batch_size: int) -> list[dict]:
+    """Cut a token stream into `seq_len` chunks and batch them (`input_ids`, `labels` with -100 on padding)."""
+    if seq_len < 2:
+        raise LoopfitError(f"--seq_len must be >= 2, got {seq_len}")
+    chunks = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    if not chunks:
+        raise LoopfitError("the data has fewer than 2 tokens")
+    batches = []
+    for i in range(0, len(chunks), batch_size):
+        group = chunks[i : i + batch_size]
+        n = max(len(c) for c in group)
+        input_ids = torch.zeros(len(group), n, dtype=torch.long)
+        labels = torch.full((len(group), n), -100, dtype=torch.long)
+        mask = torch.zeros(len(group), n, dtype=torch.long)
+        for j, c in enumerate(group):
+            input_ids[j, : len(c)] = labels[j, : len(c)] = torch.tensor(c)
+            mask[j, : len(c)] = 1
+        batches.append({"input_ids": input_ids, "labels": labels, "attention_mask": mask})
+    return batches
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy and the number of predicted tokens (labels unshifted, -100 ignored)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss.item(), int((labels != -100).sum())
+
+
+def _coda_logits(model, state: torch.Tensor, attention_mask, position_ids: torch.Tensor) -> torch.Tensor:
+    """Coda, final norm and head applied to a recurrent state (no cache), as the model's forward does."""
+    dec, c = model.model, model.config
+    masks = dec._masks(state, attention_mask, None, position_ids)
+    h = dec._run(
+        dec.coda,
+        c.coda_layers,
+        state,
+        masks,
+        [None] * len(dec.coda),
+        None,
+        position_embeddings=dec.rotary_emb(state, position_ids),
+        position_ids=position_ids,
+    )
+    return model.lm_head(dec.norm(h))
+
+
+@torch.inference_mode()
+def depth_sweep(model, batches: Iterable[dict], depths: list[int] | None = None) -> dict:
+    """Mean next-token loss and perplexity at each depth over all batches.
+
+    `batches` yields dicts with `input_ids` and unshifted `labels` (-100 ignored), optionally `attention_mask`.
+    Returns `{"depths", "loss", "ppl", "tokens"}`; a plain (non-looped) model gives the same loss at every depth.
+    """
+    depths = sorted(set(depths or DEFAULT_DEPTHS))
+    if depths[0] < 1:
+        raise LoopfitError(f"depths must be >= 1, got {depths[0]}")
+    model.eval()
+    sums = dict.fromkeys(depths, 0.0)
+    tokens = 0
+    for batch in batches:
+        ids, labels = batch["input_ids"], batch["labels"]
+        mask = batch.get("attention_mask")
+        if not is_looped(model):
+            s, n = _token_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
+            for r in depths:
+                sums[r] += s
+        else:
+            out = model.model(input_ids=ids, attention_mask=mask, num_steps=depths[-1], output_states=True)
+            pos = torch.arange(ids.shape[1]).unsqueeze(0)
+            for r in depths:
+                s, n = _token_losses(_coda_logits(model, out.states[r - 1], mask, pos), labels)
+                sums[r] += s
+        tokens += n
+    if tokens == 0:
+        raise LoopfitError("no tokens to evaluate")
+    loss = [sums[r] / tokens for r in depths]
+    return {"depths": depths, "loss": loss, "ppl": [math.exp(min(x, 700)) for x in loss], "tokens": tokens}
+
+
+def baseline_loss(model, batches: Iterable[dict]) -> float:
+    """Mean next-token loss of a plain model on the same batches."""
+    return depth_sweep(model, batches, [1])["loss"][0]
+
+
+def file_token_ids(data: str, tokenizer, limit_tokens: int | None = None) -> list[int]:
+    """All token ids of a held-out source (see the module docstring for how it is tokenized)."""
+    path = Path(data)
+    if path.suffix.lower() in _TEXT_SUFFIXES:
+        if not path.is_file():
+            raise LoopfitError(f"data file not found: {data}")
+        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+    else:
+        from loopfit.data.sources import document_text, read_documents
+
+        ids = []
+        for doc in read_documents(data):
+            ids += tokenizer(document_text(doc), add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+            if limit_tokens is not None and len(ids) >= limit_tokens:
+                break
+    return ids[:limit_tokens] if limit_tokens is not None else ids
+
+
+def validation_batches(data: str, tokenizer, seq_len: int, val_fraction: float, batch_size: int, seed: int) -> list:
+    """The validation rows of the training data pipeline (same deterministic split), batched."""
+    try:
+        from loopfit.data import build_dataset
+    except ImportError:
+        raise LoopfitError("--val_fraction needs loopfit.data.build_dataset, which this install lacks") from None
+    val = build_dataset(data, tokenizer, seq_len, val_fraction=val_fraction, seed=seed).val
+    if val is None or len(val) == 0:
+        raise LoopfitError(f"--val_fraction {val_fraction} leaves no validation rows in {data}")
+    rows = [val[i] for i in range(len(val))]
+    return [
+        {k: torch.stack([r[k] for r in rows[i : i + batch_size]]) for k in ("input_ids", "labels")}
+        for i in range(0, len(rows), batch_size)
+    ]
+
+
+def plot_sweep(result: dict, path: str, title: str | None = None) -> None:
+    """Loss against depth (log2 axis), with the baseline loss as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loopfit.io import atomic_file
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(result["depths"], result["loss"], "o-", label="looped")
+    if result.get("baseline_loss") is not None:
+        ax.axhline(result["baseline_loss"], color="C3", ls="--", label=f"baseline {result['baseline_loss']:.3f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("recurrence depth R")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or f"{result['tokens']:,} tokens")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def eval_command(
+    model: str,
+    data: str | None = None,
+    seq_len: int = 256,
+    depths: list[int] | None = None,
+    baseline: str | None = None,
+    json: str | None = None,
+    plot: str | None = None,
+    batch_size: int = 4,
+    val_fraction: float | None = None,
+    limit_tokens: int | None = None,
+    seed: int = 0,
+) -> None:
+    """Loss and perplexity at each depth on held-out data, with a baseline model's loss on the same tokens.
+
+    Args:
+        model: looped (or plain) model: folder, hub id, .gguf file or `smollm2-135m`.
+        data: held-out data: a text file (tokenized whole, cut into --seq_len chunks), JSONL, Parquet or HF dataset.
+        seq_len: tokens per chunk.
+        depths: loop depths to evaluate (default 1,2,4,8,16,32,64); ignored for a plain model.
+        baseline: a plain model (same tokenizer) whose loss on the same tokens is reported and plotted.
+        json: write `{"depths", "loss", "ppl", "baseline_loss", "tokens"}` here.
+        plot: write a PNG of loss against depth here.
+        batch_size: chunks per forward pass.
+        val_fraction: evaluate on the validation split of the training data pipeline instead of all of --data.
+        limit_tokens: evaluate on at most this many tokens of --data (the first ones).
+        seed: seed of the training/validation split (with --val_fraction).
+    """
+    from loopfit.io import write_json
+    from loopfit.loading import load_model, load_tokenizer
+
+    if data is None:
+        raise LoopfitError("--data is required")
+    if batch_size < 1:
+        raise LoopfitError(f"--batch_size must be >= 1, got {batch_size}")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise LoopfitError(f"--val_fraction must be in (0, 1), got {val_fraction}")
+    if limit_tokens is not None and limit_tokens < 2:
+        raise LoopfitError(f"--limit_tokens must be >= 2, got {limit_tokens}")
+    depths = depths or DEFAULT_DEPTHS
+    if min(depths) < 1:
+        raise LoopfitError(f"--depths must all be >= 1, got {depths}")
+    tok = load_tokenizer(model)
+    if baseline is not None and load_tokenizer(baseline).get_vocab() != tok.get_vocab():
+        raise LoopfitError(f"the baseline {baseline} has a different tokenizer than {model}: losses would not compare")
+    if val_fraction is not None:
+        batches = validation_batches(data, tok, seq_len, val_fraction, batch_size, seed)
+    else:
+        batches = chunk_tokens(file_token_ids(data, tok, limit_tokens), seq_len, batch_size)
+    lm = load_model(model).eval()
+    result = depth_sweep(lm, batches, depths if is_looped(lm) else [1])
+    result["baseline_loss"] = baseline_loss(load_model(baseline).eval(), batches) if baseline else None
+    result.update(model=model, baseline=baseline, data=data, seq_len=seq_len, val_fraction=val_fraction)
+    for r, loss, ppl in zip(result["depths"], result["loss"], result["ppl"]):
+        print(f"R={r:>3}  loss {loss:.4f}  ppl {ppl:.2f}")
+    if baseline:
+        print(f"baseline  loss {result['baseline_loss']:.4f}  ({result['tokens']:,} tokens)")
+    if json is not None:
+        write_json(json, result)
+    if plot is not None:
+        plot_sweep(result, plot)

@@ -1,0 +1,343 @@
+"""CE + distillation fused with the lm_head: token chunks, never a `(N, V)` logits tensor for either model.
+
+Two exact implementations:
+
+- `fused_kd_loss` (the one to use): a `torch.autograd.Function` whose forward loops over chunks of valid tokens,
+  computes the chunk's student (and teacher) logits, the losses and `d loss / d logits`, immediately turns that
+  into the chunk's gradient for the hidden states and the accumulated gradient for the lm_head weight, and frees the
+  chunk (Liger's scheme). Backward only scales the stored gradients. Each logits matmul runs once, so the cost is
+  the matmul floor (two logits products, two gradient products) plus a few elementwise passes per chunk; the
+  extra memory is one weight-sized gradient plus a few `(chunk, V)` buffers. Forward KL and plain CE use a
+  closed-form gradient computed in place, row block by row block (cache-resident); the other divergences and the
+  sparse estimators take the chunk's gradient with autograd on the chunk alone.
+- `chunked_kd_loss`: per-chunk activation checkpointing (TRL's newer scheme). Same memory class, but the
+  student logits matmul runs again in backward; kept as a reference and for the benchmark.
+
+The gradient is computed in forward, so `KDLossOutput.total` is the only differentiable output; `.ce` and `.kd`
+are detached values for logging. Calling backward twice through `total` works (the gradients are stored), but
+the gradients are those of this forward's inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from loopfit.losses.divergences import check_kind, divergence_from_logprobs
+from loopfit.losses.sparse import check_sparse, sparse_per_token
+
+_ROW_BLOCK = 8  # rows per in-place elementwise block in the closed-form path: 8 x V floats stay in L2
+
+
+@dataclass
+class KDLossOutput:
+    """Losses of one fused CE + KD evaluation (0-dim float32 tensors)."""
+
+    total: torch.Tensor
+    """`ce_scale * ce + kd_scale * kd`; the differentiable output."""
+    ce: torch.Tensor
+    """Cross-entropy of the student against the labels (detached)."""
+    kd: torch.Tensor | None
+    """Distillation divergence (detached), None when no teacher was given."""
+
+
+@dataclass
+class _Teacher:
+    """The teacher side of one fused call: dense (hidden + weight) or sparse (ids + values)."""
+
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    tail: torch.Tensor | None = None
+    estimator: str | None = None
+
+    def chunk(self, rows: torch.Tensor) -> _Teacher:
+        take = (lambda x: None if x is None else x[rows])  # noqa: E731
+        if self.hidden is not None:
+            return _Teacher(hidden=take(self.hidden), weight=self.weight, bias=self.bias)
+        return _Teacher(ids=take(self.ids), values=take(self.values), tail=take(self.tail), estimator=self.estimator)
+
+    def logits(self) -> torch.Tensor:
+        return F.linear(self.hidden, self.weight, self.bias).float()
+
+
+@dataclass
+class _Spec:
+    kind: str
+    temperature: float
+    ce_scale: float
+    kd_scale: float
+    kind_params: dict
+
+
+def _chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher | None, spec: _Spec):
+    """Differentiable (ce_sum, kd_sum) of one chunk of float32 student logits `s` (c, V)."""
+    ce = F.cross_entropy(s, y, reduction="sum")
+    if teacher is None:
+        return ce, None
+    t_ = spec.temperature
+    logq = torch.log_softmax(s / t_, dim=-1)
+    if teacher.hidden is not None:
+        logp = torch.log_softmax(teacher.logits() / t_, dim=-1)
+        per_token = divergence_from_logprobs(logq, logp, spec.kind, **spec.kind_params) * t_**2
+    else:
+        per_token = sparse_per_token(
+            logq, teacher.ids, teacher.values, spec.kind, teacher.estimator, t_, teacher.tail, **spec.kind_params
+        )
+    return ce, per_token.sum()
+
+
+@torch.no_grad()
+def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, spec: _Spec, g_scale: float):
+    """Forward KL (+ CE) sums and `d(ce_scale*ce + kd_scale*kd)/ds / g_scale`, written into `s` in place.
+
+    `t` (teacher logits, same shape) is overwritten too. Rows are processed in small blocks so that the
+    several elementwise passes per row hit cache instead of memory.
+    """
+    temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
+    ce_sum = s.new_zeros(())
+    kd_sum = s.new_zeros(())
+    for i in range(0, s.shape[0], _ROW_BLOCK):
+        sb, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
+        lse1 = torch.logsumexp(sb, -1, keepdim=True)
+        ce_sum += (lse1 - sb.gather(-1, yb)).sum()
+        if t is None:
+            sb.sub_(lse1).exp_()
+            sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -1.0)).mul_(a_ce / g_scale)
+            continue
+        tb = t[i : i + _ROW_BLOCK]
+        if temp != 1.0:
+            sb.div_(temp)
+            tb.div_(temp)
+            lse_s = torch.logsumexp(sb, -1, keepdim=True)
+        else:
+            lse_s = lse1
+        tb.sub_(torch.logsumexp(tb, -1, keepdim=True))  # log p
+        sb.sub_(lse_s)  # log q at T
+        p = tb.exp()
+        # 0 * (-inf - -inf) is NaN exactly where p == 0; those terms are 0, so nansum is the right sum.
+        kd_sum += torch.nansum(tb.sub_(sb).mul_(p))
+        if temp != 1.0:
+            q1 = sb.mul(temp).add_(temp * lse_s - lse1).exp_()  # softmax(s) for the CE gradient
+            sb.exp_().sub_(p).mul_(a_kd * temp / g_scale).add_(q1, alpha=a_ce / g_scale)
+        else:
+            # (a_ce + a_kd) q - a_kd p, divided by g_scale.
+            sb.exp_().mul_((a_ce + a_kd) / g_scale).sub_(p, alpha=a_kd / g_scale)
+        sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -a_ce / g_scale))
+    return ce_sum, kd_sum * temp**2
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, teacher, spec, chunk_size, denom):
+        n, dtype = hidden.shape[0], hidden.dtype
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dense_teacher = teacher is not None and teacher.hidden is not None
+        closed_form = teacher is None or (dense_teacher and spec.kind == "fkl")
+        for start in range(0, n, chunk_size):
+            rows = slice(start, min(start + chunk_size, n))
+            h, y = hidden[rows], labels[rows]
+            s = F.linear(h, weight, bias).float()
+            t_chunk = teacher.chunk(rows) if teacher is not None else None
+            if closed_form:
+                t_logits = t_chunk.logits() if t_chunk is not None else None
+                ce, kd = _closed_form_grad(s, y, t_logits, spec, denom)
+                del t_logits
+                g = s
+            else:
+                with torch.enable_grad():
+                    s_ = s.detach().requires_grad_()
+                    ce, kd = _chunk_losses(s_, y, t_chunk, spec)
+                    (g,) = torch.autograd.grad(spec.ce_scale * ce + spec.kd_scale * kd, s_)
+                g = g.div_(denom)
+                ce, kd = ce.detach(), kd.detach()
+            del s
+            ce_total += ce
+            if kd is not None:
+                kd_total += kd
+            if grad_b is not None:
+                grad_b += g.sum(0)
+            g = g.to(dtype)
+            torch.mm(g, weight, out=grad_h[rows])
+            if dtype == torch.float32:
+                grad_w.addmm_(g.t(), h)
+            else:
+                grad_w += g.t() @ h
+            del g
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype) if grad_b is not None else None)
+        ce_total /= denom
+        kd_total /= denom
+        total = spec.ce_scale * ce_total + (spec.kd_scale * kd_total if teacher is not None else 0.0)
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        return total, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        gh = grad_h * grad_total.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        gw = grad_w * grad_total.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
+        gb = grad_b * grad_total.to(grad_b.dtype) if grad_b is not None and ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _prepare(
+    student_hidden, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
+    teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
+):  # fmt: skip
+    """Validate, flatten to tokens and keep only the valid ones; returns (hidden, labels, teacher, n_valid)."""
+    unknown = set(kind_params) - {"lam", "alpha", "beta"}
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    check_kind(kind, **kind_params)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    hsize, vocab = student_hidden.shape[-1], lm_head_weight.shape[0]
+    if lm_head_weight.shape[1] != hsize:
+        raise ValueError(f"lm_head weight {tuple(lm_head_weight.shape)} does not match hidden size {hsize}")
+    if labels.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(student_hidden.shape)}")
+    valid = (labels != ignore_index).reshape(-1)
+    hidden = student_hidden.reshape(-1, hsize)[valid]
+    y = labels.reshape(-1)[valid]
+    teacher = None
+    if teacher_hidden is not None or teacher_weight is not None:
+        if teacher_hidden is None or teacher_weight is None or teacher_ids is not None:
+            raise ValueError("give the teacher as teacher_hidden + teacher_weight, or as teacher_ids + teacher_values")
+        if teacher_weight.shape[0] != vocab:
+            raise ValueError(
+                f"teacher vocabulary {teacher_weight.shape[0]} differs from the student's {vocab}; "
+                "teacher and student must share the vocabulary"
+            )
+        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+            raise ValueError(
+                f"teacher hidden {tuple(teacher_hidden.shape)} does not fit the student's "
+                f"{tuple(student_hidden.shape)} and teacher weight {tuple(teacher_weight.shape)}"
+            )
+        th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[valid]
+        tb = teacher_bias.detach() if teacher_bias is not None else None
+        teacher = _Teacher(hidden=th, weight=teacher_weight.detach(), bias=tb)
+    elif teacher_ids is not None or teacher_values is not None:
+        if teacher_ids is None or teacher_values is None:
+            raise ValueError("sparse teacher targets need both teacher_ids and teacher_values")
+        check_sparse(estimator or "topk", teacher_ids, teacher_values, vocab)
+        if teacher_ids.shape[:-1] != labels.shape:
+            raise ValueError(f"teacher ids {tuple(teacher_ids.shape)} do not line up with labels {tuple(labels.shape)}")
+        k = teacher_ids.shape[-1]
+        tail = teacher_tail.reshape(-1)[valid] if teacher_tail is not None else None
+        teacher = _Teacher(
+            ids=teacher_ids.reshape(-1, k)[valid], values=teacher_values.reshape(-1, k)[valid],
+            tail=tail, estimator=estimator or "topk",
+        )  # fmt: skip
+    return hidden, y, teacher, valid, int(y.shape[0])
+
+
+def fused_kd_loss(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_values: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
+    estimator: str | None = None,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    ce_scale: float = 1.0,
+    kd_scale: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+    num_items: int | float | torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    **kind_params: float,
+) -> KDLossOutput:
+    """Cross-entropy plus distillation over the lm_head, chunked, with the gradient computed in forward.
+
+    Args:
+        student_hidden: `(..., H)` final (normed) student hidden states; bf16/fp16/fp32 (matmuls run in this
+            dtype, everything after the logits in float32).
+        lm_head_weight: `(V, H)` student lm_head weight (tied embeddings are fine). lm_head_bias: optional `(V,)`.
+        labels: `(...)` targets aligned with the hidden states (no shift inside); `ignore_index` rows are skipped.
+        teacher_hidden, teacher_weight, teacher_bias: dense teacher as `(..., H_t)` final hidden states and its
+            `(V, H_t)` lm_head (no gradient flows to them).
+        teacher_ids, teacher_values, teacher_tail, estimator: sparse teacher targets `(..., k)` and optional
+            `(...)` tail log-mass, as in `sparse_kd_divergence`.
+        kind, temperature, kind_params (`lam`, `alpha`, `beta`): the divergence, as in `kd_divergence`.
+            CE always uses temperature 1.
+        ce_scale, kd_scale: `total = ce_scale * ce + kd_scale * kd`.
+        chunk_size: tokens per chunk; peak extra memory is a few `chunk_size x V` float32 buffers.
+        num_items: global number of valid tokens to divide by (gradient accumulation, DDP); default local count.
+
+    Returns:
+        `KDLossOutput` (`total` differentiable; `ce`, `kd` detached; `kd` None without a teacher).
+    """
+    hidden, y, teacher, _, n_valid = _prepare(
+        student_hidden, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
+        teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
+    )  # fmt: skip
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    spec = _Spec(kind, temperature, ce_scale, kd_scale, kind_params)
+    denom = float(num_items) if num_items is not None else float(max(n_valid, 1))
+    total, ce, kd = _FusedLinearKD.apply(hidden, lm_head_weight, lm_head_bias, y, teacher, spec, chunk_size, denom)
+    return KDLossOutput(total=total, ce=ce, kd=kd if teacher is not None else None)
+
+
+def chunked_kd_loss(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_values: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
+    estimator: str | None = None,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    ce_scale: float = 1.0,
+    kd_scale: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+    num_items: int | float | torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    **kind_params: float,
+) -> KDLossOutput:
+    """Same arguments and result as `fused_kd_loss`, by per-chunk activation checkpointing (logits recomputed in
+    backward); `ce` and `kd` are differentiable here."""
+    hidden, y, teacher, _, n_valid = _prepare(
+        student_hidden, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
+        teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
+    )  # fmt: skip
+    spec = _Spec(kind, temperature, ce_scale, kd_scale, kind_params)
+    denom = float(num_items) if num_items is not None else float(max(n_valid, 1))
+
+    def run(h, w, b, rows, teacher_chunk):
+        ce, kd = _chunk_losses(F.linear(h, w, b).float(), y[rows], teacher_chunk, spec)
+        return ce, (kd if kd is not None else ce.new_zeros(()))
+
+    ce = hidden.new_zeros((), dtype=torch.float32)
+    kd = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, min(start + chunk_size, hidden.shape[0]))
+        t_chunk = teacher.chunk(rows) if teacher is not None else None
+        c, k = checkpoint(run, hidden[rows], lm_head_weight, lm_head_bias, rows, t_chunk, use_reentrant=False)
+        ce, kd = ce + c, kd + k
+    ce, kd = ce / denom, kd / denom
+    if hidden.shape[0] == 0:  # keep the graph connected so backward() works on an all-masked batch
+        ce = ce + 0.0 * student_hidden.sum()
+    total = ce_scale * ce + (kd_scale * kd if teacher is not None else 0.0)
+    return KDLossOutput(total=total, ce=ce, kd=kd if teacher is not None else None)

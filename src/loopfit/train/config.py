@@ -1,0 +1,379 @@
+"""Typed configuration of a training run; every field is a `loopfit train` flag (`--lora.r=16`) or a YAML key.
+
+Names follow the reference implementation (`--lora.enabled`, `--distillation.teacher_model_name`,
+`--mean_recurrence_schedule.max_mean_rec`, `--optim_config.lr`, ...). `TrainConfig.validate` refuses
+combinations that make no sense before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from dataclasses import dataclass, field, fields
+
+from loopfit.errors import LoopfitError
+
+OPTIMIZERS = ("adamw", "muon", "ellis_adam")
+LR_SCHEDULES = ("wsd", "cosine", "constant")
+RAMPS = ("linear", "1-sqrt")
+KD_KINDS = ("fkl", "rkl", "skl", "skew", "jsd", "tvd")
+PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("none", "ddp", "fsdp")
+
+
+@dataclass
+class LoRAConfig:
+    """PEFT LoRA adapters on the student."""
+
+    enabled: bool = False
+    """Wrap the student in LoRA adapters (PEFT); only adapters and `modules_to_save` are trained."""
+    r: int = 16
+    """Rank of the low-rank update."""
+    lora_alpha: int = 32
+    """Scale numerator: the update is multiplied by `lora_alpha / r`."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules to adapt: `all-linear` (every linear layer but the LM head, the loop adapter included), a list of
+    module-name suffixes, or a regex matched against full module names."""
+    modules_to_save: list[str] | None = None
+    """Modules trained fully instead of through LoRA, e.g. `[adapter]` for the loop adapter."""
+
+
+@dataclass
+class DistillationConfig:
+    """Knowledge distillation from a frozen teacher (logits and, optionally, hidden states)."""
+
+    enabled: bool = False
+    """Add a distillation term from `teacher_model_name` (or `teacher_cache`)."""
+    teacher_model_name: str | None = None
+    """Teacher: HF folder, hub id, .gguf file or `smollm2-135m`. Required when enabled without a cache."""
+    teacher_cache: str | None = None
+    """Folder of an offline teacher cache (sparse targets) used instead of running the teacher."""
+    temperature: float = 2.0
+    """Softmax temperature of the divergence (the KD term is scaled by T^2)."""
+    alpha: float = 0.5
+    """Weight of the CE term; the KD term gets `1 - alpha`. Overridden by `ce_scale`/`kd_scale` when set."""
+    ce_scale: float | None = None
+    """Explicit CE weight (instead of `alpha`)."""
+    kd_scale: float | None = None
+    """Explicit KD weight (instead of `1 - alpha`)."""
+    kind: str = "fkl"
+    """Divergence: `fkl` (forward KL), `rkl`, `jsd` (generalized JSD), `skl`/`srkl` (skew KL), `tvd`."""
+    kind_params: dict[str, float] = field(default_factory=dict)
+    """Parameters of the divergence, e.g. `{beta: 0.5}` for `jsd`, `{skew: 0.1}` for skew KL."""
+    fused: bool = True
+    """Chunked loss from hidden states and the LM head weight (never materialises full-vocab logits)."""
+    chunk_size: int = 1024
+    """Tokens per chunk of the fused loss."""
+    hidden_scale: float = 0.0
+    """Weight of the hidden-state loss between loop iterations and teacher layers (0 = off)."""
+    hidden_kind: str = "cosine"
+    """Hidden-state loss: `cosine` or `mse`."""
+    share_weights: bool = True
+    """Point the student's frozen layers at the teacher's identical tensors (LoRA only): one copy in memory."""
+
+
+@dataclass
+class MeanRecurrenceSchedule:
+    """Curriculum of the mean loop depth: ramps from 1 to `max_mean_rec` over a warmup fraction of training."""
+
+    turn_on: bool = False
+    """Ramp the mean; off: train at `mean_recurrence` throughout."""
+    warmup: float = 0.25
+    """Fraction of `max_steps` over which the mean ramps up."""
+    warmup_type: str = "linear"
+    """Ramp shape: `linear` f(t) = t, or `1-sqrt` f(t) = 1 - sqrt(1 - t) (deepens faster early)."""
+    max_mean_rec: int = 8
+    """Mean depth reached at the end of the ramp (mean = ceil of the ramp value)."""
+
+
+@dataclass
+class BackpropDepthSchedule:
+    """Curriculum of the backprop depth k (iterations that keep gradients): ramps from 1 to `max_backprop_depth`."""
+
+    turn_on: bool = False
+    """Ramp k; off: `backprop_depth` throughout."""
+    warmup: float = 0.25
+    """Fraction of `max_steps` over which k ramps up."""
+    warmup_type: str = "linear"
+    """Ramp shape: `linear` or `1-sqrt`."""
+    max_backprop_depth: int = 8
+    """k reached at the end of the ramp."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and its hyper-parameters."""
+
+    optimizer: str = "adamw"
+    """`adamw`; `muon` (torch.optim.Muon on 2-D hidden matrices, AdamW on the rest); `ellis_adam`."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW part)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (never applied to norms, biases or 1-D tensors)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    muon_lr: float = 1e-3
+    """Learning rate of the Muon part."""
+    muon_momentum: float = 0.95
+    """Muon momentum."""
+    update_clip: float = 1.0
+    """ELLISAdam: bound on each element of the update (before the learning rate)."""
+
+
+@dataclass
+class LRSchedule:
+    """Learning-rate schedule of each stage (multiplies every group's lr)."""
+
+    kind: str = "wsd"
+    """`wsd` (linear warmup, constant, linear decay at the end), `cosine` (warmup then cosine) or `constant`."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0."""
+    decay_fraction: float = 0.2
+    """WSD: fraction of the stage spent decaying at the end."""
+    min_lr_ratio: float = 0.0
+    """Final lr as a fraction of the peak."""
+
+
+@dataclass
+class ParamGroupRule:
+    """Parameters whose name matches `pattern` (re.search; first matching rule wins) get `lr_mult` x lr."""
+
+    pattern: str
+    """Regex searched in the parameter name."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier; 0 freezes the matching parameters for the stage."""
+
+
+@dataclass
+class StageConfig:
+    """One stage of multi-stage training; optimizer and lr schedule are rebuilt at its start."""
+
+    steps: int
+    """Optimizer steps in this stage."""
+    param_groups: list[ParamGroupRule] = field(default_factory=list)
+    """Rules for this stage (replace the top-level `param_groups`)."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    model_name: str | None = None
+    """Student: a looped model folder (from `loopfit convert`) or any plain HF causal LM (ordinary KD)."""
+    out: str | None = None
+    """Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/."""
+    data: str | None = None
+    """Training data (file, folder or dataset; see `loopfit.data`); default: built-in arithmetic problems."""
+    chat: bool = False
+    """Format records with the tokenizer's chat template."""
+    assistant_only: bool = False
+    """With `chat`: loss only on assistant tokens."""
+    system_prompt: str | None = None
+    """With `chat`: a system message prepended to each conversation."""
+    max_documents: int | None = None
+    """Use at most this many documents."""
+    val_fraction: float = 0.0
+    """Fraction held out for validation (0 = no validation)."""
+    seq_len: int = 256
+    """Tokens per packed sequence."""
+    batch_size: int = 4
+    """Sequences per micro-batch (per rank)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; the loss is normalised by the global count of valid tokens."""
+    max_steps: int = 100
+    """Optimizer steps (the sum of the stages' steps when `stages` is given)."""
+    seed: int = 0
+    """Seeds data order, depth sampling, dropout and the state noise."""
+    mean_recurrence: int | None = None
+    """Mean depth without a schedule (default: the model config's `mean_recurrence`)."""
+    backprop_depth: int = 8
+    """Iterations with gradient without a schedule (truncated backprop)."""
+    fixed_num_steps: int | None = None
+    """Train at exactly this depth R, all with gradient, no sampling (ablations, tests)."""
+    mean_recurrence_schedule: MeanRecurrenceSchedule = field(default_factory=MeanRecurrenceSchedule)
+    """Curriculum of the mean depth."""
+    backprop_depth_schedule: BackpropDepthSchedule = field(default_factory=BackpropDepthSchedule)
+    """Curriculum of the backprop depth."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA settings."""
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    """Distillation settings."""
+    optim_config: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer settings."""
+    lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    """Learning-rate schedule."""
+    param_groups: list[ParamGroupRule] = field(default_factory=list)
+    """Per-parameter lr multipliers by regex (first match wins; unmatched parameters get 1)."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Multi-stage training (gradual unfreezing); empty = one stage of `max_steps` with `param_groups`."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    precision: str = "fp32"
+    """`fp32`, or `bf16` autocast."""
+    device: str = "auto"
+    """`auto` (cuda if available), `cpu` or `cuda`."""
+    nan_policy: str = "stop"
+    """On a NaN/inf loss or gradient: `stop` the run, or `skip` the step."""
+    log_every: int = 1
+    """Steps between metrics lines."""
+    eval_every: int = 0
+    """Steps between validation passes (0 = only at the end; needs `val_fraction` > 0)."""
+    eval_batches: int = 0
+    """Validation batches per pass (0 = the whole validation split)."""
+    eval_num_steps: list[int] = field(default_factory=list)
+    """Extra depths R at which the final validation runs (the current mean is always included)."""
+    save_every: int = 0
+    """Steps between checkpoints (0 = only the final one)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    resume: bool = False
+    """Continue from the latest checkpoint in `out` (a finished run exits without changes)."""
+    overwrite: bool = False
+    """Replace an existing run folder instead of refusing."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under `out/tensorboard`."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `wandb` installed)."""
+    wandb_project: str = "loopfit"
+    """W&B project name."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar."""
+    parallel: str = "none"
+    """`none`, `ddp` or `fsdp` (under torchrun; gloo on CPU, nccl on GPU)."""
+
+    def validate(self) -> None:
+        """Raise `LoopfitError` naming the first nonsensical setting."""
+        _validate(self)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages) if self.stages else self.max_steps
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise LoopfitError(f"--{name} must be one of {', '.join(allowed)}, got '{value}'")
+
+
+def _validate(c: TrainConfig) -> None:
+    if not c.model_name:
+        raise LoopfitError("--model_name is required")
+    if not c.out:
+        raise LoopfitError("--out is required")
+    _choice("optim_config.optimizer", c.optim_config.optimizer, OPTIMIZERS)
+    _choice("lr_schedule.kind", c.lr_schedule.kind, LR_SCHEDULES)
+    _choice("mean_recurrence_schedule.warmup_type", c.mean_recurrence_schedule.warmup_type, RAMPS)
+    _choice("backprop_depth_schedule.warmup_type", c.backprop_depth_schedule.warmup_type, RAMPS)
+    _choice("distillation.kind", c.distillation.kind, KD_KINDS)
+    _choice("distillation.hidden_kind", c.distillation.hidden_kind, ("cosine", "mse"))
+    _choice("precision", c.precision, PRECISIONS)
+    _choice("nan_policy", c.nan_policy, ("stop", "skip"))
+    _choice("parallel", c.parallel, PARALLEL)
+    _choice("device", c.device, ("auto", "cpu", "cuda"))
+    positive = {
+        "seq_len": c.seq_len,
+        "batch_size": c.batch_size,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "keep_last": c.keep_last,
+        "lora.r": c.lora.r,
+        "distillation.chunk_size": c.distillation.chunk_size,
+        "mean_recurrence_schedule.max_mean_rec": c.mean_recurrence_schedule.max_mean_rec,
+        "backprop_depth_schedule.max_backprop_depth": c.backprop_depth_schedule.max_backprop_depth,
+        "backprop_depth": c.backprop_depth,
+    }
+    if not c.stages:
+        positive["max_steps"] = c.max_steps
+    for name, v in positive.items():
+        if v < 1:
+            raise LoopfitError(f"--{name} must be >= 1, got {v}")
+    for name, v in (("log_every", c.log_every), ("eval_every", c.eval_every), ("save_every", c.save_every)):
+        if v < 0:
+            raise LoopfitError(f"--{name} must be >= 0, got {v}")
+    if c.mean_recurrence is not None and c.mean_recurrence < 1:
+        raise LoopfitError(f"--mean_recurrence must be >= 1, got {c.mean_recurrence}")
+    if c.fixed_num_steps is not None:
+        if c.fixed_num_steps < 1:
+            raise LoopfitError(f"--fixed_num_steps must be >= 1, got {c.fixed_num_steps}")
+        if c.mean_recurrence_schedule.turn_on or c.backprop_depth_schedule.turn_on:
+            raise LoopfitError("--fixed_num_steps trains at one depth; it cannot be combined with a recurrence schedule")
+    for name, sched in (("mean_recurrence_schedule", c.mean_recurrence_schedule), ("backprop_depth_schedule",
+                                                                                   c.backprop_depth_schedule)):
+        if not 0.0 <= sched.warmup <= 1.0:
+            raise LoopfitError(f"--{name}.warmup is a fraction of training in [0, 1], got {sched.warmup}")
+    if not 0.0 <= c.val_fraction < 1.0:
+        raise LoopfitError(f"--val_fraction must be in [0, 1), got {c.val_fraction}")
+    if c.eval_every and c.val_fraction == 0.0:
+        raise LoopfitError("--eval_every needs a validation split: set --val_fraction > 0")
+    if any(r < 1 for r in c.eval_num_steps):
+        raise LoopfitError(f"--eval_num_steps must all be >= 1, got {c.eval_num_steps}")
+    if c.assistant_only and not c.chat:
+        raise LoopfitError("--assistant_only needs --chat=true (assistant turns come from the chat template)")
+    o = c.optim_config
+    if o.lr <= 0 or o.muon_lr <= 0:
+        raise LoopfitError("--optim_config.lr and --optim_config.muon_lr must be > 0")
+    if o.weight_decay < 0:
+        raise LoopfitError(f"--optim_config.weight_decay must be >= 0, got {o.weight_decay}")
+    s = c.lr_schedule
+    if s.warmup_steps < 0 or not 0.0 <= s.decay_fraction <= 1.0 or not 0.0 <= s.min_lr_ratio <= 1.0:
+        raise LoopfitError("--lr_schedule: warmup_steps >= 0, decay_fraction and min_lr_ratio in [0, 1]")
+    if s.warmup_steps >= c.total_steps and s.kind != "constant":
+        raise LoopfitError(f"--lr_schedule.warmup_steps ({s.warmup_steps}) must be below the total steps ({c.total_steps})")
+    for stage in c.stages:
+        if stage.steps < 1:
+            raise LoopfitError(f"every stage needs steps >= 1, got {stage.steps}")
+    for rule in c.param_groups + [r for st in c.stages for r in st.param_groups]:
+        try:
+            re.compile(rule.pattern)
+        except re.error as e:
+            raise LoopfitError(f"bad param_groups pattern '{rule.pattern}': {e}") from None
+        if rule.lr_mult < 0:
+            raise LoopfitError(f"param_groups lr_mult must be >= 0, got {rule.lr_mult} for '{rule.pattern}'")
+    d = c.distillation
+    if d.enabled:
+        if d.teacher_model_name is None and d.teacher_cache is None:
+            raise LoopfitError("--distillation.enabled=true needs --distillation.teacher_model_name (or teacher_cache)")
+        if d.temperature <= 0:
+            raise LoopfitError(f"--distillation.temperature must be > 0, got {d.temperature}")
+        if not 0.0 <= d.alpha <= 1.0:
+            raise LoopfitError(f"--distillation.alpha must be in [0, 1], got {d.alpha}")
+        if d.hidden_scale and d.teacher_cache:
+            raise LoopfitError("--distillation.hidden_scale needs a live teacher; a teacher cache holds no hidden states")
+        if d.hidden_scale and not d.teacher_model_name:
+            raise LoopfitError("--distillation.hidden_scale needs --distillation.teacher_model_name")
+    elif d.teacher_model_name or d.teacher_cache or d.hidden_scale:
+        raise LoopfitError("a teacher or hidden_scale is set but --distillation.enabled is false")
+    if c.lora.enabled:
+        if not 0.0 <= c.lora.lora_dropout < 1.0:
+            raise LoopfitError(f"--lora.lora_dropout must be in [0, 1), got {c.lora.lora_dropout}")
+    elif c.lora.modules_to_save:
+        raise LoopfitError("--lora.modules_to_save needs --lora.enabled=true")
+    if o.optimizer == "muon" and c.lora.enabled and not c.lora.modules_to_save:
+        # LoRA factors are thin (r x d) matrices: orthogonalising them is not what Muon is for.
+        raise LoopfitError("--optim_config.optimizer=muon with LoRA trains only thin LoRA factors; use adamw")
+    if d.share_weights and d.enabled and not c.lora.enabled and d.teacher_model_name:
+        d.share_weights = False  # without LoRA the student's layers change, so nothing can be shared
+    if c.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise LoopfitError("--wandb=true needs the 'wandb' package (pip install wandb)") from None
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings of a dataclass, by field name (for the CLI's `Args:` section)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]

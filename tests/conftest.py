@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random source models of each supported architecture and a tiny byte-level tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+}
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny_model(arch: str = "llama", num_layers: int = 6, hidden: int = 32, vocab: int = 260, seed: int = 0,
+                    tie: bool = True):
+    """A tiny random causal LM of a supported architecture, in eval mode, fp32."""
+    torch.manual_seed(seed)
+    config_cls, model_cls = ARCHS[arch]
+    config = config_cls(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    model = model_cls(config).eval()
+    # Random init leaves the residual stream nearly unchanged per layer; larger weights make layers matter.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model
+
+
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges (vocab = 256 bytes + 4 specials) and a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>"]
+    alphabet = ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_source_dir(tmp_path):
+    """A tiny Llama source model saved as an HF folder with its tokenizer."""
+    model = make_tiny_model("llama")
+    path = tmp_path / "src"
+    model.save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,110 @@
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+from loopfit.convert import Layout, to_looped
+from loopfit.errors import LoopfitError
+from loopfit.evaluate import chunk_tokens, depth_sweep
+
+SMALL = Layout([0], [2, 3], [5])
+
+
+def _looped(adapter_init="random", layout=SMALL, **kw):
+    src = make_tiny_model("llama", num_layers=6, hidden=32)
+    return src, to_looped(src, layout, adapter_init=adapter_init, **kw).eval()
+
+
+def test_chunking_covers_every_token_once():
+    ids = list(range(10, 10 + 23))
+    batches = chunk_tokens(ids, seq_len=8, batch_size=2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 8), (1, 7)]
+    flat = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches]).tolist()
+    assert flat == ids
+    # 3 chunks (8, 8, 7 tokens) predict 7 + 7 + 6 tokens
+    assert sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches) == 20
+    # a last chunk of one token predicts nothing and is dropped
+    assert len(chunk_tokens(list(range(17)), 8, 8)[0]["input_ids"]) == 2
+
+
+@pytest.mark.parametrize("cache_mode", ["full", "compress"])
+def test_depth_sweep_equals_direct_forward_at_each_depth(cache_mode):
+    _, lm = _looped(cache_mode=cache_mode)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 260, (37,), generator=g).tolist()
+    batches = chunk_tokens(ids, seq_len=16, batch_size=2)
+    out = depth_sweep(lm, batches, [1, 3, 5])
+    assert out["depths"] == [1, 3, 5] and out["tokens"] == 36 - 2
+    with torch.no_grad():
+        for r, loss in zip(out["depths"], out["loss"]):
+            total = n = 0
+            for b in batches:
+                for row, lab in zip(b["input_ids"], b["labels"]):
+                    keep = lab != -100
+                    logits = lm(input_ids=row[keep][None], num_steps=r).logits[0, :-1]
+                    total += torch.nn.functional.cross_entropy(logits, row[keep][1:], reduction="sum").item()
+                    n += int(keep.sum()) - 1
+            assert loss == pytest.approx(total / n, rel=1e-5)
+    assert out["ppl"][0] == pytest.approx(math.exp(out["loss"][0]))
+    assert len(set(out["loss"])) == 3  # a random adapter makes depth matter
+
+
+def test_identity_adapter_at_depth_one_equals_source_loss():
+    src, lm = _looped("identity", Layout([0, 1], [2, 3], [4, 5]))
+    ids = torch.randint(4, 260, (50,), generator=torch.Generator().manual_seed(1)).tolist()
+    batches = chunk_tokens(ids, seq_len=20, batch_size=4)
+    looped = depth_sweep(lm, batches, [1, 2])
+    plain = depth_sweep(src, batches, [1, 2])
+    assert looped["loss"][0] == pytest.approx(plain["loss"][0], rel=1e-5)
+    assert plain["loss"][0] == plain["loss"][1]  # a plain model ignores the depth
+    # the identity adapter [0 | I] ignores the state: every depth computes block(e), the source model
+    assert looped["loss"][1] == pytest.approx(looped["loss"][0], rel=1e-5)
+
+
+def test_eval_command_end_to_end(tmp_path, capsys):
+    from loopfit.cli import main
+
+    src, lm = _looped()
+    tok = make_tiny_tokenizer()
+    folder, base = tmp_path / "looped", tmp_path / "base"
+    lm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    src.save_pretrained(base)
+    tok.save_pretrained(base)
+    text = tmp_path / "held.txt"
+    text.write_text("To be, or not to be, that is the question.\n\nWhether 'tis nobler in the mind to suffer\n" * 3)
+    out_json, out_png = tmp_path / "d.json", tmp_path / "d.png"
+    main(
+        [
+            "eval",
+            str(folder),
+            "--data",
+            str(text),
+            "--seq_len",
+            "32",
+            "--depths",
+            "[1,2,4]",
+            "--baseline",
+            str(base),
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+            "--batch_size",
+            "3",
+        ]
+    )
+    res = json.loads(out_json.read_text())
+    n_tok = len(tok(text.read_text(), add_special_tokens=False)["input_ids"])
+    assert res["tokens"] == n_tok - math.ceil(n_tok / 32)
+    assert res["depths"] == [1, 2, 4] and len(res["loss"]) == len(res["ppl"]) == 3
+    batches = chunk_tokens(tok(text.read_text(), add_special_tokens=False)["input_ids"], 32, 3)
+    assert res["baseline_loss"] == pytest.approx(depth_sweep(src, batches, [1])["loss"][0], rel=1e-5)
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert "baseline" in capsys.readouterr().out
+    with pytest.raises(LoopfitError, match="--data is required"):
+        from loopfit.evaluate import eval_command
+
+        eval_command(str(folder))

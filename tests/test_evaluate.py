@@ -108,3 +108,20 @@ def test_eval_command_end_to_end(tmp_path, capsys):
         from loopfit.evaluate import eval_command
 
         eval_command(str(folder))
+
+
+def test_val_fraction_uses_the_training_split(tmp_path):
+    from loopfit.data import build_dataset
+    from loopfit.evaluate import validation_batches
+
+    tok = make_tiny_tokenizer()
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: " + "words and more words " * (i % 4 + 1) for i in range(40)))
+    val = build_dataset(str(text), tok, 32, val_fraction=0.25, seed=3).val
+    batches = validation_batches(str(text), tok, 32, 0.25, batch_size=4, seed=3)
+    assert sum(len(b["input_ids"]) for b in batches) == len(val) > 0
+    assert torch.equal(batches[0]["input_ids"][0], val[0]["input_ids"])
+    assert batches[0]["attention_mask"][0].sum() == val.num_tokens[0]
+    _, lm = _looped()
+    out = depth_sweep(lm, batches, [1, 2])
+    assert out["tokens"] == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)

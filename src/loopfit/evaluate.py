@@ -145,10 +145,14 @@ def validation_batches(data: str, tokenizer, seq_len: int, val_fraction: float, 
     if val is None or len(val) == 0:
         raise LoopfitError(f"--val_fraction {val_fraction} leaves no validation rows in {data}")
     rows = [val[i] for i in range(len(val))]
-    return [
-        {k: torch.stack([r[k] for r in rows[i : i + batch_size]]) for k in ("input_ids", "labels")}
-        for i in range(0, len(rows), batch_size)
-    ]
+    real = torch.as_tensor(val.num_tokens)
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        batch = {k: torch.stack([r[k] for r in rows[i : i + batch_size]]) for k in ("input_ids", "labels")}
+        n = real[i : i + batch_size, None]
+        batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < n).long()
+        batches.append(batch)
+    return batches
 
 
 def plot_sweep(result: dict, path: str, title: str | None = None) -> None:

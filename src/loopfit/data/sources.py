@@ -158,7 +158,7 @@ def read_documents(
         raise LoopfitError(f"unknown data format '{format}' (expected one of {', '.join(FORMATS)})")
     if limit is not None and limit < 1:
         raise LoopfitError(f"the document limit must be >= 1, got {limit}")
-    if spec is None or format == ARITHMETIC:
+    if spec is None or spec == ARITHMETIC or format == ARITHMETIC:
         docs = _arithmetic_documents(seed)
         where = ARITHMETIC
     else:

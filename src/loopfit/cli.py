@@ -11,12 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _commands() -> dict:
     # Imported here so `loopfit --help` lists every subcommand while library imports stay lazy elsewhere.
     from loopfit.convert import convert_command
+    from loopfit.data.shards import prepare_command
     from loopfit.evaluate import eval_command
     from loopfit.flops import count_command
     from loopfit.generate import generate_command
 
     return {
         "convert": convert_command,
+        "prepare": prepare_command,
         "generate": generate_command,
         "count": count_command,
         "eval": eval_command,

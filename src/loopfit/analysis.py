@@ -37,7 +37,7 @@ class LayerStats:
         self.angle_sum = torch.zeros(self.num_layers, dtype=torch.float64)
 
     def update(self, states: list[torch.Tensor], mask: torch.Tensor) -> None:
-        """Add one batch: `states` are the num_layers + 1 residual streams [B, T, H], `mask` [B, T] marks real tokens."""
+        """Add one batch: `states` are the num_layers + 1 streams [B, T, H]; `mask` [B, T] marks real tokens."""
         if len(states) != self.num_layers + 1:
             raise ValueError(f"expected {self.num_layers + 1} residual streams, got {len(states)}")
         keep = mask.bool()
@@ -58,7 +58,9 @@ class LayerStats:
         return (self.angle_sum / max(self.num_tokens, 1)).tolist()
 
 
-def residual_streams(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+def residual_streams(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> list[torch.Tensor]:
     """The num_layers + 1 residual streams of one batch, all before the final norm.
 
     HF's `hidden_states` tuple ends with the *normed* output of the last layer; we take that entry instead from the
@@ -107,7 +109,14 @@ def calibration_batches(
     when the tokenizer adds one), so a window is ordinary running text; only a final, short window is padded.
     Stops early, with fewer samples, if the source runs out.
     """
-    from loopfit.data import document_text, read_documents
+    from loopfit.data import read_documents
+
+    docs = read_documents(data)  # raises here, not at the first batch, for a missing source
+    return _windows(tokenizer, docs, num_samples, seq_len, batch_size, chat)
+
+
+def _windows(tokenizer, docs, num_samples: int, seq_len: int, batch_size: int, chat: bool):
+    from loopfit.data import document_text
 
     bos = tokenizer("").input_ids[:1] if tokenizer.bos_token_id is not None else []
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -116,7 +125,7 @@ def calibration_batches(
     windows: list[list[int]] = []
     buffer: list[int] = []
     done = 0
-    for doc in read_documents(data):
+    for doc in docs:
         buffer += tokenizer(document_text(doc, tokenizer, chat=chat), add_special_tokens=False).input_ids + sep
         while len(buffer) >= body and done < num_samples:
             windows.append(bos + buffer[:body])
@@ -238,6 +247,169 @@ def suggest(
         strongest = sorted(block, key=lambda i: block_influence[i], reverse=True)[:target_recurrent_size]
         block = sorted(strongest)
     layout = Layout(parts["encoder"], block, parts["decoder"])
-    return LayerAnalysis(
-        model, num_tokens, block_influence, angular_distance, zones, knees, layout, layout.dropped(n)
-    )
+    return LayerAnalysis(model, num_tokens, block_influence, angular_distance, zones, knees, layout, layout.dropped(n))
+
+
+def analyze(
+    model: PreTrainedModel,
+    tokenizer,
+    data: str | None = None,
+    num_samples: int = 128,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    target_recurrent_size: int | None = None,
+    chat: bool = False,
+) -> LayerAnalysis:
+    """Measure every layer of `model` on calibration data and suggest a layout."""
+    _check_args(num_samples, seq_len, batch_size, target_recurrent_size)
+    _check_model(model)
+    batches = calibration_batches(tokenizer, data, num_samples, seq_len, batch_size, chat=chat)
+    stats = layer_stats(model, batches, total=num_samples)
+    name = getattr(model.config, "_name_or_path", "") or model.config.model_type
+    return suggest(stats.block_influence, stats.angular_distance, target_recurrent_size, name, stats.num_tokens)
+
+
+def _check_args(num_samples: int, seq_len: int, batch_size: int, target: int | None) -> None:
+    for flag, value, least in (("num_samples", num_samples, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
+        if value < least:
+            raise LoopfitError(f"--{flag} must be >= {least}, got {value}")
+    if target is not None and target < 1:
+        raise LoopfitError(f"--target_recurrent_size must be >= 1, got {target}")
+
+
+def _check_model(model: PreTrainedModel) -> None:
+    if model.config.model_type == "looped":
+        raise LoopfitError("layer analysis needs a feedforward source model, not a looped one")
+    if model.config.num_hidden_layers < 3:
+        raise LoopfitError(f"layer analysis needs at least 3 layers, the model has {model.config.num_hidden_layers}")
+
+
+def suggest_layout(
+    model: PreTrainedModel,
+    tokenizer,
+    data: str | None = None,
+    num_samples: int = 64,
+    target_recurrent_size: int | None = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+) -> str:
+    """The `prelude:block:coda` string (as `convert --layers` takes it) suggested by the layer analysis."""
+    return str(analyze(model, tokenizer, data, num_samples, seq_len, batch_size, target_recurrent_size).layout)
+
+
+def _role(analysis: LayerAnalysis, i: int) -> str:
+    layout = analysis.layout
+    for name, part in (("prelude", layout.prelude), ("block", layout.block), ("coda", layout.coda)):
+        if i in part:
+            return name
+    return "dropped"
+
+
+def print_table(analysis: LayerAnalysis) -> None:
+    """Layer, BI, angular distance, zone and role in the suggested layout, as a terminal table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"layer analysis of {analysis.model} ({analysis.num_tokens} tokens)")
+    for col in ("layer", "block influence", "angular distance", "zone", "layout"):
+        table.add_column(col, justify="right" if col != "zone" and col != "layout" else "left")
+    for i, (bi, ad) in enumerate(zip(analysis.block_influence, analysis.angular_distance)):
+        role = _role(analysis, i)
+        style = "dim" if role == "dropped" else None
+        table.add_row(str(i), f"{bi:.5f}", f"{ad:.5f}", analysis.zones[i], role, style=style)
+    console = Console()
+    console.print(table)
+    console.print(f"thinking zone: layers {analysis.knees[0]}-{analysis.knees[1]} (knees of the angular distance)")
+    console.print(f"dropped: {', '.join(map(str, analysis.dropped)) or 'none'}")
+    console.print(f"suggested: --layers {analysis.layout}")
+
+
+_ZONE_COLORS = {"encoder": "tab:blue", "thinking": "tab:green", "decoder": "tab:orange"}
+
+
+def save_plot(analysis: LayerAnalysis, path: str) -> None:
+    """Two panels: block influence bars (log scale) and the angular distance curve with zones and knees."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loopfit.io import atomic_file
+
+    n = len(analysis.zones)
+    layers = list(range(n))
+    dropped = set(analysis.dropped)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.3 * n + 2), 6.5), sharex=True)
+    colors = ["lightgrey" if i in dropped else _ZONE_COLORS[z] for i, z in enumerate(analysis.zones)]
+    top.bar(layers, [max(b, 1e-6) for b in analysis.block_influence], color=colors, edgecolor="black", linewidth=0.4)
+    top.axhline(DROP_THRESHOLD, color="red", linestyle=":", linewidth=1, label=f"drop threshold {DROP_THRESHOLD:g}")
+    top.set_yscale("log")
+    top.set_ylabel("block influence 1 - E[cos]")
+    top.set_title(f"{analysis.model}: suggested --layers {analysis.layout} (grey = dropped)")
+    top.legend(loc="upper right", fontsize=8)
+    for zone in ZONES:
+        idx = [i for i in layers if analysis.zones[i] == zone]
+        if idx:
+            bottom.axvspan(idx[0] - 0.5, idx[-1] + 0.5, color=_ZONE_COLORS[zone], alpha=0.15, label=zone)
+    bottom.plot(layers, analysis.angular_distance, color="black", marker="o", markersize=3, linewidth=1)
+    if dropped:
+        d = sorted(dropped)
+        bottom.scatter(d, [analysis.angular_distance[i] for i in d], marker="x", color="red", zorder=3, label="dropped")
+    for k in analysis.knees:
+        bottom.axvline(k, color="black", linestyle="--", linewidth=0.8)
+    bottom.set_xlabel("layer")
+    bottom.set_ylabel("angular distance arccos(cos) / pi")
+    bottom.legend(loc="upper center", fontsize=8, ncol=4)
+    bottom.set_xticks(layers if n <= 40 else layers[::2])
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def analyze_command(
+    model: str,
+    data: str | None = None,
+    num_samples: int = 128,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    chat: bool = False,
+    target_recurrent_size: int | None = None,
+    json: str | None = None,
+    plot: str | None = None,
+) -> None:
+    """Measure each layer's block influence and angular distance and suggest a prelude:block:coda layout.
+
+    Args:
+        model: source model: HF folder, hub id, .gguf file or `smollm2-135m`.
+        data: calibration data: text / JSONL / Parquet file, HF dataset, or none for the built-in word problems.
+        num_samples: number of calibration windows of `seq_len` tokens.
+        seq_len: tokens per window.
+        batch_size: windows per forward pass.
+        chat: format prompt/response records with the tokenizer's chat template.
+        target_recurrent_size: drop the lowest-influence thinking layers until this many remain in the block.
+        json: write the measurements, zones and suggested layout to this JSON file.
+        plot: write a two-panel PNG (block influence; angular distance with zones and knees) to this file.
+    """
+    import time
+
+    from loopfit.io import write_json
+    from loopfit.loading import load_model, load_tokenizer
+
+    _check_args(num_samples, seq_len, batch_size, target_recurrent_size)
+    from loopfit.data import read_documents
+
+    read_documents(data)  # a missing or unreadable source fails now, before the model loads
+    source, tokenizer = load_model(model), load_tokenizer(model)
+    start = time.perf_counter()
+    result = analyze(source, tokenizer, data, num_samples, seq_len, batch_size, target_recurrent_size, chat)
+    result.model = model
+    elapsed = time.perf_counter() - start
+    print_table(result)
+    print(f"{result.num_tokens} tokens in {elapsed:.1f} s ({result.num_tokens / elapsed:.0f} tokens/s)")
+    if json is not None:
+        write_json(json, result.to_json())
+        print(f"wrote {json}")
+    if plot is not None:
+        save_plot(result, plot)
+        print(f"wrote {plot}")

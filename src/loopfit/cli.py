@@ -10,18 +10,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _commands() -> dict:
     # Imported here so `loopfit --help` lists every subcommand while library imports stay lazy elsewhere.
+    from loopfit.analysis import analyze_command
     from loopfit.convert import convert_command
     from loopfit.data.shards import prepare_command
     from loopfit.evaluate import eval_command
     from loopfit.flops import count_command
     from loopfit.generate import generate_command
+    from loopfit.gsm8k import gsm8k_command
+    from loopfit.train.commands import export_command, train_command
 
     return {
+        "analyze": analyze_command,
         "convert": convert_command,
         "prepare": prepare_command,
         "generate": generate_command,
         "count": count_command,
         "eval": eval_command,
+        "gsm8k": gsm8k_command,
+        "train": train_command,
+        "export": export_command,
     }
 
 

@@ -78,7 +78,9 @@ def divergence_from_logprobs(
     raise ValueError(f"unknown divergence kind '{kind}'; choose one of {', '.join(DIVERGENCES)}")
 
 
-def reduce_tokens(per_token: torch.Tensor, num_valid: int, num_items: int | float | torch.Tensor | None) -> torch.Tensor:
+def reduce_tokens(
+    per_token: torch.Tensor, num_valid: int, num_items: int | float | torch.Tensor | None
+) -> torch.Tensor:
     """Sum of per-token losses divided by `num_items` (global valid count) if given, else by the local count."""
     denom = num_items if num_items is not None else max(num_valid, 1)
     if isinstance(denom, torch.Tensor):

@@ -57,7 +57,7 @@ class _Teacher:
     estimator: str | None = None
 
     def chunk(self, rows: torch.Tensor) -> _Teacher:
-        take = (lambda x: None if x is None else x[rows])  # noqa: E731
+        take = lambda x: None if x is None else x[rows]  # noqa: E731
         if self.hidden is not None:
             return _Teacher(hidden=take(self.hidden), weight=self.weight, bias=self.bias)
         return _Teacher(ids=take(self.ids), values=take(self.values), tail=take(self.tail), estimator=self.estimator)
@@ -217,7 +217,10 @@ def _prepare(
                 f"teacher vocabulary {teacher_weight.shape[0]} differs from the student's {vocab}; "
                 "teacher and student must share the vocabulary"
             )
-        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1] or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+        if (
+            teacher_hidden.shape[:-1] != student_hidden.shape[:-1]
+            or teacher_hidden.shape[-1] != teacher_weight.shape[1]
+        ):
             raise ValueError(
                 f"teacher hidden {tuple(teacher_hidden.shape)} does not fit the student's "
                 f"{tuple(student_hidden.shape)} and teacher weight {tuple(teacher_weight.shape)}"
@@ -341,3 +344,27 @@ def chunked_kd_loss(
         ce = ce + 0.0 * student_hidden.sum()
     total = ce_scale * ce + (kd_scale * kd if teacher is not None else 0.0)
     return KDLossOutput(total=total, ce=ce, kd=kd if teacher is not None else None)
+
+
+class FusedKDLoss(torch.nn.Module):
+    """`fused_kd_loss` with its settings fixed at construction, for config-driven use.
+
+    Example:
+        >>> loss_fn = FusedKDLoss(kind="fkl", temperature=2.0, ce_scale=0.5, kd_scale=0.5)
+        >>> out = loss_fn(hidden, model.lm_head.weight, labels, teacher_hidden=t_hidden, teacher_weight=t_w)
+        >>> out.total.backward()
+    """
+
+    def __init__(
+        self, kind: str = "fkl", temperature: float = 1.0, ce_scale: float = 1.0, kd_scale: float = 1.0,
+        ignore_index: int = -100, chunk_size: int = 1024, estimator: str | None = None, **kind_params: float,
+    ):  # fmt: skip
+        super().__init__()
+        check_kind(kind, **kind_params)
+        self.settings = dict(
+            kind=kind, temperature=temperature, ce_scale=ce_scale, kd_scale=kd_scale, ignore_index=ignore_index,
+            chunk_size=chunk_size, estimator=estimator, **kind_params,
+        )  # fmt: skip
+
+    def forward(self, student_hidden, lm_head_weight, labels, **teacher_and_bias) -> KDLossOutput:
+        return fused_kd_loss(student_hidden, lm_head_weight, labels, **teacher_and_bias, **self.settings)

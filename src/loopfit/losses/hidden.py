@@ -54,7 +54,11 @@ class HiddenStateLoss(nn.Module):
     """
 
     def __init__(
-        self, student_dims: list[int] | int, teacher_dims: list[int] | int, kind: str = "cosine", layer_norm: bool = False
+        self,
+        student_dims: list[int] | int,
+        teacher_dims: list[int] | int,
+        kind: str = "cosine",
+        layer_norm: bool = False,
     ):
         super().__init__()
         if kind not in HIDDEN_KINDS:

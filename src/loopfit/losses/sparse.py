@@ -25,6 +25,7 @@ import torch
 from loopfit.losses.divergences import _LOG_FLOOR, check_kind, divergence_from_logprobs, reduce_tokens
 
 ESTIMATORS = ("topk", "topk_tail", "sampled")
+_TAIL_NOISE = -13.815510557964274  # log(1e-6)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +36,14 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def tail_from_logprobs(values: torch.Tensor) -> torch.Tensor:
-    """Log of the teacher mass outside the k tokens, from their full-vocabulary log-probabilities `(..., k)`."""
-    return log1mexp(torch.logsumexp(values.float(), dim=-1))
+    """Log of the teacher mass outside the k tokens, from their full-vocabulary log-probabilities `(..., k)`.
+
+    `1 - sum(p_k)` is only as accurate as the rounding of the k values, so a remainder below 1e-6 is taken as
+    zero (log-mass `-1e4`): otherwise rounding noise at k = V would become a visible tail once softened by T > 1.
+    Whoever has the full distribution (the cache writer) should store the exact tail instead.
+    """
+    tail = log1mexp(torch.logsumexp(values.float(), dim=-1))
+    return torch.where(tail < _TAIL_NOISE, _LOG_FLOOR, tail)
 
 
 def check_sparse(
@@ -93,7 +100,10 @@ def sparse_per_token(
     elif estimator == "topk_tail":
         tail = tail_from_logprobs(values) if tail_logmass is None else tail_logmass.float()
         logp = torch.log_softmax(torch.cat([values, tail.unsqueeze(-1)], dim=-1) / temperature, dim=-1)
-        logq = torch.cat([logq, log1mexp(torch.logsumexp(logq, dim=-1)).unsqueeze(-1)], dim=-1)
+        # The student's tail as a sum over the other tokens, not 1 - sum(q_k), which is rounding noise at k = V.
+        # Filling the k ids with a finite floor keeps an empty tail's gradient finite.
+        q_tail = logq_full.scatter(-1, ids, _LOG_FLOOR).logsumexp(-1)
+        logq = torch.cat([logq, q_tail.unsqueeze(-1)], dim=-1)
     else:
         raise ValueError(f"unknown sparse estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
     return divergence_from_logprobs(logq, logp, kind, lam, alpha, beta) * temperature**2
@@ -148,3 +158,24 @@ def sparse_kd_divergence(
         logq, teacher_ids[valid], teacher_values[valid], kind, estimator, temperature, tail, **kind_params
     )
     return reduce_tokens(per_token, per_token.shape[0], num_items)
+
+
+class SparseKDLoss(torch.nn.Module):
+    """`sparse_kd_divergence` with its settings fixed at construction, for config-driven use."""
+
+    def __init__(
+        self, kind: str = "fkl", estimator: str = "topk", temperature: float = 1.0, ignore_index: int = -100,
+        **kind_params: float,
+    ):  # fmt: skip
+        super().__init__()
+        check_kind(kind, **kind_params)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown sparse estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
+        self.kind, self.estimator, self.temperature = kind, estimator, temperature
+        self.ignore_index, self.kind_params = ignore_index, kind_params
+
+    def forward(self, student_logits, teacher_ids, teacher_values, labels, tail_logmass=None, num_items=None):
+        return sparse_kd_divergence(
+            student_logits, teacher_ids, teacher_values, labels, self.kind, self.estimator, self.temperature,
+            self.ignore_index, tail_logmass, num_items, **self.kind_params,
+        )  # fmt: skip

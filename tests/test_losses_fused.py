@@ -1,0 +1,165 @@
+"""Fused and chunked CE + KD over the lm_head against the unfused reference: losses and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loopfit.losses import (
+    DIVERGENCES,
+    FusedKDLoss,
+    chunked_kd_loss,
+    fused_kd_loss,
+    kd_divergence,
+    sparse_kd_divergence,
+)
+
+N, H, HT, V = 23, 16, 24, 40
+
+
+def make(seed=0, dtype=torch.float32, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(N, H, generator=g)).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    th = torch.randn(N, HT, generator=g).to(dtype)
+    tw = (torch.randn(V, HT, generator=g) * 0.5).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[[0, 5, 6, 20]] = -100
+    return h, w, b, th, tw, labels
+
+
+def reference(h, w, b, labels, th=None, tw=None, tb=None, ce_scale=1.0, kd_scale=1.0, num_items=None, **kd_kw):
+    """Unfused: full logits, F.cross_entropy, kd_divergence / sparse_kd_divergence."""
+    logits = F.linear(h, w, b).float()
+    valid = labels != -100
+    denom = num_items if num_items is not None else int(valid.sum())
+    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / denom
+    if th is not None:
+        kd = kd_divergence(logits, F.linear(th, tw, tb).float(), labels, num_items=denom, **kd_kw)
+    elif "teacher_ids" in kd_kw:
+        kw = dict(kd_kw)
+        ids, vals = kw.pop("teacher_ids"), kw.pop("teacher_values")
+        kd = sparse_kd_divergence(logits, ids, vals, labels, num_items=denom, **kw)
+    else:
+        return ce_scale * ce, ce, None
+    return ce_scale * ce + kd_scale * kd, ce, kd
+
+
+def grads(total, *params):
+    return torch.autograd.grad(total, [p for p in params if p is not None])
+
+
+@pytest.mark.parametrize("impl", [fused_kd_loss, chunked_kd_loss])
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_dense_teacher_matches_reference(impl, kind, temp):
+    h, w, b, th, tw, labels = make(seed=1, bias=True)
+    out = impl(
+        h, w, labels, teacher_hidden=th, teacher_weight=tw, kind=kind, temperature=temp, ce_scale=0.7,
+        kd_scale=1.3, chunk_size=5, lm_head_bias=b, beta=0.3, alpha=0.2, lam=0.6,
+    )  # fmt: skip
+    kw = dict(kind=kind, temperature=temp, beta=0.3, alpha=0.2, lam=0.6)
+    total, ce, kd = reference(h, w, b, labels, th, tw, ce_scale=0.7, kd_scale=1.3, **kw)
+    torch.testing.assert_close(out.total, total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.ce, ce.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.kd, kd.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(out.total, h, w, b), grads(total, h, w, b)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [fused_kd_loss, chunked_kd_loss])
+@pytest.mark.parametrize("estimator", ["topk", "topk_tail", "sampled"])
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+def test_sparse_teacher_matches_reference(impl, estimator, kind):
+    h, w, _, th, tw, labels = make(seed=2)
+    t_logp = torch.log_softmax(F.linear(th, tw), -1)
+    if estimator == "sampled":
+        draws = torch.multinomial(t_logp.exp(), 16, replacement=True, generator=torch.Generator().manual_seed(0))
+        counts = torch.zeros(N, V).scatter_add_(-1, draws, torch.ones(N, 16))
+        values, ids = counts.topk(16, dim=-1)
+    else:
+        values, ids = t_logp.topk(6, dim=-1)
+    sparse = dict(teacher_ids=ids, teacher_values=values.half(), estimator=estimator)
+    out = impl(h, w, labels, **sparse, kind=kind, temperature=1.5, chunk_size=4)
+    total, ce, kd = reference(h, w, None, labels, kind=kind, temperature=1.5, **sparse)
+    torch.testing.assert_close(out.total, total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.kd, kd.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(out.total, h, w), grads(total, h, w)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ce_only_path_and_num_items():
+    h, w, _, _, _, labels = make(seed=3)
+    out = fused_kd_loss(h, w, labels, chunk_size=7, num_items=40)
+    assert out.kd is None
+    ref = F.cross_entropy(h @ w.T, labels, reduction="sum") / 40
+    torch.testing.assert_close(out.total, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads(out.total, h, w), grads(ref, h, w)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # Two micro-batches normalised by the global count add up to the full batch.
+    n_valid = int((labels != -100).sum())
+    a = fused_kd_loss(h[:10], w, labels[:10], num_items=n_valid).total
+    b = fused_kd_loss(h[10:], w, labels[10:], num_items=n_valid).total
+    torch.testing.assert_close(a + b, fused_kd_loss(h, w, labels).total)
+
+
+def test_batched_shapes_upstream_gradient_and_teacher_frozen():
+    h, w, _, th, tw, labels = make(seed=4)
+    th.requires_grad_()
+    out = fused_kd_loss(h.view(1, N, H), w, labels.view(1, N), teacher_hidden=th.view(1, N, HT), teacher_weight=tw)
+    (3.0 * out.total).backward()
+    total, _, _ = reference(h, w, None, labels, th, tw)
+    gh, gw = grads(3.0 * total, h, w)
+    torch.testing.assert_close(h.grad, gh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-5, atol=1e-5)
+    assert th.grad is None
+    assert not out.ce.requires_grad and not out.kd.requires_grad
+
+
+def test_minus_inf_teacher_logits_and_all_masked():
+    h, w, _, th, tw, labels = make(seed=5)
+    tb = torch.zeros(V)
+    tb[:7] = -math.inf  # tokens the teacher never predicts
+    out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, teacher_bias=tb, chunk_size=8)
+    total, _, _ = reference(h, w, None, labels, th, tw, tb)
+    assert torch.isfinite(out.total)
+    torch.testing.assert_close(out.total, total, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(out.total, h, w), grads(total, h, w)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    masked = fused_kd_loss(h, w, torch.full_like(labels, -100), teacher_hidden=th, teacher_weight=tw)
+    masked.total.backward()
+    assert masked.total.item() == 0.0 and (h.grad == 0).all() and (w.grad == 0).all()
+
+
+def test_bf16_inputs():
+    h, w, _, th, tw, labels = make(seed=6, dtype=torch.bfloat16)
+    out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, temperature=2.0, chunk_size=6)
+    assert out.total.dtype == torch.float32
+    total, _, _ = reference(h, w, None, labels, th, tw, temperature=2.0)
+    torch.testing.assert_close(out.total, total, rtol=1e-3, atol=1e-3)
+    gh, gw = grads(out.total, h, w)
+    rh, rw = grads(total, h, w)
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    torch.testing.assert_close(gh.float(), rh.float(), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw.float(), rw.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_errors_and_module():
+    h, w, _, th, tw, labels = make(seed=7)
+    with pytest.raises(ValueError, match="share the vocabulary"):
+        fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw[:-1])
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        fused_kd_loss(h, w, labels, teacher_hidden=th)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind="kl")
+    with pytest.raises(ValueError, match="outside the student vocabulary"):
+        fused_kd_loss(h, w, labels, teacher_ids=torch.full((N, 2), V), teacher_values=torch.zeros(N, 2))
+    mod = FusedKDLoss(kind="rkl", temperature=2.0, ce_scale=0.5, kd_scale=0.5, chunk_size=4)
+    got = mod(h, w, labels, teacher_hidden=th, teacher_weight=tw)
+    want = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind="rkl", temperature=2.0,
+                         ce_scale=0.5, kd_scale=0.5)  # fmt: skip
+    torch.testing.assert_close(got.total, want.total)

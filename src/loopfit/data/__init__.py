@@ -3,6 +3,7 @@
 from loopfit.data.arithmetic import ArithmeticProblem, arithmetic_problem, arithmetic_problems
 from loopfit.data.chat import TokenizedDocument, tokenize_documents, tokenizer_hash
 from loopfit.data.dataset import PackedData, PackedDataset, build_dataset, data_hash, parse_source
+from loopfit.data.loader import RankSampler, iterate_batches, make_loader
 from loopfit.data.packing import IGNORE_INDEX, PackedRows, pack_documents
 from loopfit.data.shards import load_prepared, prepare_command, save_prepared
 from loopfit.data.sources import Document, chat_messages, document_text, read_documents
@@ -14,6 +15,7 @@ __all__ = [
     "PackedData",
     "PackedDataset",
     "PackedRows",
+    "RankSampler",
     "TokenizedDocument",
     "arithmetic_problem",
     "arithmetic_problems",
@@ -21,7 +23,9 @@ __all__ = [
     "chat_messages",
     "data_hash",
     "document_text",
+    "iterate_batches",
     "load_prepared",
+    "make_loader",
     "pack_documents",
     "parse_source",
     "prepare_command",

@@ -89,7 +89,7 @@ def load_prepared(folder: str | Path, tokenizer, seq_len: int, position_ids: boo
 
 
 def prepare_command(
-    data: list[str] | None = None,
+    data: list[str] | str | None = None,
     format: str = "auto",
     text_field: str | None = None,
     chat: bool = False,

@@ -114,7 +114,7 @@ def _carve(docs: list[Document], fraction: float, seed: int) -> tuple[list[int],
     if k < 1:
         raise LoopfitError("a held-out split needs at least 2 documents in every source")
     order = sorted(range(len(docs)), key=lambda i: _doc_key(seed, docs[i]))
-    val = sorted(order[:k])
+    val = order[:k]  # in hash order, so the packed held-out rows do not depend on the source's order either
     held = set(val)
     return [i for i in range(len(docs)) if i not in held], val
 
@@ -133,12 +133,35 @@ def _mix(sources: list[list[TokenizedDocument]], weights: list[float], seed: int
         random.Random(f"{seed}:mix:{n}").shuffle(order)
         target, used, picked = p * budget, 0, []
         for i in order:
-            if used >= target - 1e-6:
+            size = len(docs[i].input_ids) + 1
+            if used + size / 2 > target:  # stop where the share is closest to the target
                 break
             picked.append(i)
-            used += len(docs[i].input_ids) + 1
+            used += size
         chosen.append(sorted(picked))
     return chosen
+
+
+def _is_prepared(entry: str) -> bool:
+    return (Path(entry) / MANIFEST).is_file()
+
+
+def check_sources(data: str | list[str] | None, format: str = "auto", text_field: str | None = None) -> list[str]:
+    """Validate data entries (existence, format, weights) before any work; returns them as a list."""
+    entries = [data] if isinstance(data, str) else list(data or [ARITHMETIC])
+    if not entries:
+        raise LoopfitError("no data sources given")
+    prepared = [e for e in entries if _is_prepared(e)]
+    if prepared:
+        if len(entries) > 1:
+            raise LoopfitError(f"a prepared data folder ({prepared[0]}) cannot be mixed with other sources")
+        return entries
+    parsed = [parse_source(e) for e in entries]
+    if sum(w for _, w in parsed) <= 0:
+        raise LoopfitError("the data weights must sum to a positive number")
+    for spec, _ in parsed:  # opens each source (lazily: no documents are read) to fail before any work
+        read_documents(spec, format=format, text_field=text_field)
+    return entries
 
 
 def build_dataset(
@@ -161,29 +184,18 @@ def build_dataset(
     `read_documents`) optionally suffixed `:weight`. `max_documents` caps each source (default for the
     generator: 2000). A prepared folder brings its own formatting; `seq_len` and the tokenizer must match it.
     """
-    entries = [data] if isinstance(data, str) else list(data or [ARITHMETIC])
-    if not entries:
-        raise LoopfitError("no data sources given")
+    entries = check_sources(data, format, text_field)
     if seq_len < 2:
         raise LoopfitError(f"--seq_len must be >= 2, got {seq_len}")
     if not 0 <= val_fraction < 1:
         raise LoopfitError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     if max_documents is not None and max_documents < 1:
         raise LoopfitError(f"--max_documents must be >= 1, got {max_documents}")
-    prepared = [e for e in entries if (Path(e) / MANIFEST).is_file()]
-    if prepared:
-        if len(entries) > 1:
-            raise LoopfitError(f"a prepared data folder ({prepared[0]}) cannot be mixed with other sources")
+    if _is_prepared(entries[0]):
         from loopfit.data.shards import load_prepared
 
-        return load_prepared(prepared[0], tokenizer, seq_len, position_ids)
-    parsed = [parse_source(e) for e in entries]
-    if sum(w for _, w in parsed) <= 0:
-        raise LoopfitError("the data weights must sum to a positive number")
-    parsed = [(s, w) for s, w in parsed if w > 0]
-    for spec, _ in parsed:  # fail on a missing file before reading any other source
-        read_documents(spec, format=format, text_field=text_field, limit=max_documents, seed=seed)
-
+        return load_prepared(entries[0], tokenizer, seq_len, position_ids)
+    parsed = [(s, w) for s, w in map(parse_source, entries) if w > 0]
     train_docs, val_docs, records = [], [], []
     for spec, weight in parsed:
         generated = spec == ARITHMETIC or format == ARITHMETIC

@@ -126,6 +126,7 @@ def prepare_command(
         out: output folder (required).
         overwrite: replace an existing output folder.
     """
+    from loopfit.data.dataset import check_sources
     from loopfit.loading import load_tokenizer
 
     if out is None:
@@ -134,6 +135,7 @@ def prepare_command(
         raise LoopfitError(f"--shards must be >= 1, got {shards}")
     if Path(out).exists() and not overwrite:
         raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
+    check_sources(data, format, text_field)
     tok = load_tokenizer(tokenizer)
     built = build_dataset(
         data, tok, seq_len, chat=chat, assistant_only=assistant_only, system_prompt=system_prompt,

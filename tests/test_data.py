@@ -1,0 +1,281 @@
+"""Sources, the arithmetic generator, packing, mixing, held-out split and prepared folders (tiny byte tokenizer)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from loopfit.data import (
+    IGNORE_INDEX,
+    Document,
+    TokenizedDocument,
+    arithmetic_problem,
+    build_dataset,
+    document_text,
+    load_prepared,
+    pack_documents,
+    read_documents,
+    save_prepared,
+)
+from loopfit.errors import LoopfitError
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A real fast tokenizer with one token per byte and ChatML specials (vocab 258)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf.chat_template = CHATML
+    return hf
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+QA = [
+    {"question": f"What is {i} plus {i}?", "answer": f"{i}+{i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
+    for i in range(40)
+]
+
+
+# ---------------------------------------------------------------- generator
+
+
+def _check_solution(p) -> None:
+    """Every `<<expr=value>>` is right, each step starts from the previous result, and `#### N` is the last one."""
+    steps = re.findall(r"<<([^=]+)=(\d+)>>", p.solution)
+    assert len(steps) >= 2
+    for expr, value in steps:
+        a, op, b = re.fullmatch(r"(\d+)([-+*/])(\d+)", expr).groups()
+        got = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op]
+        assert got == int(value) and got >= 0
+    assert p.solution.splitlines()[-1] == f"#### {p.answer}"
+    assert int(steps[-1][1]) == p.answer
+
+
+def test_arithmetic_problems_are_correct_seeded_and_varied():
+    problems = [arithmetic_problem(3, i) for i in range(300)]
+    for p in problems:
+        _check_solution(p)
+        assert p.question.endswith("have now?")
+    assert arithmetic_problem(3, 17) == problems[17]  # a pure function of (seed, index)
+    assert arithmetic_problem(4, 17) != problems[17]
+    assert len({p.question for p in problems}) == 300
+    ops = "".join(re.findall(r"<<\d+([-+*/])", "".join(p.solution for p in problems)))
+    assert all(ops.count(o) > 20 for o in "+-*/")
+
+
+def test_default_source_is_the_unbounded_generator():
+    docs = list(itertools.islice(read_documents(None, seed=5), 3000))
+    assert len(docs) == 3000 and all(d.is_pair and d.response.split("\n")[-1].startswith("#### ") for d in docs)
+    assert docs[:5] == list(read_documents("arithmetic", seed=5, limit=5))
+    assert docs[0].prompt == arithmetic_problem(5, 0).question
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_text_file_splits_at_blank_lines(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("First line\nsecond line\n\n\nPara two\n   \nThree\n")
+    assert [d.text for d in read_documents(str(f))] == ["First line\nsecond line", "Para two", "Three"]
+    assert [d.text for d in read_documents(str(f), limit=2)] == ["First line\nsecond line", "Para two"]
+
+
+def test_jsonl_parquet_and_hf_folder_give_the_same_documents(tmp_path):
+    import datasets
+
+    jsonl = write_jsonl(tmp_path / "qa.jsonl", QA)
+    pq.write_table(pa.Table.from_pylist(QA), tmp_path / "qa.parquet")
+    datasets.Dataset.from_list(QA).save_to_disk(str(tmp_path / "hf"))
+    want = [Document(prompt=r["question"], response=r["answer"]) for r in QA]
+    assert list(read_documents(jsonl)) == want
+    assert list(read_documents(str(tmp_path / "qa.parquet"))) == want
+    assert list(read_documents(str(tmp_path / "hf"))) == want
+    assert list(read_documents(jsonl, format="gsm8k")) == want
+    # configurable fields
+    assert [d.text for d in read_documents(jsonl, text_field="answer", limit=2)] == [QA[0]["answer"], QA[1]["answer"]]
+    renamed = write_jsonl(tmp_path / "r.jsonl", [{"q": r["question"], "a": r["answer"]} for r in QA])
+    assert list(read_documents(renamed, question_field="q", answer_field="a")) == want
+
+
+def test_document_text_plain_and_chat(tok):
+    doc = Document(prompt="What is 2+2?", response="4\n#### 4")
+    assert document_text(doc) == "Question: What is 2+2?\nAnswer: 4\n#### 4"
+    assert document_text(Document(text="hello")) == "hello"
+    chat = document_text(doc, tok, chat=True, system="Be brief.")
+    assert chat == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4\n#### 4<|im_end|>\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: str(p / "missing.jsonl"), "not found"),
+        (lambda p: write_jsonl(p / "e.jsonl", []), "no documents"),
+        (lambda p: write_jsonl(p / "t.jsonl", [{"body": "x"}]), "no field 'text'"),
+        (
+            lambda p: (p / "bad.jsonl").write_text('{"text": 1}\nnot json\n') and str(p / "bad.jsonl"),
+            "is int, not text",
+        ),
+        (lambda p: (p / "x.bin").write_text("abc") and str(p / "x.bin"), "cannot tell the format"),
+    ],
+)
+def test_bad_sources_raise_clear_errors(tmp_path, make, message):
+    with pytest.raises(LoopfitError, match=message):
+        list(read_documents(make(tmp_path)))
+
+
+def test_wrong_field_and_format_errors(tmp_path):
+    f = write_jsonl(tmp_path / "qa.jsonl", QA)
+    with pytest.raises(LoopfitError, match="no field 'body'"):
+        list(read_documents(f, text_field="body"))
+    with pytest.raises(LoopfitError, match="no field 'q'"):
+        list(read_documents(f, format="gsm8k", question_field="q"))
+    with pytest.raises(LoopfitError, match="unknown data format"):
+        read_documents(f, format="xml")
+    (tmp_path / "bad.jsonl").write_text('{"x": "a"}\nnot json\n')
+    with pytest.raises(LoopfitError, match="line 2 is not valid JSON"):
+        list(read_documents(str(tmp_path / "bad.jsonl"), text_field="x"))
+
+
+# ---------------------------------------------------------------- packing
+
+
+def _random_docs(n, seed, max_len):
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        ids = [rng.randrange(3, 250) for _ in range(rng.randint(1, max_len))]
+        docs.append(TokenizedDocument(ids, [rng.random() < 0.7 for _ in ids], rng.random() < 0.5))
+    return docs
+
+
+@pytest.mark.parametrize("seq_len", [16, 37])
+def test_packing_is_lossless_and_never_splits_a_fitting_document(seq_len):
+    eos, pad = 1, 0
+    docs = _random_docs(200, seq_len, max_len=3 * seq_len)
+    rows = pack_documents(docs, seq_len, eos, pad)
+    # Concatenating all rows without padding equals concatenating the pieces (document + EOS) in packing order.
+    real = np.concatenate([rows.input_ids[r, : rows.num_tokens[r]] for r in range(len(rows.num_tokens))])
+    pieces = [([*docs[d].input_ids, eos])[a:b] for row in rows.segments for d, a, b in row]
+    assert real.tolist() == [t for p in pieces for t in p]
+    # Each document (with its EOS) appears exactly once, whole and in order across its pieces.
+    by_doc: dict[int, list[tuple[int, int]]] = {}
+    for row in rows.segments:
+        for d, a, b in row:
+            by_doc.setdefault(d, []).append((a, b))
+    assert sorted(by_doc) == list(range(len(docs)))
+    for d, spans in by_doc.items():
+        n = len(docs[d].input_ids) + 1
+        assert sorted(spans)[0][0] == 0 and sum(b - a for a, b in spans) == n
+        if n <= seq_len:
+            assert len(spans) == 1
+    # Labels: the document's trainable tokens, -100 elsewhere; padding is masked and uses pad ids.
+    for r, row in enumerate(rows.segments):
+        k = 0
+        for d, a, b in row:
+            doc = docs[d]
+            want = [t if m else IGNORE_INDEX for t, m in zip(doc.input_ids, doc.trainable)]
+            want.append(eos if doc.train_separator else IGNORE_INDEX)
+            assert rows.labels[r, k : k + b - a].tolist() == want[a:b]
+            assert rows.position_ids[r, k : k + b - a].tolist() == list(range(b - a))
+            k += b - a
+        assert (rows.labels[r, k:] == IGNORE_INDEX).all() and (rows.input_ids[r, k:] == pad).all()
+    assert 1 - rows.num_tokens.sum() / rows.input_ids.size < 0.15  # best fit keeps padding low
+
+
+# ---------------------------------------------------------------- build, mix, split, prepared folders
+
+
+def test_build_dataset_items_val_split_and_hash(tok, tmp_path):
+    f = write_jsonl(tmp_path / "qa.jsonl", QA)
+    data = build_dataset(f, tok, 64, val_fraction=0.25, seed=1, position_ids=True)
+    item = data.train[0]
+    assert set(item) == {"input_ids", "labels", "position_ids"}
+    assert all(v.dtype == torch.long and v.shape == (64,) for v in item.values())
+    assert data.manifest["sources"][0]["val_documents"] == 10
+    # The same documents are held out whatever the order of the source.
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", random.Random(0).sample(QA, len(QA)))
+    again = build_dataset(shuffled, tok, 64, val_fraction=0.25, seed=1, position_ids=True)
+
+    def val_texts(d):
+        return [tok.decode(d.val.rows.input_ids[r, : d.val.num_tokens[r]]) for r in range(len(d.val))]
+
+    assert val_texts(again) == val_texts(data)
+    assert np.array_equal(again.val.rows.labels, data.val.rows.labels)
+    assert build_dataset(f, tok, 64, val_fraction=0.25, seed=1, position_ids=True).data_hash == data.data_hash
+    assert build_dataset(f, tok, 64, val_fraction=0.25, seed=2).data_hash != data.data_hash
+    train_text = "".join(tok.decode(data.train.rows.input_ids[r]) for r in range(len(data.train)))
+    assert not any(q in train_text for q in val_texts(data))
+    assert len(build_dataset(f, tok, 64).val) == 0
+
+
+def test_default_data_is_generated_and_mixing_follows_weights(tok, tmp_path):
+    data = build_dataset(None, tok, 512, max_documents=30)
+    assert data.manifest["sources"][0]["spec"] == "arithmetic" and data.manifest["sources"][0]["documents"] == 30
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"paragraph {i} " * 5 for i in range(200)))
+    qa = write_jsonl(tmp_path / "qa.jsonl", QA)
+    mixed = build_dataset([f"{text}:0.25", f"{qa}:0.75"], tok, 128, seed=3)
+    t, q = (s["train_tokens_used"] for s in mixed.manifest["sources"])
+    assert q == sum(len(r["question"]) + len(r["answer"]) + len("Question: \nAnswer: ") + 1 for r in QA)  # all used
+    longest = max(len(f"paragraph {i} " * 5) + 1 for i in range(200))
+    assert abs(t - q * 0.25 / 0.75) <= longest / 2  # the share is as close to 25% as whole documents allow
+    assert 0 < mixed.manifest["sources"][0]["train_documents_used"] < 200
+    with pytest.raises(LoopfitError, match="sum to a positive"):
+        build_dataset([f"{text}:0", f"{qa}:0"], tok, 128)
+    with pytest.raises(LoopfitError, match="not found"):
+        build_dataset([f"{qa}:1", str(tmp_path / "nope.txt")], tok, 128)
+
+
+def test_prepared_folder_round_trip(tok, tmp_path):
+    f = write_jsonl(tmp_path / "qa.jsonl", QA)
+    data = build_dataset(f, tok, 48, chat=True, assistant_only=True, val_fraction=0.1)
+    out = save_prepared(data, tmp_path / "prep", shards=3)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
+        "train-00002-of-00003.parquet", "val.parquet",
+    ]  # fmt: skip
+    loaded = build_dataset(str(out), tok, 48)
+    assert loaded.data_hash == data.data_hash and len(loaded.train) == len(data.train)
+    for i in range(len(data.train)):
+        for k in ("input_ids", "labels"):
+            assert torch.equal(loaded.train[i][k], data.train[i][k])
+    with pytest.raises(LoopfitError, match="seq_len 48"):
+        build_dataset(str(out), tok, 64)
+    with pytest.raises(LoopfitError, match="cannot be mixed"):
+        build_dataset([str(out), f], tok, 48)
+    with pytest.raises(LoopfitError, match="without position ids"):
+        load_prepared(out, tok, 48, position_ids=True)
+    (out / "val.parquet").unlink()
+    with pytest.raises(LoopfitError, match="incomplete"):
+        load_prepared(out, tok, 48)

@@ -25,15 +25,24 @@ CHATML = (
 )
 
 
-def make_tiny_model(arch: str = "llama", num_layers: int = 6, hidden: int = 32, vocab: int = 260, seed: int = 0,
-                    tie: bool = True):
+def make_tiny_model(
+    arch: str = "llama", num_layers: int = 6, hidden: int = 32, vocab: int = 260, seed: int = 0, tie: bool = True
+):
     """A tiny random causal LM of a supported architecture, in eval mode, fp32."""
     torch.manual_seed(seed)
     config_cls, model_cls = ARCHS[arch]
     config = config_cls(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     model = model_cls(config).eval()
     # Random init leaves the residual stream nearly unchanged per layer; larger weights make layers matter.
@@ -57,8 +66,13 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
-                                   additional_special_tokens=["<|im_start|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     fast.chat_template = CHATML
     return fast
 

@@ -25,8 +25,13 @@ def test_parse_layout_and_sizes():
 
 @pytest.mark.parametrize(
     "spec, message",
-    [("0-3:4-5", "three"), ("0-3:4-40:41", "out of range"), ("0-3:3-5:6", "more than once"), ("0:x:1", "parse"),
-     ("0-1::2", "at least one")],
+    [
+        ("0-3:4-5", "three"),
+        ("0-3:4-40:41", "out of range"),
+        ("0-3:3-5:6", "more than once"),
+        ("0:x:1", "parse"),
+        ("0-1::2", "at least one"),
+    ],
 )
 def test_parse_layout_errors(spec, message):
     with pytest.raises(LoopfitError, match=message):
@@ -48,17 +53,46 @@ def test_static_keeps_layers_in_order():
 
 def test_cli_convert_generate_round_trip(tiny_source_dir, tmp_path, capsys):
     out = tmp_path / "looped"
-    main(["convert", str(tiny_source_dir), "--out", str(out), "--layers", "0-1:2-3:4-5", "--adapter_init", "random",
-          "--mean_recurrence", "3"])
+    main(
+        [
+            "convert",
+            str(tiny_source_dir),
+            "--out",
+            str(out),
+            "--layers",
+            "0-1:2-3:4-5",
+            "--adapter_init",
+            "random",
+            "--mean_recurrence",
+            "3",
+        ]
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.model_type == "looped" and model.config.layout == "0,1:2,3:4,5"
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json",
-                                               "tokenizer.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+    }
     main(["generate", str(out), "--prompt", "Hi", "--num_steps", "2", "--chat=true", "--max_new_tokens", "3"])
     assert "[R=2]" in capsys.readouterr().out
     static = tmp_path / "static"
-    main(["convert", str(tiny_source_dir), "--out", str(static), "--prelude", "2", "--block", "2", "--coda", "1",
-          "--static=true"])
+    main(
+        [
+            "convert",
+            str(tiny_source_dir),
+            "--out",
+            str(static),
+            "--prelude",
+            "2",
+            "--block",
+            "2",
+            "--coda",
+            "1",
+            "--static=true",
+        ]
+    )
     assert AutoModelForCausalLM.from_pretrained(static).config.num_hidden_layers == 5
 
 
@@ -74,8 +108,11 @@ def test_cli_convert_generate_round_trip(tiny_source_dir, tmp_path, capsys):
 )
 def test_cli_bad_input_one_line_error_no_output(tiny_source_dir, tmp_path, args, message):
     out = tmp_path / "bad"
-    proc = subprocess.run([sys.executable, "-m", "loopfit", "convert", str(tiny_source_dir), "--out", str(out), *args],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loopfit", "convert", str(tiny_source_dir), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in proc.stderr
@@ -99,6 +136,7 @@ def test_cli_missing_model_and_unknown_architecture(tmp_path, capsys):
 def test_real_smollm2_convert_and_generate(tmp_path, capsys):
     out = tmp_path / "smol"
     main(["convert", "smollm2-135m", "--out", str(out), "--prelude", "4", "--block", "6", "--coda", "4"])
-    main(["generate", str(out), "--prompt", "What is 12*7?", "--num_steps", "2", "--chat=true",
-          "--max_new_tokens", "4"])
+    main(
+        ["generate", str(out), "--prompt", "What is 12*7?", "--num_steps", "2", "--chat=true", "--max_new_tokens", "4"]
+    )
     assert "[R=2]" in capsys.readouterr().out

@@ -154,6 +154,7 @@ class LoopedModel(LoopedPreTrainedModel):
         self.norm = norm_cls(base.hidden_size, eps=base.rms_norm_eps)
         self.rotary_emb = rotary_cls(config=base)
         self.gradient_checkpointing = False
+        self._noise_cache: dict[tuple, torch.Tensor] = {}
         self.post_init()
 
     def get_input_embeddings(self):
@@ -180,15 +181,23 @@ class LoopedModel(LoopedPreTrainedModel):
         if self.training:
             return nn.init.trunc_normal_(torch.empty_like(e), std=std, a=-3 * std, b=3 * std)
         pos = position_ids.expand(e.shape[0], -1).to("cpu")
-        blocks = {}
-        for b in torch.unique(pos // _NOISE_BLOCK).tolist():
-            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + b)
-            t = torch.empty(_NOISE_BLOCK, e.shape[-1])
-            blocks[b] = nn.init.trunc_normal_(t, std=std, a=-3 * std, b=3 * std, generator=g)
+        blocks = {b: self._noise_block(b, e.shape[-1]) for b in torch.unique(pos // _NOISE_BLOCK).tolist()}
         keys = sorted(blocks)
         table = torch.stack([blocks[b] for b in keys])  # (num_blocks, _NOISE_BLOCK, hidden)
         noise = table[torch.searchsorted(torch.tensor(keys), pos // _NOISE_BLOCK), pos % _NOISE_BLOCK]
         return noise.to(device=e.device, dtype=e.dtype)
+
+    def _noise_block(self, block: int, hidden: int) -> torch.Tensor:
+        """Eval-mode state noise of positions `[block * 256, (block + 1) * 256)`, memoised (decoding asks each step)."""
+        key = (block, hidden, self.config.seed, self.config.state_init_std)
+        if key not in self._noise_cache:
+            if len(self._noise_cache) > 256:
+                self._noise_cache.clear()
+            std = self.config.state_init_std
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + block)
+            t = torch.empty(_NOISE_BLOCK, hidden)
+            self._noise_cache[key] = nn.init.trunc_normal_(t, std=std, a=-3 * std, b=3 * std, generator=g)
+        return self._noise_cache[key]
 
     def _masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
         if isinstance(attention_mask, dict):

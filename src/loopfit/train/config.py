@@ -84,7 +84,8 @@ class MeanRecurrenceSchedule:
     warmup: float = 0.25
     """Fraction of `max_steps` over which the mean ramps up."""
     warmup_type: str = "linear"
-    """Ramp shape: `linear` f(t) = t, or `1-sqrt` f(t) = 1 - sqrt(1 - t) (deepens faster early)."""
+    """Ramp shape: `linear` f(t) = t, or `1-sqrt` f(t) = 1 - sqrt(1 - t) (below linear: deepens slowly at first,
+    fastest at the end of the warmup)."""
     max_mean_rec: int = 8
     """Mean depth reached at the end of the ramp (mean = ceil of the ramp value)."""
 
@@ -178,7 +179,9 @@ class TrainConfig:
     max_documents: int | None = None
     """Use at most this many documents."""
     val_fraction: float = 0.0
-    """Fraction held out for validation (0 = no validation)."""
+    """Fraction of documents held out for validation (0 = none)."""
+    val_data: str | None = None
+    """A separate validation source (all of it held out), instead of or besides `val_fraction`."""
     seq_len: int = 256
     """Tokens per packed sequence."""
     batch_size: int = 4
@@ -300,15 +303,19 @@ def _validate(c: TrainConfig) -> None:
         if c.fixed_num_steps < 1:
             raise LoopfitError(f"--fixed_num_steps must be >= 1, got {c.fixed_num_steps}")
         if c.mean_recurrence_schedule.turn_on or c.backprop_depth_schedule.turn_on:
-            raise LoopfitError("--fixed_num_steps trains at one depth; it cannot be combined with a recurrence schedule")
-    for name, sched in (("mean_recurrence_schedule", c.mean_recurrence_schedule), ("backprop_depth_schedule",
-                                                                                   c.backprop_depth_schedule)):
+            raise LoopfitError(
+                "--fixed_num_steps trains at one depth; it cannot be combined with a recurrence schedule"
+            )
+    for name, sched in (
+        ("mean_recurrence_schedule", c.mean_recurrence_schedule),
+        ("backprop_depth_schedule", c.backprop_depth_schedule),
+    ):
         if not 0.0 <= sched.warmup <= 1.0:
             raise LoopfitError(f"--{name}.warmup is a fraction of training in [0, 1], got {sched.warmup}")
     if not 0.0 <= c.val_fraction < 1.0:
         raise LoopfitError(f"--val_fraction must be in [0, 1), got {c.val_fraction}")
-    if c.eval_every and c.val_fraction == 0.0:
-        raise LoopfitError("--eval_every needs a validation split: set --val_fraction > 0")
+    if c.eval_every and c.val_fraction == 0.0 and not c.val_data:
+        raise LoopfitError("--eval_every needs validation data: set --val_fraction > 0 or --val_data")
     if any(r < 1 for r in c.eval_num_steps):
         raise LoopfitError(f"--eval_num_steps must all be >= 1, got {c.eval_num_steps}")
     if c.assistant_only and not c.chat:
@@ -322,7 +329,9 @@ def _validate(c: TrainConfig) -> None:
     if s.warmup_steps < 0 or not 0.0 <= s.decay_fraction <= 1.0 or not 0.0 <= s.min_lr_ratio <= 1.0:
         raise LoopfitError("--lr_schedule: warmup_steps >= 0, decay_fraction and min_lr_ratio in [0, 1]")
     if s.warmup_steps >= c.total_steps and s.kind != "constant":
-        raise LoopfitError(f"--lr_schedule.warmup_steps ({s.warmup_steps}) must be below the total steps ({c.total_steps})")
+        raise LoopfitError(
+            f"--lr_schedule.warmup_steps ({s.warmup_steps}) must be below the total steps ({c.total_steps})"
+        )
     for stage in c.stages:
         if stage.steps < 1:
             raise LoopfitError(f"every stage needs steps >= 1, got {stage.steps}")
@@ -342,7 +351,9 @@ def _validate(c: TrainConfig) -> None:
         if not 0.0 <= d.alpha <= 1.0:
             raise LoopfitError(f"--distillation.alpha must be in [0, 1], got {d.alpha}")
         if d.hidden_scale and d.teacher_cache:
-            raise LoopfitError("--distillation.hidden_scale needs a live teacher; a teacher cache holds no hidden states")
+            raise LoopfitError(
+                "--distillation.hidden_scale needs a live teacher; a teacher cache holds no hidden states"
+            )
         if d.hidden_scale and not d.teacher_model_name:
             raise LoopfitError("--distillation.hidden_scale needs --distillation.teacher_model_name")
     elif d.teacher_model_name or d.teacher_cache or d.hidden_scale:

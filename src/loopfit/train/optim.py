@@ -77,7 +77,9 @@ def _groups(named: list[tuple[str, nn.Parameter]], rules, lr: float, wd: float) 
     for name, p in named:
         mult = lr_multiplier(name, rules)
         nd = no_decay(name, p)
-        g = groups.setdefault((mult, nd), {"params": [], "names": [], "lr": lr * mult, "weight_decay": 0.0 if nd else wd})
+        g = groups.setdefault(
+            (mult, nd), {"params": [], "names": [], "lr": lr * mult, "weight_decay": 0.0 if nd else wd}
+        )
         g["params"].append(p)
         g["names"].append(name)
     return list(groups.values())
@@ -109,9 +111,10 @@ def build_optimizers(
         opts = []
         if matrices:
             groups = _groups(matrices, rules, cfg.muon_lr, cfg.weight_decay)
-            opts.append(torch.optim.Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay))
+            opts.append(
+                torch.optim.Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
+            )
         if rest:
             opts.append(torch.optim.AdamW(_groups(rest, rules, cfg.lr, cfg.weight_decay), **adam_kw))
         return opts
     return [torch.optim.AdamW(_groups(active, rules, cfg.lr, cfg.weight_decay), **adam_kw)]
-

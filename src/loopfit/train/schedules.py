@@ -39,7 +39,7 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, total: int, s: LRSchedule) ->
 def ramp(step: int, total: int, warmup: float, kind: str, max_value: int) -> int:
     """Curriculum value at `step`: from 1 to `max_value` over the first `warmup * total` steps, as `ceil`.
 
-    `linear` f(t) = t; `1-sqrt` f(t) = 1 - sqrt(1 - t), which deepens faster early.
+    `linear` f(t) = t; `1-sqrt` f(t) = 1 - sqrt(1 - t), which stays below linear (slow at first, fastest at the end).
     """
     span = warmup * total
     t = 1.0 if span <= 0 else min(1.0, step / span)

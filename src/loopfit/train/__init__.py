@@ -1,0 +1,25 @@
+"""Training: typed config, schedules, optimizers, checkpoints and the healing recipe (`loopfit train`)."""
+
+from loopfit.train.config import (
+    BackpropDepthSchedule,
+    DistillationConfig,
+    LoRAConfig,
+    LRSchedule,
+    MeanRecurrenceSchedule,
+    OptimConfig,
+    ParamGroupRule,
+    StageConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "BackpropDepthSchedule",
+    "DistillationConfig",
+    "LRSchedule",
+    "LoRAConfig",
+    "MeanRecurrenceSchedule",
+    "OptimConfig",
+    "ParamGroupRule",
+    "StageConfig",
+    "TrainConfig",
+]

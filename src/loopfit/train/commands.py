@@ -1,0 +1,85 @@
+"""`loopfit train` (every `TrainConfig` field is a flag, `--config run.yaml` reads a dump) and `loopfit export`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from jsonargparse import set_parsing_settings
+
+from loopfit.errors import LoopfitError
+from loopfit.train.config import TrainConfig, field_docs
+
+
+def train_command(**kwargs) -> None:
+    cfg = TrainConfig(**kwargs)
+    from loopfit.train.recipe import train
+
+    train(cfg)
+
+
+def _build_train_signature() -> None:
+    """Give `train_command` TrainConfig's fields as its keyword parameters, documented from the attribute docstrings,
+    so jsonargparse builds `--lora.r`-style flags and `--config` from the one typed definition."""
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[f.name])
+        )
+    train_command.__signature__ = inspect.Signature(params, return_annotation=None)
+    train_command.__annotations__ = {f.name: hints[f.name] for f in fields(TrainConfig)} | {"return": None}
+    docs = field_docs(TrainConfig)
+    args = "\n".join(f"        {name}: {text}" for name, text in docs.items())
+    train_command.__doc__ = (
+        "Heal a model: LoRA and/or distillation from a teacher under a recurrence curriculum.\n\n"
+        "    Run `loopfit train --print_config` for a complete YAML to edit; `--config FILE` reads one.\n\n"
+        f"    Args:\n{args}\n"
+    )
+
+
+_build_train_signature()
+# Nested configs (`--lora.r`) are documented by their dataclasses' attribute docstrings.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def export_command(run: str, out: str | None = None, overwrite: bool = False) -> None:
+    """Write a trained run as a plain HF model folder (LoRA merged into the weights) that `from_pretrained` loads.
+
+    Args:
+        run: run folder written by `loopfit train` (holds `config.yaml` and `final/`).
+        out: output folder.
+        overwrite: replace `out` if it exists.
+    """
+    import yaml
+
+    from loopfit.io import atomic_dir
+    from loopfit.loading import load_model, load_tokenizer
+
+    if out is None:
+        raise LoopfitError("--out is required")
+    run_dir = Path(run)
+    final = run_dir / "final"
+    if not (run_dir / "config.yaml").is_file() or not final.is_dir():
+        raise LoopfitError(f"{run} is not a finished training run (no config.yaml and final/ inside)")
+    if Path(out).exists() and not overwrite:
+        raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if (final / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = load_model(cfg["model_name"])
+        model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+    else:
+        model = load_model(final)
+    tokenizer = load_tokenizer(final)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    done = run_dir / "done.json"
+    step = json.loads(done.read_text())["step"] if done.is_file() else "?"
+    print(f"wrote {out}: {cfg['model_name']} + training of {run} (step {step}), merged")

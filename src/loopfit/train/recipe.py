@@ -1,0 +1,516 @@
+"""The training recipe, top to bottom: `setup` (config, models, data, optimizer, resume), `fit` (the step loop),
+`validate` (held-out loss at given depths), `save_final` (HF folder + done marker). `train` runs all four."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from loopfit.errors import LoopfitError
+from loopfit.io import atomic_dir, atomic_file, write_json
+from loopfit.train import checkpoint as ckpt
+from loopfit.train.config import TrainConfig
+from loopfit.train.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
+from loopfit.train.metrics import MetricsLogger, measure_matmul_peak
+from loopfit.train.optim import build_optimizers
+from loopfit.train.schedules import lr_factor, lr_scheduler, ramp
+from loopfit.train.student import Student, apply_lora, base_model, micro_batch_loss, share_teacher_weights
+
+DONE = "done.json"
+
+
+class BatchStream:
+    """Endless, seeded, rank-sharded batches with a resumable position (epoch + StatefulDataLoader state)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, d: Dist):
+        from torch.utils.data import DistributedSampler
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        self.sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=seed, drop_last=True)
+        self.loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True)
+        self.epoch, self._it = 0, None
+
+    def next(self) -> dict:
+        while True:
+            if self._it is None:
+                self.sampler.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self.epoch, self._it = self.epoch + 1, None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._it = state["epoch"], None
+        self.loader.load_state_dict(state["loader"])
+
+
+@dataclass
+class Run:
+    """Everything a run holds between `setup` and `save_final`."""
+
+    cfg: TrainConfig
+    out: Path
+    d: Dist
+    device: torch.device
+    model: nn.Module  # PEFT wrapper or plain HF model: what is saved
+    student: nn.Module  # `Student(model)`, possibly DDP-wrapped: what is called
+    teacher: nn.Module | None
+    tokenizer: object
+    trainable: list[tuple[str, nn.Parameter]]
+    stream: BatchStream
+    val_set: object
+    depth_gen: torch.Generator
+    logger: MetricsLogger
+    looped: bool
+    hidden_loss: nn.Module | None = None
+    block_span: tuple[int, int] | None = None
+    optimizers: list = field(default_factory=list)
+    schedulers: list = field(default_factory=list)
+    step: int = 0
+    stage: int = -1
+    flops_params: dict = field(default_factory=dict)
+    peak_flops: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------- setup
+def setup(cfg: TrainConfig) -> Run | None:
+    """Validate, load student/teacher, apply LoRA, build data and optimizer, restore a checkpoint. None if finished."""
+    from loopfit.data import build_dataset
+    from loopfit.loading import load_model, load_tokenizer
+
+    cfg.validate()
+    out = Path(cfg.out)
+    device = _device(cfg.device)
+    d = init_distributed(cfg.parallel, device)
+    if device.type == "cuda" and d.enabled:
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    resume_from = None
+    if cfg.resume:
+        if (out / DONE).exists():
+            if d.is_main:
+                print(
+                    f"run {out} already finished (step {json.loads((out / DONE).read_text())['step']}); nothing to do"
+                )
+            return None
+        resume_from = ckpt.latest_checkpoint(out)
+    elif out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise LoopfitError(
+                f"run folder {out} already exists (--resume=true to continue, --overwrite=true to replace)"
+            )
+        if d.is_main:
+            shutil.rmtree(out)
+    barrier(d)
+    _seed_everything(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model_name)
+    model = load_model(cfg.model_name)
+    looped = getattr(model.config, "model_type", None) == "looped"
+    if not looped and (
+        cfg.fixed_num_steps or cfg.mean_recurrence_schedule.turn_on or cfg.backprop_depth_schedule.turn_on
+    ):
+        raise LoopfitError(f"{cfg.model_name} is not a looped model: recurrence options do not apply to it")
+    teacher = None
+    dc = cfg.distillation
+    if dc.enabled and dc.teacher_cache:
+        raise LoopfitError("--distillation.teacher_cache is not available yet in `loopfit train`; use a live teacher")
+    if dc.enabled:
+        teacher = load_model(dc.teacher_model_name).eval().requires_grad_(False)
+        tv, sv = teacher.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
+        if tv != sv:
+            raise LoopfitError(f"teacher vocabulary ({tv}) differs from the student's ({sv}); KD needs the same one")
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    else:
+        model.requires_grad_(True)
+    info = {"shared_bytes": 0}
+    if teacher is not None and dc.share_weights and cfg.lora.enabled:
+        info["shared_bytes"] = share_teacher_weights(model, teacher)
+    model.to(device).train()
+    if teacher is not None:
+        teacher.to(device)
+    hidden_loss, block_span = None, None
+    if dc.enabled and dc.hidden_scale:
+        from loopfit.losses import HiddenStateLoss
+
+        if not looped:
+            raise LoopfitError("--distillation.hidden_scale needs a looped student (states per loop iteration)")
+        c = base_model(model).config
+        block_span = (c.prelude_layers[-1] + 1 if c.prelude_layers else 0, c.block_layers[-1])
+        hidden_loss = HiddenStateLoss(c.hidden_size, teacher.config.hidden_size, kind=dc.hidden_kind).to(device)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if hidden_loss is not None:
+        trainable += [(f"hidden_loss.{n}", p) for n, p in hidden_loss.named_parameters()]
+    if not trainable:
+        raise LoopfitError("nothing to train: the student has no trainable parameters")
+    needs_unused = any(r.lr_mult == 0 for r in cfg.param_groups + [r for s in cfg.stages for r in s.param_groups])
+    student = wrap_student(Student(model, hidden_loss), d, device, find_unused_parameters=needs_unused)
+
+    data = build_dataset(
+        cfg.data, tokenizer, cfg.seq_len, chat=cfg.chat, assistant_only=cfg.assistant_only,
+        system_prompt=cfg.system_prompt, val_fraction=cfg.val_fraction, seed=cfg.seed, max_documents=cfg.max_documents,
+    )  # fmt: skip
+    val_set = data.val if cfg.val_fraction > 0 else None
+    if cfg.val_data:
+        val_set = build_dataset(
+            cfg.val_data,
+            tokenizer,
+            cfg.seq_len,
+            chat=cfg.chat,
+            assistant_only=cfg.assistant_only,
+            system_prompt=cfg.system_prompt,
+            seed=cfg.seed,
+        ).train
+    if len(data.train) < cfg.batch_size * d.world_size:
+        raise LoopfitError(f"only {len(data.train)} training rows: fewer than one global batch")
+    stream = BatchStream(data.train, cfg.batch_size, cfg.seed, d)
+    depth_gen = torch.Generator().manual_seed(cfg.seed + 7919)
+
+    run = Run(cfg, out, d, device, model, student, teacher, tokenizer, trainable, stream, val_set, depth_gen,
+              logger=None, looped=looped, hidden_loss=hidden_loss, block_span=block_span, info=info)  # fmt: skip
+    run.flops_params = _flops_params(model, teacher)
+    run.peak_flops = measure_matmul_peak(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+    resume_step = None
+    if resume_from is not None:
+        resume_step = _restore(run, resume_from)
+    elif d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if d.is_main:
+        with atomic_file(out / "config.yaml") as f:
+            f.write(config_yaml(cfg))
+        write_json(out / "data_manifest.json", data.manifest)
+    run.logger = MetricsLogger(
+        out,
+        d.is_main,
+        cfg.tensorboard,
+        cfg.wandb_project if cfg.wandb else None,
+        resume_step if resume_from is not None else None,
+        config=config_dict(cfg),
+    )
+    if d.is_main and run.step == 0:
+        n_train = sum(p.numel() for _, p in trainable)
+        print(f"training {n_train:,} parameters; teacher weights shared with the student: "
+              f"{info['shared_bytes'] / 2**20:.1f} MiB", file=sys.stderr)  # fmt: skip
+    return run
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LoopfitError("--device cuda requested but no GPU is available")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _flops_params(model: nn.Module, teacher: nn.Module | None) -> dict:
+    from loopfit.flops import count_parameters
+
+    p = count_parameters(model)
+    out = {k: p[k] for k in ("prelude", "block", "coda")}
+    if teacher is not None:
+        t = count_parameters(teacher)
+        out["teacher"] = t["prelude"] + t["block"] + t["coda"]
+    return out
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML that `loopfit train --config` reads back (resume is always written false)."""
+    import yaml
+
+    d = config_dict(cfg)
+    d["resume"] = False
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------- stages, resume
+def _stage_of(cfg: TrainConfig, step: int) -> tuple[int, int, int]:
+    """(stage index, first step of the stage, stage length) for global step `step`."""
+    if not cfg.stages:
+        return 0, 0, cfg.max_steps
+    start = 0
+    for i, s in enumerate(cfg.stages):
+        if step < start + s.steps or i == len(cfg.stages) - 1:
+            return i, start, s.steps
+        start += s.steps
+    raise AssertionError
+
+
+def _enter_stage(run: Run, step: int) -> None:
+    """(Re)build optimizer(s) and lr schedule for the stage containing `step`."""
+    cfg = run.cfg
+    i, start, length = _stage_of(cfg, step)
+    if i == run.stage:
+        return
+    rules = cfg.stages[i].param_groups if cfg.stages else cfg.param_groups
+    run.optimizers = build_optimizers(run.trainable, cfg.optim_config, rules)
+    run.schedulers = [lr_scheduler(o, length, cfg.lr_schedule) for o in run.optimizers]
+    for _ in range(step - start):  # position the schedule inside the stage (on resume)
+        for s in run.schedulers:
+            s.step()
+    run.stage = i
+
+
+def _restore(run: Run, path: Path) -> int:
+    weights, state = ckpt.load_checkpoint(path)
+    names = {n for n, _ in run.trainable}
+    if set(weights) != names:
+        raise LoopfitError(f"checkpoint {path} does not match this run's trainable parameters (config changed?)")
+    with torch.no_grad():
+        for n, p in run.trainable:
+            p.copy_(weights[n].to(p.device, p.dtype))
+    run.step = state["step"]
+    _enter_stage(run, run.step)
+    for o, s in zip(run.optimizers, state["optimizers"]):
+        o.load_state_dict(s)
+    for sch, s in zip(run.schedulers, state["schedulers"]):
+        sch.load_state_dict(s)
+    run.stream.load_state_dict(state["data"][run.d.rank] if run.d.rank < len(state["data"]) else state["data"][0])
+    ckpt.set_rng_state(state["rng"], run.depth_gen)
+    if run.d.is_main:
+        print(f"resumed from {path} at step {run.step}", file=sys.stderr)
+    return run.step
+
+
+def save_checkpoint(run: Run) -> None:
+    """Rank 0 writes; data positions of every rank are gathered so any world size can resume."""
+    data_states = [run.stream.state_dict()]
+    if run.d.world_size > 1:
+        import torch.distributed as dist
+
+        data_states = [None] * run.d.world_size
+        dist.all_gather_object(data_states, run.stream.state_dict())
+    if run.d.is_main:
+        state = {
+            "step": run.step,
+            "stage": run.stage,
+            "optimizers": [o.state_dict() for o in run.optimizers],
+            "schedulers": [s.state_dict() for s in run.schedulers],
+            "data": data_states,
+            "rng": ckpt.rng_state(run.depth_gen),
+            "world_size": run.d.world_size,
+        }
+        ckpt.save_checkpoint(run.out, run.step, {n: p for n, p in run.trainable}, state, run.cfg.keep_last)
+    barrier(run.d)
+
+
+# ------------------------------------------------------------------------------------------------------- fit
+def depth_at(run: Run, step: int) -> tuple[int, int, tuple[int, int]]:
+    """(mean R, backprop depth k, (n_no_grad, k_grad)) for `step`; draws from the seeded depth generator."""
+    from loopfit.models import sample_num_steps
+
+    cfg = run.cfg
+    if not run.looped:
+        return 0, 0, (0, 0)
+    if cfg.fixed_num_steps:
+        return cfg.fixed_num_steps, cfg.fixed_num_steps, (0, cfg.fixed_num_steps)
+    total = cfg.total_steps
+    ms, bs = cfg.mean_recurrence_schedule, cfg.backprop_depth_schedule
+    base_mean = cfg.mean_recurrence or base_model(run.model).config.mean_recurrence
+    mean = ramp(step, total, ms.warmup, ms.warmup_type, ms.max_mean_rec) if ms.turn_on else base_mean
+    k = ramp(step, total, bs.warmup, bs.warmup_type, bs.max_backprop_depth) if bs.turn_on else cfg.backprop_depth
+    return mean, k, sample_num_steps(mean, k, generator=run.depth_gen)
+
+
+def fit(run: Run, until: int | None = None) -> None:
+    """Train from `run.step` to the end (or to `until`, which tests use to simulate an interruption)."""
+    from tqdm import tqdm
+
+    cfg, d = run.cfg, run.d
+    total = cfg.total_steps
+    stop = min(total, until) if until is not None else total
+    bar = tqdm(total=total, initial=run.step, disable=not (cfg.progress_bar and d.is_main), dynamic_ncols=True)
+    params = [p for _, p in run.trainable]
+    while run.step < stop:
+        _enter_stage(run, run.step)
+        t0 = time.perf_counter()
+        _, start, length = _stage_of(cfg, run.step)
+        mean, k, num_steps = depth_at(run, run.step)
+        metrics = train_step(run, num_steps, params)
+        dt = time.perf_counter() - t0
+        tokens = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * d.world_size
+        n, kg = num_steps
+        fp = run.flops_params
+        flops_tok = 6 * (fp["prelude"] + kg * fp["block"] + fp["coda"]) + 2 * n * fp["block"] + 2 * fp.get("teacher", 0)
+        if not run.looped:
+            flops_tok = 6 * fp["prelude"] + 2 * fp.get("teacher", 0)
+        run.step += 1
+        metrics.update(
+            step=run.step,
+            lr=cfg.optim_config.lr * lr_factor(run.step - 1 - start, length, cfg.lr_schedule),
+            num_steps=n + kg,
+            num_steps_no_grad=n,
+            num_steps_grad=kg,
+            mean_recurrence=mean,
+            backprop_depth=k,
+            tokens_per_s=tokens / dt,
+            mfu=flops_tok * tokens / dt / (run.peak_flops * d.world_size),
+            stage=run.stage,
+        )
+        for s in run.schedulers:
+            s.step()
+        if cfg.eval_every and run.step % cfg.eval_every == 0 and run.val_set is not None:
+            metrics["val_loss"] = validate(run, [mean or None])[mean or None]
+        if cfg.log_every and (run.step % cfg.log_every == 0 or run.step == total):
+            run.logger.log(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", R=metrics["num_steps"], mean=mean)
+        if cfg.save_every and run.step % cfg.save_every == 0 and run.step < total:
+            save_checkpoint(run)
+    bar.close()
+
+
+def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns its (rank-reduced) metrics."""
+    cfg, d = run.cfg, run.d
+    batches = [
+        {k: v.to(run.device) for k, v in run.stream.next().items()} for _ in range(cfg.gradient_accumulation_steps)
+    ]
+    local_items = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
+    num_items = all_reduce_sum(local_items.float(), d).clamp_min(1.0)
+    sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # total, ce, kd, hidden
+    head = run.student.module.head_weight() if hasattr(run.student, "module") else run.student.head_weight()
+    steps_arg = num_steps if run.looped else None
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1 or not hasattr(run.student, "no_sync")
+        with contextlib.nullcontext() if sync else run.student.no_sync(), run.autocast:
+            parts = micro_batch_loss(run.student, head, run.teacher, batch, steps_arg, cfg.distillation, num_items,
+                                     run.hidden_loss, run.block_span)  # fmt: skip
+        # DDP averages gradients over ranks; the loss is already a share of the global mean, so undo the average.
+        (parts.total * d.world_size).backward()
+        sums += torch.stack([parts.total.detach().double(), parts.ce.double(),
+                             (parts.kd if parts.kd is not None else parts.ce * 0).double(),
+                             (parts.hidden if parts.hidden is not None else parts.ce * 0).double()])  # fmt: skip
+    sums = all_reduce_sum(sums, d)
+    with_grad = [p for p in params if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    finite = bool(torch.isfinite(sums[0])) and bool(torch.isfinite(grad_norm))
+    if not finite and cfg.nan_policy == "stop":
+        raise LoopfitError(f"non-finite loss or gradient at step {run.step + 1} (loss {sums[0].item()}, grad norm "
+                           f"{grad_norm.item()}); lower the lr or use --nan_policy=skip")  # fmt: skip
+    if finite:
+        for o in run.optimizers:
+            o.step()
+    elif d.is_main:
+        print(f"step {run.step + 1}: non-finite loss or gradient, update skipped", file=sys.stderr)
+    for o in run.optimizers:
+        o.zero_grad(set_to_none=True)
+    total, ce, kd, hid = (float(x) for x in sums)
+    m = {"loss": total, "ce_loss": ce, "kd_loss": kd if run.teacher is not None else None,
+         "grad_norm": float(grad_norm), "num_items": int(num_items.item()), "skipped": not finite}  # fmt: skip
+    if run.hidden_loss is not None:
+        m["hidden_loss"] = hid
+    return m
+
+
+# -------------------------------------------------------------------------------------------------- validate
+@torch.no_grad()
+def validate(run: Run, depths: list[int | None]) -> dict:
+    """Mean next-token CE over the validation split (this rank's share, reduced), at each depth R."""
+    import torch.nn.functional as F
+
+    if run.val_set is None:
+        return {}
+    cfg = run.cfg
+    student = run.student.module if hasattr(run.student, "module") else run.student
+    was_training = student.training
+    student.eval()
+    n = len(run.val_set)
+    if cfg.eval_batches:
+        n = min(n, cfg.eval_batches * cfg.batch_size * run.d.world_size)
+    idx = list(range(run.d.rank, n, run.d.world_size))
+    head = student.head_weight()
+    results = {}
+    for r in depths:
+        acc = torch.zeros(2, dtype=torch.float64, device=run.device)
+        for j in range(0, len(idx), cfg.batch_size):
+            rows = [run.val_set[i] for i in idx[j : j + cfg.batch_size]]
+            ids = torch.stack([x["input_ids"] for x in rows]).to(run.device)
+            labels = torch.stack([x["labels"] for x in rows]).to(run.device)
+            with run.autocast:
+                h, _ = student(ids, num_steps=r if run.looped else None)
+            logits = F.linear(h[:, :-1], head).float()
+            y = labels[:, 1:]
+            acc[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            acc[1] += (y != -100).sum()
+        acc = all_reduce_sum(acc, run.d)
+        results[r] = float(acc[0] / acc[1].clamp_min(1))
+    student.train(was_training)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------ save
+def save_final(run: Run, val: dict) -> None:
+    """Final checkpoint, the HF folder `final/` (LoRA adapter or full model, with tokenizer) and `done.json`."""
+    save_checkpoint(run)
+    if run.d.is_main:
+        with atomic_dir(run.out / "final", overwrite=True) as tmp:
+            run.model.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
+        write_json(run.out / DONE, {"step": run.step, "val_loss": {str(k): v for k, v in val.items()}, **run.info})
+    barrier(run.d)
+
+
+def train(cfg: TrainConfig) -> dict | None:
+    """Set up, fit, validate at the final mean and `eval_num_steps`, save. Returns the validation losses."""
+    run = setup(cfg)
+    if run is None:
+        return None
+    try:
+        fit(run)
+        depths: list[int | None] = [None]
+        if run.looped:
+            final_mean = depth_at_mean(run)
+            depths = sorted({final_mean, *cfg.eval_num_steps})
+        val = validate(run, depths)
+        if val and run.d.is_main:
+            run.logger.log({"step": run.step, **{f"val_loss_r{k}" if k else "val_loss": v for k, v in val.items()}})
+            print("validation loss: " + ", ".join(f"R={k}: {v:.4f}" if k else f"{v:.4f}" for k, v in val.items()))
+        save_final(run, val)
+        return val
+    finally:
+        run.logger.close()
+        cleanup(run.d)
+
+
+def depth_at_mean(run: Run) -> int:
+    cfg = run.cfg
+    if cfg.fixed_num_steps:
+        return cfg.fixed_num_steps
+    ms = cfg.mean_recurrence_schedule
+    if ms.turn_on:
+        return ramp(cfg.total_steps, cfg.total_steps, ms.warmup, ms.warmup_type, ms.max_mean_rec)
+    return cfg.mean_recurrence or base_model(run.model).config.mean_recurrence

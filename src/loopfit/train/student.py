@@ -1,0 +1,175 @@
+"""Student and teacher: loading, LoRA, weight sharing between them, and the loss of one micro-batch."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loopfit.errors import LoopfitError
+from loopfit.train.config import DistillationConfig, LoRAConfig
+
+
+def is_looped(model: nn.Module) -> bool:
+    return getattr(model.config, "model_type", None) == "looped"
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Wrap `model` in PEFT LoRA; `modules_to_save` are trained fully (and kept out of the LoRA targets)."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        modules_to_save=cfg.modules_to_save,
+        exclude_modules=cfg.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lc)
+    except ValueError as e:
+        raise LoopfitError(f"cannot apply LoRA: {str(e).splitlines()[0]}") from None
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The HF model inside a PEFT wrapper (LoRA layers injected), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _teacher_name(name: str, looped_cfg) -> str:
+    """Map a student parameter name to the source (teacher) model's name for the same weight."""
+    name = name.replace(".base_layer.", ".")
+    if looped_cfg is not None:
+        m = re.match(r"^model\.(prelude|block|coda)\.(\d+)\.(.*)$", name)
+        if m:
+            src = getattr(looped_cfg, f"{m.group(1)}_layers")[int(m.group(2))]
+            return f"model.layers.{src}.{m.group(3)}"
+    return name
+
+
+def share_teacher_weights(student: nn.Module, teacher: nn.Module) -> int:
+    """Point the student's frozen parameters at the teacher's identical tensors; return the bytes no longer held twice.
+
+    Only parameters that are frozen, have the teacher's shape and dtype and are bit-equal to the teacher's are
+    shared: they are the same weights (a looped student's layers are copies of the source layers it came from).
+    """
+    base = base_model(student)
+    looped_cfg = base.config if is_looped(base) else None
+    tparams = dict(teacher.named_parameters(remove_duplicate=False))
+    saved, seen = 0, set()
+    for name, p in list(base.named_parameters(remove_duplicate=False)):
+        if p.requires_grad:
+            continue
+        tp = tparams.get(_teacher_name(name, looped_cfg))
+        if tp is None or tp is p or tp.shape != p.shape or tp.dtype != p.dtype or tp.device != p.device:
+            continue
+        if not torch.equal(tp.data, p.data):
+            continue
+        mod_path, attr = name.rsplit(".", 1)
+        setattr(base.get_submodule(mod_path), attr, tp)
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            saved += p.numel() * p.element_size()
+    return saved
+
+
+class Student(nn.Module):
+    """The unit that DDP/FSDP wrap: returns the student's final normed hidden state (no LM head) and loop states."""
+
+    def __init__(self, model: nn.Module, hidden_loss: nn.Module | None = None):
+        super().__init__()
+        self.model = model  # a PEFT wrapper or the HF model; kept whole so saving works on it directly
+        self.hidden_loss = hidden_loss  # held here so DDP also averages its projection's gradients
+        self.looped = is_looped(base_model(model))
+
+    def forward(self, input_ids, num_steps=None, output_states: bool = False):
+        base = base_model(self.model)
+        if self.looped:
+            out = base(input_ids, num_steps=num_steps, return_hidden=True, output_states=output_states)
+            return out.logits, out.states
+        return base.model(input_ids).last_hidden_state, None
+
+    def head_weight(self) -> torch.Tensor:
+        return base_model(self.model).get_output_embeddings().weight
+
+
+@dataclass
+class LossParts:
+    """Losses of one micro-batch: `total` differentiable, the rest detached floats-as-tensors (normalised by the
+    global count of valid tokens, so summing over micro-batches and ranks gives the step's mean)."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+def teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, hidden_layers: bool) -> tuple:
+    with torch.no_grad():
+        out = teacher.model(input_ids, output_hidden_states=hidden_layers)
+    return out.last_hidden_state, out.hidden_states
+
+
+def micro_batch_loss(
+    student: nn.Module,
+    head_weight: torch.Tensor,
+    teacher: nn.Module | None,
+    batch: dict,
+    num_steps,
+    dcfg: DistillationConfig,
+    num_items: torch.Tensor,
+    hidden_loss: nn.Module | None = None,
+    block_span: tuple[int, int] | None = None,
+) -> LossParts:
+    """CE (+ KD, + hidden-state alignment) of one micro-batch; labels are unshifted (shifted here)."""
+    from loopfit.losses import fused_kd_loss, kd_divergence
+
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    hidden, states = student(input_ids, num_steps=num_steps, output_states=hidden_loss is not None)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    kd_on = dcfg.enabled and teacher is not None
+    th = t_states = None
+    if kd_on:
+        th_full, t_states = teacher_forward(teacher, input_ids, hidden_loss is not None)
+        th = th_full[:, :-1].reshape(-1, th_full.shape[-1])
+    ce_scale = dcfg.ce_scale if dcfg.ce_scale is not None else (dcfg.alpha if kd_on else 1.0)
+    kd_scale = dcfg.kd_scale if dcfg.kd_scale is not None else 1.0 - dcfg.alpha
+    if not kd_on:
+        ce_scale, kd_scale = 1.0, 0.0
+    tw = teacher.get_output_embeddings().weight if kd_on else None
+    if dcfg.fused or not kd_on:
+        out = fused_kd_loss(
+            h, head_weight, y, teacher_hidden=th, teacher_weight=tw, kind=dcfg.kind, temperature=dcfg.temperature,
+            ce_scale=ce_scale, kd_scale=kd_scale, chunk_size=dcfg.chunk_size, num_items=num_items, **dcfg.kind_params,
+        )  # fmt: skip
+        parts = LossParts(out.total, out.ce, out.kd)
+    else:
+        logits = F.linear(h, head_weight)
+        ce = F.cross_entropy(logits.float(), y, ignore_index=-100, reduction="sum") / num_items
+        with torch.no_grad():
+            t_logits = F.linear(th, tw)
+        kd = kd_divergence(logits, t_logits, y, dcfg.kind, dcfg.temperature, num_items=num_items, **dcfg.kind_params)
+        parts = LossParts(ce_scale * ce + kd_scale * kd, ce.detach(), kd.detach())
+    if hidden_loss is not None:
+        teacher_layers = _loop_teacher_layers(len(states), block_span)
+        mask = labels != -100
+        hl = hidden_loss(list(states), [t_states[i + 1] for i in teacher_layers], mask)
+        # HiddenStateLoss averages over this micro-batch's positions; re-weight it to the global token count.
+        hl = hl * mask.sum() / num_items
+        parts.total = parts.total + dcfg.hidden_scale * hl
+        parts.hidden = hl.detach()
+    return parts
+
+
+def _loop_teacher_layers(num_iterations: int, block_span: tuple[int, int] | None) -> list[int]:
+    from loopfit.losses import loop_layer_map
+
+    if block_span is None:
+        raise LoopfitError("--distillation.hidden_scale needs a looped student (states per loop iteration)")
+    return loop_layer_map(num_iterations, block_span)

@@ -1,0 +1,323 @@
+"""Training recipe on tiny models: the four modes, a plain HF student, resume, curriculum, metrics, optimizers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+from loopfit.convert import layout_from_sizes, to_looped
+from loopfit.errors import LoopfitError
+from loopfit.train import DistillationConfig, LoRAConfig, ParamGroupRule, StageConfig, TrainConfig
+from loopfit.train.recipe import depth_at, fit, setup, train
+
+TEXT = "\n\n".join(f"Line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 5}." for i in range(60))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls on a shared 2-core machine run much faster without intra-op threads spinning.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    src = make_tiny_model("llama", num_layers=6, hidden=32)
+    tok = make_tiny_tokenizer()
+    src.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    looped = to_looped(src, layout_from_sizes(6, 1, 2, 1), state_init="zeros", mean_recurrence=2)
+    looped.save_pretrained(root / "looped")
+    tok.save_pretrained(root / "looped")
+    (root / "data.txt").write_text(TEXT)
+    # Exactly one batch of 4 rows of 32 tokens: every step sees the same batch.
+    (root / "one_batch.txt").write_text("\n\n".join(TEXT.split("\n\n")[:3]))
+    return root
+
+
+def _cfg(models, tmp_path, **kw) -> TrainConfig:
+    base = dict(
+        model_name=str(models / "looped"),
+        out=str(tmp_path / "run"),
+        data=str(models / "data.txt"),
+        seq_len=32,
+        batch_size=4,
+        max_steps=4,
+        progress_bar=False,
+        tensorboard=False,
+        fixed_num_steps=2,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("kd", [False, True])
+def test_four_modes_train(models, tmp_path, lora, kd):
+    """Loss falls over 30 steps on a fixed batch; every trainable parameter changed and no frozen one did."""
+    cfg = _cfg(
+        models,
+        tmp_path,
+        data=str(models / "one_batch.txt"),
+        max_steps=30,
+        lora=LoRAConfig(enabled=lora, r=4, modules_to_save=["adapter"] if lora else None),
+        distillation=DistillationConfig(
+            enabled=kd, teacher_model_name=str(models / "teacher") if kd else None, alpha=0.0
+        ),
+    )
+    cfg.optim_config.lr = 1e-2 if lora else 3e-3
+    run = setup(cfg)
+    assert len(run.stream.loader) == 1
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    trainable = {n for n, _ in run.trainable}
+    fit(run)
+    run.logger.close()
+    m = _metrics(tmp_path / "run")
+    assert len(m) == 30
+    assert m[-1]["loss"] < 0.7 * m[0]["loss"], (m[0]["loss"], m[-1]["loss"])
+    if kd:  # alpha = 0: the loss is the KD term alone
+        assert m[0]["kd_loss"] > 0 and math.isclose(m[0]["loss"], m[0]["kd_loss"], rel_tol=1e-6)
+    else:
+        assert m[0]["kd_loss"] is None and math.isclose(m[0]["loss"], m[0]["ce_loss"], rel_tol=1e-6)
+    for n, p in run.model.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        assert changed == (n in trainable), n
+    if lora:
+        assert all("lora_" in n or "modules_to_save" in n for n in trainable)
+        assert any("adapter.modules_to_save" in n for n in trainable)
+
+
+def test_plain_student_distillation(models, tmp_path):
+    """A non-looped HF student: ordinary teacher -> student KD through the same command."""
+    student = make_tiny_model("llama", num_layers=2, hidden=32, seed=1)
+    student.save_pretrained(tmp_path / "plain")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "plain")
+    cfg = _cfg(
+        models,
+        tmp_path,
+        model_name=str(tmp_path / "plain"),
+        fixed_num_steps=None,
+        max_steps=3,
+        lora=LoRAConfig(enabled=True, r=4),
+        val_fraction=0.1,
+        distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher")),
+    )
+    val = train(cfg)
+    assert set(val) == {None} and val[None] > 0
+    m = _metrics(tmp_path / "run")
+    assert [x["step"] for x in m[:3]] == [1, 2, 3] and m[0]["kd_loss"] > 0
+    assert math.isclose(m[0]["loss"], 0.5 * m[0]["ce_loss"] + 0.5 * m[0]["kd_loss"], rel_tol=1e-5)
+    with pytest.raises(LoopfitError, match="not a looped model"):
+        setup(_cfg(models, tmp_path / "b", model_name=str(tmp_path / "plain")))
+
+
+def test_resume_matches_uninterrupted_run(models, tmp_path):
+    """8 steps straight == 4 steps, interruption, resume, 4 steps: identical losses (fp32, CPU)."""
+    kw = dict(
+        max_steps=8,
+        save_every=4,
+        fixed_num_steps=None,
+        lora=LoRAConfig(enabled=True, r=4),
+        distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher")),
+    )
+    kw["mean_recurrence_schedule"] = dict(turn_on=True, warmup=0.5, max_mean_rec=3)
+    from loopfit.train.config import MeanRecurrenceSchedule
+
+    kw["mean_recurrence_schedule"] = MeanRecurrenceSchedule(**kw["mean_recurrence_schedule"])
+    straight = _cfg(models, tmp_path / "a", **kw)
+    train(straight)
+    interrupted = _cfg(models, tmp_path / "b", **kw)
+    run = setup(interrupted)
+    fit(run, until=6)  # checkpoint at 4, two more steps logged, then "killed"
+    run.logger.close()
+    assert len(_metrics(tmp_path / "b" / "run")) == 6
+    resumed = _cfg(models, tmp_path / "b", resume=True, **kw)
+    train(resumed)
+    a, b = _metrics(tmp_path / "a" / "run"), _metrics(tmp_path / "b" / "run")
+    keys = ("step", "loss", "ce_loss", "kd_loss", "num_steps", "mean_recurrence", "grad_norm", "lr")
+    assert [[x[k] for k in keys] for x in a] == [[x[k] for k in keys] for x in b]
+    # Resuming a finished run changes nothing and succeeds.
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "b" / "run").rglob("*") if p.is_file()}
+    assert train(resumed) is None
+    assert files == {p: p.stat().st_mtime_ns for p in (tmp_path / "b" / "run").rglob("*") if p.is_file()}
+
+
+def test_metrics_keys_and_curriculum(models, tmp_path):
+    from loopfit.train.config import MeanRecurrenceSchedule
+    from loopfit.train.schedules import ramp
+
+    cfg = _cfg(
+        models,
+        tmp_path,
+        fixed_num_steps=None,
+        max_steps=8,
+        mean_recurrence_schedule=MeanRecurrenceSchedule(turn_on=True, warmup=0.5, max_mean_rec=4),
+    )
+    train(cfg)
+    m = _metrics(tmp_path / "run")
+    required = {
+        "step",
+        "loss",
+        "ce_loss",
+        "kd_loss",
+        "lr",
+        "mean_recurrence",
+        "num_steps",
+        "tokens_per_s",
+        "grad_norm",
+        "mfu",
+        "num_steps_no_grad",
+        "num_steps_grad",
+    }
+    assert required <= set(m[0])
+    assert [x["mean_recurrence"] for x in m[:8]] == [ramp(s, 8, 0.5, "linear", 4) for s in range(8)]
+    assert [x["mean_recurrence"] for x in m[:8]] == [1, 2, 3, 4, 4, 4, 4, 4]
+    assert all(x["num_steps"] == x["num_steps_no_grad"] + x["num_steps_grad"] >= 1 for x in m[:8])
+    assert all(0 < x["mfu"] < 1 and x["tokens_per_s"] > 0 for x in m[:8])
+
+
+def test_ramp_shapes_and_sampler_mean():
+    from loopfit.models import sample_num_steps
+    from loopfit.train.schedules import ramp
+
+    assert [ramp(s, 100, 0.5, "linear", 8) for s in (0, 25, 50, 99)] == [1, math.ceil(1 + 7 * 0.5), 8, 8]
+    assert ramp(25, 100, 0.5, "1-sqrt", 8) == math.ceil(1 + 7 * (1 - math.sqrt(0.5)))
+    # 1 - sqrt(1 - t) lies below t: it deepens slowly at first and fastest at the end of the warmup.
+    assert ramp(10, 100, 0.5, "1-sqrt", 8) < ramp(10, 100, 0.5, "linear", 8)
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_num_steps(6, 4, g) for _ in range(20000)]
+    r = torch.tensor([n + k for n, k in draws], dtype=torch.float64)
+    # R = Poisson(rate) + 1 with E[rate] = mean: the draws average mean + 1 (std ~4, so 4 standard errors ~0.12).
+    assert abs(r.mean().item() - 7.0) < 0.12
+    assert all(k == min(4, n + k) for n, k in draws)
+
+
+def test_depth_draws_are_seeded(models, tmp_path):
+    from loopfit.train.config import MeanRecurrenceSchedule
+
+    cfg = _cfg(models, tmp_path, fixed_num_steps=None, mean_recurrence_schedule=MeanRecurrenceSchedule(turn_on=True))
+    run = setup(cfg)
+    a = [depth_at(run, s)[2] for s in range(20)]
+    run.depth_gen.manual_seed(cfg.seed + 7919)
+    assert a == [depth_at(run, s)[2] for s in range(20)]
+    run.logger.close()
+
+
+def test_lr_schedules():
+    from loopfit.train.config import LRSchedule
+    from loopfit.train.schedules import lr_factor
+
+    wsd = LRSchedule(kind="wsd", warmup_steps=2, decay_fraction=0.5, min_lr_ratio=0.1)
+    f = [lr_factor(s, 10, wsd) for s in range(10)]
+    assert f[:2] == [0.5, 1.0] and f[2:5] == [1.0] * 3
+    assert f[5] > f[6] > f[9] and math.isclose(f[9], 0.1)
+    cos = LRSchedule(kind="cosine", warmup_steps=0, min_lr_ratio=0.0)
+    assert math.isclose(lr_factor(0, 10, cos), 1.0) and math.isclose(lr_factor(5, 10, cos), 0.5)
+
+
+def test_param_groups_optimizers_and_stages(models, tmp_path):
+    from loopfit.train.config import OptimConfig
+    from loopfit.train.optim import build_optimizers, lr_multiplier
+
+    rules = [ParamGroupRule("block", 0.0), ParamGroupRule("adapter", 10.0), ParamGroupRule("block|coda", 2.0)]
+    assert lr_multiplier("model.block.0.mlp", rules) == 0.0  # first match wins
+    assert lr_multiplier("model.coda.0.mlp", rules) == 2.0 and lr_multiplier("lm_head", rules) == 1.0
+    lin = torch.nn.Linear(4, 4)
+    named = [("a.weight", lin.weight), ("a.bias", lin.bias), ("x.norm.weight", torch.nn.Parameter(torch.ones(4)))]
+    (opt,) = build_optimizers(named, OptimConfig(weight_decay=0.1), [])
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay == {id(lin.weight): 0.1, id(lin.bias): 0.0, id(named[2][1]): 0.0}
+    muon, adam = build_optimizers(named, OptimConfig(optimizer="muon"), [])
+    assert isinstance(muon, torch.optim.Muon) and [p for g in muon.param_groups for p in g["params"]] == [lin.weight]
+    (ellis,) = build_optimizers(named, OptimConfig(optimizer="ellis_adam", lr=0.1), [])
+    lin.weight.grad = torch.full_like(lin.weight, 1e-6)  # tiny gradient: normalisation makes the step lr-sized
+    w0 = lin.weight.detach().clone()
+    ellis.step()
+    assert torch.allclose(w0 - lin.weight.detach(), torch.full_like(w0, 0.1 * math.atan(1.0)), atol=1e-5)
+
+    # Two stages: the block frozen first, then unfrozen (optimizer rebuilt).
+    cfg = _cfg(
+        models, tmp_path, max_steps=4, stages=[StageConfig(2, [ParamGroupRule(r"\.block\.", 0.0)]), StageConfig(2, [])]
+    )
+    run = setup(cfg)
+    block = [p for n, p in run.trainable if ".block." in n]
+    b0 = [p.detach().clone() for p in block]
+    fit(run, until=2)
+    assert all(torch.equal(a, p) for a, p in zip(b0, block)) and run.stage == 0
+    fit(run)
+    assert run.stage == 1 and not all(torch.equal(a, p) for a, p in zip(b0, block))
+    run.logger.close()
+
+
+def test_grad_accumulation_equals_larger_batch(models, tmp_path):
+    common = dict(
+        max_steps=2,
+        lora=LoRAConfig(enabled=True, r=4),
+        distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher")),
+    )
+    big = setup(_cfg(models, tmp_path / "a", batch_size=4, **common))
+    fit(big)
+    small = setup(_cfg(models, tmp_path / "b", batch_size=2, gradient_accumulation_steps=2, **common))
+    fit(small)
+    for (n, p), (_, q) in zip(big.trainable, small.trainable):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+    ma, mb = _metrics(tmp_path / "a" / "run"), _metrics(tmp_path / "b" / "run")
+    assert [x["loss"] for x in ma] == pytest.approx([x["loss"] for x in mb], rel=1e-5)
+    big.logger.close()
+    small.logger.close()
+
+
+def test_teacher_weights_shared_not_copied(models, tmp_path):
+    cfg = _cfg(
+        models,
+        tmp_path,
+        lora=LoRAConfig(enabled=True, r=4),
+        distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher")),
+    )
+    run = setup(cfg)
+    assert run.info["shared_bytes"] > 0
+    t = run.teacher.model
+    base = run.model.get_base_model().model
+    assert base.block[0].mlp.up_proj.base_layer.weight is t.layers[3].mlp.up_proj.weight
+    assert base.prelude[0].self_attn.q_proj.base_layer.weight is t.layers[0].self_attn.q_proj.weight
+    assert base.embed_tokens.weight is t.embed_tokens.weight
+    run.logger.close()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(distillation=DistillationConfig(enabled=True)), "teacher_model_name"),
+        (dict(lora=LoRAConfig(enabled=False, modules_to_save=["adapter"])), "modules_to_save"),
+        (dict(optim_config={"optimizer": "sgd"}), "optimizer"),
+        (dict(fixed_num_steps=2, mean_recurrence_schedule={"turn_on": True}), "fixed_num_steps"),
+        (dict(eval_every=5), "validation"),
+        (dict(lr_schedule={"warmup_steps": 10}), "warmup_steps"),
+        (dict(param_groups=[ParamGroupRule("(", 1.0)]), "pattern"),
+    ],
+)
+def test_nonsense_refused_at_start(models, tmp_path, kw, match):
+    from loopfit.train import config as C
+
+    for key, cls in (
+        ("optim_config", C.OptimConfig),
+        ("mean_recurrence_schedule", C.MeanRecurrenceSchedule),
+        ("lr_schedule", C.LRSchedule),
+    ):
+        if isinstance(kw.get(key), dict):
+            kw[key] = cls(**kw[key])
+    if "fixed_num_steps" not in kw:
+        kw["fixed_num_steps"] = None
+    with pytest.raises(LoopfitError, match=match):
+        _cfg(models, tmp_path, **kw).validate()

@@ -17,6 +17,7 @@ def _commands() -> dict:
     from loopfit.flops import count_command
     from loopfit.generate import generate_command
     from loopfit.gsm8k import gsm8k_command
+    from loopfit.train.commands import export_command, train_command
 
     return {
         "analyze": analyze_command,
@@ -26,6 +27,8 @@ def _commands() -> dict:
         "count": count_command,
         "eval": eval_command,
         "gsm8k": gsm8k_command,
+        "train": train_command,
+        "export": export_command,
     }
 
 

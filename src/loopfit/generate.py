@@ -62,6 +62,10 @@ def generate_command(
     temperature: float = 1.0,
     cache_mode: str | None = None,
     seed: int = 0,
+    exit_criterion: str = "none",
+    exit_threshold: float | None = None,
+    min_steps: int = 1,
+    check_every: int = 1,
 ) -> None:
     """Generate text from a (looped or plain) model at a chosen depth.
 
@@ -76,11 +80,20 @@ def generate_command(
         temperature: sampling temperature.
         cache_mode: override the KV cache mode of a looped model: `full` or `compress`.
         seed: random seed (sampling, state noise in training mode).
+        exit_criterion: adaptive exit per token: `kl`, `state`, `argmax` or `none` (fixed depth; see loopfit.adaptive).
+        exit_threshold: exit threshold (default kl 1e-3, state 0.03, argmax 5 stable checks).
+        min_steps: adaptive exit: never stop before this many iterations.
+        check_every: adaptive exit: check the criterion every this many iterations.
     """
     from loopfit.loading import load_model, load_tokenizer
 
     if num_steps is not None and num_steps < 1:
         raise LoopfitError(f"--num_steps must be >= 1, got {num_steps}")
+    exit = None
+    if exit_criterion != "none":
+        from loopfit.adaptive import ExitConfig, print_adaptive_generations
+
+        exit = ExitConfig(exit_criterion, exit_threshold, min_steps, check_every, num_steps)
     torch.manual_seed(seed)
     lm = load_model(model).eval()
     tok = load_tokenizer(model)
@@ -89,6 +102,8 @@ def generate_command(
             raise LoopfitError("--cache_mode takes `full` or `compress`, for looped models only")
         lm.config.cache_mode = cache_mode
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if exit is not None:
+        return print_adaptive_generations(lm, tok, prompts, exit, max_new_tokens, chat, system, do_sample, temperature)
     depth = num_steps if num_steps is not None else getattr(lm.config, "mean_recurrence", None)
     for p, text in zip(
         prompts, generate_text(lm, tok, prompts, num_steps, max_new_tokens, chat, system, do_sample, temperature)

@@ -85,7 +85,7 @@ def test_eval_command_end_to_end(tmp_path, capsys):
             "--seq_len",
             "32",
             "--depths",
-            "[1,2,4]",
+            "1,2,4",
             "--baseline",
             str(base),
             "--json",
@@ -125,3 +125,14 @@ def test_val_fraction_uses_the_training_split(tmp_path):
     _, lm = _looped()
     out = depth_sweep(lm, batches, [1, 2])
     assert out["tokens"] == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+
+def test_parse_depths():
+    from loopfit.evaluate import parse_depths
+
+    assert parse_depths("1,2,4", [8]) == [1, 2, 4]
+    assert parse_depths("[1, 16]", [8]) == [1, 16]
+    assert parse_depths([3], [8]) == [3] and parse_depths(None, [8]) == [8]
+    for bad in ("1,x", "0,2", ""):
+        with pytest.raises(LoopfitError, match="--depths"):
+            parse_depths(bad, [8])

@@ -94,7 +94,7 @@ def test_gsm8k_command_end_to_end(tmp_path):
     _write_problems(test, [("What is 1+1?", 2), ("What is 2+2?", 4), ("What is 3+3?", 6)])
     _write_problems(train, [("What is 5+5?", 10), ("What is 1+1?", 2), ("What is 6+6?", 12)])
     out = tmp_path / "g.json"
-    main(["gsm8k", str(folder), "--data", str(test), "--depths", "[1,2]", "--limit", "2", "--shots", "2",
+    main(["gsm8k", str(folder), "--data", str(test), "--depths", "1,2", "--limit", "2", "--shots", "2",
           "--shots_file", str(train), "--chat=true", "--max_new_tokens", "5", "--batch_size", "2",
           "--json", str(out), "--plot", str(tmp_path / "g.png")])  # fmt: skip
     res = json.loads(out.read_text())

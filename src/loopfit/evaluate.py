@@ -31,6 +31,21 @@ def is_looped(model) -> bool:
     return getattr(model.config, "model_type", None) == "looped"
 
 
+def parse_depths(depths: list[int] | str | None, default: list[int]) -> list[int]:
+    """Depths from a list or a comma-separated string (`1,2,4`), validated (each >= 1)."""
+    if depths is None:
+        return list(default)
+    if isinstance(depths, str):
+        try:
+            depths = [int(d) for d in depths.strip("[] ").split(",") if d.strip()]
+        except ValueError:
+            raise LoopfitError(f"--depths must be integers such as 1,2,4,8, got '{depths}'") from None
+    depths = [int(d) for d in depths]
+    if not depths or min(depths) < 1:
+        raise LoopfitError(f"--depths must be one or more integers >= 1, got {depths}")
+    return depths
+
+
 def chunk_tokens(ids: list[int], seq_len: int, batch_size: int) -> list[dict]:
     """Cut a token stream into `seq_len` chunks and batch them (`input_ids`, `labels` with -100 on padding)."""
     if seq_len < 2:
@@ -183,7 +198,7 @@ def eval_command(
     model: str,
     data: str | None = None,
     seq_len: int = 256,
-    depths: list[int] | None = None,
+    depths: list[int] | str | None = None,
     baseline: str | None = None,
     json: str | None = None,
     plot: str | None = None,
@@ -198,7 +213,7 @@ def eval_command(
         model: looped (or plain) model: folder, hub id, .gguf file or `smollm2-135m`.
         data: held-out data: a text file (tokenized whole, cut into --seq_len chunks), JSONL, Parquet or HF dataset.
         seq_len: tokens per chunk.
-        depths: loop depths to evaluate (default 1,2,4,8,16,32,64); ignored for a plain model.
+        depths: loop depths to evaluate, e.g. `1,2,4` (default 1,2,4,8,16,32,64); ignored for a plain model.
         baseline: a plain model (same tokenizer) whose loss on the same tokens is reported and plotted.
         json: write `{"depths", "loss", "ppl", "baseline_loss", "tokens"}` here.
         plot: write a PNG of loss against depth here.
@@ -218,9 +233,7 @@ def eval_command(
         raise LoopfitError(f"--val_fraction must be in (0, 1), got {val_fraction}")
     if limit_tokens is not None and limit_tokens < 2:
         raise LoopfitError(f"--limit_tokens must be >= 2, got {limit_tokens}")
-    depths = depths or DEFAULT_DEPTHS
-    if min(depths) < 1:
-        raise LoopfitError(f"--depths must all be >= 1, got {depths}")
+    depths = parse_depths(depths, DEFAULT_DEPTHS)
     tok = load_tokenizer(model)
     if baseline is not None and load_tokenizer(baseline).get_vocab() != tok.get_vocab():
         raise LoopfitError(f"the baseline {baseline} has a different tokenizer than {model}: losses would not compare")

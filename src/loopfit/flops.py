@@ -174,7 +174,7 @@ def count_command(
     curriculum: str = "linear",
     warmup: float = 0.25,
     sampled: bool = True,
-    depths: list[int] | None = None,
+    depths: list[int] | str | None = None,
     results: str | None = None,
     baseline: str | None = None,
     json: str | None = None,
@@ -196,6 +196,7 @@ def count_command(
         json: write the counts and FLOPs here.
         plot: PNG of accuracy (or loss) from --results against inference FLOPs per token.
     """
+    from loopfit.evaluate import parse_depths
     from loopfit.io import write_json
     from loopfit.loading import load_model
 
@@ -221,7 +222,7 @@ def count_command(
     cur.validate()
     if tokens <= 0:
         raise LoopfitError(f"--tokens must be > 0, got {tokens}")
-    depths = depths or (res["depths"] if res else [1, 2, 4, 8, 16, 32, 64])
+    depths = parse_depths(depths, res["depths"] if res else [1, 2, 4, 8, 16, 32, 64])
     params = count_parameters(lm)
     head = head_matmul_params(lm)
     flops = [inference_flops_per_token(params, r if looped else 1, head) for r in depths]

@@ -189,7 +189,7 @@ def plot_accuracy(result: dict, path: str) -> None:
 def gsm8k_command(
     model: str,
     data: str | None = None,
-    depths: list[int] | None = None,
+    depths: list[int] | str | None = None,
     limit: int | None = None,
     shots: int = 0,
     shots_file: str | None = None,
@@ -209,7 +209,7 @@ def gsm8k_command(
     Args:
         model: looped (or plain) model: folder, hub id, .gguf file or `smollm2-135m`.
         data: GSM8K test records (JSONL/Parquet with `question` and `answer` ending in `#### N`).
-        depths: loop depths to evaluate (default 1,4,8); ignored for a plain model.
+        depths: loop depths to evaluate, e.g. `1,4,8` (the default); ignored for a plain model.
         limit: evaluate the first `limit` questions only.
         shots: number of worked examples in the prompt (taken from --shots_file).
         shots_file: GSM8K train records to draw the few-shot examples from (never the evaluated file).
@@ -224,6 +224,7 @@ def gsm8k_command(
         outputs: per-question outputs (JSONL); default: beside --json with the suffix `.outputs.jsonl`.
         seed: seeds the choice of few-shot examples.
     """
+    from loopfit.evaluate import parse_depths
     from loopfit.io import atomic_file, write_json
     from loopfit.loading import load_model, load_tokenizer
 
@@ -237,9 +238,7 @@ def gsm8k_command(
         raise LoopfitError("--shots_file must not be the evaluated file (few-shot examples would leak answers)")
     if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
         raise LoopfitError("--batch_size, --max_new_tokens and --limit must be >= 1")
-    depths = depths or [1, 4, 8]
-    if min(depths) < 1:
-        raise LoopfitError(f"--depths must all be >= 1, got {depths}")
+    depths = parse_depths(depths, [1, 4, 8])
     if outputs is None and json is not None:
         outputs = str(Path(json).with_suffix(".outputs.jsonl"))
     problems = read_problems(data, limit)

@@ -12,6 +12,7 @@ from transformers import AutoConfig
 
 from loopfit.analysis import (
     calibration_batches,
+    envelope,
     find_zones,
     layer_stats,
     residual_streams,
@@ -119,6 +120,8 @@ def test_find_zones_on_a_u_shaped_curve():
 
 
 def test_find_zones_fallbacks_and_ignored_layers():
+    assert envelope([3.0, 1.0, 2.0, 0.5, 0.7], "decreasing") == [3.0, 1.0, 1.0, 0.5, 0.5]
+    assert envelope([0.3, 0.1, 0.2, 0.5, 0.4, 0.9], "increasing") == [0.1, 0.1, 0.2, 0.4, 0.4, 0.9]
     zones, knees = find_zones([0.1] * 6)  # flat: kneed finds no knee, so encoder and decoder are one layer each
     assert knees == (1, 4)
     assert zones == ["encoder"] + ["thinking"] * 4 + ["decoder"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loopfit.analysis.zones import DROP_THRESHOLD, ZONES, LayerAnalysis, analyze, check_args
+from loopfit.analysis.zones import DROP_THRESHOLD, ZONES, LayerAnalysis, analyze, check_args, envelope
 
 
 def _role(analysis: LayerAnalysis, i: int) -> str:
@@ -60,14 +60,19 @@ def save_plot(analysis: LayerAnalysis, path: str) -> None:
         if idx:
             bottom.axvspan(idx[0] - 0.5, idx[-1] + 0.5, color=_ZONE_COLORS[zone], alpha=0.15, label=zone)
     bottom.plot(layers, analysis.angular_distance, color="black", marker="o", markersize=3, linewidth=1)
+    used = [i for i in layers if analysis.block_influence[i] >= DROP_THRESHOLD]
+    curve = [analysis.angular_distance[i] for i in used]
+    for direction, style in (("decreasing", (0, (4, 2))), ("increasing", (0, (1, 1.5)))):
+        label = f"envelope ({'falling start' if direction == 'decreasing' else 'rising end'})"
+        bottom.plot(used, envelope(curve, direction), color="grey", linestyle=style, linewidth=1.2, label=label)
     if dropped:
         d = sorted(dropped)
         bottom.scatter(d, [analysis.angular_distance[i] for i in d], marker="x", color="red", zorder=3, label="dropped")
-    for k in analysis.knees:
-        bottom.axvline(k, color="black", linestyle="--", linewidth=0.8)
+    for j, k in enumerate(analysis.knees):
+        bottom.axvline(k, color="purple", linestyle="--", linewidth=0.9, label="knee" if j == 0 else None)
     bottom.set_xlabel("layer")
     bottom.set_ylabel("angular distance arccos(cos) / pi")
-    bottom.legend(loc="upper center", fontsize=8, ncol=4)
+    bottom.legend(loc="upper center", fontsize=8, ncol=3)
     bottom.set_xticks(layers if n <= 40 else layers[::2])
     fig.tight_layout()
     with atomic_file(path, "wb") as f:

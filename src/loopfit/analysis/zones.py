@@ -46,19 +46,28 @@ class LayerAnalysis:
         }
 
 
-def _kneedle(x: list[int], y: list[float], direction: str) -> int | None:
-    """Kneedle on a monotone envelope of `y`; None when kneed finds no knee (e.g. a flat or too short curve)."""
-    import warnings
+def envelope(y: list[float], direction: str) -> list[float]:
+    """Monotone lower envelope of `y`: running minimum from the left (`decreasing`) or from the right (`increasing`).
 
+    Kneedle looks for one bend in a monotone curve; the envelope removes the plateau's bumps, which would otherwise
+    read as knees, and keeps the falling start (or rising end) where the zones change.
+    """
     import numpy as np
-    from kneed import KneeLocator
 
     arr = np.asarray(y, dtype=float)
-    # Running minimum from the outer end: noise bumps inside the plateau cannot create false knees.
     env = np.minimum.accumulate(arr) if direction == "decreasing" else np.minimum.accumulate(arr[::-1])[::-1]
+    return env.tolist()
+
+
+def _kneedle(x: list[int], y: list[float], direction: str) -> int | None:
+    """Kneedle (convex) on the envelope of `y`; None when kneed finds no knee (e.g. a flat or too short curve)."""
+    import warnings
+
+    from kneed import KneeLocator
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kneed warns (and returns None) on flat curves
-        knee = KneeLocator(x, env, curve="convex", direction=direction).knee
+        knee = KneeLocator(x, envelope(y, direction), curve="convex", direction=direction).knee
     return None if knee is None else int(knee)
 
 

@@ -140,3 +140,18 @@ def test_real_smollm2_convert_and_generate(tmp_path, capsys):
         ["generate", str(out), "--prompt", "What is 12*7?", "--num_steps", "2", "--chat=true", "--max_new_tokens", "4"]
     )
     assert "[R=2]" in capsys.readouterr().out
+
+
+def test_repeated_list_flags_append():
+    from loopfit.cli import repeated_flags_append
+
+    assert repeated_flags_append(["prepare", "--data", "a", "--data", "b", "--data=c", "--seq_len", "8"]) == [
+        "prepare", "--data", "a", "--data+", "b", "--data+=c", "--seq_len", "8"]
+
+
+def test_generate_several_prompts(tiny_source_dir, tmp_path, capsys):
+    out = tmp_path / "looped"
+    main(["convert", str(tiny_source_dir), "--out", str(out), "--layers", "0:1-4:5"])
+    main(["generate", str(out), "--prompt", "Hi", "--prompt", "Yo", "--max_new_tokens", "2"])
+    printed = capsys.readouterr().out
+    assert "'Hi'" in printed and "'Yo'" in printed

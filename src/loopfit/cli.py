@@ -32,12 +32,30 @@ def _commands() -> dict:
     }
 
 
+def repeated_flags_append(argv: list[str]) -> list[str]:
+    """Turn the 2nd and later uses of a flag into jsonargparse's append form (`--data a --data b` -> `--data+ b`).
+
+    jsonargparse otherwise keeps only the last value of a repeated list flag, silently.
+    """
+    seen: set[str] = set()
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and not name.endswith("+") and len(name) > 2:
+            if name in seen:
+                arg = f"{name}+{eq}{value}"
+            seen.add(name)
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `loopfit` and `python -m loopfit`; user errors print one line and exit 2."""
     from jsonargparse import CLI
 
     from loopfit.errors import LoopfitError
 
+    argv = repeated_flags_append(sys.argv[1:] if argv is None else list(argv))
     try:
         CLI(_commands(), args=argv, as_positional=True, fail_untyped=True)
     except LoopfitError as e:

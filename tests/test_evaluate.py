@@ -136,3 +136,18 @@ def test_parse_depths():
     for bad in ("1,x", "0,2", ""):
         with pytest.raises(LoopfitError, match="--depths"):
             parse_depths(bad, [8])
+
+
+@pytest.mark.integration
+def test_smollm2_identity_loop_at_depth_one_equals_source():
+    from loopfit.evaluate import file_token_ids
+    from loopfit.loading import load_model, load_tokenizer
+
+    src = load_model("smollm2-135m").eval()
+    lm = to_looped(src, Layout(list(range(4)), list(range(4, 26)), list(range(26, 30))), adapter_init="identity")
+    ids = file_token_ids("../shared/data/text/tinyshakespeare.txt", load_tokenizer("smollm2-135m"), 300)
+    batches = chunk_tokens(ids, 150, 2)
+    looped, plain = depth_sweep(lm, batches, [1]), depth_sweep(src, batches, [1])
+    assert looped["tokens"] == plain["tokens"] == 298
+    assert looped["loss"][0] == pytest.approx(plain["loss"][0], rel=1e-4)
+    assert 1.0 < plain["loss"][0] < 6.0

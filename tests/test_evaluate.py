@@ -151,3 +151,12 @@ def test_smollm2_identity_loop_at_depth_one_equals_source():
     assert looped["tokens"] == plain["tokens"] == 298
     assert looped["loss"][0] == pytest.approx(plain["loss"][0], rel=1e-4)
     assert 1.0 < plain["loss"][0] < 6.0
+
+
+def test_padded_batches_give_the_same_loss():
+    _, lm = _looped()
+    ids = torch.randint(4, 260, (37,), generator=torch.Generator().manual_seed(4)).tolist()
+    one = depth_sweep(lm, chunk_tokens(ids, 16, 1), [1, 3])
+    padded = depth_sweep(lm, chunk_tokens(ids, 16, 3), [1, 3])  # chunks of 16, 16 and 5 tokens in one batch
+    assert padded["tokens"] == one["tokens"]
+    assert padded["loss"] == pytest.approx(one["loss"], rel=1e-5)

@@ -109,3 +109,13 @@ def test_gsm8k_command_end_to_end(tmp_path):
         gsm8k.gsm8k_command(str(folder), data=str(test), shots=3, shots_file=str(train))
     with pytest.raises(LoopfitError, match="must not be the evaluated file"):
         gsm8k.gsm8k_command(str(folder), data=str(test), shots=1, shots_file=str(test))
+
+
+@pytest.mark.parametrize("cache_mode", ["full", "compress"])
+def test_batched_left_padded_generation_equals_one_at_a_time(cache_mode):
+    src = make_tiny_model("llama", num_layers=4, hidden=32)
+    lm = to_looped(src, Layout([0], [1, 2], [3]), adapter_init="random", cache_mode=cache_mode).eval()
+    tok = make_tiny_tokenizer()
+    prompts = ["Question: what is 2+2?\nAnswer:", "Hi", "Question: 7?"]
+    batched = gsm8k.generate_batch(lm, tok, prompts, 3, 10, False)
+    assert batched == [gsm8k.generate_batch(lm, tok, [p], 3, 10, False)[0] for p in prompts]

@@ -105,7 +105,9 @@ def depth_sweep(model, batches: Iterable[dict], depths: list[int] | None = None)
     model.eval()
     sums = dict.fromkeys(depths, 0.0)
     tokens = 0
-    for batch in batches:
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(batches, desc="depth sweep", unit="batch", disable=None, leave=False):
         ids, labels = batch["input_ids"], batch["labels"]
         mask = batch.get("attention_mask")
         if not is_looped(model):

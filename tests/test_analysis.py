@@ -222,3 +222,19 @@ def test_analyze_cli_errors(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("loopfit: error:") and message in err[0]
     assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.integration
+def test_smollm2_streams_and_first_layer():
+    from loopfit.loading import load_model, load_tokenizer
+
+    model, tok = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
+    batches = list(calibration_batches(tok, None, num_samples=2, seq_len=32, batch_size=2))
+    with torch.no_grad():
+        states = residual_streams(model, *batches[0])
+    assert len(states) == 31
+    stats = layer_stats(model, batches)
+    assert stats.num_tokens == 64
+    assert stats.block_influence[0] > 0.5  # the first layer rewrites the embedding
+    assert min(stats.block_influence) > 1e-4  # no SmolLM2 layer is an identity
+    parse_layout(str(suggest(stats.block_influence, stats.angular_distance).layout), 30)

@@ -216,8 +216,9 @@ def test_analyze_cli_errors(tmp_path, capsys, args, message):
     make_tiny_model("llama", num_layers=4).save_pretrained(src)
     make_tiny_tokenizer().save_pretrained(src)
     capsys.readouterr()
+    flags = {"--num_samples": "2", "--seq_len": "16", **dict(zip(args[::2], args[1::2]))}
     with pytest.raises(SystemExit) as e:
-        main(["analyze", str(src), "--num_samples", "2", "--seq_len", "16", *args, "--json", str(tmp_path / "o.json")])
+        main(["analyze", str(src), *[x for kv in flags.items() for x in kv], "--json", str(tmp_path / "o.json")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("loopfit: error:") and message in err[0]

@@ -98,8 +98,10 @@ def test_streaming_over_batches_equals_one_batch():
     assert split.angular_distance == pytest.approx(joint.angular_distance, abs=1e-9)
 
 
-def test_residual_streams_are_prenorm_and_complete():
-    model = make_tiny_model("llama", num_layers=3)
+def test_residual_streams_are_prenorm_and_complete(arch):
+    model = make_tiny_model(arch, num_layers=3)
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.2, 2.0)
     ids, mask = _padded_batch(5)
     with torch.no_grad():
         states = residual_streams(model, ids, mask)
@@ -209,7 +211,8 @@ def test_suggest_layout_string_is_parseable():
 @pytest.mark.parametrize(
     "args, message",
     [(["--num_samples", "0"], "num_samples"), (["--seq_len", "1"], "seq_len"),
-     (["--target_recurrent_size", "0"], "target_recurrent_size"), (["--data", "/nonexistent/x.txt"], "not found")],
+     (["--target_recurrent_size", "0"], "target_recurrent_size"), (["--data", "/nonexistent/x.txt"], "not found"),
+     (["--plot", "/tmp"], "is a folder")],
 )  # fmt: skip
 def test_analyze_cli_errors(tmp_path, capsys, args, message):
     src = tmp_path / "src"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from loopfit.analysis.zones import DROP_THRESHOLD, ZONES, LayerAnalysis, analyze, check_args, envelope
+from loopfit.errors import LoopfitError
 
 
 def _role(analysis: LayerAnalysis, i: int) -> str:
@@ -110,6 +113,9 @@ def analyze_command(
     from loopfit.loading import load_model, load_tokenizer
 
     check_args(num_samples, seq_len, batch_size, target_recurrent_size)
+    for flag, path in (("json", json), ("plot", plot)):
+        if path is not None and os.path.isdir(path):
+            raise LoopfitError(f"--{flag} {path} is a folder; give a file path")
     from loopfit.data import read_documents
 
     read_documents(data)  # a missing or unreadable source fails now, before the model loads

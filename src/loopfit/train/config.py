@@ -190,6 +190,8 @@ class TrainConfig:
     """Micro-batches per optimizer step; the loss is normalised by the global count of valid tokens."""
     max_steps: int = 100
     """Optimizer steps (the sum of the stages' steps when `stages` is given)."""
+    max_minutes: float | None = None
+    """Wall-clock budget of this process's training loop: stop (and save) after the step that crosses it."""
     seed: int = 0
     """Seeds data order, depth sampling, dropout and the state noise."""
     mean_recurrence: int | None = None
@@ -297,6 +299,8 @@ def _validate(c: TrainConfig) -> None:
     for name, v in (("log_every", c.log_every), ("eval_every", c.eval_every), ("save_every", c.save_every)):
         if v < 0:
             raise LoopfitError(f"--{name} must be >= 0, got {v}")
+    if c.max_minutes is not None and c.max_minutes <= 0:
+        raise LoopfitError(f"--max_minutes must be > 0, got {c.max_minutes}")
     if c.mean_recurrence is not None and c.mean_recurrence < 1:
         raise LoopfitError(f"--mean_recurrence must be >= 1, got {c.mean_recurrence}")
     if c.fixed_num_steps is not None:

@@ -354,6 +354,7 @@ def fit(run: Run, until: int | None = None) -> None:
     stop = min(total, until) if until is not None else total
     bar = tqdm(total=total, initial=run.step, disable=not (cfg.progress_bar and d.is_main), dynamic_ncols=True)
     params = [p for _, p in run.trainable]
+    started = time.perf_counter()
     while run.step < stop:
         _enter_stage(run, run.step)
         t0 = time.perf_counter()
@@ -390,7 +391,21 @@ def fit(run: Run, until: int | None = None) -> None:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", R=metrics["num_steps"], mean=mean)
         if cfg.save_every and run.step % cfg.save_every == 0 and run.step < total:
             save_checkpoint(run)
+        if cfg.max_minutes and _out_of_time(run, started + 60 * cfg.max_minutes):
+            if d.is_main:
+                print(f"stopping at step {run.step}: --max_minutes {cfg.max_minutes} reached", file=sys.stderr)
+            break
     bar.close()
+
+
+def _out_of_time(run: Run, deadline: float) -> bool:
+    """Every rank stops at the same step: rank 0's clock decides."""
+    flag = torch.tensor([1.0 if time.perf_counter() > deadline else 0.0], device=run.device)
+    if run.d.world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from loopfit.losses.divergences import check_kind, divergence_from_logprobs
 from loopfit.losses.sparse import check_sparse, sparse_per_token
 
-_ROW_BLOCK = 8  # rows per in-place elementwise block in the closed-form path: 8 x V floats stay in L2
+_ROW_BLOCK = 4  # rows per elementwise block in the closed-form path: a few 4 x V float32 buffers stay in L2
 
 
 @dataclass
@@ -93,43 +93,50 @@ def _chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher | None, sp
 
 
 @torch.no_grad()
-def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, spec: _Spec, g_scale: float):
-    """Forward KL (+ CE) sums and `d(ce_scale*ce + kd_scale*kd)/ds / g_scale`, written into `s` in place.
+def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, spec: _Spec):
+    """Forward KL (+ CE) sums, and `d(ce_scale*ce + kd_scale*kd)/ds / scale` written into `s` in place.
 
-    `t` (teacher logits, same shape) is overwritten too. Rows are processed in small blocks so that the
-    several elementwise passes per row hit cache instead of memory.
+    Returns `(ce_sum, kd_sum, scale)`; the caller multiplies the (much smaller) matmul results by `scale` instead
+    of the `(c, V)` gradient. `t` (teacher logits, same shape) is overwritten too. Rows are processed in small
+    blocks so that the elementwise passes per row hit cache instead of memory; each row-wise softmax is one fused
+    kernel.
     """
     temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
     ce_sum = s.new_zeros(())
     kd_sum = s.new_zeros(())
+    scale = a_ce + a_kd if (t is not None and temp == 1.0) else 1.0
     for i in range(0, s.shape[0], _ROW_BLOCK):
         sb, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
-        lse1 = torch.logsumexp(sb, -1, keepdim=True)
-        ce_sum += (lse1 - sb.gather(-1, yb)).sum()
         if t is None:
-            sb.sub_(lse1).exp_()
-            sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -1.0)).mul_(a_ce / g_scale)
+            logq = torch.log_softmax(sb, -1)
+            ce_sum -= logq.gather(-1, yb).sum()
+            torch.exp(logq, out=sb)
+            sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -1.0)).mul_(a_ce)
             continue
         tb = t[i : i + _ROW_BLOCK]
         if temp != 1.0:
-            sb.div_(temp)
-            tb.div_(temp)
-            lse_s = torch.logsumexp(sb, -1, keepdim=True)
+            logq1 = torch.log_softmax(sb, -1)
+            ce_sum -= logq1.gather(-1, yb).sum()
+            q1 = logq1.exp_()  # softmax(s), for the CE gradient
+            logq = torch.log_softmax(sb.div_(temp), -1)
+            logp = torch.log_softmax(tb.div_(temp), -1)
         else:
-            lse_s = lse1
-        tb.sub_(torch.logsumexp(tb, -1, keepdim=True))  # log p
-        sb.sub_(lse_s)  # log q at T
-        p = tb.exp()
+            logq = torch.log_softmax(sb, -1)
+            ce_sum -= logq.gather(-1, yb).sum()
+            logp = torch.log_softmax(tb, -1)
+        p = logp.exp()
         # 0 * (-inf - -inf) is NaN exactly where p == 0; those terms are 0, so nansum is the right sum.
-        kd_sum += torch.nansum(tb.sub_(sb).mul_(p))
+        kd_sum += torch.nansum(torch.sub(logp, logq, out=tb).mul_(p))
+        torch.exp(logq, out=sb)
         if temp != 1.0:
-            q1 = sb.mul(temp).add_(temp * lse_s - lse1).exp_()  # softmax(s) for the CE gradient
-            sb.exp_().sub_(p).mul_(a_kd * temp / g_scale).add_(q1, alpha=a_ce / g_scale)
+            # a_ce * (softmax(s) - onehot) + a_kd * T * (softmax(s / T) - p)
+            sb.sub_(p).mul_(a_kd * temp).add_(q1, alpha=a_ce)
+            sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -a_ce))
         else:
-            # (a_ce + a_kd) q - a_kd p, divided by g_scale.
-            sb.exp_().mul_((a_ce + a_kd) / g_scale).sub_(p, alpha=a_kd / g_scale)
-        sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -a_ce / g_scale))
-    return ce_sum, kd_sum * temp**2
+            # (a_ce + a_kd) * [q - a_kd / (a_ce + a_kd) * p - a_ce / (a_ce + a_kd) * onehot]
+            sb.sub_(p, alpha=a_kd / scale)
+            sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -a_ce / scale))
+    return ce_sum, kd_sum * temp**2, scale
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -143,6 +150,7 @@ class _FusedLinearKD(torch.autograd.Function):
         kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dense_teacher = teacher is not None and teacher.hidden is not None
         closed_form = teacher is None or (dense_teacher and spec.kind == "fkl")
+        w_scale = None
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             h, y = hidden[rows], labels[rows]
@@ -150,7 +158,7 @@ class _FusedLinearKD(torch.autograd.Function):
             t_chunk = teacher.chunk(rows) if teacher is not None else None
             if closed_form:
                 t_logits = t_chunk.logits() if t_chunk is not None else None
-                ce, kd = _closed_form_grad(s, y, t_logits, spec, denom)
+                ce, kd, scale = _closed_form_grad(s, y, t_logits, spec)
                 del t_logits
                 g = s
             else:
@@ -158,8 +166,8 @@ class _FusedLinearKD(torch.autograd.Function):
                     s_ = s.detach().requires_grad_()
                     ce, kd = _chunk_losses(s_, y, t_chunk, spec)
                     (g,) = torch.autograd.grad(spec.ce_scale * ce + spec.kd_scale * kd, s_)
-                g = g.div_(denom)
-                ce, kd = ce.detach(), kd.detach()
+                ce, kd, scale = ce.detach(), kd.detach(), 1.0
+            w_scale = w_scale if w_scale is not None else scale  # the same for every chunk of one call
             del s
             ce_total += ce
             if kd is not None:
@@ -168,12 +176,18 @@ class _FusedLinearKD(torch.autograd.Function):
                 grad_b += g.sum(0)
             g = g.to(dtype)
             torch.mm(g, weight, out=grad_h[rows])
+            grad_h[rows] *= scale / denom
             if dtype == torch.float32:
                 grad_w.addmm_(g.t(), h)
             else:
                 grad_w += g.t() @ h
             del g
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype) if grad_b is not None else None)
+        if w_scale is not None:
+            grad_w *= w_scale / denom
+            if grad_b is not None:
+                grad_b *= w_scale / denom
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b)
         ce_total /= denom
         kd_total /= denom
         total = spec.ce_scale * ce_total + (spec.kd_scale * kd_total if teacher is not None else 0.0)

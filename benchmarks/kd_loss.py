@@ -133,9 +133,8 @@ def main() -> None:
         r["pct_naive_extra_mem"] = 100 * r["extra_peak_gib"] / nv["extra_peak_gib"] if nv else None
         xf = f"{r['x_floor']:.2f}" if r["x_floor"] else "-"
         pm = f"{r['pct_naive_extra_mem']:.1f}" if r["pct_naive_extra_mem"] is not None else "-"
-        print(
-            f"{r['n']:>6} {r['dtype']:9} {r['method']:8} {r['seconds']:8.2f} {xf:>8} {r['extra_peak_gib']:10.3f} {pm:>12}"
-        )
+        mem = r["extra_peak_gib"]
+        print(f"{r['n']:>6} {r['dtype']:9} {r['method']:8} {r['seconds']:8.2f} {xf:>8} {mem:10.3f} {pm:>12}")
     for r in rows:
         if r["method"] == "floor":
             print(f"matmul peak N={r['n']} {r['dtype']}: {r['gflops_per_s']:.0f} GFLOP/s")

@@ -155,3 +155,17 @@ def test_generate_several_prompts(tiny_source_dir, tmp_path, capsys):
     main(["generate", str(out), "--prompt", "Hi", "--prompt", "Yo", "--max_new_tokens", "2"])
     printed = capsys.readouterr().out
     assert "'Hi'" in printed and "'Yo'" in printed
+
+
+def test_outputs_follow_umask(tiny_source_dir, tmp_path):
+    import os
+
+    from loopfit.io import write_json
+
+    write_json(tmp_path / "x.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    out = tmp_path / "looped"
+    main(["convert", str(tiny_source_dir), "--out", str(out), "--layers", "0:1-4:5"])
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask

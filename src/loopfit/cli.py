@@ -17,6 +17,7 @@ def _commands() -> dict:
     from loopfit.flops import count_command
     from loopfit.generate import generate_command
     from loopfit.gsm8k import gsm8k_command
+    from loopfit.sweep import sweep_command
     from loopfit.train.commands import export_command, train_command
 
     return {
@@ -29,19 +30,21 @@ def _commands() -> dict:
         "gsm8k": gsm8k_command,
         "train": train_command,
         "export": export_command,
+        "sweep": sweep_command,
     }
 
 
-def repeated_flags_append(argv: list[str]) -> list[str]:
-    """Turn the 2nd and later uses of a flag into jsonargparse's append form (`--data a --data b` -> `--data+ b`).
+LIST_FLAGS = ("--data", "--prompt", "--grid")
 
-    jsonargparse otherwise keeps only the last value of a repeated list flag, silently.
-    """
+
+def repeated_flags_append(argv: list[str]) -> list[str]:
+    """Turn the 2nd and later uses of a list flag into jsonargparse's append form (`--data a --data b` ->
+    `--data+ b`); jsonargparse otherwise keeps only the last value of a repeated list flag, silently."""
     seen: set[str] = set()
     out = []
     for arg in argv:
         name, eq, value = arg.partition("=")
-        if name.startswith("--") and not name.endswith("+") and len(name) > 2:
+        if name in LIST_FLAGS:
             if name in seen:
                 arg = f"{name}+{eq}{value}"
             seen.add(name)

@@ -231,6 +231,10 @@ def convert_command(
         raise LoopfitError(f"--mean_recurrence must be >= 1, got {mean_recurrence}")
     if os.path.exists(out) and not overwrite:
         raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
+    if layers == "auto" and analysis_samples < 1:
+        raise LoopfitError(f"--analysis_samples must be >= 1, got {analysis_samples}")
+    if target_recurrent_size is not None and target_recurrent_size < 1:
+        raise LoopfitError(f"--target_recurrent_size must be >= 1, got {target_recurrent_size}")
     from transformers import AutoConfig
 
     path = resolve_model_path(model)

@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _commands() -> dict:
     # Imported here so `loopfit --help` lists every subcommand while library imports stay lazy elsewhere.
     from loopfit.analysis import analyze_command
+    from loopfit.cache.commands import cache_teacher_command, verify_cache_command
     from loopfit.convert import convert_command
     from loopfit.data.shards import prepare_command
     from loopfit.evaluate import eval_command
@@ -31,6 +32,8 @@ def _commands() -> dict:
         "train": train_command,
         "export": export_command,
         "sweep": sweep_command,
+        "cache-teacher": cache_teacher_command,
+        "verify-cache": verify_cache_command,
     }
 
 

@@ -1,0 +1,217 @@
+"""`loopfit sweep` on a tiny looped model: grid, run folders, sweep.json, figures, skip/resume, budget planning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+from loopfit.cli import main
+from loopfit.convert import layout_from_sizes, to_looped
+from loopfit.errors import LoopfitError
+from loopfit.sweep.budget import Probe, expected_depths, flops_per_token, plan_steps
+from loopfit.sweep.grid import build_runs, load_config, parse_grid, run_name, split_values
+from loopfit.sweep.plots import pareto_front
+
+TEXT = "\n\n".join(f"Line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 5}." for i in range(60))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A base config YAML: tiny looped student, its source as teacher, LoRA + KD, a held-out split."""
+    root = tmp_path_factory.mktemp("sweep")
+    src = make_tiny_model("llama", num_layers=6, hidden=32)
+    tok = make_tiny_tokenizer()
+    src.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    looped = to_looped(src, layout_from_sizes(6, 1, 2, 1), state_init="zeros", mean_recurrence=2)
+    looped.save_pretrained(root / "looped")
+    tok.save_pretrained(root / "looped")
+    (root / "data.txt").write_text(TEXT)
+    cfg = {
+        "model_name": str(root / "looped"),
+        "data": str(root / "data.txt"),
+        "seq_len": 32,
+        "batch_size": 4,
+        "max_steps": 3,
+        "val_fraction": 0.2,
+        "fixed_num_steps": 2,
+        "progress_bar": False,
+        "tensorboard": False,
+        "lora": {"enabled": True, "r": 4},
+        "distillation": {"enabled": True, "teacher_model_name": str(root / "teacher")},
+        "optim_config": {"lr": 1e-3},
+    }
+    (root / "base.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def test_grid_parsing(base, tmp_path):
+    assert split_values("0.1, 0.3,0.5") == ["0.1", "0.3", "0.5"]
+    assert split_values("[q_proj,v_proj],all-linear") == ["[q_proj,v_proj]", "all-linear"]
+    assert parse_grid(["distillation.alpha=0.1,0.5", "--lora.r=4"]) == [
+        ("distillation.alpha", ["0.1", "0.5"]),
+        ("lora.r", ["4"]),
+    ]
+    for bad, msg in (("lora.r", "KEY=V1"), ("lora.r=4,,8", "empty entry"), ("max_steps=4", "sets it")):
+        with pytest.raises(LoopfitError, match=msg):
+            parse_grid([bad])
+    with pytest.raises(LoopfitError, match="given twice"):
+        parse_grid(["lora.r=4", "lora.r=8"])
+    # Overrides are typed like `loopfit train` flags, on top of the YAML.
+    base_dict = yaml.safe_load((base / "base.yaml").read_text())
+    cfg = load_config(base_dict, {"lora.r": "16", "distillation.alpha": "0.25"})
+    assert cfg.lora.r == 16 and cfg.lora.enabled and cfg.distillation.alpha == 0.25 and cfg.max_steps == 3
+    for bad in ({"lora.rank": "4"}, {"lora.r": "four"}):
+        with pytest.raises(LoopfitError, match="bad --grid override"):
+            load_config(base_dict, bad)
+    assert run_name({"distillation.alpha": "0.1", "model_name": "runs/smol-4-6-4/"}) == (
+        "distillation.alpha-0.1_model_name-runs_smol-4-6-4"
+    )
+    runs = build_runs(base_dict, ["distillation.alpha=0.1,0.9", "lora.r=2,8"], tmp_path)
+    assert [(r.cfg.distillation.alpha, r.cfg.lora.r) for r in runs] == [(0.1, 2), (0.1, 8), (0.9, 2), (0.9, 8)]
+    assert len({r.cfg.out for r in runs}) == 4
+    # Invalid grid points are refused before any training.
+    with pytest.raises(LoopfitError, match="alpha must be in"):
+        build_runs(base_dict, ["distillation.alpha=0.5,1.5"], tmp_path)
+
+
+def test_sweep_grid_runs_skips_and_plots(base, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(base / "base.yaml"), "--grid", "distillation.alpha=0.1,0.9",
+            "--grid", "lora.r=2,8", "--out", str(out), "--depth", "3"]  # fmt: skip
+    main(argv)
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["grid"] == {"distillation.alpha": ["0.1", "0.9"], "lora.r": ["2", "8"]}
+    entries = result["runs"]
+    assert len(entries) == 4 and {e["status"] for e in entries} == {"done"}
+    for e in entries:
+        folder = out / e["name"]
+        assert (folder / "done.json").is_file() and (folder / "final").is_dir()
+        done = json.loads((folder / "done.json").read_text())
+        assert e["steps"] == 3 and math.isfinite(e["metric"]) and e["metric"] > 0
+        # The metric is the trainer's own final validation at the asked depth (besides the training depth 2).
+        assert e["metric"] == done["val_loss"]["3"] and set(done["val_loss"]) == {"2", "3"}
+        stored = yaml.safe_load((folder / "config.yaml").read_text())
+        assert stored["distillation"]["alpha"] == float(e["overrides"]["distillation.alpha"])
+        assert stored["lora"]["r"] == int(e["overrides"]["lora.r"])
+        assert e["train_seconds"] > 0
+    # Different hyper-parameters train differently.
+    assert len({round(e["metric"], 6) for e in entries}) == 4
+    assert result["best"] == min(entries, key=lambda e: e["metric"])["name"]
+    for png in ("val_loss_vs_distillation.alpha.png", "val_loss_vs_lora.r.png", "curves.png", "pareto.png"):
+        assert (out / png).stat().st_size > 1000, png
+    # Rerunning skips every finished run: nothing in the run folders changes.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/**/*") if p.is_file()}
+    capsys.readouterr()
+    main(argv)
+    assert "finished before, skipped" in capsys.readouterr().err
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/**/*") if p.is_file()}
+    assert json.loads((out / "sweep.json").read_text())["runs"] == entries
+    # A changed base config is not silently mixed with the old runs.
+    changed = yaml.safe_load((base / "base.yaml").read_text()) | {"seq_len": 16}
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    with pytest.raises(SystemExit):
+        main(["sweep", "--config", str(tmp_path / "changed.yaml")] + argv[3:])
+    assert "was trained with seq_len=32" in capsys.readouterr().err
+
+
+def test_sweep_resumes_an_interrupted_run(base, tmp_path):
+    """A run killed after its checkpoint is resumed by the sweep and ends like an uninterrupted one."""
+    from loopfit.train.recipe import fit, setup
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(base / "base.yaml"), "--grid", "lora.r=2", "--out", str(out), "--max_steps", "4"]
+    main(argv)
+    # Same run, interrupted after step 3 (the sweep checkpoints every max_steps // 4 = 1 steps).
+    cfg = build_runs(yaml.safe_load((base / "base.yaml").read_text()), ["lora.r=2"], tmp_path / "b")[0].cfg
+    cfg.max_steps, cfg.save_every, cfg.eval_num_steps = 4, 1, [2]
+    run = setup(cfg)
+    fit(run, until=3)
+    run.logger.close()
+    assert not (tmp_path / "b" / "lora.r-2" / "done.json").exists()
+    main(argv[:-4] + ["--out", str(tmp_path / "b"), "--max_steps", "4"])
+    a, b = (_losses(o / "lora.r-2") for o in (out, tmp_path / "b"))
+    assert len(a) == 4 and a == b
+    ea, eb = (json.loads((o / "sweep.json").read_text())["runs"][0] for o in (out, tmp_path / "b"))
+    assert ea["metric"] == eb["metric"] and ea["steps"] == eb["steps"] == 4
+
+
+def _losses(run_dir) -> list[float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if "loss" in x]
+
+
+def test_budget_planning_numbers():
+    fp = {"prelude": 10, "block": 20, "coda": 30, "teacher": 100}
+    # 6·(P + k·B + C) + 2·n·B + 4·head + 2·(teacher + head)
+    assert flops_per_token(fp, 5, n=2, k=3, looped=True, kd=True) == 6 * (10 + 60 + 30) + 2 * 40 + 20 + 2 * 105
+    assert flops_per_token(fp, 5, n=0, k=0, looped=False, kd=False) == 6 * 10 + 20
+    p = Probe(setup_s=2.0, validate_s=3.0, flops_per_s=100.0, step_flops=50.0)  # 0.5 s per step
+    assert plan_steps(60.0, p, overhead_s=5.0, cap=None) == 110
+    assert plan_steps(60.0, p, overhead_s=5.0, cap=20) == 20
+    assert plan_steps(1.0, p, overhead_s=5.0, cap=None) == 1  # an exhausted budget still trains one step
+
+
+def test_expected_depths_follow_the_trainer_draws():
+    """The planner's expected (n, k) over a curriculum match the mean of the trainer's own seeded draws."""
+    from loopfit.models import sample_num_steps
+    from loopfit.train import MeanRecurrenceSchedule, TrainConfig
+    from loopfit.train.schedules import ramp
+
+    cfg = TrainConfig(backprop_depth=3, max_steps=2000)
+    cfg.mean_recurrence_schedule = MeanRecurrenceSchedule(turn_on=True, warmup=0.5, max_mean_rec=6)
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_num_steps(ramp(s, 2000, 0.5, "linear", 6), 3, generator=g) for s in range(2000)]
+    exp = expected_depths(cfg, base_mean=1)
+    for i in (0, 1):
+        drawn = sum(d[i] for d in draws) / len(draws)
+        expected = sum(e[i] for e in exp) / len(exp)
+        assert abs(drawn - expected) < 0.05 * max(drawn, 1.0), (i, drawn, expected)
+    assert expected_depths(TrainConfig(fixed_num_steps=3), base_mean=1)[0] == (0.0, 3.0)
+
+
+def test_sweep_with_budget(base, tmp_path):
+    """With a budget, each run's steps come from a timing probe (here capped), the probe folder is removed."""
+    out = tmp_path / "sweep"
+    main(["sweep", "--config", str(base / "base.yaml"), "--grid", "distillation.alpha=0.2,0.8", "--out", str(out),
+          "--budget_minutes", "0.5", "--budget_max_steps", "5", "--probe_steps", "2"])  # fmt: skip
+    entries = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [e["status"] for e in entries] == ["done", "done"]
+    assert all(1 <= e["steps"] <= 5 and math.isfinite(e["metric"]) for e in entries)
+    assert not list(out.glob(".probe-*"))
+
+
+def test_pareto_front():
+    pts = [(1.0, 5.0), (2.0, 4.0), (3.0, 4.5), (4.0, 3.0), (2.5, 6.0)]
+    assert pareto_front(pts, lower_is_better=True) == [0, 1, 3]
+    assert pareto_front(pts, lower_is_better=False) == [0, 4]
+
+
+def test_sweep_errors(base, tmp_path, capsys):
+    cases = [
+        (["--config", str(base / "base.yaml")], "--grid is required"),
+        (["--config", str(base / "base.yaml"), "--grid", "lora.r=2", "--metric", "bleu"], "--metric must be"),
+        (["--config", str(base / "base.yaml"), "--grid", "lora.r=2", "--metric", "gsm8k"], "needs --gsm8k_data"),
+        (["--config", str(base / "base.yaml"), "--grid", "val_fraction=0.0"], "needs validation data"),
+        (["--config", str(base / "base.yaml"), "--grid", "lora.r=2", "--budget_minutes", "0"], "must be > 0"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["sweep", "--out", str(tmp_path / "s")] + args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()

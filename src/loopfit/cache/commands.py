@@ -1,0 +1,94 @@
+"""`loopfit cache-teacher` and `loopfit verify-cache`."""
+
+from __future__ import annotations
+
+from loopfit.errors import LoopfitError
+
+
+def cache_teacher_command(
+    teacher: str | None = None,
+    data: str | list[str] | None = None,
+    out: str | None = None,
+    seq_len: int = 256,
+    estimator: str = "topk_tail",
+    top_k: int = 64,
+    samples: int = 32,
+    temperature: float = 1.0,
+    batch_size: int = 4,
+    shard_rows: int = 256,
+    chat: bool = False,
+    assistant_only: bool = False,
+    system_prompt: str | None = None,
+    max_documents: int | None = None,
+    val_fraction: float = 0.0,
+    position_ids: bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> None:
+    """Run the teacher once over the training rows and store its next-token distributions sparsely.
+
+    The data flags must be exactly those training will use (they decide the rows; training checks the data
+    and tokenizer hashes). An interrupted run resumes when rerun with the same flags.
+
+    Args:
+        teacher: teacher model (HF folder, hub id, .gguf or alias such as smollm2-135m); its tokenizer is used.
+        data: data source(s) as for `loopfit train` (path[:weight], several allowed); default: the arithmetic
+            generator.
+        out: output cache folder (required).
+        seq_len: packed sequence length.
+        estimator: topk, topk_tail or sampled.
+        top_k: tokens kept per position (topk, topk_tail).
+        samples: draws per position (sampled).
+        temperature: draw temperature (sampled only; training must use the same).
+        batch_size: sequences per teacher forward pass.
+        shard_rows: sequences per shard file (unit of resumption and checksums).
+        chat: format pairs with the tokenizer's chat template (as in training).
+        assistant_only: targets only on assistant tokens (as in training).
+        system_prompt: system prompt for chat formatting (as in training).
+        max_documents: cap on documents per source (as in training).
+        val_fraction: held-out fraction carved before packing (as in training).
+        position_ids: rows carry position ids restarting at each document (as in training).
+        seed: data seed (as in training) and seed of the draws.
+        overwrite: replace an existing output folder.
+    """
+    from loopfit.cache.writer import CacheSettings, write_cache
+    from loopfit.data import build_dataset, tokenizer_hash
+    from loopfit.loading import load_model, load_tokenizer
+
+    if teacher is None:
+        raise LoopfitError("--teacher is required")
+    if out is None:
+        raise LoopfitError("--out is required")
+    settings = CacheSettings(estimator, top_k, samples, temperature, shard_rows, batch_size, seed)
+    tokenizer = load_tokenizer(teacher)
+    vocab = len(tokenizer)
+    settings.validate(vocab)
+    data_kw = dict(chat=chat, assistant_only=assistant_only, system_prompt=system_prompt, val_fraction=val_fraction,
+                   seed=seed, max_documents=max_documents, position_ids=position_ids)  # fmt: skip
+    packed = build_dataset(data, tokenizer, seq_len, **data_kw)
+    model = load_model(teacher)
+    vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width, which students share
+    info = {
+        "teacher": str(teacher),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "data_hash": packed.data_hash,
+        "vocab_size": vocab,
+        "data": {"sources": data, "seq_len": seq_len, **data_kw},
+    }
+    path = write_cache(model, packed.train, out, settings, info, overwrite=overwrite)
+    print(f"wrote {path}")
+
+
+def verify_cache_command(cache: str) -> None:
+    """Check every shard's checksum and the coverage of a teacher cache; exit non-zero on any fault.
+
+    Args:
+        cache: the cache folder written by `loopfit cache-teacher`.
+    """
+    from loopfit.cache.reader import TeacherCache
+
+    summary = TeacherCache(cache).verify()
+    print(
+        f"ok: {summary['rows']} rows in {summary['shards']} shards, {summary['entries']} entries, "
+        f"{summary['bytes_per_token']:.1f} bytes/token ({summary['estimator']})"
+    )

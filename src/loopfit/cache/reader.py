@@ -1,0 +1,177 @@
+"""Reading a teacher cache: random access by training row, zero-copy from memory-mapped shards; verification."""
+
+from __future__ import annotations
+
+import json
+import os
+from bisect import bisect_right
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loopfit.cache.writer import FORMAT_VERSION, MANIFEST, CacheSettings, sha256_file
+from loopfit.errors import LoopfitError
+
+
+class TeacherCache:
+    """Read a teacher cache: `cache[i]` gives the sparse targets of training row `i`, zero-copy from the shards.
+
+    `cache[i]` -> `{"ids": LongTensor (S, W), "values": FloatTensor (S, W), "tail": FloatTensor (S,)}`, with
+    `W = top_k` or `samples`; `values` are T = 1 log-probabilities (`topk`, `topk_tail`) or counts (`sampled`);
+    `tail` only for `topk_tail`. Positions with fewer entries (no target, or fewer unique draws) are padded with
+    id 0 and value 0 (a zero count is ignored by the `sampled` estimator; unused positions are masked by the
+    labels). Feed them to `sparse_kd_divergence` / `fused_kd_loss` with `estimator=cache.estimator`.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise LoopfitError(f"{self.folder} is not a teacher cache (no {MANIFEST})")
+        try:
+            self.manifest = json.loads(path.read_text())
+            s = self.manifest["settings"]
+            self.settings = CacheSettings(**s)
+            self.rows, self.seq_len = int(self.manifest["rows"]), int(self.manifest["seq_len"])
+            self.shards = self.manifest["shards"]
+            self._starts = [int(sh["rows"][0]) for sh in self.shards]
+            self.vocab_size = int(self.manifest["vocab_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LoopfitError(f"{path} is not a valid teacher-cache manifest ({type(e).__name__}: {e})") from None
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise LoopfitError(f"{path} has format version {self.manifest.get('format_version')}, not {FORMAT_VERSION}")
+        self._open: dict[int, dict] = {}
+
+    @property
+    def estimator(self) -> str:
+        return self.settings.estimator
+
+    @property
+    def temperature(self) -> float:
+        return self.settings.temperature
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def check_compatible(self, tokenizer_hash: str, data_hash: str, temperature: float | None = None) -> None:
+        """Raise LoopfitError naming what differs: tokenizer, data, or (for `sampled`) the temperature."""
+        problems = []
+        if self.manifest.get("tokenizer_hash") != tokenizer_hash:
+            problems.append(f"tokenizer (cache {self.manifest.get('tokenizer_hash')}, training {tokenizer_hash})")
+        if self.manifest.get("data_hash") != data_hash:
+            problems.append(f"data (cache {self.manifest.get('data_hash')}, training {data_hash})")
+        if temperature is not None and self.estimator == "sampled" and temperature != self.temperature:
+            problems.append(f"temperature (draws made at {self.temperature}, training uses {temperature})")
+        if problems:
+            raise LoopfitError(f"teacher cache {self.folder} does not match this run: " + "; ".join(problems))
+
+    def _shard(self, index: int) -> dict:
+        if index not in self._open:
+            files = self.shards[index]["files"]
+            arrays = {
+                k: np.load(self.folder / rec["file"], mmap_mode="r", allow_pickle=False) for k, rec in files.items()
+            }
+            per_row = arrays["counts"].sum(axis=1, dtype=np.int64)
+            arrays["row_offsets"] = np.concatenate([[0], np.cumsum(per_row)])
+            self._open[index] = arrays
+        return self._open[index]
+
+    def _locate(self, i: int) -> tuple[dict, int]:
+        if not 0 <= i < self.rows:
+            raise IndexError(f"row {i} is outside the cache's {self.rows} rows")
+        index = bisect_right(self._starts, i) - 1
+        return self._shard(index), i - self._starts[index]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        shard, r = self._locate(i)
+        lo, hi = shard["row_offsets"][r], shard["row_offsets"][r + 1]
+        counts = np.asarray(shard["counts"][r], dtype=np.int64)
+        width = self.settings.width
+        positions = np.repeat(np.arange(self.seq_len), counts)
+        cols = np.arange(hi - lo) - np.repeat(np.cumsum(counts) - counts, counts)
+        ids = np.zeros((self.seq_len, width), dtype=np.int64)
+        values = np.zeros((self.seq_len, width), dtype=np.float32)
+        ids[positions, cols] = shard["ids"][lo:hi]
+        values[positions, cols] = shard["values"][lo:hi]
+        item = {"ids": torch.from_numpy(ids), "values": torch.from_numpy(values)}
+        if "tail" in shard:
+            item["tail"] = torch.from_numpy(np.asarray(shard["tail"][r], dtype=np.float32))
+        return item
+
+    def dense(self, i: int) -> torch.Tensor:
+        """Reconstructed `(S, V)` teacher probabilities of row `i` (at T = 1, or the draw temperature of `sampled`),
+        for inspection: `topk` renormalised, `topk_tail` with the tail mass spread evenly over the other tokens,
+        `sampled` as counts / draws. Rows of positions without a target are zero."""
+        item = self[i]
+        ids, values = item["ids"], item["values"]
+        probs = torch.zeros(self.seq_len, self.vocab_size, dtype=torch.float64)
+        if self.estimator == "sampled":
+            probs.scatter_add_(-1, ids, values.double())
+            return (probs / probs.sum(-1, keepdim=True).clamp(min=1)).float()
+        shard, r = self._locate(i)
+        has = torch.from_numpy(np.asarray(shard["counts"][r]) > 0)
+        p = values.double().exp() * has[:, None]
+        if self.estimator == "topk":
+            p = p / p.sum(-1, keepdim=True).clamp(min=1e-300)
+        else:
+            others = self.vocab_size - self.settings.top_k
+            spread = item["tail"].double().exp() / max(others, 1) if others else torch.zeros(self.seq_len)
+            probs += (spread * has)[:, None]
+        probs.scatter_(-1, ids, p)
+        return probs.float()
+
+    def verify(self) -> dict:
+        """Check every file's checksum, shape and dtype, and that the shards cover rows 0..rows-1 exactly once.
+
+        Returns a summary; raises LoopfitError on the first fault, naming it.
+        """
+        expected = 0
+        entries = 0
+        dtypes = self.manifest.get("dtypes", {})
+        for sh in self.shards:
+            start, stop = sh["rows"]
+            if start != expected or stop <= start:
+                raise LoopfitError(f"shard {sh['index']} covers rows {start}-{stop}, expected to start at {expected}")
+            expected = stop
+            for key, rec in sh["files"].items():
+                path = self.folder / rec["file"]
+                if not path.is_file():
+                    raise LoopfitError(f"{path} is missing")
+                if sha256_file(path) != rec["sha256"]:
+                    raise LoopfitError(f"{path} is corrupted (checksum mismatch)")
+                try:
+                    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                except ValueError as e:
+                    raise LoopfitError(f"{path} is not a valid array file: {e}") from None
+                if str(arr.dtype) != dtypes.get(key):
+                    raise LoopfitError(f"{path} has dtype {arr.dtype}, the manifest says {dtypes.get(key)}")
+            counts = np.load(self.folder / sh["files"]["counts"]["file"], mmap_mode="r")
+            total = int(counts.sum(dtype=np.int64))
+            if counts.shape != (stop - start, self.seq_len) or total != sh["entries"]:
+                raise LoopfitError(f"shard {sh['index']}: counts {counts.shape} / {total} entries do not match")
+            for key in ("ids", "values"):
+                n = np.load(self.folder / sh["files"][key]["file"], mmap_mode="r").shape
+                if n != (total,):
+                    raise LoopfitError(f"shard {sh['index']}: {key} has {n} entries, expected {total}")
+            entries += total
+        if expected != self.rows:
+            raise LoopfitError(f"the shards cover {expected} rows, the manifest says {self.rows}")
+        size = sum((self.folder / r["file"]).stat().st_size for sh in self.shards for r in sh["files"].values())
+        return {"rows": self.rows, "shards": len(self.shards), "entries": entries, "bytes": size,
+                "bytes_per_token": size / (self.rows * self.seq_len), "estimator": self.estimator}  # fmt: skip
+
+
+class TeacherTargetsDataset(torch.utils.data.Dataset):
+    """The training rows with their cached targets added as `teacher_ids`, `teacher_values` (and `teacher_tail`)."""
+
+    def __init__(self, dataset, cache: TeacherCache):
+        if len(dataset) != len(cache):
+            raise LoopfitError(f"the data has {len(dataset)} rows but the teacher cache has {len(cache)}")
+        self.dataset, self.cache = dataset, cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**self.dataset[i], **{f"teacher_{k}": v for k, v in self.cache[i].items()}}

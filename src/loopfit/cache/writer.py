@@ -1,0 +1,239 @@
+"""Offline teacher cache: the teacher's next-token distributions, run once, stored sparse, read zero-copy.
+
+Layout of a cache folder (all paths in the manifest are relative, so the folder can be moved or copied):
+
+    manifest.json                 settings, tokenizer/data hashes, dtypes, shards with sha256 per file
+    shard-00000.counts.npy        (rows, seq_len) entries per position (0 where no target follows)
+    shard-00000.ids.npy           (entries,) token ids, smallest unsigned dtype holding the vocabulary
+    shard-00000.values.npy        (entries,) float16 log-probabilities at T = 1 (topk, topk_tail) or counts (sampled)
+    shard-00000.tail.npy          (rows, seq_len) float16 log of the mass outside the k ids (topk_tail only)
+
+Entries are stored CSR-style (position-major), so a position costs only what it holds: `sampled` stores the
+unique ids drawn with their counts, and positions without a target cost one byte. Position j of row i holds the
+teacher's distribution after reading tokens 0..j of row i of the training data, i.e. it is aligned with the
+logits (score it with label j + 1 after the usual shift). Every `.npy` file opens with `np.load(mmap_mode="r")`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loopfit.errors import LoopfitError
+from loopfit.io import atomic_file, write_json
+from loopfit.losses.sparse import ESTIMATORS
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CacheSettings:
+    """What `cache-teacher` stores per position."""
+
+    estimator: str = "topk_tail"
+    """`topk`, `topk_tail` or `sampled` (see `loopfit.losses.sparse`)."""
+    top_k: int = 64
+    """Tokens kept per position for `topk` / `topk_tail`."""
+    samples: int = 32
+    """Draws per position for `sampled` (unique ids are stored with their counts)."""
+    temperature: float = 1.0
+    """Sampling temperature of `sampled`; training must use the same. `topk*` always store T = 1 log-probs."""
+    shard_rows: int = 256
+    """Sequences per shard (the unit of resumption and of checksums)."""
+    batch_size: int = 4
+    """Sequences per teacher forward pass (batches never cross a shard)."""
+    seed: int = 0
+    """Seed of the draws of `sampled` (row i always uses the same generator, so resumed runs are identical)."""
+
+    def validate(self, vocab_size: int) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise LoopfitError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator}")
+        if self.estimator != "sampled" and not 1 <= self.top_k <= vocab_size:
+            raise LoopfitError(f"--top_k must be in [1, vocabulary size {vocab_size}], got {self.top_k}")
+        if self.estimator == "sampled" and not 1 <= self.samples <= 65535:
+            raise LoopfitError(f"--samples must be in [1, 65535], got {self.samples}")
+        if not self.temperature > 0:
+            raise LoopfitError(f"--temperature must be > 0, got {self.temperature}")
+        if self.estimator != "sampled" and self.temperature != 1.0:
+            raise LoopfitError("--temperature only applies to --estimator sampled (topk stores T = 1 log-probs)")
+        if self.shard_rows < 1 or self.batch_size < 1:
+            raise LoopfitError("--shard_rows and --batch_size must be >= 1")
+
+    @property
+    def width(self) -> int:
+        """Most entries a position can hold."""
+        return self.samples if self.estimator == "sampled" else self.top_k
+
+
+def smallest_uint(max_value: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds `max_value`."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """`(..., S)` bool: position j has a target when label j + 1 is not ignored (the last position never does)."""
+    valid = torch.zeros_like(labels, dtype=torch.bool)
+    valid[..., :-1] = labels[..., 1:] != IGNORE_INDEX
+    return valid
+
+
+@torch.no_grad()
+def sparse_targets(logits: torch.Tensor, valid: torch.Tensor, settings: CacheSettings, generators) -> list[dict]:
+    """Per row of `logits (B, S, V)`: CSR arrays (counts per position, ids, values, tail) of the valid positions."""
+    rows = []
+    for b in range(logits.shape[0]):
+        pos = valid[b].nonzero().squeeze(-1)
+        counts = torch.zeros(logits.shape[1], dtype=torch.long)
+        if settings.estimator == "sampled":
+            logp = torch.log_softmax(logits[b, pos].float() / settings.temperature, dim=-1)
+            draws = torch.multinomial(logp.exp(), settings.samples, replacement=True, generator=generators[b])
+            hist = torch.zeros(logp.shape, dtype=torch.int32).scatter_add_(
+                -1, draws, torch.ones_like(draws, dtype=torch.int32)
+            )
+            where = hist.nonzero()  # (position, id) pairs, position-major then by id: already CSR order
+            counts[pos] = (hist > 0).sum(-1)
+            rows.append({"counts": counts, "ids": where[:, 1], "values": hist[where[:, 0], where[:, 1]], "tail": None})
+        else:
+            logp = torch.log_softmax(logits[b, pos].float(), dim=-1)
+            values, ids = logp.topk(settings.top_k, dim=-1)
+            counts[pos] = settings.top_k
+            tail = None
+            if settings.estimator == "topk_tail":
+                # Exact remaining mass (a logsumexp over the other tokens), -inf when k = V; not 1 - sum(p_k).
+                rest = logp.scatter(-1, ids, -torch.inf).logsumexp(-1)
+                tail = torch.zeros(logits.shape[1])
+                tail[pos] = rest
+            rows.append({"counts": counts, "ids": ids.reshape(-1), "values": values.reshape(-1), "tail": tail})
+    return rows
+
+
+def _save_npy(folder: Path, name: str, array: np.ndarray) -> dict:
+    with atomic_file(folder / name, mode="wb") as f:
+        np.save(f, array, allow_pickle=False)
+    return {"file": name, "sha256": sha256_file(folder / name)}
+
+
+def _row_generator(seed: int, row: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{row}".encode()).digest()[:7], "big"))
+
+
+def write_cache(
+    teacher,
+    dataset,
+    out: str | os.PathLike,
+    settings: CacheSettings,
+    info: dict,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_shard=None,
+) -> Path:
+    """Run `teacher` over every row of `dataset` and write the cache to `out`, resuming a partial run.
+
+    Args:
+        teacher: a causal LM called as `teacher(input_ids=..., position_ids=...)` returning `.logits (B, S, V)`.
+        dataset: the training rows (`PackedDataset`): items with `input_ids`, `labels` (unshifted), maybe
+            `position_ids`.
+        info: recorded in the manifest and compared on resume: `teacher`, `tokenizer_hash`, `data_hash`,
+            `vocab_size` (required) and anything else about the data.
+        on_shard: called with the shard index after each shard is durably written (tests use it to interrupt).
+
+    The work happens in `.partial-<name>` beside `out`: each shard's files are written atomically, then recorded
+    in `progress.json`; a rerun with the same settings continues after the last recorded shard. The finished
+    folder is renamed to `out` only once complete.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    vocab = int(info["vocab_size"])
+    settings.validate(vocab)
+    if out.exists() and not overwrite:
+        raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
+    n_rows, seq_len = len(dataset), int(dataset[0]["input_ids"].shape[0]) if len(dataset) else 0
+    if n_rows == 0:
+        raise LoopfitError("the data has no rows to run the teacher on")
+    config = {"format_version": FORMAT_VERSION, "settings": asdict(settings), "rows": n_rows, "seq_len": seq_len,
+              **{k: info[k] for k in sorted(info)}}  # fmt: skip
+    work = out.parent / f".partial-{out.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    done: list[dict] = []
+    if (work / PROGRESS).exists():
+        state = json.loads((work / PROGRESS).read_text())
+        if state.get("config") != config:
+            raise LoopfitError(
+                f"{work} holds a partial cache made with other settings or data; delete it or rerun with those"
+            )
+        done = state["shards"]
+        for shard in done:  # a partial run is only trusted as far as its files are intact
+            for rec in shard["files"].values():
+                if not (work / rec["file"]).exists() or sha256_file(work / rec["file"]) != rec["sha256"]:
+                    raise LoopfitError(f"{work}/{rec['file']} is damaged; delete {work} and run again")
+    ids_dtype, width_dtype = smallest_uint(vocab - 1), smallest_uint(settings.width)
+    values_dtype = np.dtype(np.float16) if settings.estimator != "sampled" else width_dtype
+    shard_starts = list(range(0, n_rows, settings.shard_rows))
+    bar = tqdm(total=n_rows * seq_len, unit="tok", unit_scale=True, disable=not progress, desc="teacher")
+    bar.update(sum(s["rows"][1] - s["rows"][0] for s in done) * seq_len)
+    teacher.eval()
+    for index in range(len(done), len(shard_starts)):
+        start, stop = shard_starts[index], min(shard_starts[index] + settings.shard_rows, n_rows)
+        parts = []
+        for b0 in range(start, stop, settings.batch_size):
+            items = [dataset[i] for i in range(b0, min(b0 + settings.batch_size, stop))]
+            batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+            kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+            with torch.no_grad():
+                logits = teacher(input_ids=batch["input_ids"], **kwargs).logits
+            if logits.shape[-1] < vocab:
+                raise LoopfitError(f"the teacher has {logits.shape[-1]} logits but the vocabulary has {vocab} tokens")
+            generators = [_row_generator(settings.seed, i) for i in range(b0, b0 + len(items))]
+            parts += sparse_targets(logits[..., :vocab], target_positions(batch["labels"]), settings, generators)
+            bar.update(len(items) * seq_len)
+        name = f"shard-{index:05d}"
+        arrays = {
+            "counts": torch.stack([p["counts"] for p in parts]).numpy().astype(width_dtype),
+            "ids": torch.cat([p["ids"] for p in parts]).numpy().astype(ids_dtype),
+            "values": torch.cat([p["values"] for p in parts]).numpy().astype(values_dtype),
+        }
+        if settings.estimator == "topk_tail":
+            arrays["tail"] = torch.stack([p["tail"] for p in parts]).numpy().astype(np.float16)
+        files = {key: _save_npy(work, f"{name}.{key}.npy", arr) for key, arr in arrays.items()}
+        done.append(
+            {"index": index, "rows": [start, stop], "entries": int(sum(len(p["ids"]) for p in parts)), "files": files}
+        )
+        write_json(work / PROGRESS, {"config": config, "shards": done})
+        if on_shard is not None:
+            on_shard(index)
+    bar.close()
+    dtypes = {"counts": str(width_dtype), "ids": str(ids_dtype), "values": str(values_dtype)}
+    if settings.estimator == "topk_tail":
+        dtypes["tail"] = "float16"
+    manifest = {**config, "dtypes": dtypes, "shards": done}
+    write_json(work / MANIFEST, manifest)
+    (work / PROGRESS).unlink()
+    for stray in work.glob(".tmp-*"):  # temporaries of a killed earlier run
+        stray.unlink()
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(work, out)
+    return out

@@ -78,7 +78,7 @@ def test_four_modes_train(models, tmp_path, lora, kd):
     )
     cfg.optim_config.lr = 1e-2 if lora else 3e-3
     run = setup(cfg)
-    assert len(run.stream.loader) == 1
+    assert run.stream.per_epoch == 1
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     trainable = {n for n, _ in run.trainable}
     fit(run)

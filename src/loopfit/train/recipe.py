@@ -32,32 +32,45 @@ DONE = "done.json"
 
 
 class BatchStream:
-    """Endless, seeded, rank-sharded batches with a resumable position (epoch + StatefulDataLoader state)."""
+    """Endless, seeded batches; rank r takes its slice of each global batch of a per-epoch permutation.
+
+    The position is (epoch, samples consumed globally in the epoch), which does not depend on the world size: a
+    checkpoint written by 2 ranks with batch b resumes on 1 rank with batch 2b at exactly the same data.
+    """
 
     def __init__(self, dataset, batch_size: int, seed: int, d: Dist):
-        from torch.utils.data import DistributedSampler
-        from torchdata.stateful_dataloader import StatefulDataLoader
+        self.dataset, self.batch_size, self.seed, self.rank = dataset, batch_size, seed, d.rank
+        self.global_batch = batch_size * d.world_size
+        self.per_epoch = len(dataset) // self.global_batch  # the incomplete last global batch is dropped
+        self.epoch, self.consumed = 0, 0
+        self._perm: tuple[int, torch.Tensor] | None = None
 
-        self.sampler = DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=seed, drop_last=True)
-        self.loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True)
-        self.epoch, self._it = 0, None
+    def _permutation(self) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = (self.epoch, torch.randperm(len(self.dataset), generator=g))
+        return self._perm[1]
 
     def next(self) -> dict:
-        while True:
-            if self._it is None:
-                self.sampler.set_epoch(self.epoch)
-                self._it = iter(self.loader)
-            try:
-                return next(self._it)
-            except StopIteration:
-                self.epoch, self._it = self.epoch + 1, None
+        from torch.utils.data import default_collate
+
+        if self.consumed >= self.per_epoch:
+            self.epoch, self.consumed = self.epoch + 1, 0
+        start = self.consumed * self.global_batch + self.rank * self.batch_size
+        idx = self._permutation()[start : start + self.batch_size].tolist()
+        self.consumed += 1
+        return default_collate([self.dataset[i] for i in idx])
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+        return {"epoch": self.epoch, "samples": self.consumed * self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._it = state["epoch"], None
-        self.loader.load_state_dict(state["loader"])
+        if state["samples"] % self.global_batch:
+            raise LoopfitError(
+                f"the checkpoint stopped {state['samples']} samples into an epoch, not a multiple of this run's global "
+                f"batch ({self.global_batch}); resume with a global batch (batch_size x ranks) that divides it"
+            )
+        self.epoch, self.consumed = state["epoch"], state["samples"] // self.global_batch
 
 
 @dataclass
@@ -298,7 +311,7 @@ def _restore(run: Run, path: Path) -> int:
         o.load_state_dict(s)
     for sch, s in zip(run.schedulers, state["schedulers"]):
         sch.load_state_dict(s)
-    run.stream.load_state_dict(state["data"][run.d.rank] if run.d.rank < len(state["data"]) else state["data"][0])
+    run.stream.load_state_dict(state["data"])
     ckpt.set_rng_state(state["rng"], run.depth_gen)
     if run.d.is_main:
         print(f"resumed from {path} at step {run.step}", file=sys.stderr)
@@ -306,20 +319,14 @@ def _restore(run: Run, path: Path) -> int:
 
 
 def save_checkpoint(run: Run) -> None:
-    """Rank 0 writes; data positions of every rank are gathered so any world size can resume."""
-    data_states = [run.stream.state_dict()]
-    if run.d.world_size > 1:
-        import torch.distributed as dist
-
-        data_states = [None] * run.d.world_size
-        dist.all_gather_object(data_states, run.stream.state_dict())
+    """Rank 0 writes (every rank holds the same trainable weights, optimizer state and data position)."""
     if run.d.is_main:
         state = {
             "step": run.step,
             "stage": run.stage,
             "optimizers": [o.state_dict() for o in run.optimizers],
             "schedulers": [s.state_dict() for s in run.schedulers],
-            "data": data_states,
+            "data": run.stream.state_dict(),
             "rng": ckpt.rng_state(run.depth_gen),
             "world_size": run.d.world_size,
         }

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from loopfit.losses.divergences import check_kind, divergence_from_logprobs
-from loopfit.losses.sparse import check_sparse, sparse_per_token
+from loopfit.losses.divergences import _LOG_FLOOR, check_kind, divergence_from_logprobs
+from loopfit.losses.sparse import check_sparse, sparse_per_token, tail_from_logprobs
 
 _ROW_BLOCK = 4  # rows per elementwise block in the closed-form path: a few 4 x V float32 buffers stay in L2
 
@@ -139,6 +139,58 @@ def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
     return ce_sum, kd_sum * temp**2, scale
 
 
+@torch.no_grad()
+def _sparse_support_logprobs(teacher: _Teacher, temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher log-probabilities over the k ids `(c, k)` (floored where absent) and the tail bucket `(c,)` or None."""
+    values = teacher.values.float()
+    if teacher.estimator == "sampled":
+        logp = torch.where(values > 0, values.clamp(min=1e-30).log(), _LOG_FLOOR)
+        return logp - torch.logsumexp(logp, -1, keepdim=True), None
+    if teacher.estimator == "topk":
+        return torch.log_softmax(values / temp, -1), None
+    tail = tail_from_logprobs(values) if teacher.tail is None else teacher.tail.float()
+    logp = torch.log_softmax(torch.cat([values, tail.unsqueeze(-1)], -1) / temp, -1).clamp(min=_LOG_FLOOR)
+    return logp[:, :-1], logp[:, -1]
+
+
+@torch.no_grad()
+def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher, spec: _Spec):
+    """Forward KL against sparse targets (+ CE): sums and the gradient written into `s` (scale 1).
+
+    With `P` the teacher's distribution over the support spread onto the vocabulary (the tail bucket's mass
+    distributed like the student's own mass outside the k ids), `d KD / ds = T * (softmax(s / T) - P)`.
+    """
+    temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
+    logp_all, ptail_all = _sparse_support_logprobs(teacher, temp)
+    ids_all = teacher.ids.long()
+    ce_sum, kd_sum = s.new_zeros(()), s.new_zeros(())
+    for i in range(0, s.shape[0], _ROW_BLOCK):
+        sb, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
+        ids, logp = ids_all[i : i + _ROW_BLOCK], logp_all[i : i + _ROW_BLOCK]
+        logq1 = torch.log_softmax(sb, -1)
+        ce_sum -= logq1.gather(-1, yb).sum()
+        logq = torch.log_softmax(sb.div_(temp), -1) if temp != 1.0 else logq1
+        lq = logq.gather(-1, ids).clamp(min=_LOG_FLOOR)
+        p = logp.exp()
+        kd_sum += (p * (logp - lq)).sum()
+        if ptail_all is not None:
+            lq_tail = logq.scatter(-1, ids, _LOG_FLOOR).logsumexp(-1).clamp(min=_LOG_FLOOR)
+            lp_tail = ptail_all[i : i + _ROW_BLOCK]
+            p_tail = lp_tail.exp()
+            kd_sum += (p_tail * (lp_tail - lq_tail)).sum()
+            # Outside the support: q_j - p_tail * q_j / q_tail; the ratio is <= 1 there (clamped for the ids,
+            # which are overwritten below), so no overflow when the student's tail is empty.
+            share = (logq - lq_tail[:, None]).clamp_(max=0.0).exp_().mul_(p_tail[:, None])
+        g = torch.exp(logq, out=sb)  # softmax(s / T); logq is not read after this
+        if ptail_all is not None:
+            g.sub_(share)
+            g.scatter_(-1, ids, lq.exp())
+        g.scatter_add_(-1, ids, -p)
+        g.mul_(a_kd * temp).add_(logq1.exp_(), alpha=a_ce)  # + a_ce * softmax(s)
+        g.scatter_add_(-1, yb, g.new_full(yb.shape, -a_ce))
+    return ce_sum, kd_sum * temp**2, 1.0
+
+
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, teacher, spec, chunk_size, denom):
@@ -149,14 +201,17 @@ class _FusedLinearKD(torch.autograd.Function):
         ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dense_teacher = teacher is not None and teacher.hidden is not None
-        closed_form = teacher is None or (dense_teacher and spec.kind == "fkl")
+        closed_form = teacher is None or spec.kind == "fkl"
         w_scale = None
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             h, y = hidden[rows], labels[rows]
             s = F.linear(h, weight, bias).float()
             t_chunk = teacher.chunk(rows) if teacher is not None else None
-            if closed_form:
+            if closed_form and not (t_chunk is None or dense_teacher):
+                ce, kd, scale = _closed_form_sparse_grad(s, y, t_chunk, spec)
+                g = s
+            elif closed_form:
                 t_logits = t_chunk.logits() if t_chunk is not None else None
                 ce, kd, scale = _closed_form_grad(s, y, t_logits, spec)
                 del t_logits

@@ -1,0 +1,341 @@
+"""loopfit's distillation step against TRL's GKDTrainer and torchtune's chunked forward-KL loss, side by side.
+
+Same models, data, batch and sequence length for every system: teacher SmolLM2-135M (30 layers); student its copy
+pruned to layers 0-3 and 20-29 (`loopfit.convert.to_static`), LoRA r = 16 (alpha 32) on every linear layer; one
+batch of the first 4 GSM8K train records as chat turns (user: question, assistant: answer; loss on the answer
+only), right-padded; AdamW lr 2e-4; fp32. Each system trains `--warmup + --steps` steps on that batch, in its own
+subprocess, so the peak resident memory (`ru_maxrss` of the child) is that system's alone.
+
+Systems (rows):
+  loopfit jsd     `loopfit train`'s run (trainer `setup` + `fit`, plain student, fused loss), generalized JSD
+                  beta 0.5, T 1, no CE term: the objective of TRL's GKD.
+  trl gkd         `trl.experimental.gkd.GKDTrainer`, lmbda 0 (off-policy), beta 0.5 (its loss uses T = 1), its own
+                  ChatML collator on the same 4 records; TRL's other settings at their defaults.
+  loopfit fkl     the same loopfit run with forward KL, T 1, alpha 0.5 (0.5 CE + 0.5 KD).
+  torchtune fkl   torchtune's `ForwardKLWithChunkedOutputLoss` + `CEWithChunkedOutputLoss` (8 chunks, kd_ratio 0.5),
+                  the loss step of its knowledge_distillation_single_device recipe, on the same HF models (torchtune
+                  has no SmolLM2 builder) in a plain AdamW loop.
+Losses are compared on the shared batch before any update (LoRA starts as a no-op, so every system computes the
+same function): loopfit jsd vs TRL; loopfit fkl's CE and KD vs torchtune's, whose "forward KL" is the cross-entropy
+-sum p_t log p_s = KL(p_t || p_s) + H(p_t), so the teacher's entropy is subtracted before comparing.
+
+TRL and torchtune are not loopfit dependencies: they run with `--python` (a venv with trl==1.16.0, torchtune==0.6.1,
+torchao==0.10.0 and the system site-packages; see docs/benchmarks.md).
+
+    python -m benchmarks.peers --python .venv-peers/bin/python
+    python -m benchmarks.peers --systems loopfit_jsd loopfit_fkl        # loopfit only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GSM8K = "../shared/data/gsm8k/train.jsonl"
+SYSTEMS = ("loopfit_jsd", "trl_gkd", "loopfit_fkl", "torchtune_fkl")
+PEERS = {"trl_gkd", "torchtune_fkl"}
+LAYOUT = ([0, 1, 2, 3], list(range(20, 26)), list(range(26, 30)))
+LR, R, LORA_ALPHA = 2e-4, 16, 32
+
+
+# ------------------------------------------------------------------------------------------ shared inputs
+def chat_records(data: str, n: int) -> list[list[dict]]:
+    """The first `n` GSM8K records as [user question, assistant answer] conversations."""
+    out = []
+    with open(data) as f:
+        for line in f:
+            if len(out) == n:
+                break
+            r = json.loads(line)
+            out.append([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}])
+    return out
+
+
+def shared_batch(tokenizer, conversations: list[list[dict]]) -> dict:
+    """Right-padded `input_ids`, `attention_mask` and `labels` (-100 on the prompt and padding)."""
+    import torch
+
+    rows = []
+    for conv in conversations:
+        full = tokenizer.apply_chat_template(conv, tokenize=False)
+        prompt = tokenizer.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        rows.append((ids, n_prompt))
+    length = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, n_prompt : len(ids)] = input_ids[i, n_prompt : len(ids)]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class FixedBatch:
+    """Stands in for the trainer's batch stream: the same batch every step (what the peers train on too)."""
+
+    def __init__(self, batch: dict):
+        self.batch = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+
+    def next(self) -> dict:
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def worker_loopfit(args, kind: str) -> dict:
+    import torch
+
+    from loopfit.loading import load_tokenizer
+    from loopfit.train import DistillationConfig, LoRAConfig, LRSchedule, TrainConfig
+    from loopfit.train.recipe import fit, setup
+    from loopfit.train.student import micro_batch_loss
+
+    tok = load_tokenizer(args.student)
+    batch = shared_batch(tok, chat_records(args.data, args.batch_size))
+    dist = DistillationConfig(enabled=True, teacher_model_name="smollm2-135m", temperature=1.0)
+    if kind == "jsd":
+        dist.kind, dist.kind_params, dist.alpha = "jsd", {"beta": 0.5}, 0.0
+    else:
+        dist.kind, dist.alpha = "fkl", 0.5
+    cfg = TrainConfig(
+        model_name=args.student, out=str(Path(args.tmp) / f"run-{kind}"), data=args.data, chat=True,
+        assistant_only=True, max_documents=64, seq_len=batch["input_ids"].shape[1], batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps, lora=LoRAConfig(enabled=True, r=R, lora_alpha=LORA_ALPHA),
+        distillation=dist, lr_schedule=LRSchedule(kind="constant"), progress_bar=False, tensorboard=False,
+        overwrite=True, device="cpu",
+    )  # fmt: skip
+    cfg.optim_config.lr = LR
+    run = setup(cfg)
+    num_items = (batch["labels"][:, 1:] != -100).sum().float()
+    with torch.no_grad():
+        parts = micro_batch_loss(run.student, run.teacher, batch, None, cfg.distillation, num_items)
+    run.stream = FixedBatch(batch)
+    fit(run, until=args.warmup)
+    t0 = time.perf_counter()
+    fit(run)
+    seconds = time.perf_counter() - t0
+    run.logger.close()
+    return {"loss0": float(parts.total), "ce0": float(parts.ce), "kd0": float(parts.kd), "seconds": seconds,
+            "tokens_per_step": int(batch["attention_mask"].sum())}  # fmt: skip
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from loopfit.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(args.student)
+    convs = chat_records(args.data, args.batch_size)
+    batch = shared_batch(tok, convs)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    targs = GKDConfig(
+        output_dir=str(Path(args.tmp) / "trl"), per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", lmbda=0.0, beta=0.5,
+        max_length=1024, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0, seed=0,
+    )  # fmt: skip
+    trainer = GKDTrainer(
+        model=load_model(args.student), teacher_model=load_model("smollm2-135m"), args=targs,
+        train_dataset=Dataset.from_list([{"messages": c} for c in convs]), processing_class=tok,
+        peft_config=LoraConfig(r=R, lora_alpha=LORA_ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"),
+        callbacks=[Timer()],
+    )  # fmt: skip
+    collated = trainer.data_collator([{"messages": c} for c in convs])
+    with torch.no_grad():
+        loss0 = trainer.compute_loss(trainer.model, batch)
+    trainer.train()
+    timed = times[args.warmup :]
+    return {"loss0": float(loss0), "seconds": sum(timed), "tokens_per_step": int(collated["attention_mask"].sum()),
+            "gradient_checkpointing": bool(targs.gradient_checkpointing), "steps_timed": len(timed)}  # fmt: skip
+
+
+def worker_torchtune(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from torchtune.modules.loss import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss
+
+    from loopfit.loading import load_model, load_tokenizer
+
+    chunks = 8
+    tok = load_tokenizer(args.student)
+    batch = shared_batch(tok, chat_records(args.data, args.batch_size))
+    lora = LoraConfig(r=R, lora_alpha=LORA_ALPHA, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(load_model(args.student), lora).train()
+    base = model.get_base_model()
+    teacher = load_model("smollm2-135m").eval().requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    kd_fn, ce_fn = ForwardKLWithChunkedOutputLoss(chunks), CEWithChunkedOutputLoss(chunks)
+    ids = batch["input_ids"]
+    # The recipe's shift: labels[..., 1:] with an ignored last column, logits unshifted.
+    labels = torch.hstack((batch["labels"][:, 1:], torch.full((ids.shape[0], 1), -100)))
+
+    def loss_step():
+        h = base.model(ids).last_hidden_state
+        logits = [base.lm_head(c) for c in h.chunk(chunks, dim=1)]
+        with torch.no_grad():
+            th = teacher.model(ids).last_hidden_state
+            t_logits = [teacher.lm_head(c) for c in th.chunk(chunks, dim=1)]
+        ce, kd = ce_fn(logits, labels), kd_fn(logits, t_logits, labels)
+        return 0.5 * ce + 0.5 * kd, ce, kd, t_logits
+
+    with torch.no_grad():
+        loss0, ce0, kd0, t_logits = loss_step()
+        t = torch.cat(t_logits, dim=1).reshape(-1, t_logits[0].shape[-1])
+        m = labels.reshape(-1) != -100
+        logp = F.log_softmax(t[m].float(), dim=-1)
+        entropy = float(-(logp.exp() * logp).sum(-1).mean())
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        loss, *_ = loss_step()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return {"loss0": float(loss0), "ce0": float(ce0), "kd0": float(kd0), "teacher_entropy": entropy,
+            "seconds": sum(times), "tokens_per_step": int(batch["attention_mask"].sum())}  # fmt: skip
+
+
+def run_worker(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    fn = {
+        "loopfit_jsd": lambda: worker_loopfit(args, "jsd"),
+        "loopfit_fkl": lambda: worker_loopfit(args, "fkl"),
+        "trl_gkd": lambda: worker_trl(args),
+        "torchtune_fkl": lambda: worker_torchtune(args),
+    }[args.worker]
+    result = fn()
+    result["peak_rss_gib"] = _peak_rss_gib()
+    Path(args.json).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------- orchestrator
+def prepare_student(tmp: Path) -> str:
+    from loopfit.convert import Layout, to_static
+    from loopfit.loading import load_model, load_tokenizer
+
+    student = to_static(load_model("smollm2-135m"), Layout(*LAYOUT))
+    path = tmp / "student"
+    student.save_pretrained(path)
+    load_tokenizer("smollm2-135m").save_pretrained(path)
+    return str(path)
+
+
+def spawn(system: str, python: str, args, student: str, tmp: Path) -> dict:
+    out = tmp / f"{system}.json"
+    cmd = [python, "-m", "benchmarks.peers", "--worker", system, "--json", str(out), "--student", student,
+           "--tmp", str(tmp), "--data", args.data, "--batch_size", str(args.batch_size), "--steps", str(args.steps),
+           "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+    print(f"[peers] {system}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        tail = proc.stdout.strip().splitlines()[-3:]
+        print(f"[peers] {system} failed:\n" + "\n".join(tail), file=sys.stderr)
+        return {"error": " | ".join(tail)}
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--python", default=str(ROOT / ".venv-peers" / "bin" / "python"),
+                    help="interpreter with trl and torchtune installed (default .venv-peers/bin/python)")  # fmt: skip
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--data", default=GSM8K)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--student", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return run_worker(args)
+    from benchmarks.common import report
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        student = prepare_student(Path(tmp))
+        for system in args.systems:
+            python = args.python if system in PEERS else sys.executable
+            if system in PEERS and not Path(python).exists():
+                results[system] = {"error": f"{python} not found (create the peers venv, see docs/benchmarks.md)"}
+                continue
+            results[system] = spawn(system, python, args, student, Path(tmp))
+    rows = []
+    for system, r in results.items():
+        row = {"system": system}
+        if "error" in r:
+            rows.append(row | {"error": r["error"][:120]})
+            continue
+        row["tokens_per_s"] = r["tokens_per_step"] * args.steps / r["seconds"]
+        row["step_s"] = r["seconds"] / args.steps
+        row["peak_rss_gib"] = r["peak_rss_gib"]
+        row["tokens_per_step"] = r["tokens_per_step"]
+        row["loss0"] = r["loss0"]
+        for k in ("ce0", "kd0", "teacher_entropy", "gradient_checkpointing"):
+            if k in r:
+                row[k] = r[k]
+        rows.append(row)
+    by = {r["system"]: r for r in rows if "error" not in r}
+    meta = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "data": args.data,
+            "student": "SmolLM2 layers 0-3 + 20-29, LoRA r16 all-linear", "teacher": "SmolLM2-135M (30 layers)",
+            "uptime": os.getloadavg(), "python_peers": args.python}  # fmt: skip
+    if "loopfit_jsd" in by and "trl_gkd" in by:
+        a, b = by["loopfit_jsd"], by["trl_gkd"]
+        meta["speedup_vs_trl"] = a["tokens_per_s"] / b["tokens_per_s"]
+        meta["memory_ratio_vs_trl"] = a["peak_rss_gib"] / b["peak_rss_gib"]
+        meta["jsd_loss_rel_diff_vs_trl"] = abs(a["loss0"] - b["loss0"]) / abs(b["loss0"])
+    if "loopfit_fkl" in by and "torchtune_fkl" in by:
+        a, b = by["loopfit_fkl"], by["torchtune_fkl"]
+        meta["speedup_vs_torchtune"] = a["tokens_per_s"] / b["tokens_per_s"]
+        meta["memory_ratio_vs_torchtune"] = a["peak_rss_gib"] / b["peak_rss_gib"]
+        meta["ce_rel_diff_vs_torchtune"] = abs(a["ce0"] - b["ce0"]) / abs(b["ce0"])
+        kl_tt = b["kd0"] - b["teacher_entropy"]
+        meta["fkl_rel_diff_vs_torchtune"] = abs(a["kd0"] - kl_tt) / abs(kl_tt)
+    report("peers", rows, meta, out=args.out)
+    for k, v in meta.items():
+        if k.endswith(("_vs_trl", "_vs_torchtune")):
+            print(f"{k}: {v:.4g}")
+
+
+if __name__ == "__main__":
+    main()

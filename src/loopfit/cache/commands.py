@@ -59,7 +59,8 @@ def cache_teacher_command(
         raise LoopfitError("--teacher is required")
     if out is None:
         raise LoopfitError("--out is required")
-    settings = CacheSettings(estimator, top_k, samples, temperature, shard_rows, batch_size, seed)
+    settings = CacheSettings(estimator=estimator, top_k=top_k, samples=samples, temperature=temperature,
+                             shard_rows=shard_rows, batch_size=batch_size, seed=seed)  # fmt: skip
     tokenizer = load_tokenizer(teacher)
     vocab = len(tokenizer)
     settings.validate(vocab)

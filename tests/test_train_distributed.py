@@ -79,6 +79,17 @@ def test_ddp_two_ranks_equal_one_rank_double_batch_and_resume_on_one(models, tmp
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
 
+    # FSDP2 (fully_shard, gloo on CPU): the same losses and final weights as the single process.
+    fs = tmp_path / "fsdp"
+    _launch(_config(models, fs, batch_size=2, parallel="fsdp"), tmp_path / "fsdp.yaml", 2)
+    f = _losses(fs)
+    for x, y in zip(a, f):
+        assert x[0] == y[0] and x[1:4] == pytest.approx(y[1:4], abs=1e-5)
+    wf = _weights(fs, 4)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wf[k], atol=1e-5, rtol=0, msg=k)
+    assert (fs / "final" / "adapter_model.safetensors").is_file()
+
     # The 2-rank checkpoint at step 2 resumes on 1 rank (batch 4) and continues like the uninterrupted runs.
     cont = tmp_path / "cont"
     shutil.copytree(two, cont)

@@ -48,8 +48,7 @@ class DistillationTrainer(Trainer):
         num_items = torch.as_tensor(num_items_in_batch, device=labels.device).float().clamp_min(1.0)
         batch = {"input_ids": inputs["input_ids"], "labels": labels}
         steps = self.num_steps if student.looped else None
-        head = student.head_weight()
-        parts = micro_batch_loss(student, head, self.teacher, batch, steps, self.distillation, num_items)
+        parts = micro_batch_loss(student, self.teacher, batch, steps, self.distillation, num_items)
         loss = parts.total
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # num_items counts every process's tokens

@@ -61,9 +61,12 @@ def wrap_student(module: nn.Module, d: Dist, device: torch.device, find_unused_p
             from torch.distributed.fsdp import fully_shard
         except ImportError:
             raise LoopfitError("--parallel fsdp needs torch.distributed.fsdp.fully_shard (PyTorch >= 2.6)") from None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (d.world_size,))
         for layer in _decoder_layers(module):
-            fully_shard(layer)
-        fully_shard(module)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module, mesh=mesh)
         return module
     return module
 

@@ -175,13 +175,14 @@ def setup(cfg: TrainConfig) -> Run | None:
         c = base_model(model).config
         block_span = (c.prelude_layers[-1] + 1 if c.prelude_layers else 0, c.block_layers[-1])
         hidden_loss = HiddenStateLoss(c.hidden_size, teacher.config.hidden_size, kind=dc.hidden_kind).to(device)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if hidden_loss is not None:
-        trainable += [(f"hidden_loss.{n}", p) for n, p in hidden_loss.named_parameters()]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise LoopfitError("nothing to train: the student has no trainable parameters")
     needs_unused = any(r.lr_mult == 0 for r in cfg.param_groups + [r for s in cfg.stages for r in s.param_groups])
     student = wrap_student(Student(model, hidden_loss), d, device, find_unused_parameters=needs_unused)
+    # Collected after wrapping: FSDP2 replaces each parameter with a sharded one (same name).
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if hidden_loss is not None:
+        trainable += [(f"hidden_loss.{n}", p) for n, p in hidden_loss.named_parameters()]
 
     data = build_dataset(
         cfg.data, tokenizer, cfg.seq_len, chat=cfg.chat, assistant_only=cfg.assistant_only,
@@ -302,13 +303,28 @@ def _restore(run: Run, path: Path) -> int:
     names = {n for n, _ in run.trainable}
     if set(weights) != names:
         raise LoopfitError(f"checkpoint {path} does not match this run's trainable parameters (config changed?)")
+    fsdp = run.d.mode == "fsdp"
+    if state.get("optimizer_format", "plain") != ("fsdp" if fsdp else "plain"):
+        raise LoopfitError(f"checkpoint {path} was written with --parallel {'fsdp' if not fsdp else 'none/ddp'}; "
+                           "resume it in the same family (fsdp with fsdp, none/ddp with none/ddp)")  # fmt: skip
     with torch.no_grad():
         for n, p in run.trainable:
-            p.copy_(weights[n].to(p.device, p.dtype))
+            full = weights[n].to(p.device, p.dtype)
+            if hasattr(p, "device_mesh"):  # an FSDP2 shard: keep this rank's part
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, p.device_mesh, p.placements)
+            p.copy_(full)
     run.step = state["step"]
     _enter_stage(run, run.step)
-    for o, s in zip(run.optimizers, state["optimizers"]):
-        o.load_state_dict(s)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(run.student, run.optimizers, state["optimizers"], options=opts)
+    else:
+        for o, s in zip(run.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
     for sch, s in zip(run.schedulers, state["schedulers"]):
         sch.load_state_dict(s)
     run.stream.load_state_dict(state["data"])
@@ -318,19 +334,33 @@ def _restore(run: Run, path: Path) -> int:
     return run.step
 
 
+def _full_weights(run: Run) -> dict[str, torch.Tensor]:
+    """Trainable tensors, whole (FSDP2 shards are gathered: a collective, every rank must call it)."""
+    return {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in run.trainable}
+
+
 def save_checkpoint(run: Run) -> None:
-    """Rank 0 writes (every rank holds the same trainable weights, optimizer state and data position)."""
+    """Rank 0 writes whole tensors and optimizer states, so any world size can resume."""
+    weights = _full_weights(run)
+    if run.d.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim_state = get_optimizer_state_dict(run.student, run.optimizers, options=opts)
+    else:
+        optim_state = [o.state_dict() for o in run.optimizers]
     if run.d.is_main:
         state = {
             "step": run.step,
             "stage": run.stage,
-            "optimizers": [o.state_dict() for o in run.optimizers],
+            "optimizers": optim_state,
+            "optimizer_format": "fsdp" if run.d.mode == "fsdp" else "plain",
             "schedulers": [s.state_dict() for s in run.schedulers],
             "data": run.stream.state_dict(),
             "rng": ckpt.rng_state(run.depth_gen),
             "world_size": run.d.world_size,
         }
-        ckpt.save_checkpoint(run.out, run.step, {n: p for n, p in run.trainable}, state, run.cfg.keep_last)
+        ckpt.save_checkpoint(run.out, run.step, weights, state, run.cfg.keep_last)
     barrier(run.d)
 
 
@@ -424,12 +454,11 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
     local_items = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
     num_items = all_reduce_sum(local_items.float(), d).clamp_min(1.0)
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # total, ce, kd, hidden
-    head = run.student.module.head_weight() if hasattr(run.student, "module") else run.student.head_weight()
     steps_arg = num_steps if run.looped else None
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1 or not hasattr(run.student, "no_sync")
         with contextlib.nullcontext() if sync else run.student.no_sync(), run.autocast:
-            parts = micro_batch_loss(run.student, head, run.teacher, batch, steps_arg, cfg.distillation, num_items,
+            parts = micro_batch_loss(run.student, run.teacher, batch, steps_arg, cfg.distillation, num_items,
                                      run.hidden_loss, run.block_span)  # fmt: skip
         # DDP averages gradients over ranks; the loss is already a share of the global mean, so undo the average.
         (parts.total * d.world_size).backward()
@@ -467,14 +496,13 @@ def validate(run: Run, depths: list[int | None]) -> dict:
     if run.val_set is None:
         return {}
     cfg = run.cfg
-    student = run.student.module if hasattr(run.student, "module") else run.student
+    student = run.student  # called through any DDP/FSDP wrapper: FSDP2 gathers the weights around forward
     was_training = student.training
     student.eval()
     n = len(run.val_set)
     if cfg.eval_batches:
         n = min(n, cfg.eval_batches * cfg.batch_size * run.d.world_size)
     idx = list(range(run.d.rank, n, run.d.world_size))
-    head = student.head_weight()
     results = {}
     for r in depths:
         acc = torch.zeros(2, dtype=torch.float64, device=run.device)
@@ -483,7 +511,7 @@ def validate(run: Run, depths: list[int | None]) -> dict:
             ids = torch.stack([x["input_ids"] for x in rows]).to(run.device)
             labels = torch.stack([x["labels"] for x in rows]).to(run.device)
             with run.autocast:
-                h, _ = student(ids, num_steps=r if run.looped else None)
+                h, _, head = student(ids, num_steps=r if run.looped else None)
             logits = F.linear(h[:, :-1], head).float()
             y = labels[:, 1:]
             acc[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
@@ -499,11 +527,30 @@ def save_final(run: Run, val: dict) -> None:
     """Final checkpoint, the HF folder `final/` (LoRA adapter or full model, with tokenizer) and `done.json`."""
     save_checkpoint(run)
     if run.d.is_main:
+        model = run.model
+        if run.d.mode == "fsdp":
+            model = _unsharded_copy(run)
         with atomic_dir(run.out / "final", overwrite=True) as tmp:
-            run.model.save_pretrained(tmp)
+            model.save_pretrained(tmp)
             run.tokenizer.save_pretrained(tmp)
         write_json(run.out / DONE, {"step": run.step, "val_loss": {str(k): v for k, v in val.items()}, **run.info})
     barrier(run.d)
+
+
+def _unsharded_copy(run: Run) -> nn.Module:
+    """Under FSDP2 the student's tensors are shards: rebuild it whole on rank 0 from the last checkpoint's weights."""
+    from loopfit.loading import load_model
+
+    model = load_model(run.cfg.model_name)
+    if run.cfg.lora.enabled:
+        model = apply_lora(model, run.cfg.lora)
+    weights, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(run.out))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, w in weights.items():
+            if n in params:
+                params[n].copy_(w)
+    return model
 
 
 def train(cfg: TrainConfig) -> dict | None:

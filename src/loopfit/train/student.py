@@ -88,11 +88,16 @@ class Student(nn.Module):
         self.looped = is_looped(base_model(model))
 
     def forward(self, input_ids, num_steps=None, output_states: bool = False):
+        """(final normed hidden state, loop states or None, LM head weight).
+
+        The head weight is returned from inside `forward` because under FSDP2 parameters are only gathered
+        (unsharded) around a forward call; the fused loss then uses it outside the module.
+        """
         base = base_model(self.model)
         if self.looped:
             out = base(input_ids, num_steps=num_steps, return_hidden=True, output_states=output_states)
-            return out.logits, out.states
-        return base.model(input_ids).last_hidden_state, None
+            return out.logits, out.states, self.head_weight()
+        return base.model(input_ids).last_hidden_state, None, self.head_weight()
 
     def head_weight(self) -> torch.Tensor:
         return base_model(self.model).get_output_embeddings().weight
@@ -117,7 +122,6 @@ def teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, hidden_layers: 
 
 def micro_batch_loss(
     student: nn.Module,
-    head_weight: torch.Tensor,
     teacher: nn.Module | None,
     batch: dict,
     num_steps,
@@ -130,7 +134,7 @@ def micro_batch_loss(
     from loopfit.losses import fused_kd_loss, kd_divergence
 
     input_ids, labels = batch["input_ids"], batch["labels"]
-    hidden, states = student(input_ids, num_steps=num_steps, output_states=hidden_loss is not None)
+    hidden, states, head_weight = student(input_ids, num_steps=num_steps, output_states=hidden_loss is not None)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     kd_on = dcfg.enabled and teacher is not None

@@ -321,3 +321,45 @@ def test_nonsense_refused_at_start(models, tmp_path, kw, match):
         kw["fixed_num_steps"] = None
     with pytest.raises(LoopfitError, match=match):
         _cfg(models, tmp_path, **kw).validate()
+
+
+def test_cli_config_file_and_export(models, tmp_path):
+    """`loopfit train --config X.yaml` (a dump of the typed config) and `loopfit export` to a loadable HF folder."""
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loopfit.cli import main
+    from loopfit.loading import load_model
+
+    out = tmp_path / "run"
+    cfg = {
+        "model_name": str(models / "looped"),
+        "out": str(out),
+        "data": str(models / "data.txt"),
+        "seq_len": 32,
+        "batch_size": 4,
+        "max_steps": 2,
+        "fixed_num_steps": 2,
+        "progress_bar": False,
+        "tensorboard": False,
+        "lora": {"enabled": True, "r": 4, "modules_to_save": ["adapter"]},
+        "optim_config": {"lr": 1e-2},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    main(["train", "--config", str(tmp_path / "c.yaml")])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lora"]["r"] == 4 and saved["max_steps"] == 2 and saved["resume"] is False
+    with pytest.raises(SystemExit) as e:  # an existing run folder without --resume/--overwrite is refused
+        main(["train", "--config", str(out / "config.yaml")])
+    assert e.value.code == 2
+    main(["train", "--config", str(out / "config.yaml"), "--resume=true"])  # finished: exits quietly
+
+    main(["export", str(out), "--out", str(tmp_path / "merged")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    peft = PeftModel.from_pretrained(load_model(models / "looped"), str(out / "final")).eval()
+    ids = torch.randint(4, 250, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids, num_steps=2).logits, peft(ids, num_steps=2).logits, atol=1e-4, rtol=0)
+        plain = load_model(models / "looped")(ids, num_steps=2).logits
+    assert not torch.allclose(merged(ids, num_steps=2).logits, plain, atol=1e-4)

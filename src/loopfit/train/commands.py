@@ -58,7 +58,7 @@ def export_command(run: str, out: str | None = None, overwrite: bool = False) ->
     import yaml
 
     from loopfit.io import atomic_dir
-    from loopfit.loading import load_model, load_tokenizer
+    from loopfit.loading import load_model
 
     if out is None:
         raise LoopfitError("--out is required")
@@ -76,7 +76,9 @@ def export_command(run: str, out: str | None = None, overwrite: bool = False) ->
         model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
     else:
         model = load_model(final)
-    tokenizer = load_tokenizer(final)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(final)  # final/ holds only an adapter: no config.json to resolve
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -163,9 +163,16 @@ def test_metrics_keys_and_curriculum(models, tmp_path):
         fixed_num_steps=None,
         max_steps=8,
         mean_recurrence_schedule=MeanRecurrenceSchedule(turn_on=True, warmup=0.5, max_mean_rec=4),
+        eval_every=4,
+        val_data=str(models / "data.txt"),
+        eval_batches=2,
+        eval_num_steps=[1, 8],
     )
-    train(cfg)
+    val = train(cfg)
     m = _metrics(tmp_path / "run")
+    assert [x["step"] for x in m if "val_loss" in x] == [4, 8]
+    assert set(val) == {1, 4, 8} and m[-1]["val_loss_r4"] == val[4] and m[-1]["step"] == 8
+    assert json.loads((tmp_path / "run" / "done.json").read_text())["val_loss"]["8"] == val[8]
     required = {
         "step",
         "loss",

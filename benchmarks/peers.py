@@ -86,6 +86,18 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def hide_torchao_from_peft() -> None:
+    """torchtune 0.6.1 needs torchao 0.10, which PEFT 0.21 refuses (it wants >= 0.16) as soon as it looks for it
+    while injecting LoRA layers. Neither TRL's nor torchtune's step uses torchao (fp32, no quantization), so after
+    torchtune is imported, torchao is made invisible to PEFT's availability check."""
+    import sys
+
+    from peft import import_utils
+
+    sys.modules["torchao"] = None
+    import_utils.is_torchao_available.cache_clear()
+
+
 class FixedBatch:
     """Stands in for the trainer's batch stream: the same batch every step (what the peers train on too)."""
 
@@ -111,6 +123,8 @@ def worker_loopfit(args, kind: str) -> dict:
     tok = load_tokenizer(args.student)
     batch = shared_batch(tok, chat_records(args.data, args.batch_size))
     dist = DistillationConfig(enabled=True, teacher_model_name="smollm2-135m", temperature=1.0)
+    if args.chunk_size:
+        dist.chunk_size = args.chunk_size
     if kind == "jsd":
         dist.kind, dist.kind_params, dist.alpha = "jsd", {"beta": 0.5}, 0.0
     else:
@@ -146,6 +160,7 @@ def worker_trl(args) -> dict:
 
     from loopfit.loading import load_model, load_tokenizer
 
+    hide_torchao_from_peft()
     tok = load_tokenizer(args.student)
     convs = chat_records(args.data, args.batch_size)
     batch = shared_batch(tok, convs)
@@ -187,6 +202,7 @@ def worker_torchtune(args) -> dict:
 
     from loopfit.loading import load_model, load_tokenizer
 
+    hide_torchao_from_peft()
     chunks = 8
     tok = load_tokenizer(args.student)
     batch = shared_batch(tok, chat_records(args.data, args.batch_size))
@@ -262,6 +278,8 @@ def spawn(system: str, python: str, args, student: str, tmp: Path) -> dict:
     cmd = [python, "-m", "benchmarks.peers", "--worker", system, "--json", str(out), "--student", student,
            "--tmp", str(tmp), "--data", args.data, "--batch_size", str(args.batch_size), "--steps", str(args.steps),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+    if args.chunk_size:
+        cmd += ["--chunk_size", str(args.chunk_size)]
     print(f"[peers] {system}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -281,6 +299,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--chunk_size", type=int, default=None, help="loopfit's fused-loss chunk (default: its own)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -318,7 +337,7 @@ def main() -> None:
     by = {r["system"]: r for r in rows if "error" not in r}
     meta = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "data": args.data,
             "student": "SmolLM2 layers 0-3 + 20-29, LoRA r16 all-linear", "teacher": "SmolLM2-135M (30 layers)",
-            "uptime": os.getloadavg(), "python_peers": args.python}  # fmt: skip
+            "uptime": os.getloadavg(), "python_peers": args.python, "loopfit_chunk_size": args.chunk_size}  # fmt: skip
     if "loopfit_jsd" in by and "trl_gkd" in by:
         a, b = by["loopfit_jsd"], by["trl_gkd"]
         meta["speedup_vs_trl"] = a["tokens_per_s"] / b["tokens_per_s"]

@@ -370,3 +370,32 @@ def test_cli_config_file_and_export(models, tmp_path):
         torch.testing.assert_close(merged(ids, num_steps=2).logits, peft(ids, num_steps=2).logits, atol=1e-4, rtol=0)
         plain = load_model(models / "looped")(ids, num_steps=2).logits
     assert not torch.allclose(merged(ids, num_steps=2).logits, plain, atol=1e-4)
+
+
+def test_offline_teacher_cache_matches_live_teacher(models, tmp_path):
+    """A cache holding the teacher's whole distribution (top-k = vocabulary) gives the live teacher's KD loss."""
+    from loopfit.cache.writer import CacheSettings, write_cache
+    from loopfit.data import build_dataset, tokenizer_hash
+    from loopfit.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(models / "teacher")
+    packed = build_dataset(str(models / "data.txt"), tok, 32, seed=0)
+    teacher = load_model(models / "teacher").eval()
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    info = {"teacher": "t", "tokenizer_hash": tokenizer_hash(tok), "data_hash": packed.data_hash, "vocab_size": vocab}
+    write_cache(teacher, packed.train, tmp_path / "cache", CacheSettings(estimator="topk", top_k=vocab), info,
+                progress=False)  # fmt: skip
+    common = dict(max_steps=2, lora=LoRAConfig(enabled=True, r=4))
+    live = _cfg(models, tmp_path / "a", **common, distillation=DistillationConfig(
+        enabled=True, teacher_model_name=str(models / "teacher"), temperature=1.0))  # fmt: skip
+    cached = _cfg(models, tmp_path / "b", **common, distillation=DistillationConfig(
+        enabled=True, teacher_cache=str(tmp_path / "cache"), temperature=1.0))  # fmt: skip
+    train(live)
+    train(cached)
+    a, b = _metrics(tmp_path / "a" / "run"), _metrics(tmp_path / "b" / "run")
+    for x, y in zip(a[:2], b[:2]):
+        assert x["kd_loss"] > 0 and y["kd_loss"] == pytest.approx(x["kd_loss"], rel=1e-4)
+        assert y["ce_loss"] == pytest.approx(x["ce_loss"], rel=1e-5)
+    with pytest.raises(LoopfitError, match="does not match"):
+        setup(_cfg(models, tmp_path / "c", seq_len=16, **common, distillation=DistillationConfig(
+            enabled=True, teacher_cache=str(tmp_path / "cache"))))  # fmt: skip

@@ -354,6 +354,8 @@ def _validate(c: TrainConfig) -> None:
             raise LoopfitError(f"--distillation.temperature must be > 0, got {d.temperature}")
         if not 0.0 <= d.alpha <= 1.0:
             raise LoopfitError(f"--distillation.alpha must be in [0, 1], got {d.alpha}")
+        if d.teacher_cache and d.teacher_model_name:
+            raise LoopfitError("give --distillation.teacher_model_name or --distillation.teacher_cache, not both")
         if d.hidden_scale and d.teacher_cache:
             raise LoopfitError(
                 "--distillation.hidden_scale needs a live teacher; a teacher cache holds no hidden states"

@@ -149,9 +149,15 @@ def setup(cfg: TrainConfig) -> Run | None:
         raise LoopfitError(f"{cfg.model_name} is not a looped model: recurrence options do not apply to it")
     teacher = None
     dc = cfg.distillation
-    if dc.enabled and dc.teacher_cache:
-        raise LoopfitError("--distillation.teacher_cache is not available yet in `loopfit train`; use a live teacher")
-    if dc.enabled:
+    cache = None
+    if dc.enabled and dc.teacher_cache:  # an offline teacher: sparse targets per training row, no live teacher
+        from loopfit.cache.reader import TeacherCache
+
+        cache = TeacherCache(dc.teacher_cache)
+        sv = model.get_output_embeddings().weight.shape[0]
+        if cache.vocab_size != sv:
+            raise LoopfitError(f"teacher cache vocabulary ({cache.vocab_size}) differs from the student's ({sv})")
+    elif dc.enabled:
         teacher = load_model(dc.teacher_model_name).eval().requires_grad_(False)
         tv, sv = teacher.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
         if tv != sv:
@@ -201,7 +207,15 @@ def setup(cfg: TrainConfig) -> Run | None:
         ).train
     if len(data.train) < cfg.batch_size * d.world_size:
         raise LoopfitError(f"only {len(data.train)} training rows: fewer than one global batch")
-    stream = BatchStream(data.train, cfg.batch_size, cfg.seed, d)
+    train_set = data.train
+    if cache is not None:
+        from loopfit.cache.reader import TeacherTargetsDataset
+        from loopfit.data import tokenizer_hash
+
+        cache.check_compatible(tokenizer_hash(tokenizer), data.data_hash, dc.temperature)
+        train_set = TeacherTargetsDataset(data.train, cache)
+        info["teacher_cache"] = {"folder": str(dc.teacher_cache), "estimator": cache.estimator}
+    stream = BatchStream(train_set, cfg.batch_size, cfg.seed, d)
     depth_gen = torch.Generator().manual_seed(cfg.seed + 7919)
 
     run = Run(cfg, out, d, device, model, student, teacher, tokenizer, trainable, stream, val_set, depth_gen,
@@ -455,11 +469,12 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
     num_items = all_reduce_sum(local_items.float(), d).clamp_min(1.0)
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # total, ce, kd, hidden
     steps_arg = num_steps if run.looped else None
+    estimator = run.info.get("teacher_cache", {}).get("estimator")
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1 or not hasattr(run.student, "no_sync")
         with contextlib.nullcontext() if sync else run.student.no_sync(), run.autocast:
             parts = micro_batch_loss(run.student, run.teacher, batch, steps_arg, cfg.distillation, num_items,
-                                     run.hidden_loss, run.block_span)  # fmt: skip
+                                     run.hidden_loss, run.block_span, estimator)  # fmt: skip
         # DDP averages gradients over ranks; the loss is already a share of the global mean, so undo the average.
         (parts.total * d.world_size).backward()
         sums += torch.stack([parts.total.detach().double(), parts.ce.double(),
@@ -480,7 +495,8 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
     for o in run.optimizers:
         o.zero_grad(set_to_none=True)
     total, ce, kd, hid = (float(x) for x in sums)
-    m = {"loss": total, "ce_loss": ce, "kd_loss": kd if run.teacher is not None else None,
+    kd_on = cfg.distillation.enabled
+    m = {"loss": total, "ce_loss": ce, "kd_loss": kd if kd_on else None,
          "grad_norm": float(grad_norm), "num_items": int(num_items.item()), "skipped": not finite}  # fmt: skip
     if run.hidden_loss is not None:
         m["hidden_loss"] = hid

@@ -129,28 +129,42 @@ def micro_batch_loss(
     num_items: torch.Tensor,
     hidden_loss: nn.Module | None = None,
     block_span: tuple[int, int] | None = None,
+    estimator: str | None = None,
 ) -> LossParts:
-    """CE (+ KD, + hidden-state alignment) of one micro-batch; labels are unshifted (shifted here)."""
+    """CE (+ KD, + hidden-state alignment) of one micro-batch; labels are unshifted (shifted here).
+
+    The teacher is `teacher` (run live, no grad) or, when the batch carries `teacher_ids` / `teacher_values`
+    (from `loopfit.cache.TeacherTargetsDataset`), the cached sparse targets scored with `estimator`.
+    """
     from loopfit.losses import fused_kd_loss, kd_divergence
 
     input_ids, labels = batch["input_ids"], batch["labels"]
     hidden, states, head_weight = student(input_ids, num_steps=num_steps, output_states=hidden_loss is not None)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    kd_on = dcfg.enabled and teacher is not None
+    cached = "teacher_ids" in batch
+    kd_on = dcfg.enabled and (teacher is not None or cached)
     th = t_states = None
-    if kd_on:
+    sparse = {}
+    if cached and kd_on:
+        w = batch["teacher_ids"].shape[-1]
+        sparse = dict(teacher_ids=batch["teacher_ids"][:, :-1].reshape(-1, w),
+                      teacher_values=batch["teacher_values"][:, :-1].reshape(-1, w), estimator=estimator)  # fmt: skip
+        if "teacher_tail" in batch:
+            sparse["teacher_tail"] = batch["teacher_tail"][:, :-1].reshape(-1)
+    elif kd_on:
         th_full, t_states = teacher_forward(teacher, input_ids, hidden_loss is not None)
         th = th_full[:, :-1].reshape(-1, th_full.shape[-1])
     ce_scale = dcfg.ce_scale if dcfg.ce_scale is not None else (dcfg.alpha if kd_on else 1.0)
     kd_scale = dcfg.kd_scale if dcfg.kd_scale is not None else 1.0 - dcfg.alpha
     if not kd_on:
         ce_scale, kd_scale = 1.0, 0.0
-    tw = teacher.get_output_embeddings().weight if kd_on else None
-    if dcfg.fused or not kd_on:
+    tw = teacher.get_output_embeddings().weight if kd_on and not cached else None
+    if dcfg.fused or not kd_on or cached:
         out = fused_kd_loss(
             h, head_weight, y, teacher_hidden=th, teacher_weight=tw, kind=dcfg.kind, temperature=dcfg.temperature,
-            ce_scale=ce_scale, kd_scale=kd_scale, chunk_size=dcfg.chunk_size, num_items=num_items, **dcfg.kind_params,
+            ce_scale=ce_scale, kd_scale=kd_scale, chunk_size=dcfg.chunk_size, num_items=num_items, **sparse,
+            **dcfg.kind_params,
         )  # fmt: skip
         parts = LossParts(out.total, out.ce, out.kd)
     else:

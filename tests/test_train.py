@@ -399,3 +399,43 @@ def test_offline_teacher_cache_matches_live_teacher(models, tmp_path):
     with pytest.raises(LoopfitError, match="does not match"):
         setup(_cfg(models, tmp_path / "c", seq_len=16, **common, distillation=DistillationConfig(
             enabled=True, teacher_cache=str(tmp_path / "cache"))))  # fmt: skip
+
+
+def test_hidden_state_alignment_term(models, tmp_path):
+    """`hidden_scale` adds the loop-iteration -> teacher-layer alignment; total = a*CE + (1-a)*KD + s*hidden."""
+    dc = DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher"), hidden_scale=0.5, alpha=0.3)
+    train(_cfg(models, tmp_path, max_steps=2, distillation=dc))
+    m = _metrics(tmp_path / "run")[0]
+    assert m["hidden_loss"] > 0
+    assert m["loss"] == pytest.approx(0.3 * m["ce_loss"] + 0.7 * m["kd_loss"] + 0.5 * m["hidden_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "ellis_adam"])
+def test_other_optimizers_train(models, tmp_path, optimizer):
+    from loopfit.train.config import OptimConfig
+
+    cfg = _cfg(models, tmp_path, data=str(models / "one_batch.txt"), max_steps=8,
+               optim_config=OptimConfig(optimizer=optimizer, lr=3e-3, muon_lr=2e-2))  # fmt: skip
+    run = setup(cfg)
+    fit(run)
+    run.logger.close()
+    kinds = {type(o).__name__ for o in run.optimizers}
+    assert kinds == ({"Muon", "AdamW"} if optimizer == "muon" else {"ELLISAdam"})
+    m = _metrics(tmp_path / "run")
+    assert m[-1]["loss"] < m[0]["loss"]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_policy(models, tmp_path, policy):
+    run = setup(_cfg(models, tmp_path, max_steps=2, nan_policy=policy))
+    with torch.no_grad():
+        run.model.model.norm.weight.fill_(float("nan"))
+    before = {n: p.detach().clone() for n, p in run.trainable}
+    if policy == "stop":
+        with pytest.raises(LoopfitError, match="non-finite"):
+            fit(run)
+    else:
+        fit(run)
+        assert all(x["skipped"] for x in _metrics(tmp_path / "run"))
+        assert all(torch.equal(before[n], p) or n == "model.norm.weight" for n, p in run.trainable)
+    run.logger.close()

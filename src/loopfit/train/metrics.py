@@ -75,8 +75,19 @@ def _step_of(line: str) -> int:
         return 1 << 62  # a torn last line is dropped
 
 
+_PEAKS: dict[tuple[str, torch.dtype], float] = {}
+
+
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """Achieved FLOP/s of a square matmul on `device`, measured for about `seconds` (the MFU denominator)."""
+    """Achieved FLOP/s of a square matmul on `device`, measured once per process for about `seconds` (the MFU
+    denominator)."""
+    key = (str(device), dtype)
+    if key not in _PEAKS:
+        _PEAKS[key] = _measure(device, dtype, seconds)
+    return _PEAKS[key]
+
+
+def _measure(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
     n = 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

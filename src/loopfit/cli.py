@@ -8,6 +8,37 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def dataclass_command(cls, run, summary: str):
+    """A CLI function whose keyword parameters are the fields of dataclass `cls` (typed, defaulted, documented from
+    the attribute docstrings), which builds `cls(**kwargs)` and calls `run` on it: one typed definition gives the
+    flags, `--config FILE` and `--print_config`."""
+    import inspect
+    import typing
+    from dataclasses import MISSING, fields
+
+    from loopfit.train.config import field_docs
+
+    def command(**kwargs):
+        return run(cls(**kwargs))
+
+    hints = typing.get_type_hints(cls)
+    params = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=hints[f.name],
+            default=f.default if f.default is not MISSING else f.default_factory(),
+        )
+        for f in fields(cls)
+    ]
+    command.__signature__ = inspect.Signature(params, return_annotation=None)
+    command.__annotations__ = {f.name: hints[f.name] for f in fields(cls)} | {"return": None}
+    args = "\n".join(f"        {name}: {text}" for name, text in field_docs(cls).items())
+    command.__doc__ = f"{summary}\n\n    Args:\n{args}\n"
+    command.__name__ = command.__qualname__ = f"{cls.__name__}_command"
+    return command
+
+
 def _commands() -> dict:
     # Imported here so `loopfit --help` lists every subcommand while library imports stay lazy elsewhere.
     from loopfit.analysis import analyze_command
@@ -17,11 +48,18 @@ def _commands() -> dict:
     from loopfit.evaluate import eval_command
     from loopfit.flops import count_command
     from loopfit.generate import generate_command
+    from loopfit.pipeline import DemoConfig, demo
     from loopfit.gsm8k import gsm8k_command
     from loopfit.sweep import sweep_command
     from loopfit.train.commands import export_command, train_command
 
     return {
+        "demo": dataclass_command(
+            DemoConfig,
+            demo,
+            "The main job: analyze, convert, cache the teacher, heal, "
+            "evaluate at every depth and generate, on SmolLM2 and built-in data by default.",
+        ),
         "analyze": analyze_command,
         "convert": convert_command,
         "prepare": prepare_command,

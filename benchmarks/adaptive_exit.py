@@ -1,7 +1,7 @@
 """Adaptive exit on a looped model: mean iterations, loss change and speed per criterion and threshold (batch 1).
 
-    python benchmarks/adaptive_exit.py --model runs/heal [--data FILE] [--tokens 128] [--max_steps 16]
-    python benchmarks/adaptive_exit.py --model smollm2-135m --layout 4-6-4 --adapter_init average
+    python -m benchmarks.adaptive_exit --model runs/heal [--data FILE] [--tokens 128] [--max_steps 16]
+    python -m benchmarks.adaptive_exit --model smollm2-135m --layout 4-6-4 --adapter_init average
 
 Scores `--tokens` tokens of held-out text teacher-forced, one token at a time with the KV cache (the decoding
 path), after a `--prefix`-token prompt. Each row: criterion, threshold, mean iterations per token, mean NLL, its
@@ -19,7 +19,7 @@ from benchmarks.common import report
 from loopfit.adaptive import ExitConfig, score_adaptive
 from loopfit.loading import load_model, load_tokenizer
 
-GRID = {"kl": [1e-4, 5e-4, 1e-3, 1e-2], "state": [0.01, 0.03, 0.1], "argmax": [2, 5]}
+GRID = "kl:1e-4,kl:5e-4,kl:1e-3,kl:1e-2,state:0.01,state:0.03,state:0.1,argmax:2,argmax:5"
 
 
 def main() -> None:
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--max_steps", type=int, default=16)
     ap.add_argument("--cache_mode", default=None, choices=[None, "full", "compress"])
+    ap.add_argument("--runs", default=GRID, help="criterion:threshold pairs, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,7 +50,7 @@ def main() -> None:
     text = open(args.data, encoding="utf-8").read()
     text = text[int(args.offset * len(text)) :]
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][: args.prefix + args.tokens]])
-    runs = [("none", None)] + [(c, t) for c, ts in GRID.items() for t in ts]
+    runs = [("none", None)] + [(c, float(t)) for c, t in (r.split(":") for r in args.runs.split(","))]
     rows, base_nll = [], None
     for criterion, thr in runs:
         t0 = time.perf_counter()

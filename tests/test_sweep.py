@@ -215,3 +215,27 @@ def test_sweep_errors(base, tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, err
     assert not (tmp_path / "s").exists()
+
+
+def test_sweep_gsm8k_metric(base, tmp_path):
+    """`--metric gsm8k`: zero-shot accuracy of each trained run at the depth, cached in the run folder."""
+    problems = tmp_path / "gsm8k.jsonl"
+    problems.write_text(
+        "\n".join(
+            json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"})
+            for i in range(3)
+        )  # fmt: skip
+    )
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(base / "base.yaml"), "--grid", "lora.r=2", "--out", str(out), "--max_steps", "2",
+            "--metric", "gsm8k", "--gsm8k_data", str(problems), "--gsm8k_limit", "2", "--gsm8k_max_new_tokens", "3",
+            "--depth", "1"]  # fmt: skip
+    main(argv)
+    entry = json.loads((out / "sweep.json").read_text())["runs"][0]
+    cache = json.loads((out / "lora.r-2" / "sweep_gsm8k.json").read_text())
+    assert cache["key"]["depth"] == 1 and cache["summary"]["n"] == 2
+    assert entry["metric"] == cache["summary"]["flexible"]["accuracy"] and 0.0 <= entry["metric"] <= 1.0
+    assert (out / "gsm8k_vs_lora.r.png").is_file()
+    stamp = (out / "lora.r-2" / "sweep_gsm8k.json").stat().st_mtime_ns
+    main(argv)  # finished and measured: nothing is generated again
+    assert (out / "lora.r-2" / "sweep_gsm8k.json").stat().st_mtime_ns == stamp

@@ -76,7 +76,7 @@ def gsm8k_metric(run_dir: Path, cfg: TrainConfig, depth: int | None, spec: GSM8K
         if old.get("key") == key:
             return old["summary"]["flexible"]["accuracy"]
     problems = read_problems(spec.data, spec.limit)
-    tok = load_tokenizer(run_dir / "final")
+    tok = load_tokenizer(cfg.model_name)
     prompts = [build_prompt(tok, p.question, [], cfg.chat, cfg.system_prompt) for p in problems]
     model = load_trained(run_dir, cfg)
     summary, _ = evaluate_depth(model, tok, problems, prompts, depth, spec.max_new_tokens, spec.batch_size, cfg.chat)

@@ -102,18 +102,22 @@ def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
     kernel.
     """
     temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
-    ce_sum = s.new_zeros(())
-    kd_sum = s.new_zeros(())
+    ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
+    kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     scale = a_ce + a_kd if (t is not None and temp == 1.0) else 1.0
     for i in range(0, s.shape[0], _ROW_BLOCK):
-        sb, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
+        # Half-precision logits are upcast block by block (in cache), and the gradient written back in place.
+        s_blk, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
+        sb = s_blk.float()
         if t is None:
             logq = torch.log_softmax(sb, -1)
             ce_sum -= logq.gather(-1, yb).sum()
             torch.exp(logq, out=sb)
             sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -1.0)).mul_(a_ce)
+            if sb is not s_blk:
+                s_blk.copy_(sb)
             continue
-        tb = t[i : i + _ROW_BLOCK]
+        tb = t[i : i + _ROW_BLOCK].float()
         if temp != 1.0:
             logq1 = torch.log_softmax(sb, -1)
             ce_sum -= logq1.gather(-1, yb).sum()
@@ -136,6 +140,8 @@ def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
             # (a_ce + a_kd) * [q - a_kd / (a_ce + a_kd) * p - a_ce / (a_ce + a_kd) * onehot]
             sb.sub_(p, alpha=a_kd / scale)
             sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -a_ce / scale))
+        if sb is not s_blk:
+            s_blk.copy_(sb)
     return ce_sum, kd_sum * temp**2, scale
 
 
@@ -163,9 +169,11 @@ def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher
     temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
     logp_all, ptail_all = _sparse_support_logprobs(teacher, temp)
     ids_all = teacher.ids.long()
-    ce_sum, kd_sum = s.new_zeros(()), s.new_zeros(())
+    ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
+    kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     for i in range(0, s.shape[0], _ROW_BLOCK):
-        sb, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
+        s_blk, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
+        sb = s_blk.float()
         ids, logp = ids_all[i : i + _ROW_BLOCK], logp_all[i : i + _ROW_BLOCK]
         logq1 = torch.log_softmax(sb, -1)
         ce_sum -= logq1.gather(-1, yb).sum()
@@ -188,6 +196,8 @@ def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher
         g.scatter_add_(-1, ids, -p)
         g.mul_(a_kd * temp).add_(logq1.exp_(), alpha=a_ce)  # + a_ce * softmax(s)
         g.scatter_add_(-1, yb, g.new_full(yb.shape, -a_ce))
+        if sb is not s_blk:
+            s_blk.copy_(sb)
     return ce_sum, kd_sum * temp**2, 1.0
 
 
@@ -206,19 +216,19 @@ class _FusedLinearKD(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             h, y = hidden[rows], labels[rows]
-            s = F.linear(h, weight, bias).float()
+            s = F.linear(h, weight, bias)  # kept in the input dtype; upcast per row block or below
             t_chunk = teacher.chunk(rows) if teacher is not None else None
             if closed_form and not (t_chunk is None or dense_teacher):
                 ce, kd, scale = _closed_form_sparse_grad(s, y, t_chunk, spec)
                 g = s
             elif closed_form:
-                t_logits = t_chunk.logits() if t_chunk is not None else None
+                t_logits = F.linear(t_chunk.hidden, t_chunk.weight, t_chunk.bias) if t_chunk is not None else None
                 ce, kd, scale = _closed_form_grad(s, y, t_logits, spec)
                 del t_logits
                 g = s
             else:
                 with torch.enable_grad():
-                    s_ = s.detach().requires_grad_()
+                    s_ = s.detach().float().requires_grad_()
                     ce, kd = _chunk_losses(s_, y, t_chunk, spec)
                     (g,) = torch.autograd.grad(spec.ce_scale * ce + spec.kd_scale * kd, s_)
                 ce, kd, scale = ce.detach(), kd.detach(), 1.0
@@ -228,7 +238,7 @@ class _FusedLinearKD(torch.autograd.Function):
             if kd is not None:
                 kd_total += kd
             if grad_b is not None:
-                grad_b += g.sum(0)
+                grad_b += g.sum(0, dtype=torch.float32)
             g = g.to(dtype)
             torch.mm(g, weight, out=grad_h[rows])
             grad_h[rows] *= scale / denom

@@ -7,9 +7,11 @@ Two exact implementations:
   into the chunk's gradient for the hidden states and the accumulated gradient for the lm_head weight, and frees the
   chunk (Liger's scheme). Backward only scales the stored gradients. Each logits matmul runs once, so the cost is
   the matmul floor (two logits products, two gradient products) plus a few elementwise passes per chunk; the
-  extra memory is one weight-sized gradient plus a few `(chunk, V)` buffers. Forward KL and plain CE use a
-  closed-form gradient computed in place, row block by row block (cache-resident); the other divergences and the
-  sparse estimators take the chunk's gradient with autograd on the chunk alone.
+  extra memory is one float32 weight-sized gradient plus two `(chunk, V)` logits buffers in the input dtype.
+  Plain CE and forward KL (dense teacher or any sparse estimator) use a closed-form gradient computed in place,
+  row block by row block: each block is upcast to float32, processed while it sits in cache, and its gradient
+  written back over the logits. The other divergences take the chunk's gradient with autograd on the chunk alone
+  (exact too, a few more passes and float32 buffers).
 - `chunked_kd_loss`: per-chunk activation checkpointing (TRL's newer scheme). Same memory class, but the
   student logits matmul runs again in backward; kept as a reference and for the benchmark.
 

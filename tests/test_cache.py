@@ -222,3 +222,44 @@ def test_cli_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["cache-teacher", "--teacher", str(model_dir), "--data", str(tmp_path / "text.txt"), "--out", str(out)])
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_sigkill_mid_run_then_resume(setup):
+    """A real SIGKILL (no cleanup runs) after the second shard; the rerun completes and equals a clean run."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root, _, _, _, _ = setup
+    reference = build(setup, "clean-topk", estimator="topk_tail", top_k=8)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        from conftest import make_tiny_model, make_tiny_tokenizer
+        from loopfit.cache import CacheSettings, write_cache
+        from loopfit.data import build_dataset, tokenizer_hash
+        tok = make_tiny_tokenizer()
+        data = build_dataset({str(root / "text.txt")!r}, tok, seq_len=32)
+        teacher = make_tiny_model(num_layers=2, hidden=32, vocab={VOCAB}, seed=1)
+        info = {{"teacher": "tiny", "tokenizer_hash": tokenizer_hash(tok), "data_hash": data.data_hash,
+                "vocab_size": {VOCAB}}}
+        kill = sys.argv[1] == "kill"
+        def on_shard(i):
+            if kill and i == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        settings = CacheSettings(estimator="topk_tail", top_k=8, shard_rows=5, batch_size=2)
+        write_cache(teacher, data.train, {str(root / "killed")!r}, settings, info, progress=False, on_shard=on_shard)
+    """)
+    first = subprocess.run([sys.executable, "-c", script, "kill"], capture_output=True, text=True)
+    assert first.returncode == -9, first.stderr[-1000:]
+    assert not (root / "killed").exists() and (root / ".partial-killed" / "progress.json").exists()
+    second = subprocess.run([sys.executable, "-c", script, "resume"], capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-1000:]
+    resumed = TeacherCache(root / "killed")
+    resumed.verify()
+    assert resumed.manifest == reference.manifest
+    for sh in resumed.shards:
+        for rec in sh["files"].values():
+            assert (root / "killed" / rec["file"]).read_bytes() == (reference.folder / rec["file"]).read_bytes()

@@ -156,7 +156,9 @@ def plot_vs_flops(results: dict, flops: list[float], path: str, baseline_flops: 
         ax.plot([baseline_flops], [base], "s", color="C3", label="baseline")
     elif base is not None:
         ax.axhline(base, color="C3", ls="--", label="baseline")
-    ax.set_xscale("log")
+    xs = list(flops) + ([baseline_flops] if baseline_flops else [])
+    if max(xs) > 10 * min(xs):  # a log axis only where it spans a decade; short ones get crowded tick labels
+        ax.set_xscale("log")
     ax.set_xlabel("inference FLOPs per token")
     ax.set_ylabel(key)
     ax.legend()

@@ -195,7 +195,9 @@ def plan(cfg: DemoConfig, out: Path, converted: Path, tokenizer) -> dict:
         return json.loads(path.read_text())
     t0 = _stage("3/7 plan: time a few training steps to fit the healing into the budget")
     probe_docs = 64 if cfg.max_documents is None else min(64, cfg.max_documents)
-    probe = probe_run(train_config(cfg, converted, out / ".probe", 3, probe_docs, None), out / ".probe", 3)
+    probe_cfg = train_config(cfg, converted, out / ".probe", 3, probe_docs, None)
+    probe_cfg.max_minutes = None
+    probe = probe_run(probe_cfg, out / ".probe", 3)
     steps = max(10, plan_steps(cfg.budget_minutes * 60, probe, 0.0, None))
     rows = steps * cfg.batch_size
     docs = math.ceil(rows / (1 - cfg.val_fraction)) + 8

@@ -10,7 +10,8 @@ Systems (rows):
   loopfit jsd     `loopfit train`'s run (trainer `setup` + `fit`, plain student, fused loss), generalized JSD
                   beta 0.5, T 1, no CE term: the objective of TRL's GKD.
   trl gkd         `trl.experimental.gkd.GKDTrainer`, lmbda 0 (off-policy), beta 0.5 (its loss uses T = 1), its own
-                  ChatML collator on the same 4 records; TRL's other settings at their defaults.
+                  ChatML collator on the same 4 records, fp32 like the others (TRL's own default is bf16 autocast:
+                  `--trl_bf16`); its other settings at their defaults (gradient checkpointing on).
   loopfit fkl     the same loopfit run with forward KL, T 1, alpha 0.5 (0.5 CE + 0.5 KD).
   torchtune fkl   torchtune's `ForwardKLWithChunkedOutputLoss` + `CEWithChunkedOutputLoss` (8 chunks, kd_ratio 0.5),
                   the loss step of its knowledge_distillation_single_device recipe, on the same HF models (torchtune
@@ -86,6 +87,20 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+_CHECK_PEAK: list[float] = []
+
+
+def start_training_phase() -> None:
+    """Note the peak so far (loading, the loss check) and reset the kernel's peak-RSS mark (Linux), so the peak
+    measured at the end is that of the training steps alone (on top of what stayed resident)."""
+    _CHECK_PEAK.append(_peak_rss_gib())
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def hide_torchao_from_peft() -> None:
     """torchtune 0.6.1 needs torchao 0.10, which PEFT 0.21 refuses (it wants >= 0.16) as soon as it looks for it
     while injecting LoRA layers. Neither TRL's nor torchtune's step uses torchao (fp32, no quantization), so after
@@ -142,6 +157,7 @@ def worker_loopfit(args, kind: str) -> dict:
     with torch.no_grad():
         parts = micro_batch_loss(run.student, run.teacher, batch, None, cfg.distillation, num_items)
     run.stream = FixedBatch(batch)
+    start_training_phase()
     fit(run, until=args.warmup)
     t0 = time.perf_counter()
     fit(run)
@@ -177,7 +193,7 @@ def worker_trl(args) -> dict:
         output_dir=str(Path(args.tmp) / "trl"), per_device_train_batch_size=args.batch_size,
         max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", lmbda=0.0, beta=0.5,
         max_length=1024, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, seed=0,
+        dataloader_num_workers=0, seed=0, bf16=args.trl_bf16,
     )  # fmt: skip
     trainer = GKDTrainer(
         model=load_model(args.student), teacher_model=load_model("smollm2-135m"), args=targs,
@@ -188,10 +204,11 @@ def worker_trl(args) -> dict:
     collated = trainer.data_collator([{"messages": c} for c in convs])
     with torch.no_grad():
         loss0 = trainer.compute_loss(trainer.model, batch)
+    start_training_phase()
     trainer.train()
     timed = times[args.warmup :]
     return {"loss0": float(loss0), "seconds": sum(timed), "tokens_per_step": int(collated["attention_mask"].sum()),
-            "gradient_checkpointing": bool(targs.gradient_checkpointing), "steps_timed": len(timed)}  # fmt: skip
+            "gradient_checkpointing": bool(targs.gradient_checkpointing), "bf16": bool(targs.bf16)}  # fmt: skip
 
 
 def worker_torchtune(args) -> dict:
@@ -232,6 +249,7 @@ def worker_torchtune(args) -> dict:
         logp = F.log_softmax(t[m].float(), dim=-1)
         entropy = float(-(logp.exp() * logp).sum(-1).mean())
     times = []
+    start_training_phase()
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         loss, *_ = loss_step()
@@ -257,7 +275,8 @@ def run_worker(args) -> None:
         "torchtune_fkl": lambda: worker_torchtune(args),
     }[args.worker]
     result = fn()
-    result["peak_rss_gib"] = _peak_rss_gib()
+    result["train_peak_rss_gib"] = _peak_rss_gib()
+    result["peak_rss_gib"] = max([result["train_peak_rss_gib"], *_CHECK_PEAK])
     Path(args.json).write_text(json.dumps(result))
 
 
@@ -280,6 +299,8 @@ def spawn(system: str, python: str, args, student: str, tmp: Path) -> dict:
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
     if args.chunk_size:
         cmd += ["--chunk_size", str(args.chunk_size)]
+    if args.trl_bf16:
+        cmd += ["--trl_bf16"]
     print(f"[peers] {system}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -299,6 +320,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--trl_bf16", action="store_true", help="TRL with its own default bf16 autocast (others: fp32)")
     ap.add_argument("--chunk_size", type=int, default=None, help="loopfit's fused-loss chunk (default: its own)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -328,9 +350,10 @@ def main() -> None:
         row["tokens_per_s"] = r["tokens_per_step"] * args.steps / r["seconds"]
         row["step_s"] = r["seconds"] / args.steps
         row["peak_rss_gib"] = r["peak_rss_gib"]
+        row["train_peak_rss_gib"] = r["train_peak_rss_gib"]
         row["tokens_per_step"] = r["tokens_per_step"]
         row["loss0"] = r["loss0"]
-        for k in ("ce0", "kd0", "teacher_entropy", "gradient_checkpointing"):
+        for k in ("ce0", "kd0", "teacher_entropy", "gradient_checkpointing", "bf16"):
             if k in r:
                 row[k] = r[k]
         rows.append(row)
@@ -343,6 +366,9 @@ def main() -> None:
         meta["speedup_vs_trl"] = a["tokens_per_s"] / b["tokens_per_s"]
         meta["memory_ratio_vs_trl"] = a["peak_rss_gib"] / b["peak_rss_gib"]
         meta["jsd_loss_rel_diff_vs_trl"] = abs(a["loss0"] - b["loss0"]) / abs(b["loss0"])
+    if "loopfit_fkl" in by and "trl_gkd" in by:  # loopfit's default objective family against TRL, for reference
+        meta["speedup_fkl_vs_trl"] = by["loopfit_fkl"]["tokens_per_s"] / by["trl_gkd"]["tokens_per_s"]
+        meta["memory_ratio_fkl_vs_trl"] = by["loopfit_fkl"]["peak_rss_gib"] / by["trl_gkd"]["peak_rss_gib"]
     if "loopfit_fkl" in by and "torchtune_fkl" in by:
         a, b = by["loopfit_fkl"], by["torchtune_fkl"]
         meta["speedup_vs_torchtune"] = a["tokens_per_s"] / b["tokens_per_s"]

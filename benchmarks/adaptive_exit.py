@@ -5,7 +5,8 @@
 
 Scores `--tokens` tokens of held-out text teacher-forced, one token at a time with the KV cache (the decoding
 path), after a `--prefix`-token prompt. Each row: criterion, threshold, mean iterations per token, mean NLL, its
-change against the fixed depth `--max_steps`, and tokens/s. Writes benchmarks/results/adaptive_exit.json.
+change against the fixed depth `--max_steps`, and tokens/s.
+Writes benchmarks/results/adaptive_exit_{full,compress}.json.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main() -> None:
         )  # fmt: skip
         print(rows[-1], flush=True)
     meta = dict(vars(args), cache_mode=model.config.cache_mode, layout=model.config.layout)
-    report("adaptive_exit", rows, meta)
+    report(f"adaptive_exit_{model.config.cache_mode}", rows, meta)
 
 
 if __name__ == "__main__":

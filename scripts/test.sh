@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 python3 -m ruff check src tests benchmarks
-python3 -m pytest tests "$@"
+python3 -m pytest tests -q --durations=10 "$@"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Set up a fresh machine and run the main job on the embedded SmolLM2-135M-Instruct.
+# Set up a fresh machine and run the main job: `loopfit demo` on the embedded SmolLM2-135M-Instruct and the built-in
+# arithmetic word problems (about 20 minutes on 2 CPU cores). Extra flags go to `loopfit demo`, e.g.
+#   bash scripts/main.sh --budget_minutes 5 --out runs/quick
+# An interrupted demo resumes where it stopped when rerun with the same --out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-OUT=${OUT:-runs/main}
-rm -rf "$OUT/smol-4-6-4"
-loopfit convert smollm2-135m --out "$OUT/smol-4-6-4" --prelude 4 --block 6 --coda 4
-for R in 1 2 4; do
-  loopfit generate "$OUT/smol-4-6-4" --prompt "What is the capital of France?" --num_steps $R --chat=true --max_new_tokens 24
-done
+loopfit demo --out runs/demo "$@"
+for a in "$@"; do case $prev in --out) OUT_DIR=$a;; esac; prev=$a; done
+cat "${OUT_DIR:-runs/demo}/report.md"

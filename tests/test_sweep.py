@@ -192,6 +192,11 @@ def test_sweep_with_budget(base, tmp_path):
     assert [e["status"] for e in entries] == ["done", "done"]
     assert all(1 <= e["steps"] <= 5 and math.isfinite(e["metric"]) for e in entries)
     assert not list(out.glob(".probe-*"))
+    # A budget already spent by the probe still trains (one step per run) instead of failing.
+    main(["sweep", "--config", str(base / "base.yaml"), "--grid", "lora.r=2", "--out", str(tmp_path / "spent"),
+          "--budget_minutes", "0.0001", "--probe_steps", "1"])  # fmt: skip
+    entry = json.loads((tmp_path / "spent" / "sweep.json").read_text())["runs"][0]
+    assert entry["status"] == "done" and entry["steps"] == 1
 
 
 def test_pareto_front():

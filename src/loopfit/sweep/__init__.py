@@ -82,11 +82,14 @@ def run_sweep(
                 p = probes[sig]
                 remaining = sum(not (Path(r.cfg.out) / "done.json").is_file() for r in runs[i:])
                 share = max(0.0, deadline - time.monotonic()) / remaining
-                cfg.max_steps = plan_steps(share, p, p.setup_s + p.validate_s + metric_s, max_steps)
-                if cfg.max_minutes is None:  # a guard against a bad estimate, well above the planned time
-                    cfg.max_minutes = 1.5 * share / 60
+                overhead = p.setup_s + p.validate_s + metric_s
+                cfg.max_steps = plan_steps(share, p, overhead, max_steps)
+                planned = cfg.max_steps * p.seconds_per_step
+                if cfg.max_minutes is None:  # a guard against a bad estimate, well above the planned step time
+                    cfg.max_minutes = 1.5 * max(share - overhead, planned) / 60
                 _log(f"{tag}: {cfg.max_steps} steps for a {share / 60:.1f}-minute share "
-                     f"({p.seconds_per_step:.2f} s/step expected over the curriculum)")  # fmt: skip
+                     f"({p.seconds_per_step:.2f} s/step expected over the curriculum, {overhead:.0f} s fixed costs)"
+                     + (" - the budget is spent, training 1 step" if share - overhead < planned else ""))  # fmt: skip
             else:
                 _log(f"{tag}: {cfg.max_steps} steps")
             if cfg.save_every == 0:  # checkpoints along the way make an interrupted sweep resumable

@@ -41,17 +41,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def convert_student(root: Path, layout: str) -> str:
-    """SmolLM2 converted to a looped model with the identity adapter, saved with its tokenizer."""
+def convert_student(root: Path, layout: str, source: str) -> str:
+    """The source converted to a looped model with the identity adapter, saved with its tokenizer."""
     from loopfit.convert import layout_from_sizes, to_looped
     from loopfit.loading import load_model, load_tokenizer
 
-    src = load_model("smollm2-135m")
+    src = load_model(source)
     p, b, c = map(int, layout.split("-"))
     looped = to_looped(src, layout_from_sizes(src.config.num_hidden_layers, p, b, c), adapter_init="identity")
     path = root / f"smollm2-{layout}"
     looped.save_pretrained(path)
-    load_tokenizer("smollm2-135m").save_pretrained(path)
+    load_tokenizer(source).save_pretrained(path)
     return str(path)
 
 
@@ -65,7 +65,7 @@ def looped_step(student: str, root: Path, args, precision: str) -> dict:
         model_name=student, out=str(root / f"run-{precision}"), data=args.data, seq_len=args.seq_len,
         batch_size=args.batch_size, max_steps=args.warmup + args.steps, fixed_num_steps=args.depth,
         lora=LoRAConfig(enabled=True, r=16, lora_alpha=32),
-        distillation=DistillationConfig(enabled=True, teacher_model_name="smollm2-135m", temperature=2.0, alpha=0.5),
+        distillation=DistillationConfig(enabled=True, teacher_model_name=args.source, temperature=2.0, alpha=0.5),
         precision=precision, device=args.device, progress_bar=False, tensorboard=False, overwrite=True,
         max_documents=args.max_documents,
     )  # fmt: skip
@@ -109,7 +109,7 @@ def reference_step(args, precision: str) -> dict:
     from loopfit.train.metrics import measure_matmul_peak
 
     dev = torch.device("cuda" if args.device == "cuda" else "cpu")
-    model = load_model("smollm2-135m").to(dev).train()
+    model = load_model(args.source).to(dev).train()
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=torch.Generator()
                         .manual_seed(0)).to(dev)  # fmt: skip
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -145,6 +145,7 @@ def reference_step(args, precision: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--source", default="smollm2-135m", help="source and teacher model (any folder, hub id, alias)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--seq_len", type=int, default=256)
@@ -162,13 +163,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        student = convert_student(Path(tmp), args.layout)
+        student = convert_student(Path(tmp), args.layout, args.source)
         for precision in args.precisions:
             rows.append(looped_step(student, Path(tmp), args, precision))
             if not args.skip_reference:
                 rows.append(reference_step(args, precision))
     meta = {
         "device": args.device,
+        "source": args.source,
         "batch": f"{args.batch_size} x {args.seq_len}",
         "depth": args.depth,
         "layout": args.layout,

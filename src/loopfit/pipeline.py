@@ -141,7 +141,7 @@ def convert(cfg: DemoConfig, out: Path, teacher, tokenizer, layers: str) -> Path
     return folder
 
 
-def data(cfg: DemoConfig, tokenizer, max_documents: int | None):
+def data(cfg: DemoConfig, tokenizer, max_documents: int | None, val_fraction: float):
     from loopfit.data import build_dataset
 
     return build_dataset(
@@ -149,14 +149,20 @@ def data(cfg: DemoConfig, tokenizer, max_documents: int | None):
         tokenizer,
         cfg.seq_len,
         chat=cfg.chat,
-        val_fraction=cfg.val_fraction,
+        val_fraction=val_fraction,
         seed=cfg.seed,
         max_documents=max_documents,
     )
 
 
 def train_config(
-    cfg: DemoConfig, converted: Path, run: Path, steps: int, max_documents: int | None, cache: Path | None
+    cfg: DemoConfig,
+    converted: Path,
+    run: Path,
+    steps: int,
+    max_documents: int | None,
+    cache: Path | None,
+    val_fraction: float,
 ):
     """The healing run: LoRA + the loop adapter trained fully, KD from the cached teacher, curriculum of the mean."""
     from loopfit.train.config import DistillationConfig, LoRAConfig, MeanRecurrenceSchedule, OptimConfig, TrainConfig
@@ -167,7 +173,7 @@ def train_config(
         data=cfg.data,
         chat=cfg.chat,
         max_documents=max_documents,
-        val_fraction=cfg.val_fraction,
+        val_fraction=val_fraction,
         seq_len=cfg.seq_len,
         batch_size=cfg.batch_size,
         max_steps=steps,
@@ -195,26 +201,33 @@ def plan(cfg: DemoConfig, out: Path, converted: Path, tokenizer) -> dict:
         return json.loads(path.read_text())
     t0 = _stage("3/7 plan: time a few training steps to fit the healing into the budget")
     probe_docs = 64 if cfg.max_documents is None else min(64, cfg.max_documents)
-    probe_cfg = train_config(cfg, converted, out / ".probe", 3, probe_docs, None)
+    probe_cfg = train_config(cfg, converted, out / ".probe", 3, probe_docs, None, cfg.val_fraction)
     probe_cfg.max_minutes = None
     probe = probe_run(probe_cfg, out / ".probe", 3)
     steps = max(10, plan_steps(cfg.budget_minutes * 60, probe, 0.0, None))
     rows = steps * cfg.batch_size
-    docs = math.ceil(rows / (1 - cfg.val_fraction)) + 8
+    # Hold out enough documents to score `eval_rows` sequences, but cache and train only what the steps read.
+    val_fraction = max(cfg.val_fraction, (cfg.eval_rows + 2) / (rows + cfg.eval_rows + 2))
+    docs = math.ceil(rows / (1 - val_fraction)) + 8
     while cfg.max_documents is None or docs < cfg.max_documents:
-        if len(data(cfg, tokenizer, docs).train) >= rows:
+        if len(data(cfg, tokenizer, docs, val_fraction).train) >= rows:
             break
         docs = math.ceil(docs * 1.25)
     if cfg.max_documents is not None:
         docs = min(docs, cfg.max_documents)
-    result = {"steps": steps, "max_documents": docs, "seconds_per_step": probe.seconds_per_step}
+    result = {
+        "steps": steps,
+        "max_documents": docs,
+        "val_fraction": val_fraction,
+        "seconds_per_step": probe.seconds_per_step,
+    }
     print(f"    {steps} steps of ~{probe.seconds_per_step:.1f} s fit {cfg.budget_minutes:g} min; {docs} documents")
     write_json(path, result)
     _done(t0)
     return result
 
 
-def cache_teacher(cfg: DemoConfig, out: Path, max_documents: int) -> Path:
+def cache_teacher(cfg: DemoConfig, out: Path, max_documents: int, val_fraction: float) -> Path:
     from loopfit.cache.commands import cache_teacher_command
 
     folder = out / "teacher-cache"
@@ -230,14 +243,14 @@ def cache_teacher(cfg: DemoConfig, out: Path, max_documents: int) -> Path:
             top_k=cfg.top_k,
             chat=cfg.chat,
             max_documents=max_documents,
-            val_fraction=cfg.val_fraction,
+            val_fraction=val_fraction,
             seed=cfg.seed,
         )
         _done(t0)
     return folder
 
 
-def heal(cfg: DemoConfig, out: Path, converted: Path, cache: Path, steps: int, max_documents: int) -> Path:
+def heal(cfg: DemoConfig, out: Path, converted: Path, cache: Path, p: dict) -> Path:
     from loopfit.train.commands import export_command
     from loopfit.train.recipe import train
 
@@ -246,9 +259,9 @@ def heal(cfg: DemoConfig, out: Path, converted: Path, cache: Path, steps: int, m
         return healed
     t0 = _stage(
         f"5/7 heal: LoRA r={cfg.lora_r} + KD from the cached teacher, mean depth ramping 1 -> "
-        f"{cfg.max_mean_rec}, {steps} steps (~{cfg.budget_minutes:g} min)"
+        f"{cfg.max_mean_rec}, {p['steps']} steps (~{cfg.budget_minutes:g} min)"
     )
-    train(train_config(cfg, converted, run, steps, max_documents, cache))
+    train(train_config(cfg, converted, run, p["steps"], p["max_documents"], cache, p["val_fraction"]))
     export_command(str(run), out=str(healed), overwrite=True)
     _done(t0)
     return healed
@@ -388,9 +401,9 @@ def demo(cfg: DemoConfig) -> Path:
     layers = suggested if cfg.layers == "auto" else cfg.layers
     converted = convert(cfg, out, teacher, tokenizer, layers)
     p = plan(cfg, out, converted, tokenizer)
-    packed = data(cfg, tokenizer, p["max_documents"])
-    cache = cache_teacher(cfg, out, p["max_documents"])
-    healed = heal(cfg, out, converted, cache, p["steps"], p["max_documents"])
+    packed = data(cfg, tokenizer, p["max_documents"], p["val_fraction"])
+    cache = cache_teacher(cfg, out, p["max_documents"], p["val_fraction"])
+    healed = heal(cfg, out, converted, cache, p)
     result = evaluate(cfg, out, teacher, converted, healed, packed)
     rows = samples(cfg, out, healed, tokenizer, packed)
     path = report(cfg, out, layers, suggested, result, rows)

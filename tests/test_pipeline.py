@@ -56,7 +56,7 @@ def test_demo_end_to_end_tiny(tiny_source_dir, tmp_path, capsys):
     assert max(depths["before"]) - min(depths["before"]) < 1e-5
     assert depths["after"][1] < depths["before"][1]  # healing helped at the training depth
     report = (out / "report.md").read_text()
-    assert "closing" in report and "Sample generations" in report
+    assert "healing took the loss from" in report and "Sample generations" in report
     # A rerun finds every stage done and only rewrites the report.
     main(args)
     rerun = capsys.readouterr().out

@@ -373,9 +373,16 @@ def report(cfg: DemoConfig, out: Path, layers: str, suggested: str, result: dict
         f"| teacher | {t:.3f} |" + " |" * (len(d) - 1),
         "",
         f"At the training depth R = {d[train_depth]} healing took the loss from {before[train_depth]:.3f} to "
-        f"{after[train_depth]:.3f}, closing {100 * closed:.0f}% of the gap to the teacher ({t:.3f}). "
+        f"{after[train_depth]:.3f}, "
         + (
-            "Deeper loops than the training depth "
+            f"closing {100 * closed:.0f}% of the gap to the teacher ({t:.3f}). "
+            if closed <= 1
+            else f"below the teacher's {t:.3f}: besides distillation, the CE term taught the student the format of "
+            "this data, which the teacher never trained on (the gap to the teacher is closed). "
+        )
+        + f"One loop gives {after[0]:.3f}; "
+        + (
+            "deeper loops than the training depth "
             + ("do not hurt" if after[-1] <= after[train_depth] + 0.02 else "cost some quality")
             + f" (R = {d[-1]}: {after[-1]:.3f})."
         ),

@@ -48,8 +48,8 @@ def _commands() -> dict:
     from loopfit.evaluate import eval_command
     from loopfit.flops import count_command
     from loopfit.generate import generate_command
-    from loopfit.pipeline import DemoConfig, demo
     from loopfit.gsm8k import gsm8k_command
+    from loopfit.pipeline import DemoConfig, demo
     from loopfit.sweep import sweep_command
     from loopfit.train.commands import export_command, train_command
 

@@ -96,3 +96,30 @@ def tiny_source_dir(tmp_path):
     model.save_pretrained(path)
     make_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+TEXT = "\n\n".join(f"Line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 5}." for i in range(60))
+
+
+def write_teacher_and_looped_student(root):
+    """Save a tiny Llama teacher, its 1-2-1 looped conversion and a small text file under `root`."""
+    from loopfit.convert import layout_from_sizes, to_looped
+
+    src = make_tiny_model("llama", num_layers=6, hidden=32)
+    tok = make_tiny_tokenizer()
+    src.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    looped = to_looped(src, layout_from_sizes(6, 1, 2, 1), state_init="zeros", mean_recurrence=2)
+    looped.save_pretrained(root / "looped")
+    tok.save_pretrained(root / "looped")
+    (root / "data.txt").write_text(TEXT)
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine run much faster without intra-op threads spinning."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

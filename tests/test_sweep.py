@@ -8,38 +8,21 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import write_teacher_and_looped_student
 
 from loopfit.cli import main
-from loopfit.convert import layout_from_sizes, to_looped
 from loopfit.errors import LoopfitError
 from loopfit.sweep.budget import Probe, expected_depths, flops_per_token, plan_steps
 from loopfit.sweep.grid import build_runs, load_config, parse_grid, run_name, split_values
 from loopfit.sweep.plots import pareto_front
 
-TEXT = "\n\n".join(f"Line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 5}." for i in range(60))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A base config YAML: tiny looped student, its source as teacher, LoRA + KD, a held-out split."""
-    root = tmp_path_factory.mktemp("sweep")
-    src = make_tiny_model("llama", num_layers=6, hidden=32)
-    tok = make_tiny_tokenizer()
-    src.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    looped = to_looped(src, layout_from_sizes(6, 1, 2, 1), state_init="zeros", mean_recurrence=2)
-    looped.save_pretrained(root / "looped")
-    tok.save_pretrained(root / "looped")
-    (root / "data.txt").write_text(TEXT)
+    root = write_teacher_and_looped_student(tmp_path_factory.mktemp("sweep"))
     cfg = {
         "model_name": str(root / "looped"),
         "data": str(root / "data.txt"),

@@ -7,36 +7,18 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import TEXT, make_tiny_model, make_tiny_tokenizer, write_teacher_and_looped_student
 
-from loopfit.convert import layout_from_sizes, to_looped
 from loopfit.errors import LoopfitError
 from loopfit.train import DistillationConfig, LoRAConfig, ParamGroupRule, StageConfig, TrainConfig
 from loopfit.train.recipe import depth_at, fit, setup, train
 
-TEXT = "\n\n".join(f"Line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 5}." for i in range(60))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine run much faster without intra-op threads spinning.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    src = make_tiny_model("llama", num_layers=6, hidden=32)
-    tok = make_tiny_tokenizer()
-    src.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    looped = to_looped(src, layout_from_sizes(6, 1, 2, 1), state_init="zeros", mean_recurrence=2)
-    looped.save_pretrained(root / "looped")
-    tok.save_pretrained(root / "looped")
-    (root / "data.txt").write_text(TEXT)
+    root = write_teacher_and_looped_student(tmp_path_factory.mktemp("train"))
     # Exactly one batch of 4 rows of 32 tokens: every step sees the same batch.
     (root / "one_batch.txt").write_text("\n\n".join(TEXT.split("\n\n")[:3]))
     return root

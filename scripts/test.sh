@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python3 -m ruff check src tests benchmarks
+python3 -m ruff check src tests benchmarks scripts
+python3 -m ruff format --check src tests benchmarks scripts
 python3 -m pytest tests -q --durations=10 "$@"

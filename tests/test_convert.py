@@ -146,7 +146,15 @@ def test_repeated_list_flags_append():
     from loopfit.cli import repeated_flags_append
 
     assert repeated_flags_append(["prepare", "--data", "a", "--data", "b", "--data=c", "--seq_len", "8"]) == [
-        "prepare", "--data", "a", "--data+", "b", "--data+=c", "--seq_len", "8"]
+        "prepare",
+        "--data",
+        "a",
+        "--data+",
+        "b",
+        "--data+=c",
+        "--seq_len",
+        "8",
+    ]
 
 
 def test_generate_several_prompts(tiny_source_dir, tmp_path, capsys):

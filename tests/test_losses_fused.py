@@ -135,6 +135,41 @@ def test_minus_inf_teacher_logits_and_all_masked():
     assert masked.total.item() == 0.0 and (h.grad == 0).all() and (w.grad == 0).all()
 
 
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_closed_form_with_impossible_teacher_tokens(kind):
+    """Teacher probabilities of exactly zero: every closed-form gradient stays finite and equals autograd's."""
+    h, w, _, th, tw, labels = make(seed=7)
+    tb = torch.zeros(V)
+    tb[:7] = -math.inf
+    kw = dict(kind=kind, temperature=1.5, beta=0.3, alpha=0.2, lam=0.6)
+    out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, teacher_bias=tb, chunk_size=8, **kw)
+    total, _, _ = reference(h, w, None, labels, th, tw, tb, **kw)
+    for got, want in zip(grads(out.total, h, w), grads(total, h, w)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,params", [("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("skew", {"alpha": 0.0})])
+def test_divergence_endpoints(kind, params):
+    h, w, _, th, tw, labels = make(seed=8)
+    out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind=kind, temperature=2.0, **params)
+    total, _, kd = reference(h, w, None, labels, th, tw, kind=kind, temperature=2.0, **params)
+    torch.testing.assert_close(out.kd, kd.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(out.total, h, w), grads(total, h, w)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_lm_head_gets_no_gradient():
+    """A weight without requires_grad (LoRA's frozen lm_head) skips the weight gradient; the hidden one is exact."""
+    h, w, _, th, tw, labels = make(seed=9)
+    w = w.detach()
+    out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind="jsd")
+    (gh,) = torch.autograd.grad(out.total, h)
+    total, _, _ = reference(h, w, None, labels, th, tw, kind="jsd")
+    torch.testing.assert_close(gh, torch.autograd.grad(total, h)[0], rtol=1e-5, atol=1e-5)
+    assert w.grad is None
+
+
 def test_bf16_inputs():
     h, w, _, th, tw, labels = make(seed=6, dtype=torch.bfloat16)
     out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, temperature=2.0, chunk_size=6)

@@ -247,8 +247,13 @@ def convert_command(
     if layers == "auto":
         from loopfit.analysis import suggest_layout
 
-        layers = suggest_layout(source, load_tokenizer(path), data=analysis_data, num_samples=analysis_samples,
-                                target_recurrent_size=target_recurrent_size)
+        layers = suggest_layout(
+            source,
+            load_tokenizer(path),
+            data=analysis_data,
+            num_samples=analysis_samples,
+            target_recurrent_size=target_recurrent_size,
+        )
         print(f"layer analysis suggests --layers {layers}")
         layout = parse_layout(layers, n)
     tokenizer = load_tokenizer(path)

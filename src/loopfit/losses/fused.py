@@ -8,10 +8,10 @@ Two exact implementations:
   chunk (Liger's scheme). Backward only scales the stored gradients. Each logits matmul runs once, so the cost is
   the matmul floor (two logits products, two gradient products) plus a few elementwise passes per chunk; the
   extra memory is one float32 weight-sized gradient plus two `(chunk, V)` logits buffers in the input dtype.
-  Plain CE and forward KL (dense teacher or any sparse estimator) use a closed-form gradient computed in place,
-  row block by row block: each block is upcast to float32, processed while it sits in cache, and its gradient
-  written back over the logits. The other divergences take the chunk's gradient with autograd on the chunk alone
-  (exact too, a few more passes and float32 buffers).
+  Every divergence against a dense teacher (and forward KL against any sparse estimator) uses a closed-form
+  gradient computed in place, row block by row block: each block is upcast to float32, processed while it sits in
+  cache, and its gradient written back over the logits. Only the other divergences against sparse targets take the
+  chunk's gradient with autograd on the chunk alone (exact too, a few more passes and float32 buffers).
 - `chunked_kd_loss`: per-chunk activation checkpointing (TRL's newer scheme). Same memory class, but the
   student logits matmul runs again in backward; kept as a reference and for the benchmark.
 
@@ -22,6 +22,7 @@ the gradients are those of this forward's inputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,16 @@ class _Spec:
     ce_scale: float
     kd_scale: float
     kind_params: dict
+
+
+def _is_fkl(spec: _Spec) -> bool:
+    """Forward KL, including the endpoints of `jsd` (beta 0) and `skew` (alpha 0) that reduce to it."""
+    kp = spec.kind_params
+    return (
+        spec.kind == "fkl"
+        or (spec.kind == "jsd" and kp.get("beta", 0.5) == 0.0)
+        or (spec.kind == "skew" and kp.get("alpha", 0.1) == 0.0)
+    )
 
 
 def _chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher | None, spec: _Spec):
@@ -147,6 +158,71 @@ def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
     return ce_sum, kd_sum * temp**2, scale
 
 
+def _kind_value_and_dq(logq: torch.Tensor, logp: torch.Tensor, spec: _Spec):
+    """Per-row divergence sums `(c,)` and `g = d D / d q` `(c, V)` for the non-FKL kinds (`q`, `p` at temperature T).
+
+    The softmax Jacobian then gives `d D / dz = q * (g - <q, g>)` for the student's scaled logits `z = s / T`.
+    For `jsd` with `m = beta p + (1 - beta) q` the terms of `d D / dq` that involve `p / m` collapse to a
+    constant, leaving `(1 - beta) log(q / m)`.
+    """
+    kind, kp = spec.kind, spec.kind_params
+    beta, lam, alpha = kp.get("beta", 0.5), kp.get("lam", 0.5), kp.get("alpha", 0.1)
+    p = logp.exp()
+    if kind == "rkl" or (kind == "jsd" and beta == 1.0):
+        g = logq - logp
+        return (logq.exp() * g).sum(-1), g
+    if kind == "jsd":
+        logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+        g = logq - logm
+        value = beta * (p * (logp - logm)).sum(-1) + (1.0 - beta) * (logq.exp() * g).sum(-1)
+        return value, g.mul_(1.0 - beta)
+    if kind == "skew":
+        logm = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
+        value = (p * (logp - logm)).sum(-1)
+        return value, (logp - logm).exp_().mul_(alpha - 1.0)
+    if kind == "tvd":
+        diff = logq.exp() - p
+        return 0.5 * diff.abs().sum(-1), diff.sign_().mul_(0.5)
+    if kind == "skl":
+        # Only the RKL part goes through g; the caller adds the FKL part's z-gradient lam * (q - p) directly
+        # (its d/dq, -p / q, overflows where q underflows).
+        g = logq - logp
+        value = lam * (p * (logp - logq)).sum(-1) + (1.0 - lam) * (logq.exp() * g).sum(-1)
+        return value, g.mul_(1.0 - lam)
+    raise ValueError(f"no closed form for kind '{kind}'")
+
+
+@torch.no_grad()
+def _closed_form_divergence_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor, spec: _Spec):
+    """CE + any non-FKL divergence against dense teacher logits `t`: sums and the gradient written into `s`.
+
+    Same contract as `_closed_form_grad` (scale 1). Row blocks keep the float32 temporaries (a few `4 x V`
+    buffers) in cache, so the memory is that of the logits alone, where autograd would keep several `(c, V)`
+    float32 tensors per chunk.
+    """
+    temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
+    lam = spec.kind_params.get("lam", 0.5)
+    ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
+    kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
+    for i in range(0, s.shape[0], _ROW_BLOCK):
+        s_blk, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
+        sb = s_blk.float()
+        logq1 = torch.log_softmax(sb, -1)
+        ce_sum -= logq1.gather(-1, yb).sum()
+        logq = (torch.log_softmax(sb / temp, -1) if temp != 1.0 else logq1).clamp(min=_LOG_FLOOR)
+        logp = torch.log_softmax(t[i : i + _ROW_BLOCK].float() / temp, -1).clamp(min=_LOG_FLOOR)
+        value, g = _kind_value_and_dq(logq, logp, spec)
+        kd_sum += value.sum()
+        q = logq.exp_()
+        g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)
+        if spec.kind == "skl":
+            g.add_(q, alpha=lam).sub_(logp.exp_(), alpha=lam)
+        g.mul_(a_kd * temp).add_(logq1.exp_(), alpha=a_ce)
+        g.scatter_add_(-1, yb, g.new_full(yb.shape, -a_ce))
+        s_blk.copy_(g)
+    return ce_sum, kd_sum * temp**2, 1.0
+
+
 @torch.no_grad()
 def _sparse_support_logprobs(teacher: _Teacher, temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher log-probabilities over the k ids `(c, k)` (floored where absent) and the tail bucket `(c,)` or None."""
@@ -207,13 +283,16 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, teacher, spec, chunk_size, denom):
         n, dtype = hidden.shape[0], hidden.dtype
+        # A frozen lm_head (LoRA, the usual case) needs no weight gradient: skipping it saves one of the four
+        # logits-sized matmuls and a float32 weight-sized buffer.
+        need_w, need_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.zeros_like(hidden)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dense_teacher = teacher is not None and teacher.hidden is not None
-        closed_form = teacher is None or spec.kind == "fkl"
+        closed_form = teacher is None or _is_fkl(spec)
         w_scale = None
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
@@ -226,6 +305,11 @@ class _FusedLinearKD(torch.autograd.Function):
             elif closed_form:
                 t_logits = F.linear(t_chunk.hidden, t_chunk.weight, t_chunk.bias) if t_chunk is not None else None
                 ce, kd, scale = _closed_form_grad(s, y, t_logits, spec)
+                del t_logits
+                g = s
+            elif dense_teacher:
+                t_logits = F.linear(t_chunk.hidden, t_chunk.weight, t_chunk.bias)
+                ce, kd, scale = _closed_form_divergence_grad(s, y, t_logits, spec)
                 del t_logits
                 g = s
             else:
@@ -244,17 +328,18 @@ class _FusedLinearKD(torch.autograd.Function):
             g = g.to(dtype)
             torch.mm(g, weight, out=grad_h[rows])
             grad_h[rows] *= scale / denom
-            if dtype == torch.float32:
+            if grad_w is not None and dtype == torch.float32:
                 grad_w.addmm_(g.t(), h)
-            else:
+            elif grad_w is not None:
                 grad_w += g.t() @ h
             del g
         if w_scale is not None:
-            grad_w *= w_scale / denom
-            if grad_b is not None:
-                grad_b *= w_scale / denom
+            for grad in (grad_w, grad_b):
+                if grad is not None:
+                    grad *= w_scale / denom
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), grad_b)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
         ce_total /= denom
         kd_total /= denom
         total = spec.ce_scale * ce_total + (spec.kd_scale * kd_total if teacher is not None else 0.0)
@@ -265,7 +350,7 @@ class _FusedLinearKD(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         gh = grad_h * grad_total.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
-        gw = grad_w * grad_total.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
+        gw = grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None
         gb = grad_b * grad_total.to(grad_b.dtype) if grad_b is not None and ctx.needs_input_grad[2] else None
         return gh, gw, gb, None, None, None, None, None
 

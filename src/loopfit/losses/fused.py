@@ -32,7 +32,13 @@ from torch.utils.checkpoint import checkpoint
 from loopfit.losses.divergences import _LOG_FLOOR, check_kind, divergence_from_logprobs
 from loopfit.losses.sparse import check_sparse, sparse_per_token, tail_from_logprobs
 
-_ROW_BLOCK = 4  # rows per elementwise block in the closed-form path: a few 4 x V float32 buffers stay in L2
+_ROW_BLOCK = 4  # rows per elementwise block in the closed-form path on CPU: a few 4 x V float32 buffers stay in L2
+
+
+def _row_block(s: torch.Tensor) -> int:
+    """Rows per elementwise block: cache-sized on CPU; the whole chunk on accelerators, where each op is a kernel
+    launch and small blocks would leave the device idle."""
+    return _ROW_BLOCK if s.device.type == "cpu" else max(s.shape[0], 1)
 
 
 @dataclass
@@ -118,9 +124,10 @@ def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
     ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     scale = a_ce + a_kd if (t is not None and temp == 1.0) else 1.0
-    for i in range(0, s.shape[0], _ROW_BLOCK):
+    blk = _row_block(s)
+    for i in range(0, s.shape[0], blk):
         # Half-precision logits are upcast block by block (in cache), and the gradient written back in place.
-        s_blk, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
+        s_blk, yb = s[i : i + blk], y[i : i + blk, None]
         sb = s_blk.float()
         if t is None:
             logq = torch.log_softmax(sb, -1)
@@ -130,7 +137,7 @@ def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
             if sb is not s_blk:
                 s_blk.copy_(sb)
             continue
-        tb = t[i : i + _ROW_BLOCK].float()
+        tb = t[i : i + blk].float()
         if temp != 1.0:
             logq1 = torch.log_softmax(sb, -1)
             ce_sum -= logq1.gather(-1, yb).sum()
@@ -204,13 +211,14 @@ def _closed_form_divergence_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tens
     lam = spec.kind_params.get("lam", 0.5)
     ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
-    for i in range(0, s.shape[0], _ROW_BLOCK):
-        s_blk, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
+    blk = _row_block(s)
+    for i in range(0, s.shape[0], blk):
+        s_blk, yb = s[i : i + blk], y[i : i + blk, None]
         sb = s_blk.float()
         logq1 = torch.log_softmax(sb, -1)
         ce_sum -= logq1.gather(-1, yb).sum()
         logq = (torch.log_softmax(sb / temp, -1) if temp != 1.0 else logq1).clamp(min=_LOG_FLOOR)
-        logp = torch.log_softmax(t[i : i + _ROW_BLOCK].float() / temp, -1).clamp(min=_LOG_FLOOR)
+        logp = torch.log_softmax(t[i : i + blk].float() / temp, -1).clamp(min=_LOG_FLOOR)
         value, g = _kind_value_and_dq(logq, logp, spec)
         kd_sum += value.sum()
         q = logq.exp_()
@@ -249,10 +257,11 @@ def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher
     ids_all = teacher.ids.long()
     ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
-    for i in range(0, s.shape[0], _ROW_BLOCK):
-        s_blk, yb = s[i : i + _ROW_BLOCK], y[i : i + _ROW_BLOCK, None]
+    blk = _row_block(s)
+    for i in range(0, s.shape[0], blk):
+        s_blk, yb = s[i : i + blk], y[i : i + blk, None]
         sb = s_blk.float()
-        ids, logp = ids_all[i : i + _ROW_BLOCK], logp_all[i : i + _ROW_BLOCK]
+        ids, logp = ids_all[i : i + blk], logp_all[i : i + blk]
         logq1 = torch.log_softmax(sb, -1)
         ce_sum -= logq1.gather(-1, yb).sum()
         logq = torch.log_softmax(sb.div_(temp), -1) if temp != 1.0 else logq1
@@ -261,7 +270,7 @@ def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher
         kd_sum += (p * (logp - lq)).sum()
         if ptail_all is not None:
             lq_tail = logq.scatter(-1, ids, _LOG_FLOOR).logsumexp(-1).clamp(min=_LOG_FLOOR)
-            lp_tail = ptail_all[i : i + _ROW_BLOCK]
+            lp_tail = ptail_all[i : i + blk]
             p_tail = lp_tail.exp()
             kd_sum += (p_tail * (lp_tail - lq_tail)).sum()
             # Outside the support: q_j - p_tail * q_j / q_tail; the ratio is <= 1 there (clamped for the ids,

@@ -267,6 +267,23 @@ def test_grad_accumulation_equals_larger_batch(models, tmp_path):
     small.logger.close()
 
 
+def test_gradient_checkpointing_gives_the_same_training(models, tmp_path):
+    common = dict(
+        max_steps=2,
+        lora=LoRAConfig(enabled=True, r=4),
+        distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher")),
+    )
+    plain = setup(_cfg(models, tmp_path / "a", **common))
+    fit(plain)
+    ckpt = setup(_cfg(models, tmp_path / "b", gradient_checkpointing=True, **common))
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.model.modules())
+    fit(ckpt)
+    for (n, p), (_, q) in zip(plain.trainable, ckpt.trainable):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+    plain.logger.close()
+    ckpt.logger.close()
+
+
 def test_teacher_weights_shared_not_copied(models, tmp_path):
     cfg = _cfg(
         models,

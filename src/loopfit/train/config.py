@@ -220,6 +220,9 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 = no clipping)."""
     precision: str = "fp32"
     """`fp32`, or `bf16` autocast."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (less memory, ~1/3 more
+    compute): HF's `gradient_checkpointing_enable`, non-reentrant."""
     device: str = "auto"
     """`auto` (cuda if available), `cpu` or `cuda`."""
     nan_policy: str = "stop"

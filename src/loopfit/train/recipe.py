@@ -169,6 +169,8 @@ def setup(cfg: TrainConfig) -> Run | None:
     info = {"shared_bytes": 0}
     if teacher is not None and dc.share_weights and cfg.lora.enabled:
         info["shared_bytes"] = share_teacher_weights(model, teacher)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
     if teacher is not None:
         teacher.to(device)

@@ -149,7 +149,7 @@ def worker_loopfit(args, kind: str) -> dict:
         assistant_only=True, max_documents=64, seq_len=batch["input_ids"].shape[1], batch_size=args.batch_size,
         max_steps=args.warmup + args.steps, lora=LoRAConfig(enabled=True, r=R, lora_alpha=LORA_ALPHA),
         distillation=dist, lr_schedule=LRSchedule(kind="constant"), progress_bar=False, tensorboard=False,
-        overwrite=True, device="cpu",
+        overwrite=True, device="cpu", gradient_checkpointing=args.gradient_checkpointing,
     )  # fmt: skip
     cfg.optim_config.lr = LR
     run = setup(cfg)
@@ -301,6 +301,8 @@ def spawn(system: str, python: str, args, student: str, tmp: Path) -> dict:
         cmd += ["--chunk_size", str(args.chunk_size)]
     if args.trl_bf16:
         cmd += ["--trl_bf16"]
+    if args.gradient_checkpointing:
+        cmd += ["--gradient_checkpointing"]
     print(f"[peers] {system}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -322,6 +324,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--trl_bf16", action="store_true", help="TRL with its own default bf16 autocast (others: fp32)")
     ap.add_argument("--chunk_size", type=int, default=None, help="loopfit's fused-loss chunk (default: its own)")
+    ap.add_argument("--gradient_checkpointing", action="store_true",
+                    help="loopfit rows with gradient checkpointing (TRL GKD has it on by default)")  # fmt: skip
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -360,7 +364,8 @@ def main() -> None:
     by = {r["system"]: r for r in rows if "error" not in r}
     meta = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "data": args.data,
             "student": "SmolLM2 layers 0-3 + 20-29, LoRA r16 all-linear", "teacher": "SmolLM2-135M (30 layers)",
-            "uptime": os.getloadavg(), "python_peers": args.python, "loopfit_chunk_size": args.chunk_size}  # fmt: skip
+            "uptime": os.getloadavg(), "python_peers": args.python, "loopfit_chunk_size": args.chunk_size,
+            "loopfit_gradient_checkpointing": args.gradient_checkpointing}  # fmt: skip
     if "loopfit_jsd" in by and "trl_gkd" in by:
         a, b = by["loopfit_jsd"], by["trl_gkd"]
         meta["speedup_vs_trl"] = a["tokens_per_s"] / b["tokens_per_s"]

@@ -203,6 +203,23 @@ def test_depth_draws_are_seeded(models, tmp_path):
     run.logger.close()
 
 
+def test_min_num_steps_floors_the_draws(models, tmp_path):
+    cfg = _cfg(models, tmp_path, fixed_num_steps=None, mean_recurrence=3, backprop_depth=3)
+    run = setup(cfg)
+    free = [depth_at(run, s)[2] for s in range(300)]
+    run.logger.close()
+    floored_cfg = _cfg(models, tmp_path / "f", fixed_num_steps=None, mean_recurrence=3, backprop_depth=3,
+                       min_num_steps=3)  # fmt: skip
+    run = setup(floored_cfg)
+    floored = [depth_at(run, s)[2] for s in range(300)]
+    run.logger.close()
+    assert min(n + k for n, k in free) < 3  # the plain sampler does draw shallow depths
+    # Same draws, raised where below the floor; the gradient iterations stay the sampler's k = 3.
+    assert all(f == ((n, k) if n + k >= 3 else (0, 3)) for (n, k), f in zip(free, floored))
+    with pytest.raises(LoopfitError, match="min_num_steps"):
+        setup(_cfg(models, tmp_path / "bad", min_num_steps=3))
+
+
 def test_lr_schedules():
     from loopfit.train.config import LRSchedule
     from loopfit.train.schedules import lr_factor

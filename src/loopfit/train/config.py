@@ -198,6 +198,10 @@ class TrainConfig:
     """Mean depth without a schedule (default: the model config's `mean_recurrence`)."""
     backprop_depth: int = 8
     """Iterations with gradient without a schedule (truncated backprop)."""
+    min_num_steps: int = 1
+    """Floor of the sampled depth: a draw below it is raised to it (the extra iterations are the gradient ones,
+    up to k). With `min_num_steps` = k every step backpropagates through k iterations after a random number of
+    no-grad ones, which teaches the loop that iterating longer must not hurt."""
     fixed_num_steps: int | None = None
     """Train at exactly this depth R, all with gradient, no sampling (ablations, tests)."""
     mean_recurrence_schedule: MeanRecurrenceSchedule = field(default_factory=MeanRecurrenceSchedule)
@@ -306,7 +310,11 @@ def _validate(c: TrainConfig) -> None:
         raise LoopfitError(f"--max_minutes must be > 0, got {c.max_minutes}")
     if c.mean_recurrence is not None and c.mean_recurrence < 1:
         raise LoopfitError(f"--mean_recurrence must be >= 1, got {c.mean_recurrence}")
+    if c.min_num_steps < 1:
+        raise LoopfitError(f"--min_num_steps must be >= 1, got {c.min_num_steps}")
     if c.fixed_num_steps is not None:
+        if c.min_num_steps > 1:
+            raise LoopfitError("--fixed_num_steps trains at one depth; --min_num_steps applies to sampled depths")
         if c.fixed_num_steps < 1:
             raise LoopfitError(f"--fixed_num_steps must be >= 1, got {c.fixed_num_steps}")
         if c.mean_recurrence_schedule.turn_on or c.backprop_depth_schedule.turn_on:

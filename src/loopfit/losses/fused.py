@@ -41,6 +41,14 @@ def _row_block(s: torch.Tensor) -> int:
     return _ROW_BLOCK if s.device.type == "cpu" else max(s.shape[0], 1)
 
 
+def _blocks(s: torch.Tensor, y: torch.Tensor):
+    """Yield `(rows, s_block, labels (b, 1), float32 s_block)` over the row blocks of `s`."""
+    blk = _row_block(s)
+    for i in range(0, s.shape[0], blk):
+        s_blk = s[i : i + blk]
+        yield slice(i, i + blk), s_blk, y[i : i + blk, None], s_blk.float()
+
+
 @dataclass
 class KDLossOutput:
     """Losses of one fused CE + KD evaluation (0-dim float32 tensors)."""
@@ -124,11 +132,8 @@ def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
     ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     scale = a_ce + a_kd if (t is not None and temp == 1.0) else 1.0
-    blk = _row_block(s)
-    for i in range(0, s.shape[0], blk):
-        # Half-precision logits are upcast block by block (in cache), and the gradient written back in place.
-        s_blk, yb = s[i : i + blk], y[i : i + blk, None]
-        sb = s_blk.float()
+    # Half-precision logits are upcast block by block (in cache), and the gradient written back in place.
+    for rows, s_blk, yb, sb in _blocks(s, y):
         if t is None:
             logq = torch.log_softmax(sb, -1)
             ce_sum -= logq.gather(-1, yb).sum()
@@ -137,7 +142,7 @@ def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
             if sb is not s_blk:
                 s_blk.copy_(sb)
             continue
-        tb = t[i : i + blk].float()
+        tb = t[rows].float()
         if temp != 1.0:
             logq1 = torch.log_softmax(sb, -1)
             ce_sum -= logq1.gather(-1, yb).sum()
@@ -211,14 +216,11 @@ def _closed_form_divergence_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tens
     lam = spec.kind_params.get("lam", 0.5)
     ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
-    blk = _row_block(s)
-    for i in range(0, s.shape[0], blk):
-        s_blk, yb = s[i : i + blk], y[i : i + blk, None]
-        sb = s_blk.float()
+    for rows, s_blk, yb, sb in _blocks(s, y):
         logq1 = torch.log_softmax(sb, -1)
         ce_sum -= logq1.gather(-1, yb).sum()
         logq = (torch.log_softmax(sb / temp, -1) if temp != 1.0 else logq1).clamp(min=_LOG_FLOOR)
-        logp = torch.log_softmax(t[i : i + blk].float() / temp, -1).clamp(min=_LOG_FLOOR)
+        logp = torch.log_softmax(t[rows].float() / temp, -1).clamp(min=_LOG_FLOOR)
         value, g = _kind_value_and_dq(logq, logp, spec)
         kd_sum += value.sum()
         q = logq.exp_()
@@ -257,11 +259,8 @@ def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher
     ids_all = teacher.ids.long()
     ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
-    blk = _row_block(s)
-    for i in range(0, s.shape[0], blk):
-        s_blk, yb = s[i : i + blk], y[i : i + blk, None]
-        sb = s_blk.float()
-        ids, logp = ids_all[i : i + blk], logp_all[i : i + blk]
+    for rows, s_blk, yb, sb in _blocks(s, y):
+        ids, logp = ids_all[rows], logp_all[rows]
         logq1 = torch.log_softmax(sb, -1)
         ce_sum -= logq1.gather(-1, yb).sum()
         logq = torch.log_softmax(sb.div_(temp), -1) if temp != 1.0 else logq1
@@ -270,7 +269,7 @@ def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher
         kd_sum += (p * (logp - lq)).sum()
         if ptail_all is not None:
             lq_tail = logq.scatter(-1, ids, _LOG_FLOOR).logsumexp(-1).clamp(min=_LOG_FLOOR)
-            lp_tail = ptail_all[i : i + blk]
+            lp_tail = ptail_all[rows]
             p_tail = lp_tail.exp()
             kd_sum += (p_tail * (lp_tail - lq_tail)).sum()
             # Outside the support: q_j - p_tail * q_j / q_tail; the ratio is <= 1 there (clamped for the ids,

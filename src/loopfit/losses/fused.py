@@ -170,8 +170,9 @@ def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
     return ce_sum, kd_sum * temp**2, scale
 
 
-def _kind_value_and_dq(logq: torch.Tensor, logp: torch.Tensor, spec: _Spec):
-    """Per-row divergence sums `(c,)` and `g = d D / d q` `(c, V)` for the non-FKL kinds (`q`, `p` at temperature T).
+def _kind_value_and_dq(logq: torch.Tensor, q: torch.Tensor, logp: torch.Tensor, p: torch.Tensor, spec: _Spec):
+    """Per-row divergence sums `(c,)` and `g = d D / d q` `(c, V)` for the non-FKL kinds (`q`, `p` at temperature T,
+    with their logs).
 
     The softmax Jacobian then gives `d D / dz = q * (g - <q, g>)` for the student's scaled logits `z = s / T`.
     For `jsd` with `m = beta p + (1 - beta) q` the terms of `d D / dq` that involve `p / m` collapse to a
@@ -179,27 +180,26 @@ def _kind_value_and_dq(logq: torch.Tensor, logp: torch.Tensor, spec: _Spec):
     """
     kind, kp = spec.kind, spec.kind_params
     beta, lam, alpha = kp.get("beta", 0.5), kp.get("lam", 0.5), kp.get("alpha", 0.1)
-    p = logp.exp()
     if kind == "rkl" or (kind == "jsd" and beta == 1.0):
         g = logq - logp
-        return (logq.exp() * g).sum(-1), g
+        return (q * g).sum(-1), g
     if kind == "jsd":
         logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
         g = logq - logm
-        value = beta * (p * (logp - logm)).sum(-1) + (1.0 - beta) * (logq.exp() * g).sum(-1)
+        value = beta * (p * (logp - logm)).sum(-1) + (1.0 - beta) * (q * g).sum(-1)
         return value, g.mul_(1.0 - beta)
     if kind == "skew":
         logm = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
         value = (p * (logp - logm)).sum(-1)
         return value, (logp - logm).exp_().mul_(alpha - 1.0)
     if kind == "tvd":
-        diff = logq.exp() - p
+        diff = q - p
         return 0.5 * diff.abs().sum(-1), diff.sign_().mul_(0.5)
     if kind == "skl":
         # Only the RKL part goes through g; the caller adds the FKL part's z-gradient lam * (q - p) directly
         # (its d/dq, -p / q, overflows where q underflows).
         g = logq - logp
-        value = lam * (p * (logp - logq)).sum(-1) + (1.0 - lam) * (logq.exp() * g).sum(-1)
+        value = lam * (p * (logp - logq)).sum(-1) + (1.0 - lam) * (q * g).sum(-1)
         return value, g.mul_(1.0 - lam)
     raise ValueError(f"no closed form for kind '{kind}'")
 
@@ -221,12 +221,12 @@ def _closed_form_divergence_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tens
         ce_sum -= logq1.gather(-1, yb).sum()
         logq = (torch.log_softmax(sb / temp, -1) if temp != 1.0 else logq1).clamp(min=_LOG_FLOOR)
         logp = torch.log_softmax(t[rows].float() / temp, -1).clamp(min=_LOG_FLOOR)
-        value, g = _kind_value_and_dq(logq, logp, spec)
+        q, p = logq.exp(), logp.exp()
+        value, g = _kind_value_and_dq(logq, q, logp, p, spec)
         kd_sum += value.sum()
-        q = logq.exp_()
         g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)
         if spec.kind == "skl":
-            g.add_(q, alpha=lam).sub_(logp.exp_(), alpha=lam)
+            g.add_(q, alpha=lam).sub_(p, alpha=lam)
         g.mul_(a_kd * temp).add_(logq1.exp_(), alpha=a_ce)
         g.scatter_add_(-1, yb, g.new_full(yb.shape, -a_ce))
         s_blk.copy_(g)
@@ -310,14 +310,10 @@ class _FusedLinearKD(torch.autograd.Function):
             if closed_form and not (t_chunk is None or dense_teacher):
                 ce, kd, scale = _closed_form_sparse_grad(s, y, t_chunk, spec)
                 g = s
-            elif closed_form:
+            elif t_chunk is None or dense_teacher:
                 t_logits = F.linear(t_chunk.hidden, t_chunk.weight, t_chunk.bias) if t_chunk is not None else None
-                ce, kd, scale = _closed_form_grad(s, y, t_logits, spec)
-                del t_logits
-                g = s
-            elif dense_teacher:
-                t_logits = F.linear(t_chunk.hidden, t_chunk.weight, t_chunk.bias)
-                ce, kd, scale = _closed_form_divergence_grad(s, y, t_logits, spec)
+                grad_fn = _closed_form_grad if closed_form else _closed_form_divergence_grad
+                ce, kd, scale = grad_fn(s, y, t_logits, spec)
                 del t_logits
                 g = s
             else:
@@ -359,7 +355,7 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         gh = grad_h * grad_total.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         gw = grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None
-        gb = grad_b * grad_total.to(grad_b.dtype) if grad_b is not None and ctx.needs_input_grad[2] else None
+        gb = grad_b * grad_total.to(grad_b.dtype) if grad_b is not None else None
         return gh, gw, gb, None, None, None, None, None
 
 

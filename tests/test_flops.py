@@ -77,6 +77,16 @@ def test_expected_steps_match_the_sampler():
     assert k == pytest.approx(k_mc, abs=0.05)
 
 
+def test_expected_steps_with_a_floor_match_the_sampler():
+    g = torch.Generator().manual_seed(1)
+    draws = [sample_num_steps(3, 3, g, min_steps=3) for _ in range(4000)]
+    assert min(n + k for n, k in draws) == 3 and all(k == 3 for _, k in draws)
+    n, k = expected_steps(3, 3, min_steps=3)
+    assert k == pytest.approx(3.0, abs=1e-6)
+    assert n == pytest.approx(np.mean([d[0] for d in draws]), abs=0.1)
+    assert n + k > sum(expected_steps(3, 3))  # the floor only adds iterations
+
+
 def test_inference_flops_per_token():
     params = {"prelude": 10, "adapter": 4, "block": 100, "coda": 5}
     assert inference_flops_per_token(params, 3, head_matmul=50) == 2 * (10 + 3 * 104 + 5 + 50)

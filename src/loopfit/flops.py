@@ -60,12 +60,12 @@ def curriculum_mean(t: np.ndarray, max_mean: float, warmup: float, shape: str) -
     return np.ceil(1.0 + (max_mean - 1.0) * f)
 
 
-def expected_steps(mean: float, backprop_depth: int, sampled: bool = True) -> tuple[float, float]:
+def expected_steps(mean: float, backprop_depth: int, sampled: bool = True, min_steps: int = 1) -> tuple[float, float]:
     """Expected `(n_no_grad, k_grad)` per training step at curriculum mean `mean`.
 
     `sampled`: under the Poisson-lognormal sampler of `loopfit.models.sample_num_steps` (R = Poisson(rate) + 1,
-    so E[R] = mean + 1), computed by Gauss-Hermite quadrature over the log-rate; otherwise the nominal
-    `R = mean`, `k = min(backprop_depth, mean)`.
+    so E[R] = mean + 1, draws below `min_steps` raised to it), computed by Gauss-Hermite quadrature over the
+    log-rate; otherwise the nominal `R = mean`, `k = min(backprop_depth, mean)`.
     """
     k_max = min(backprop_depth, max(1, math.ceil(mean)))
     if not sampled:
@@ -79,7 +79,7 @@ def expected_steps(mean: float, backprop_depth: int, sampled: bool = True) -> tu
     j = np.arange(0, int(rates.max() * 3 + 50))
     log_pmf = j[None, :] * np.log(rates[:, None]) - rates[:, None] - np.array([math.lgamma(x + 1) for x in j])[None, :]
     pmf = (weights[:, None] * np.exp(log_pmf)).sum(0)  # P(Poisson = j), mixed over the rate
-    r = j + 1
+    r = np.maximum(j + 1, min_steps)
     e_k = float((pmf * np.minimum(k_max, r)).sum())
     e_r = float((pmf * r).sum())
     return e_r - e_k, e_k

@@ -42,8 +42,9 @@ def expected_depths(cfg: TrainConfig, base_mean: int, points: int = 200) -> list
         if bs.turn_on
         else np.full(points, cfg.backprop_depth)
     )
-    cache: dict = {}
-    return [cache.setdefault((m, k), expected_steps(float(m), int(k))) for m, k in zip(means, ks)]
+    # setdefault would evaluate the quadrature for every point; compute each distinct (mean, k) once.
+    cache = {mk: expected_steps(float(mk[0]), int(mk[1]), min_steps=cfg.min_num_steps) for mk in set(zip(means, ks))}
+    return [cache[mk] for mk in zip(means, ks)]
 
 
 @dataclass

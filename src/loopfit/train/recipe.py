@@ -395,11 +395,7 @@ def depth_at(run: Run, step: int) -> tuple[int, int, tuple[int, int]]:
     base_mean = cfg.mean_recurrence or base_model(run.model).config.mean_recurrence
     mean = ramp(step, total, ms.warmup, ms.warmup_type, ms.max_mean_rec) if ms.turn_on else base_mean
     k = ramp(step, total, bs.warmup, bs.warmup_type, bs.max_backprop_depth) if bs.turn_on else cfg.backprop_depth
-    n, k_grad = sample_num_steps(mean, k, generator=run.depth_gen)
-    if n + k_grad < cfg.min_num_steps:  # the sampler's own k for this mean, so raised draws backprop as deep
-        k_grad = min(k, max(1, math.ceil(mean)), cfg.min_num_steps)
-        n = cfg.min_num_steps - k_grad
-    return mean, k, (n, k_grad)
+    return mean, k, sample_num_steps(mean, k, generator=run.depth_gen, min_steps=cfg.min_num_steps)
 
 
 def fit(run: Run, until: int | None = None) -> None:

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 from conftest import TEXT, make_tiny_model, make_tiny_tokenizer, write_teacher_and_looped_student
+from transformers import AutoModelForCausalLM
 
 from loopfit.errors import LoopfitError
-from loopfit.train import DistillationConfig, LoRAConfig, ParamGroupRule, StageConfig, TrainConfig
+from loopfit.train import DistillationConfig, LoRAConfig, OptimConfig, ParamGroupRule, StageConfig, TrainConfig
 from loopfit.train.recipe import depth_at, fit, setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -424,6 +425,44 @@ def test_hidden_state_alignment_term(models, tmp_path):
     m = _metrics(tmp_path / "run")[0]
     assert m["hidden_loss"] > 0
     assert m["loss"] == pytest.approx(0.3 * m["ce_loss"] + 0.7 * m["kd_loss"] + 0.5 * m["hidden_loss"], rel=1e-5)
+
+
+def test_fixed_point_term(models, tmp_path):
+    """`fixed_point_scale` adds s * ||f(s_R) - s_R||^2 / ||s_R||^2; the residual matches one more iteration run
+    by hand (R + 1 iterations), and training with it shrinks the residual on a fixed batch."""
+    import shutil
+
+    from loopfit.train.student import Student
+
+    # The identity adapter makes every iteration compute the same state (residual exactly 0); perturb it.
+    folder = tmp_path / "looped-moved"
+    shutil.copytree(models / "looped", folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.model.adapter.weight.add_(0.3 * torch.randn_like(model.model.adapter.weight))
+    model.save_pretrained(folder)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    _, _, _, residual = Student(model)(ids, num_steps=3, fixed_point=True)
+    s3 = model.model(ids, num_steps=3, output_states=True).states[-1]
+    s4 = model.model(ids, num_steps=4, output_states=True).states[-1]
+    torch.testing.assert_close(residual, (s4 - s3).pow(2).sum(-1) / s3.pow(2).sum(-1))
+    residual.sum().backward()
+    assert model.model.adapter.weight.grad.abs().sum() > 0
+
+    one = str(models / "one_batch.txt")
+    cfg = _cfg(models, tmp_path, model_name=str(folder), max_steps=30, data=one, fixed_point_scale=10.0,
+               optim_config=OptimConfig(lr=3e-3))  # fmt: skip
+    train(cfg)
+    m = _metrics(tmp_path / "run")
+    assert m[0]["fixed_point_loss"] > 0 and m[0]["num_steps"] == 2  # the extra iteration is not logged as depth
+    assert m[0]["loss"] == pytest.approx(m[0]["ce_loss"] + 10.0 * m[0]["fixed_point_loss"], rel=1e-5)
+    assert m[-1]["fixed_point_loss"] < 0.5 * m[0]["fixed_point_loss"]
+    with pytest.raises(LoopfitError, match="fixed_point_scale"):
+        _cfg(models, tmp_path, fixed_point_scale=-1.0).validate()
+    with pytest.raises(LoopfitError, match="fixed_point_scale needs a looped student"):
+        setup(_cfg(models, tmp_path / "plain", model_name=str(models / "teacher"), fixed_num_steps=None,
+                   fixed_point_scale=1.0))  # fmt: skip
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "ellis_adam"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -191,14 +191,28 @@ def train_config(
     )
 
 
-def plan(cfg: DemoConfig, out: Path, converted: Path, tokenizer) -> dict:
+@dataclass(frozen=True)
+class Plan:
+    """What the timing probe decided; saved as `plan.json` so a resumed demo keeps the same plan."""
+
+    steps: int
+    """Training steps that fit the budget."""
+    max_documents: int
+    """Documents to read so that training gets `steps * batch_size` rows."""
+    val_fraction: float
+    """Held-out fraction of those documents (enough for `eval_rows` sequences)."""
+    seconds_per_step: float
+    """Probe's measured seconds per step."""
+
+
+def plan(cfg: DemoConfig, out: Path, converted: Path, tokenizer) -> Plan:
     """Steps that fit the budget (a 3-step timing probe, cost integrated over the curriculum) and the documents
     that give that many training rows, so the teacher is cached over exactly what training will read."""
     from loopfit.sweep.budget import plan_steps, probe_run
 
     path = out / "plan.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return Plan(**json.loads(path.read_text()))
     t0 = _stage("3/7 plan: time a few training steps to fit the healing into the budget")
     probe_docs = 64 if cfg.max_documents is None else min(64, cfg.max_documents)
     probe_cfg = train_config(cfg, converted, out / ".probe", 3, probe_docs, None, cfg.val_fraction)
@@ -215,14 +229,9 @@ def plan(cfg: DemoConfig, out: Path, converted: Path, tokenizer) -> dict:
         docs = math.ceil(docs * 1.25)
     if cfg.max_documents is not None:
         docs = min(docs, cfg.max_documents)
-    result = {
-        "steps": steps,
-        "max_documents": docs,
-        "val_fraction": val_fraction,
-        "seconds_per_step": probe.seconds_per_step,
-    }
+    result = Plan(steps, docs, val_fraction, probe.seconds_per_step)
     print(f"    {steps} steps of ~{probe.seconds_per_step:.1f} s fit {cfg.budget_minutes:g} min; {docs} documents")
-    write_json(path, result)
+    write_json(path, asdict(result))
     _done(t0)
     return result
 
@@ -250,7 +259,7 @@ def cache_teacher(cfg: DemoConfig, out: Path, max_documents: int, val_fraction: 
     return folder
 
 
-def heal(cfg: DemoConfig, out: Path, converted: Path, cache: Path, p: dict) -> Path:
+def heal(cfg: DemoConfig, out: Path, converted: Path, cache: Path, p: Plan) -> Path:
     from loopfit.train.commands import export_command
     from loopfit.train.recipe import train
 
@@ -259,9 +268,9 @@ def heal(cfg: DemoConfig, out: Path, converted: Path, cache: Path, p: dict) -> P
         return healed
     t0 = _stage(
         f"5/7 heal: LoRA r={cfg.lora_r} + KD from the cached teacher, mean depth ramping 1 -> "
-        f"{cfg.max_mean_rec}, {p['steps']} steps (~{cfg.budget_minutes:g} min)"
+        f"{cfg.max_mean_rec}, {p.steps} steps (~{cfg.budget_minutes:g} min)"
     )
-    train(train_config(cfg, converted, run, p["steps"], p["max_documents"], cache, p["val_fraction"]))
+    train(train_config(cfg, converted, run, p.steps, p.max_documents, cache, p.val_fraction))
     export_command(str(run), out=str(healed), overwrite=True)
     _done(t0)
     return healed
@@ -408,8 +417,8 @@ def demo(cfg: DemoConfig) -> Path:
     layers = suggested if cfg.layers == "auto" else cfg.layers
     converted = convert(cfg, out, teacher, tokenizer, layers)
     p = plan(cfg, out, converted, tokenizer)
-    packed = data(cfg, tokenizer, p["max_documents"], p["val_fraction"])
-    cache = cache_teacher(cfg, out, p["max_documents"], p["val_fraction"])
+    packed = data(cfg, tokenizer, p.max_documents, p.val_fraction)
+    cache = cache_teacher(cfg, out, p.max_documents, p.val_fraction)
     healed = heal(cfg, out, converted, cache, p)
     result = evaluate(cfg, out, teacher, converted, healed, packed)
     rows = samples(cfg, out, healed, tokenizer, packed)

@@ -106,9 +106,12 @@ class LoopedCausalLMOutput(CausalLMOutputWithPast):
 
     states: with `output_states=True`, the recurrent state after each iteration, each `(batch, seq, hidden)`.
     num_steps: the `(n_no_grad, k_grad)` pair that was run.
+    next_state: with `output_next_state=True`, one more iteration applied (with gradient) to the final state, which
+        the coda does not read: `next_state - state` measures how far the loop is from a fixed point.
     """
 
     states: tuple[torch.Tensor, ...] | None = None
+    next_state: torch.Tensor | None = None
     num_steps: tuple[int, int] | None = None
 
 
@@ -237,6 +240,7 @@ class LoopedModel(LoopedPreTrainedModel):
         num_steps: int | tuple[int, int] | None = None,
         output_states: bool = False,
         output_hidden_states: bool | None = None,
+        output_next_state: bool = False,
         **kwargs,
     ):
         c = self.config
@@ -297,6 +301,12 @@ class LoopedModel(LoopedPreTrainedModel):
                 )
             if output_states:
                 states.append(s)
+        next_state = None
+        if output_next_state:
+            if cache is not None:
+                raise ValueError("output_next_state is a training signal; it cannot be combined with a KV cache")
+            x = self.adapter(torch.cat([s, e], dim=-1))
+            next_state = self._run(self.block, c.block_layers, x, masks, [None] * b, None, **kw)
         if hidden is not None:
             hidden.append(s)
         h = s
@@ -310,6 +320,7 @@ class LoopedModel(LoopedPreTrainedModel):
             hidden_states=tuple(hidden) if hidden is not None else None,
             states=tuple(states) if output_states else None,
             num_steps=(n_no_grad, k_grad),
+            next_state=next_state,
         )
 
 
@@ -345,6 +356,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_hidden: bool = False,
+        output_next_state: bool = False,
         **kwargs,
     ) -> LoopedCausalLMOutput:
         """Run the looped model.
@@ -353,6 +365,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             num_steps: loop iterations R, or a pair `(n_no_grad, k_grad)` whose first n iterations run without
                 gradient (truncated backprop). Default: sampled in training mode, `config.mean_recurrence` in eval.
             output_states: also return the state after every iteration (`.states`).
+            output_next_state: also return `.next_state`, one further iteration of the final state (training only).
             return_hidden: skip the LM head and return the final normed hidden state in `.logits` (for fused
                 losses that apply the head chunk by chunk).
             labels: if given, `.loss` is the next-token cross-entropy (labels are shifted inside, -100 ignored).
@@ -367,6 +380,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             num_steps=num_steps,
             output_states=output_states,
             output_hidden_states=output_hidden_states,
+            output_next_state=output_next_state,
             **kwargs,
         )
         h = out.logits

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 import re
 from dataclasses import dataclass, field, fields
 
@@ -202,6 +203,11 @@ class TrainConfig:
     """Floor of the sampled depth: a draw below it is raised to it (the extra iterations are the gradient ones,
     up to k). With `min_num_steps` = k every step backpropagates through k iterations after a random number of
     no-grad ones, which teaches the loop that iterating longer must not hurt."""
+    fixed_point_scale: float = 0.0
+    """Weight of the fixed-point loss `||f(s_R) - s_R||^2 / ||s_R||^2` (mean over target tokens; `f` is one more
+    loop iteration, run with gradient, that the coda does not read): pulls the final state towards a fixed point so
+    that deeper R than trained keeps the trained depth's loss instead of drifting. 0 turns it off (no extra cost);
+    on, a step runs one more block iteration with gradient."""
     fixed_num_steps: int | None = None
     """Train at exactly this depth R, all with gradient, no sampling (ablations, tests)."""
     mean_recurrence_schedule: MeanRecurrenceSchedule = field(default_factory=MeanRecurrenceSchedule)
@@ -312,6 +318,8 @@ def _validate(c: TrainConfig) -> None:
         raise LoopfitError(f"--mean_recurrence must be >= 1, got {c.mean_recurrence}")
     if c.min_num_steps < 1:
         raise LoopfitError(f"--min_num_steps must be >= 1, got {c.min_num_steps}")
+    if not (c.fixed_point_scale >= 0 and math.isfinite(c.fixed_point_scale)):
+        raise LoopfitError(f"--fixed_point_scale must be a finite number >= 0, got {c.fixed_point_scale}")
     if c.fixed_num_steps is not None:
         if c.min_num_steps > 1:
             raise LoopfitError("--fixed_num_steps trains at one depth; --min_num_steps applies to sampled depths")

@@ -183,6 +183,8 @@ def setup(cfg: TrainConfig) -> Run | None:
         c = base_model(model).config
         block_span = (c.prelude_layers[-1] + 1 if c.prelude_layers else 0, c.block_layers[-1])
         hidden_loss = HiddenStateLoss(c.hidden_size, teacher.config.hidden_size, kind=dc.hidden_kind).to(device)
+    if cfg.fixed_point_scale > 0 and not looped:
+        raise LoopfitError("--fixed_point_scale needs a looped student (a plain model has no loop to converge)")
     if not any(p.requires_grad for p in model.parameters()):
         raise LoopfitError("nothing to train: the student has no trainable parameters")
     needs_unused = any(r.lr_mult == 0 for r in cfg.param_groups + [r for s in cfg.stages for r in s.param_groups])
@@ -418,7 +420,8 @@ def fit(run: Run, until: int | None = None) -> None:
         tokens = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * d.world_size
         n, kg = num_steps
         fp = run.flops_params
-        flops_tok = 6 * (fp["prelude"] + kg * fp["block"] + fp["coda"]) + 2 * n * fp["block"] + 2 * fp.get("teacher", 0)
+        kf = kg + (cfg.fixed_point_scale > 0)  # the fixed-point residual's extra iteration runs with gradient
+        flops_tok = 6 * (fp["prelude"] + kf * fp["block"] + fp["coda"]) + 2 * n * fp["block"] + 2 * fp.get("teacher", 0)
         if not run.looped:
             flops_tok = 6 * fp["prelude"] + 2 * fp.get("teacher", 0)
         run.step += 1
@@ -469,19 +472,21 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
     ]
     local_items = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
     num_items = all_reduce_sum(local_items.float(), d).clamp_min(1.0)
-    sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # total, ce, kd, hidden
+    sums = torch.zeros(5, dtype=torch.float64, device=run.device)  # total, ce, kd, hidden, fixed point
     steps_arg = num_steps if run.looped else None
     estimator = run.info.get("teacher_cache", {}).get("estimator")
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1 or not hasattr(run.student, "no_sync")
         with contextlib.nullcontext() if sync else run.student.no_sync(), run.autocast:
             parts = micro_batch_loss(run.student, run.teacher, batch, steps_arg, cfg.distillation, num_items,
-                                     run.hidden_loss, run.block_span, estimator)  # fmt: skip
+                                     run.hidden_loss, run.block_span, estimator, cfg.fixed_point_scale)  # fmt: skip
         # DDP averages gradients over ranks; the loss is already a share of the global mean, so undo the average.
         (parts.total * d.world_size).backward()
+        zero = parts.ce * 0
         sums += torch.stack([parts.total.detach().double(), parts.ce.double(),
-                             (parts.kd if parts.kd is not None else parts.ce * 0).double(),
-                             (parts.hidden if parts.hidden is not None else parts.ce * 0).double()])  # fmt: skip
+                             (parts.kd if parts.kd is not None else zero).double(),
+                             (parts.hidden if parts.hidden is not None else zero).double(),
+                             (parts.fixed_point if parts.fixed_point is not None else zero).double()])  # fmt: skip
     sums = all_reduce_sum(sums, d)
     with_grad = [p for p in params if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -496,12 +501,14 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
         print(f"step {run.step + 1}: non-finite loss or gradient, update skipped", file=sys.stderr)
     for o in run.optimizers:
         o.zero_grad(set_to_none=True)
-    total, ce, kd, hid = (float(x) for x in sums)
+    total, ce, kd, hid, fp = (float(x) for x in sums)
     kd_on = cfg.distillation.enabled
     m = {"loss": total, "ce_loss": ce, "kd_loss": kd if kd_on else None,
          "grad_norm": float(grad_norm), "num_items": int(num_items.item()), "skipped": not finite}  # fmt: skip
     if run.hidden_loss is not None:
         m["hidden_loss"] = hid
+    if cfg.fixed_point_scale > 0:
+        m["fixed_point_loss"] = fp
     return m
 
 
@@ -529,7 +536,7 @@ def validate(run: Run, depths: list[int | None]) -> dict:
             ids = torch.stack([x["input_ids"] for x in rows]).to(run.device)
             labels = torch.stack([x["labels"] for x in rows]).to(run.device)
             with run.autocast:
-                h, _, head = student(ids, num_steps=r if run.looped else None)
+                h, _, head, _ = student(ids, num_steps=r if run.looped else None)
             logits = F.linear(h[:, :-1], head).float()
             y = labels[:, 1:]
             acc[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")

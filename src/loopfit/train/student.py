@@ -87,17 +87,24 @@ class Student(nn.Module):
         self.hidden_loss = hidden_loss  # held here so DDP also averages its projection's gradients
         self.looped = is_looped(base_model(model))
 
-    def forward(self, input_ids, num_steps=None, output_states: bool = False):
-        """(final normed hidden state, loop states or None, LM head weight).
+    def forward(self, input_ids, num_steps=None, output_states: bool = False, fixed_point: bool = False):
+        """(final normed hidden state, loop states or None, LM head weight, fixed-point residual or None).
 
         The head weight is returned from inside `forward` because under FSDP2 parameters are only gathered
-        (unsharded) around a forward call; the fused loss then uses it outside the module.
+        (unsharded) around a forward call; the fused loss then uses it outside the module. With `fixed_point`
+        the last element is `||f(s_R) - s_R||^2 / ||s_R||^2` per position, `(batch, seq)` float32: `f` is one more
+        loop iteration, the norm in the denominator is detached so the loss cannot shrink by inflating the state.
         """
         base = base_model(self.model)
-        if self.looped:
-            out = base(input_ids, num_steps=num_steps, return_hidden=True, output_states=output_states)
-            return out.logits, out.states, self.head_weight()
-        return base.model(input_ids).last_hidden_state, None, self.head_weight()
+        if not self.looped:
+            return base.model(input_ids).last_hidden_state, None, self.head_weight(), None
+        out = base(input_ids, num_steps=num_steps, return_hidden=True, output_states=output_states or fixed_point,
+                   output_next_state=fixed_point)  # fmt: skip
+        residual = None
+        if fixed_point:
+            s, s_next = out.states[-1].float(), out.next_state.float()
+            residual = (s_next - s).pow(2).sum(-1) / s.detach().pow(2).sum(-1).clamp_min(1e-6)
+        return out.logits, out.states if output_states else None, self.head_weight(), residual
 
     def head_weight(self) -> torch.Tensor:
         return base_model(self.model).get_output_embeddings().weight
@@ -112,6 +119,7 @@ class LossParts:
     ce: torch.Tensor
     kd: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    fixed_point: torch.Tensor | None = None
 
 
 def teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, hidden_layers: bool) -> tuple:
@@ -130,8 +138,9 @@ def micro_batch_loss(
     hidden_loss: nn.Module | None = None,
     block_span: tuple[int, int] | None = None,
     estimator: str | None = None,
+    fixed_point_scale: float = 0.0,
 ) -> LossParts:
-    """CE (+ KD, + hidden-state alignment) of one micro-batch; labels are unshifted (shifted here).
+    """CE (+ KD, + hidden-state alignment, + fixed-point residual) of one micro-batch; labels are unshifted.
 
     The teacher is `teacher` (run live, no grad) or, when the batch carries `teacher_ids` / `teacher_values`
     (from `loopfit.cache.TeacherTargetsDataset`), the cached sparse targets scored with `estimator`.
@@ -139,7 +148,9 @@ def micro_batch_loss(
     from loopfit.losses import fused_kd_loss, kd_divergence
 
     input_ids, labels = batch["input_ids"], batch["labels"]
-    hidden, states, head_weight = student(input_ids, num_steps=num_steps, output_states=hidden_loss is not None)
+    hidden, states, head_weight, residual = student(
+        input_ids, num_steps=num_steps, output_states=hidden_loss is not None, fixed_point=fixed_point_scale > 0
+    )
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     cached = "teacher_ids" in batch
@@ -182,6 +193,10 @@ def micro_batch_loss(
         hl = hl * mask.sum() / num_items
         parts.total = parts.total + dcfg.hidden_scale * hl
         parts.hidden = hl.detach()
+    if residual is not None:
+        fp = residual[labels != -100].sum() / num_items
+        parts.total = parts.total + fixed_point_scale * fp
+        parts.fixed_point = fp.detach()
     return parts
 
 

@@ -221,6 +221,14 @@ def test_min_num_steps_floors_the_draws(models, tmp_path):
         setup(_cfg(models, tmp_path / "bad", min_num_steps=3))
 
 
+def test_backprop_depth_above_the_mean_is_reported(models, tmp_path, capsys):
+    """k is capped at the mean (the reference's rule); a larger --backprop_depth is said at start, not ignored."""
+    run = setup(_cfg(models, tmp_path, fixed_num_steps=None, mean_recurrence=2, backprop_depth=6))
+    run.logger.close()
+    assert "--backprop_depth 6 exceeds the mean depth 2" in capsys.readouterr().err
+    assert all(k <= 2 for _, k in (depth_at(run, s)[2] for s in range(50)))
+
+
 def test_lr_schedules():
     from loopfit.train.config import LRSchedule
     from loopfit.train.schedules import lr_factor

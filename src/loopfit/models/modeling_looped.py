@@ -229,6 +229,11 @@ class LoopedModel(LoopedPreTrainedModel):
             h = layer(h, attention_mask=masks[self._layer_type(src)], past_key_values=kv, **kw)
         return h
 
+    def _iterate(self, s, e, masks, slots, cache, overwrite=False, **kw):
+        """One loop iteration: `block(adapter(concat[s, e]))`, the block's layers writing to cache `slots`."""
+        x = self.adapter(torch.cat([s, e], dim=-1))
+        return self._run(self.block, self.config.block_layers, x, masks, slots, cache, overwrite, **kw)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -284,29 +289,18 @@ class LoopedModel(LoopedPreTrainedModel):
         for it in range(n_no_grad + k_grad):
             grad_ctx = torch.no_grad() if it < n_no_grad and torch.is_grad_enabled() else contextlib.nullcontext()
             with grad_ctx:
-                s = self.adapter(torch.cat([s, e], dim=-1))
                 if c.cache_mode == "full":
                     slots = [p + q + it * b + j for j in range(b)]
                 else:
                     slots = [p + q + j for j in range(b)]
-                s = self._run(
-                    self.block,
-                    c.block_layers,
-                    s,
-                    masks,
-                    slots,
-                    cache,
-                    overwrite=it > 0 and c.cache_mode == "compress",
-                    **kw,
-                )
+                s = self._iterate(s, e, masks, slots, cache, overwrite=it > 0 and c.cache_mode == "compress", **kw)
             if output_states:
                 states.append(s)
         next_state = None
         if output_next_state:
             if cache is not None:
                 raise ValueError("output_next_state is a training signal; it cannot be combined with a KV cache")
-            x = self.adapter(torch.cat([s, e], dim=-1))
-            next_state = self._run(self.block, c.block_layers, x, masks, [None] * b, None, **kw)
+            next_state = self._iterate(s, e, masks, [None] * b, None, **kw)
         if hidden is not None:
             hidden.append(s)
         h = s

@@ -247,9 +247,10 @@ def setup(cfg: TrainConfig) -> Run | None:
         n_train = sum(p.numel() for _, p in trainable)
         print(f"training {n_train:,} parameters; teacher weights shared with the student: "
               f"{info['shared_bytes'] / 2**20:.1f} MiB", file=sys.stderr)  # fmt: skip
-        mean = depth_at_mean(run) if looped else 0
-        if looped and not (cfg.fixed_num_steps or cfg.backprop_depth_schedule.turn_on) and cfg.backprop_depth > mean:
-            # The reference's rule (k = min(k, mean)); said aloud because a flag that does nothing misleads.
+        # The reference's rule k = min(k, mean) lives in the sampler; said aloud because a flag that does nothing
+        # misleads.
+        fixed_k = looped and not (cfg.fixed_num_steps or cfg.backprop_depth_schedule.turn_on)
+        if fixed_k and cfg.backprop_depth > (mean := depth_at_mean(run)):
             print(f"note: --backprop_depth {cfg.backprop_depth} exceeds the mean depth {mean}: at most {mean} "
                   "iterations get gradient (k = min(k, mean), as in arXiv:2511.07384)", file=sys.stderr)  # fmt: skip
     return run

@@ -435,6 +435,37 @@ def test_hidden_state_alignment_term(models, tmp_path):
     assert m["loss"] == pytest.approx(0.3 * m["ce_loss"] + 0.7 * m["kd_loss"] + 0.5 * m["hidden_loss"], rel=1e-5)
 
 
+def test_hidden_map_last_aligns_the_final_state_with_the_coda_input(models):
+    """`hidden_map=last`: only the state after the last iteration, at every depth R, meets the teacher's state
+    where the coda begins (the output of the block's last source layer); `spread` pairs every iteration."""
+    from loopfit.losses import HiddenStateLoss
+    from loopfit.train.student import Student, micro_batch_loss
+
+    student_model = AutoModelForCausalLM.from_pretrained(models / "looped")
+    teacher = AutoModelForCausalLM.from_pretrained(models / "teacher").eval()
+    c = student_model.config
+    span = (c.prelude_layers[-1] + 1, c.block_layers[-1])
+    torch.manual_seed(0)
+    ids = torch.randint(0, c.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    batch, mask = {"input_ids": ids, "labels": labels}, labels != -100
+    loss = HiddenStateLoss(c.hidden_size, teacher.config.hidden_size)
+    t_states = teacher.model(ids, output_hidden_states=True).hidden_states
+    for r in (1, 3):
+        states = student_model.model(ids, num_steps=r, output_states=True).states
+        got = {}
+        for how in ("last", "spread"):
+            dc = DistillationConfig(enabled=True, teacher_model_name="t", hidden_scale=1.0, hidden_map=how)
+            parts = micro_batch_loss(Student(student_model, loss), teacher, batch, r, dc, mask.sum(), loss, span)
+            got[how] = parts.hidden
+        torch.testing.assert_close(got["last"], loss([states[-1]], [t_states[span[1] + 1]], mask).detach())
+        if r > 1:
+            assert not torch.allclose(got["last"], got["spread"])
+    with pytest.raises(LoopfitError, match="hidden_map"):
+        _cfg(models, models, distillation=DistillationConfig(hidden_map="first")).validate()
+
+
 def test_fixed_point_term(models, tmp_path):
     """`fixed_point_scale` adds s * ||f(s_R) - s_R||^2 / ||s_R||^2; the residual matches one more iteration run
     by hand (R + 1 iterations), and training with it shrinks the residual on a fixed batch."""

@@ -72,6 +72,10 @@ class DistillationConfig:
     """Weight of the hidden-state loss between loop iterations and teacher layers (0 = off)."""
     hidden_kind: str = "cosine"
     """Hidden-state loss: `cosine` or `mse`."""
+    hidden_map: str = "spread"
+    """Which loop states meet which teacher layers: `spread` (iteration i of R -> a teacher layer spread evenly over
+    the span the block replaced; the target of a state then depends on R) or `last` (only the final state, whatever
+    R, against the teacher's state where the coda begins: one target for every depth)."""
     share_weights: bool = True
     """Point the student's frozen layers at the teacher's identical tensors (LoRA only): one copy in memory."""
 
@@ -289,6 +293,7 @@ def _validate(c: TrainConfig) -> None:
     _choice("backprop_depth_schedule.warmup_type", c.backprop_depth_schedule.warmup_type, RAMPS)
     _choice("distillation.kind", c.distillation.kind, KD_KINDS)
     _choice("distillation.hidden_kind", c.distillation.hidden_kind, ("cosine", "mse"))
+    _choice("distillation.hidden_map", c.distillation.hidden_map, ("spread", "last"))
     _choice("precision", c.precision, PRECISIONS)
     _choice("nan_policy", c.nan_policy, ("stop", "skip"))
     _choice("parallel", c.parallel, PARALLEL)

@@ -186,9 +186,12 @@ def micro_batch_loss(
         kd = kd_divergence(logits, t_logits, y, dcfg.kind, dcfg.temperature, num_items=num_items, **dcfg.kind_params)
         parts = LossParts(ce_scale * ce + kd_scale * kd, ce.detach(), kd.detach())
     if hidden_loss is not None:
+        states = list(states)
+        if dcfg.hidden_map == "last":
+            states = states[-1:]
         teacher_layers = _loop_teacher_layers(len(states), block_span)
         mask = labels != -100
-        hl = hidden_loss(list(states), [t_states[i + 1] for i in teacher_layers], mask)
+        hl = hidden_loss(states, [t_states[i + 1] for i in teacher_layers], mask)
         # HiddenStateLoss averages over this micro-batch's positions; re-weight it to the global token count.
         hl = hl * mask.sum() / num_items
         parts.total = parts.total + dcfg.hidden_scale * hl

@@ -464,6 +464,8 @@ def test_hidden_map_last_aligns_the_final_state_with_the_coda_input(models):
             assert not torch.allclose(got["last"], got["spread"])
     with pytest.raises(LoopfitError, match="hidden_map"):
         _cfg(models, models, distillation=DistillationConfig(hidden_map="first")).validate()
+    with pytest.raises(LoopfitError, match="does nothing without"):
+        _cfg(models, models, distillation=DistillationConfig(hidden_map="last")).validate()
 
 
 def test_fixed_point_term(models, tmp_path):

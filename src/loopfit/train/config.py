@@ -388,6 +388,8 @@ def _validate(c: TrainConfig) -> None:
             raise LoopfitError("--distillation.hidden_scale needs --distillation.teacher_model_name")
     elif d.teacher_model_name or d.teacher_cache or d.hidden_scale:
         raise LoopfitError("a teacher or hidden_scale is set but --distillation.enabled is false")
+    if d.hidden_map != "spread" and not d.hidden_scale:
+        raise LoopfitError(f"--distillation.hidden_map={d.hidden_map} does nothing without --distillation.hidden_scale")
     if c.lora.enabled:
         if not 0.0 <= c.lora.lora_dropout < 1.0:
             raise LoopfitError(f"--lora.lora_dropout must be in [0, 1), got {c.lora.lora_dropout}")

@@ -449,7 +449,8 @@ def test_hidden_map_last_aligns_the_final_state_with_the_coda_input(models):
     ids = torch.randint(0, c.vocab_size, (2, 12))
     labels = ids.clone()
     labels[0, :3] = -100
-    batch, mask = {"input_ids": ids, "labels": labels}, labels != -100
+    batch = {"input_ids": ids, "labels": labels}
+    mask = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)  # the token losses' positions
     loss = HiddenStateLoss(c.hidden_size, teacher.config.hidden_size)
     t_states = teacher.model(ids, output_hidden_states=True).hidden_states
     for r in (1, 3):
@@ -535,3 +536,63 @@ def test_non_finite_loss_policy(models, tmp_path, policy):
         assert all(x["skipped"] for x in _metrics(tmp_path / "run"))
         assert all(torch.equal(before[n], p) or n == "model.norm.weight" for n, p in run.trainable)
     run.logger.close()
+
+
+class _Planted(torch.nn.Module):
+    """A looped student whose loop states and fixed-point residual are the test's: its per-position alignment and
+    residual values are then known exactly."""
+
+    def __init__(self, inner, states, residual):
+        super().__init__()
+        self.inner, self.states, self.residual = inner, states, residual
+
+    def forward(self, input_ids, num_steps=None, output_states=False, fixed_point=False):
+        hidden, _, head_weight, _ = self.inner(input_ids, num_steps=num_steps)
+        return hidden, self.states, head_weight, self.residual
+
+
+def _aux_terms(labels, value):
+    """(hidden term, fixed-point term) of one micro-batch whose per-position alignment MSE and residual are both
+    `value` `(B, S)`; num_items is the micro-batch's own count of token-loss positions, as in `train_step`."""
+    from loopfit.convert import layout_from_sizes, to_looped
+    from loopfit.losses import HiddenStateLoss
+    from loopfit.train.student import Student, micro_batch_loss
+
+    teacher = make_tiny_model("llama", num_layers=6, hidden=32)
+    looped = to_looped(teacher, layout_from_sizes(6, 1, 2, 1), state_init="zeros")  # prelude 0, block 3-4, coda 5
+    span = (1, 4)
+    torch.manual_seed(0)
+    ids = torch.randint(4, 260, labels.shape)
+    with torch.no_grad():  # the output of layer 4, the block's last source layer (not the last layer: not normed)
+        target = teacher.model(ids, output_hidden_states=True).hidden_states[span[1] + 1]
+    # MSE over the features of a constant offset c is c^2: per position exactly `value`.
+    states = (target + value.sqrt()[..., None],)
+    student = _Planted(Student(looped), states, value.clone())
+    loss = HiddenStateLoss(32, 32, kind="mse")
+    dc = DistillationConfig(enabled=True, teacher_model_name="t", hidden_scale=1.0, hidden_map="last")
+    num_items = (labels[:, 1:] != -100).sum().float()
+    parts = micro_batch_loss(student, teacher, {"input_ids": ids, "labels": labels}, 1, dc, num_items, loss, span,
+                             fixed_point_scale=1.0)  # fmt: skip
+    return parts.hidden.item(), parts.fixed_point.item()
+
+
+def test_auxiliary_terms_of_a_constant_are_that_constant():
+    """A per-position value v everywhere gives hidden and fixed-point terms of exactly v (packed rows)."""
+    labels = torch.randint(4, 260, (2, 12))
+    hidden, fp = _aux_terms(labels, torch.full((2, 12), 0.7))
+    assert hidden == pytest.approx(0.7, rel=1e-5) and fp == pytest.approx(0.7, rel=1e-5)
+
+
+def test_auxiliary_terms_score_the_token_losses_positions():
+    """Assistant-only masking and right padding: the hidden and fixed-point terms average exactly the positions the
+    CE/KD terms score (position t where labels[t + 1] is a target), no others."""
+    labels = torch.randint(4, 260, (3, 12))
+    labels[0, :4] = -100  # prompt
+    labels[1, :2] = -100  # prompt ...
+    labels[1, 9:] = -100  # ... and padding
+    labels[2, 7:] = -100  # padding only
+    pos = torch.arange(12, dtype=torch.float32)
+    value = 1.0 + pos[None] + 100.0 * torch.arange(3, dtype=torch.float32)[:, None]
+    want = value[:, :-1][labels[:, 1:] != -100].mean().item()
+    hidden, fp = _aux_terms(labels, value)
+    assert hidden == pytest.approx(want, rel=1e-5) and fp == pytest.approx(want, rel=1e-5)

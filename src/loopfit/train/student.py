@@ -142,6 +142,8 @@ def micro_batch_loss(
 ) -> LossParts:
     """CE (+ KD, + hidden-state alignment, + fixed-point residual) of one micro-batch; labels are unshifted.
 
+    Every term scores the same positions: t in 0..S-2 where `labels[:, t + 1] != -100` (the state at t predicts
+    token t + 1), and each is a sum over them divided by `num_items`, so summing micro-batches gives the step mean.
     The teacher is `teacher` (run live, no grad) or, when the batch carries `teacher_ids` / `teacher_values`
     (from `loopfit.cache.TeacherTargetsDataset`), the cached sparse targets scored with `estimator`.
     """
@@ -153,6 +155,8 @@ def micro_batch_loss(
     )
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
+    # (B, S): the token losses' positions; the last position has no next token.
+    scored = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
     cached = "teacher_ids" in batch
     kd_on = dcfg.enabled and (teacher is not None or cached)
     th = t_states = None
@@ -190,14 +194,13 @@ def micro_batch_loss(
         if dcfg.hidden_map == "last":
             states = states[-1:]
         teacher_layers = _loop_teacher_layers(len(states), block_span)
-        mask = labels != -100
-        hl = hidden_loss(states, [t_states[i + 1] for i in teacher_layers], mask)
+        hl = hidden_loss(states, [t_states[i + 1] for i in teacher_layers], scored)
         # HiddenStateLoss averages over this micro-batch's positions; re-weight it to the global token count.
-        hl = hl * mask.sum() / num_items
+        hl = hl * scored.sum() / num_items
         parts.total = parts.total + dcfg.hidden_scale * hl
         parts.hidden = hl.detach()
     if residual is not None:
-        fp = residual[labels != -100].sum() / num_items
+        fp = residual[scored].sum() / num_items
         parts.total = parts.total + fixed_point_scale * fp
         parts.fixed_point = fp.detach()
     return parts

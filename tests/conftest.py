@@ -7,6 +7,8 @@ import torch
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     PreTrainedTokenizerFast,
@@ -18,6 +20,7 @@ ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
 }
 CHATML = (
     "{% for message in messages %}"
@@ -27,9 +30,15 @@ CHATML = (
 
 
 def make_tiny_model(
-    arch: str = "llama", num_layers: int = 6, hidden: int = 32, vocab: int = 260, seed: int = 0, tie: bool = True
+    arch: str = "llama",
+    num_layers: int = 6,
+    hidden: int = 32,
+    vocab: int = 260,
+    seed: int = 0,
+    tie: bool = True,
+    **config_kwargs,
 ):
-    """A tiny random causal LM of a supported architecture, in eval mode, fp32."""
+    """A tiny random causal LM of a supported architecture, in eval mode, fp32; `config_kwargs` go to its config."""
     torch.manual_seed(seed)
     config_cls, model_cls = ARCHS[arch]
     config = config_cls(
@@ -44,6 +53,7 @@ def make_tiny_model(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        **config_kwargs,
     )
     model = model_cls(config).eval()
     # Random init leaves the residual stream nearly unchanged per layer; larger weights make layers matter.

@@ -11,6 +11,11 @@ from loopfit.convert import Layout, layout_from_sizes, to_looped
 from loopfit.models import LoopedConfig, LoopedForCausalLM, parse_num_steps, sample_num_steps
 
 
+def _cache_of(out):
+    """The KV cache of an output: field `cache` from transformers 5.24 on, `past_key_values` before."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def _inputs(batch=2, seq=12, vocab=260, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
@@ -98,11 +103,11 @@ def test_compress_cache_constant_memory():
     src = make_tiny_model("llama")
     looped = to_looped(src, layout_from_sizes(6, 2, 2, 2), adapter_init="random", cache_mode="compress").eval()
     x = _inputs(batch=1, seq=8)
-    out = looped(x, num_steps=5, use_cache=True)
-    assert len(out.past_key_values.layers) == 2 + 2 + 2  # one slot per distinct layer, whatever the depth
-    assert out.past_key_values.get_seq_length() == 8
+    cache = _cache_of(looped(x, num_steps=5, use_cache=True))
+    assert len(cache.layers) == 2 + 2 + 2  # one slot per distinct layer, whatever the depth
+    assert cache.get_seq_length() == 8
     full = to_looped(src, layout_from_sizes(6, 2, 2, 2), adapter_init="random").eval()
-    assert len(full(x, num_steps=5, use_cache=True).past_key_values.layers) == 2 + 2 + 5 * 2
+    assert len(_cache_of(full(x, num_steps=5, use_cache=True)).layers) == 2 + 2 + 5 * 2
     ids = looped.generate(x, num_steps=3, max_new_tokens=6, do_sample=False)
     assert ids.shape == (1, 14)
 
@@ -120,17 +125,15 @@ def test_truncated_backprop_gradients_match_detached_run():
     # Reference: run 3 iterations detached by hand, then 2 with gradients.
     looped.zero_grad()
     m = looped.model
-    pos = torch.arange(x.shape[1]).unsqueeze(0)
-    masks = m._masks(m.embed_tokens(x), None, None, pos)
-    kw = dict(position_embeddings=m.rotary_emb(m.embed_tokens(x), pos), position_ids=pos)
-    e = m._run(m.prelude, looped.config.prelude_layers, m.embed_tokens(x), masks, [0, 1], None, **kw)
+    x_emb = m.embed_tokens(x)
+    ctx = m.prepare(x_emb)
+    e = m.run_prelude(x_emb, ctx)
     s = torch.zeros_like(e)
     for it in range(5):
-        s = m._run(m.block, looped.config.block_layers, m.adapter(torch.cat([s, e], -1)), masks, [0, 1], None, **kw)
+        s = m.iterate(s, e, it, ctx)
         if it < 3:
             s = s.detach()
-    h = m._run(m.coda, looped.config.coda_layers, s, masks, [0, 1], None, **kw)
-    logits = looped.lm_head(m.norm(h))
+    logits = looped.lm_head(m.run_coda(s, ctx))
     loss = looped.loss_function(logits=logits, labels=x, vocab_size=looped.config.vocab_size)
     torch.testing.assert_close(loss, out.loss)
     loss.backward()

@@ -18,7 +18,7 @@ slot per block layer and needs nothing. Decoding is one sequence at a time (the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -104,45 +104,37 @@ class AdaptiveDecoder:
         """Run the prompt (1, T) at `max_steps`; returns the last position's logits (1, vocab)."""
         if input_ids.shape[0] != 1:
             raise LoopfitError("adaptive exit decodes one sequence at a time (batch size 1)")
-        out = self.model(input_ids, past_key_values=self.cache, use_cache=True, num_steps=self.exit.max_steps)
+        out = self.model(input_ids, cache=self.cache, use_cache=True, num_steps=self.exit.max_steps)
         self.length = input_ids.shape[1]
         return out.logits[:, -1]
 
-    def _coda_logits(self, s, masks, kw, cache) -> torch.Tensor:
-        m, dec, c = self.model, self.model.model, self.model.config
-        p = len(c.prelude_layers)
-        h = dec._run(dec.coda, c.coda_layers, s, masks, [p + i for i in range(len(dec.coda))], cache, **kw)
-        return m.lm_head(dec.norm(h))[:, -1].float()
+    def _coda_logits(self, s, ctx) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.run_coda(s, ctx))[:, -1].float()
 
     @torch.inference_mode()
     def step(self, token: int) -> tuple[torch.Tensor, int]:
         """Feed one token; returns the next-token logits (1, vocab) and the iterations used."""
-        dec, c, x = self.model.model, self.model.config, self.exit
-        p, b, q = len(c.prelude_layers), len(c.block_layers), len(c.coda_layers)
+        dec, x = self.model.model, self.exit
+        full = self.model.config.cache_mode == "full"
         pos = torch.tensor([[self.length]])
-        e = dec.embed_tokens(torch.tensor([[token]]))
-        masks = dec._masks(e, None, self.cache, pos)
-        kw = dict(position_embeddings=dec.rotary_emb(e, pos), position_ids=pos, use_cache=True)
-        for i, layer in enumerate(dec.prelude):
-            e = dec._run([layer], [c.prelude_layers[i]], e, masks, [i], self.cache, **kw)
+        x_emb = dec.embed_tokens(torch.tensor([[token]]))
+        ctx = dec.prepare(x_emb, None, pos, self.cache, use_cache=True)
+        e = dec.run_prelude(x_emb, ctx)
         s = dec.initial_state(e, pos)
-        view = _ReadOnlyCache(self.cache)
+        peek = replace(ctx, cache=_ReadOnlyCache(self.cache))
         prev_logp = None
         stable = 0
         used = x.max_steps
         for it in range(x.max_steps):
             s_old = s
-            s = dec.adapter(torch.cat([s, e], dim=-1))
-            full = c.cache_mode == "full"
-            slots = [p + q + (it * b if full else 0) + j for j in range(b)]
-            s = dec._run(dec.block, c.block_layers, s, masks, slots, self.cache, overwrite=it > 0 and not full, **kw)
+            s = dec.iterate(s, e, it, ctx)
             n = it + 1
             if x.criterion == "none" or n >= x.max_steps or n < x.min_steps or n % x.check_every:
                 continue
             if x.criterion == "state":
                 done = ((s - s_old).norm() / s.norm().clamp_min(1e-12)).item() < x.threshold
             else:
-                logp = self._coda_logits(s, masks, kw, view).log_softmax(-1)
+                logp = self._coda_logits(s, peek).log_softmax(-1)
                 if x.criterion == "kl":
                     if prev_logp is None:
                         prev_logp = torch.full_like(logp, -math.log(logp.shape[-1]))
@@ -157,11 +149,13 @@ class AdaptiveDecoder:
                 used = n
                 break
         if full:
-            for it in range(used, x.max_steps):  # later tokens attend to every iteration's slot
-                for j in range(b):
-                    last = self.cache.layers[p + q + (used - 1) * b + j]
-                    self.cache.update(last.keys[..., -1:, :], last.values[..., -1:, :], p + q + it * b + j)
-        logits = self._coda_logits(s, masks, kw, self.cache)
+            # Later tokens attend to every iteration's slot: the skipped ones get a copy of the last one's entry.
+            last_slots = dec.block_slots(used - 1)
+            for it in range(used, x.max_steps):
+                for src, dst in zip(last_slots, dec.block_slots(it)):
+                    last = self.cache.layers[src]
+                    self.cache.update(last.keys[..., -1:, :], last.values[..., -1:, :], dst)
+        logits = self._coda_logits(s, ctx)
         self.length += 1
         return logits, used
 

@@ -77,19 +77,8 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, in
 
 def _coda_logits(model, state: torch.Tensor, attention_mask, position_ids: torch.Tensor) -> torch.Tensor:
     """Coda, final norm and head applied to a recurrent state (no cache), as the model's forward does."""
-    dec, c = model.model, model.config
-    masks = dec._masks(state, attention_mask, None, position_ids)
-    h = dec._run(
-        dec.coda,
-        c.coda_layers,
-        state,
-        masks,
-        [None] * len(dec.coda),
-        None,
-        position_embeddings=dec.rotary_emb(state, position_ids),
-        position_ids=position_ids,
-    )
-    return model.lm_head(dec.norm(h))
+    dec = model.model
+    return model.lm_head(dec.run_coda(state, dec.prepare(state, attention_mask, position_ids)))
 
 
 @torch.inference_mode()

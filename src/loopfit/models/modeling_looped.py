@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,11 +18,17 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from loopfit.models.configuration_looped import SUPPORTED_ARCHITECTURES, LoopedConfig
 
 _NOISE_BLOCK = 256  # positions per seeded block of eval-mode state noise
+
+# transformers 5.24 renamed the KV-cache argument of the mask builders and the output field from `past_key_values`
+# to `cache`; older releases in our range only know the old name. Resolved once, from the installed version's API.
+_MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_OUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
 
 def source_classes(base_config) -> tuple[type, type, type]:
@@ -38,6 +45,27 @@ def source_classes(base_config) -> tuple[type, type, type]:
         getattr(module, f"{prefix}RMSNorm"),
         getattr(module, f"{prefix}RotaryEmbedding"),
     )
+
+
+def attention_types(base_config) -> list[str]:
+    """The attention type of every source layer: `full_attention` or `sliding_attention`.
+
+    Read from the config's per-layer `layer_types` where it has them (Qwen2, Qwen3, ...); otherwise one
+    `sliding_window` for all layers (Mistral) makes every layer sliding. Raises `ValueError` for another type
+    (e.g. chunked or linear attention), which the loop does not support.
+    """
+    n = base_config.num_hidden_layers
+    types = getattr(base_config, "layer_types", None)
+    if types:
+        types = list(types)
+    elif getattr(base_config, "sliding_window", None) is not None and getattr(base_config, "use_sliding_window", True):
+        types = ["sliding_attention"] * n
+    else:
+        types = ["full_attention"] * n
+    bad = sorted(set(types) - set(ATTENTION_TYPES))
+    if bad:
+        raise ValueError(f"attention type(s) {bad} of the source model are not supported; supported: {ATTENTION_TYPES}")
+    return types
 
 
 def parse_num_steps(num_steps) -> tuple[int, int]:
@@ -101,13 +129,45 @@ class _CacheSlot:
 
 
 @dataclass
-class LoopedCausalLMOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus the loop's states and the depth that was run.
+class LoopContext:
+    """What every decoder layer of one forward call shares; built by `LoopedModel.prepare`.
 
+    masks: attention mask per attention type (`full_attention`, `sliding_attention`), as the source model builds them.
+    position_embeddings: the rotary `(cos, sin)` pair, each `(batch, seq, head_dim)`.
+    position_ids: `(batch or 1, seq)` absolute positions of the current tokens.
+    cache: the KV cache the layers write to (slot rule: `LoopedModel.prelude_slot` / `block_slots` / `coda_slot`),
+        or None.
+    layer_kwargs: further keyword arguments every layer gets (`use_cache`, attention kwargs).
+    """
+
+    masks: dict
+    position_embeddings: tuple
+    position_ids: torch.Tensor
+    cache: Cache | None = None
+    layer_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoopedModelOutput(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus the loop's states and the depth that was run.
+
+    last_hidden_state: `(batch, seq, hidden)`, the coda's output after the final norm.
     states: with `output_states=True`, the recurrent state after each iteration, each `(batch, seq, hidden)`.
     num_steps: the `(n_no_grad, k_grad)` pair that was run.
     next_state: with `output_next_state=True`, one more iteration applied (with gradient) to the final state, which
         the coda does not read: `next_state - state` measures how far the loop is from a fixed point.
+    """
+
+    states: tuple[torch.Tensor, ...] | None = None
+    next_state: torch.Tensor | None = None
+    num_steps: tuple[int, int] | None = None
+
+
+@dataclass
+class LoopedCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `states`, `next_state` and `num_steps` (see `LoopedModelOutput`).
+
+    With `return_hidden=True`, `logits` holds the final normed hidden state `(batch, seq, hidden)` instead.
     """
 
     states: tuple[torch.Tensor, ...] | None = None
@@ -121,7 +181,7 @@ class LoopedPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "Olmo2DecoderLayer", "MistralDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -140,8 +200,21 @@ class LoopedPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
 
 
+def _pop_cache(cache, kwargs: dict):
+    """The KV cache, passed as `cache` (transformers >= 5.24) or `past_key_values` (older releases)."""
+    old = kwargs.pop("past_key_values", None)
+    if cache is not None and old is not None and old is not cache:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else old
+
+
 class LoopedModel(LoopedPreTrainedModel):
-    """The looped decoder stack without the LM head; returns the final (normed) hidden states."""
+    """The looped decoder stack without the LM head.
+
+    Its pieces are public so that adaptive decoding, depth evaluation and training run the same loop:
+    `ctx = prepare(x)`, `e = run_prelude(x, ctx)`, `s = initial_state(e, ctx.position_ids)`,
+    `s = iterate(s, e, i, ctx)` for i = 0..R-1, `h = run_coda(s, ctx)`. `forward` is exactly that sequence.
+    """
 
     def __init__(self, config: LoopedConfig):
         super().__init__(config)
@@ -150,6 +223,9 @@ class LoopedModel(LoopedPreTrainedModel):
             # transformers resolves the default (sdpa) on the top config only; the source layers read the base one.
             base._attn_implementation = config._attn_implementation
         layer_cls, norm_cls, rotary_cls = source_classes(base)
+        self.attention_types = attention_types(base)
+        # Decoder layers take the cache as `cache` from transformers 5.24 on and as `past_key_values` before.
+        self._cache_kw = "cache" if "cache" in inspect.signature(layer_cls.forward).parameters else "past_key_values"
         self.embed_tokens = nn.Embedding(base.vocab_size, base.hidden_size, getattr(base, "pad_token_id", None))
         # Each layer keeps its source index: per-layer config entries (e.g. Qwen2's sliding layers) stay right.
         self.prelude = nn.ModuleList(layer_cls(base, i) for i in config.prelude_layers)
@@ -168,9 +244,109 @@ class LoopedModel(LoopedPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _layer_type(self, src_idx: int) -> str:
-        types = getattr(self.config.base_config, "layer_types", None)
-        return types[src_idx] if types else "full_attention"
+    # --- KV-cache slot rule: prelude layers 0..p-1, coda layers p..p+q-1, then the block's slots ---------------
+
+    def prelude_slot(self, j: int) -> int:
+        """Cache slot of prelude layer j."""
+        return j
+
+    def coda_slot(self, j: int) -> int:
+        """Cache slot of coda layer j."""
+        return len(self.config.prelude_layers) + j
+
+    def block_slots(self, i: int) -> list[int]:
+        """Cache slots of the block's layers at iteration i (0-based).
+
+        `full`: one slot per (iteration, block layer), so cached decoding equals uncached at any depth. `compress`:
+        one slot per block layer, which every iteration overwrites for the current tokens (Huginn's constant-memory
+        cache, arXiv:2502.05171).
+        """
+        c = self.config
+        p, b, q = len(c.prelude_layers), len(c.block_layers), len(c.coda_layers)
+        offset = i * b if c.cache_mode == "full" else 0
+        return [p + q + offset + j for j in range(b)]
+
+    # --- the pieces -------------------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        **layer_kwargs,
+    ) -> LoopContext:
+        """Masks, positions and rotary embeddings shared by every layer of one call.
+
+        Args:
+            inputs_embeds: `(batch, seq, hidden)` (only its shape, dtype and device are read).
+            attention_mask: `(batch, past + seq)` 0/1 padding mask, an already built dict of masks per attention
+                type, or None.
+            position_ids: `(batch or 1, seq)`; default: the cache's length + 0..seq-1.
+            cache: the KV cache the layers read and write, or None.
+            layer_kwargs: passed to every decoder layer (e.g. `use_cache`).
+        """
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
+        if isinstance(attention_mask, dict):
+            masks = attention_mask
+        else:
+            kwargs = {
+                "config": self.config.base_config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                _MASK_CACHE_KW: cache,
+                "position_ids": position_ids,
+            }
+            masks = {}
+            for kind in set(self.attention_types):
+                build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+                masks[kind] = build(**kwargs)
+        return LoopContext(masks, self.rotary_emb(inputs_embeds, position_ids), position_ids, cache, layer_kwargs)
+
+    def _layer(self, layer, src: int, h: torch.Tensor, ctx: LoopContext, slot, overwrite: bool = False):
+        kv = _CacheSlot(ctx.cache, slot, overwrite) if ctx.cache is not None and slot is not None else None
+        return layer(
+            h,
+            attention_mask=ctx.masks[self.attention_types[src]],
+            position_embeddings=ctx.position_embeddings,
+            position_ids=ctx.position_ids,
+            **{self._cache_kw: kv},
+            **ctx.layer_kwargs,
+        )
+
+    def run_prelude(self, x: torch.Tensor, ctx: LoopContext, hidden: list | None = None) -> torch.Tensor:
+        """The prelude's layers: token embeddings `(batch, seq, hidden)` -> `e`, same shape (appended to `hidden`)."""
+        for j, (layer, src) in enumerate(zip(self.prelude, self.config.prelude_layers)):
+            x = self._layer(layer, src, x, ctx, self.prelude_slot(j))
+            if hidden is not None:
+                hidden.append(x)
+        return x
+
+    def iterate(self, s: torch.Tensor, e: torch.Tensor, i: int, ctx: LoopContext, write_cache: bool = True):
+        """Loop iteration i (0-based): `block(adapter(concat[s, e]))`, all `(batch, seq, hidden)`.
+
+        The block's layers read and write the cache slots `block_slots(i)`; with `write_cache=False` they use no
+        cache (the fixed-point residual's extra iteration).
+        """
+        x = self.adapter(torch.cat([s, e], dim=-1))
+        slots = self.block_slots(i) if write_cache else [None] * len(self.block)
+        overwrite = i > 0 and self.config.cache_mode == "compress"
+        for layer, src, slot in zip(self.block, self.config.block_layers, slots):
+            x = self._layer(layer, src, x, ctx, slot, overwrite)
+        return x
+
+    def run_coda(self, s: torch.Tensor, ctx: LoopContext, hidden: list | None = None) -> torch.Tensor:
+        """The coda's layers and the final norm: state `(batch, seq, hidden)` -> normed hidden state, same shape.
+
+        Each coda layer's (un-normed) output is appended to `hidden`.
+        """
+        for j, (layer, src) in enumerate(zip(self.coda, self.config.coda_layers)):
+            s = self._layer(layer, src, s, ctx, self.coda_slot(j))
+            if hidden is not None:
+                hidden.append(s)
+        return self.norm(s)
 
     def initial_state(self, e: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """`s0` for prelude output `e` (batch, seq, hidden).
@@ -204,42 +380,17 @@ class LoopedModel(LoopedPreTrainedModel):
             self._noise_cache[key] = nn.init.trunc_normal_(t, std=std, a=-3 * std, b=3 * std, generator=g)
         return self._noise_cache[key]
 
-    def _masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
-        if isinstance(attention_mask, dict):
-            return attention_mask
-        kwargs = dict(
-            config=self.config.base_config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
-        masks = {"full_attention": create_causal_mask(**kwargs)}
-        if any(self._layer_type(i) == "sliding_attention" for i in self._all_layers()):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        return masks
-
-    def _all_layers(self) -> list[int]:
+    def default_num_steps(self) -> int | tuple[int, int]:
+        """The depth used when none is given: drawn (Poisson-lognormal) in training mode, the mean in eval mode."""
         c = self.config
-        return c.prelude_layers + c.block_layers + c.coda_layers
-
-    def _run(self, layers, src_indices, h, masks, slots, cache, overwrite=False, **kw):
-        for layer, src, slot in zip(layers, src_indices, slots):
-            kv = _CacheSlot(cache, slot, overwrite) if cache is not None else None
-            h = layer(h, attention_mask=masks[self._layer_type(src)], past_key_values=kv, **kw)
-        return h
-
-    def _iterate(self, s, e, masks, slots, cache, overwrite=False, **kw):
-        """One loop iteration: `block(adapter(concat[s, e]))`, the block's layers writing to cache `slots`."""
-        x = self.adapter(torch.cat([s, e], dim=-1))
-        return self._run(self.block, self.config.block_layers, x, masks, slots, cache, overwrite, **kw)
+        return sample_num_steps(c.mean_recurrence, c.backprop_depth) if self.training else c.mean_recurrence
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_steps: int | tuple[int, int] | None = None,
@@ -247,74 +398,45 @@ class LoopedModel(LoopedPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_next_state: bool = False,
         **kwargs,
-    ):
-        c = self.config
+    ) -> LoopedModelOutput:
+        """Run prelude, R loop iterations and coda; see `LoopedForCausalLM.forward` for the arguments."""
+        cache = _pop_cache(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if num_steps is None:
-            if self.training:
-                num_steps = sample_num_steps(c.mean_recurrence, c.backprop_depth)
-            else:
-                num_steps = c.mean_recurrence
-        n_no_grad, k_grad = parse_num_steps(num_steps)
+        n_no_grad, k_grad = parse_num_steps(self.default_num_steps() if num_steps is None else num_steps)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        if isinstance(past_key_values, DynamicCache) and past_key_values.layer_class_to_replicate is None:
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        if isinstance(cache, DynamicCache) and cache.layer_class_to_replicate is None:
             # A cache built from the config (as `generate` does) has one slot per distinct layer; the loop needs
             # one per (iteration, block layer), so let it grow lazily as a config-less DynamicCache does.
-            past_key_values.layer_class_to_replicate = DynamicLayer
-        if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
-        cache = past_key_values if use_cache or past_key_values is not None else None
-        masks = self._masks(inputs_embeds, attention_mask, cache, position_ids)
-        kw = dict(
-            position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **kwargs,
-        )
+            cache.layer_class_to_replicate = DynamicLayer
+        if output_next_state and cache is not None:
+            raise ValueError("output_next_state is a training signal; it cannot be combined with a KV cache")
+        ctx = self.prepare(inputs_embeds, attention_mask, position_ids, cache, use_cache=use_cache, **kwargs)
         hidden = [inputs_embeds] if output_hidden_states else None
 
-        p, b, q = len(c.prelude_layers), len(c.block_layers), len(c.coda_layers)
-        e = inputs_embeds
-        for i, layer in enumerate(self.prelude):
-            e = self._run([layer], [c.prelude_layers[i]], e, masks, [i], cache, **kw)
-            if hidden is not None:
-                hidden.append(e)
-        s = self.initial_state(e, position_ids)
+        e = self.run_prelude(inputs_embeds, ctx, hidden)
+        s = self.initial_state(e, ctx.position_ids)
         states = []
-        for it in range(n_no_grad + k_grad):
-            grad_ctx = torch.no_grad() if it < n_no_grad and torch.is_grad_enabled() else contextlib.nullcontext()
-            with grad_ctx:
-                if c.cache_mode == "full":
-                    slots = [p + q + it * b + j for j in range(b)]
-                else:
-                    slots = [p + q + j for j in range(b)]
-                s = self._iterate(s, e, masks, slots, cache, overwrite=it > 0 and c.cache_mode == "compress", **kw)
+        for i in range(n_no_grad + k_grad):
+            no_grad = i < n_no_grad and torch.is_grad_enabled()
+            with torch.no_grad() if no_grad else contextlib.nullcontext():
+                s = self.iterate(s, e, i, ctx)
             if output_states:
                 states.append(s)
-        next_state = None
-        if output_next_state:
-            if cache is not None:
-                raise ValueError("output_next_state is a training signal; it cannot be combined with a KV cache")
-            next_state = self._iterate(s, e, masks, [None] * b, None, **kw)
+        next_state = self.iterate(s, e, n_no_grad + k_grad, ctx, write_cache=False) if output_next_state else None
         if hidden is not None:
             hidden.append(s)
-        h = s
-        for i, layer in enumerate(self.coda):
-            h = self._run([layer], [c.coda_layers[i]], h, masks, [p + i], cache, **kw)
-            if hidden is not None:
-                hidden.append(h)
-        return LoopedCausalLMOutput(
-            logits=self.norm(h),  # the final hidden state; LoopedForCausalLM applies the head
-            past_key_values=past_key_values if use_cache else None,
+        h = self.run_coda(s, ctx, hidden)
+        return LoopedModelOutput(
+            last_hidden_state=h,
             hidden_states=tuple(hidden) if hidden is not None else None,
             states=tuple(states) if output_states else None,
             num_steps=(n_no_grad, k_grad),
             next_state=next_state,
+            **{_OUT_CACHE_FIELD: cache if use_cache else None},
         )
 
 
@@ -341,7 +463,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -356,6 +478,9 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         """Run the looped model.
 
         Args:
+            input_ids: `(batch, seq)` token ids (or `inputs_embeds`, `(batch, seq, hidden)`).
+            attention_mask: `(batch, past + seq)` 0/1 padding mask.
+            cache: a KV cache (`past_key_values` is accepted too, the name before transformers 5.24).
             num_steps: loop iterations R, or a pair `(n_no_grad, k_grad)` whose first n iterations run without
                 gradient (truncated backprop). Default: sampled in training mode, `config.mean_recurrence` in eval.
             output_states: also return the state after every iteration (`.states`).
@@ -363,12 +488,20 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             return_hidden: skip the LM head and return the final normed hidden state in `.logits` (for fused
                 losses that apply the head chunk by chunk).
             labels: if given, `.loss` is the next-token cross-entropy (labels are shifted inside, -100 ignored).
+
+        Returns:
+            `LoopedCausalLMOutput`: `logits (batch, seq, vocab)` (the last `logits_to_keep` positions if set),
+            `loss`, the cache, `states`, `next_state`, `num_steps`.
+
+        Raises:
+            ValueError: both or neither of `input_ids` / `inputs_embeds`; a bad `num_steps`; `output_next_state`
+                with a cache.
         """
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_pop_cache(cache, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_steps=num_steps,
@@ -377,14 +510,33 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             output_next_state=output_next_state,
             **kwargs,
         )
-        h = out.logits
+        h = out.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         h = h[:, slice_indices, :]
-        if return_hidden:
-            return out
-        logits = self.lm_head(h)
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        out.logits, out.loss = logits, loss
-        return out
+        if return_hidden:
+            logits = h
+        else:
+            logits = self.lm_head(h)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return LoopedCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=out.hidden_states,
+            states=out.states,
+            next_state=out.next_state,
+            num_steps=out.num_steps,
+            **{_OUT_CACHE_FIELD: getattr(out, _OUT_CACHE_FIELD)},
+        )
+
+    def generate(self, *args, num_steps: int | tuple[int, int] | None = None, **kwargs):
+        """`GenerationMixin.generate` at one depth for the whole call.
+
+        Without `num_steps`, eval mode runs `config.mean_recurrence`; training mode draws one depth for the call
+        (never one per decoding step: the KV cache's per-iteration slots must match from token to token, and
+        on-policy trainers sample in training mode).
+        """
+        if num_steps is None:
+            num_steps = self.model.default_num_steps()
+        return super().generate(*args, num_steps=num_steps, **kwargs)

@@ -596,3 +596,51 @@ def test_auxiliary_terms_score_the_token_losses_positions():
     want = value[:, :-1][labels[:, 1:] != -100].mean().item()
     hidden, fp = _aux_terms(labels, value)
     assert hidden == pytest.approx(want, rel=1e-5) and fp == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("hidden_map", ["spread", "last"])
+@pytest.mark.parametrize("layers", ["0-1:2-3:4-5", "0-3:4-5:", ":0-5:", "0:1-4:5"])
+def test_student_equal_to_teacher_has_zero_hidden_loss(arch, layers, hidden_map):
+    """Every teacher target is the residual stream at its layer boundary: a looped student that computes exactly the
+    teacher (no layer dropped, R = 1, identity adapter) scores 0, also where the block ends at the last layer (no
+    coda), whose HF `hidden_states` entry is the final-normed output instead."""
+    from loopfit.convert import parse_layout, to_looped
+    from loopfit.losses import HiddenStateLoss
+    from loopfit.train.student import Student, micro_batch_loss
+
+    teacher = make_tiny_model(arch, num_layers=6, hidden=32)
+    student = to_looped(teacher, parse_layout(layers, 6), adapter_init="identity", state_init="zeros").eval()
+    c = student.config
+    span = (c.prelude_layers[-1] + 1 if c.prelude_layers else 0, c.block_layers[-1])
+    torch.manual_seed(0)
+    ids = torch.randint(4, 260, (2, 10))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    num_items = (labels[:, 1:] != -100).sum().float()
+    for kind in ("cosine", "mse"):
+        loss = HiddenStateLoss(32, 32, kind=kind)
+        dc = DistillationConfig(enabled=True, teacher_model_name="t", hidden_scale=1.0, hidden_map=hidden_map)
+        with torch.no_grad():
+            parts = micro_batch_loss(Student(student, loss), teacher, {"input_ids": ids, "labels": labels}, 1, dc,
+                                     num_items, loss, span)  # fmt: skip
+        assert parts.hidden.abs().item() < 1e-6, (kind, parts.hidden.item())
+
+
+def test_teacher_forward_reads_the_residual_stream_of_the_layers_asked_for():
+    from loopfit.train.student import teacher_forward
+
+    teacher = make_tiny_model("llama", num_layers=6, hidden=32)
+    ids = torch.randint(4, 260, (2, 7))
+    with torch.no_grad():
+        ref = teacher.model(ids, output_hidden_states=True)
+    hooks = [len(m._forward_hooks) for m in teacher.modules()]  # HF installs its own on the first call
+    final, states = teacher_forward(teacher, ids, [5, 1, 5])
+    torch.testing.assert_close(final, ref.last_hidden_state, rtol=0, atol=0)
+    assert sorted(states) == [1, 5] and not any(h.requires_grad for h in states.values())
+    torch.testing.assert_close(states[1], ref.hidden_states[2], rtol=0, atol=0)
+    torch.testing.assert_close(teacher.model.norm(states[5]), ref.hidden_states[6], rtol=0, atol=0)  # HF's is normed
+    assert [len(m._forward_hooks) for m in teacher.modules()] == hooks  # ours are gone
+    with pytest.raises(LoopfitError, match="out of range"):
+        teacher_forward(teacher, ids, [6])
+    with pytest.raises(LoopfitError, match="decoder layers at .model.layers"):
+        teacher_forward(torch.nn.Module(), ids, [0])

@@ -18,7 +18,8 @@ def loop_layer_map(num_iterations: int, block_source_span: tuple[int, int]) -> l
     `block_source_span = (first, last)` (inclusive). Its R iterations are spread evenly over that span: the state
     after iteration i (0-based) is aligned with the output of source layer
     `first - 1 + round((i + 1) * (last - first + 1) / R)`, so the last iteration always maps to `last`.
-    An index l means "the output of source layer l", i.e. HF `hidden_states[l + 1]`.
+    An index l means "the output of source layer l", the residual stream before any final norm (HF's
+    `hidden_states[l + 1]`, except for the last layer, whose entry there is the final-normed output).
 
     Example:
         >>> loop_layer_map(4, (4, 25))  # prelude 0-3, layers 4-19 dropped, block 20-25

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,10 +123,44 @@ class LossParts:
     fixed_point: torch.Tensor | None = None
 
 
-def teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, hidden_layers: bool) -> tuple:
-    with torch.no_grad():
-        out = teacher.model(input_ids, output_hidden_states=hidden_layers)
-    return out.last_hidden_state, out.hidden_states
+def teacher_forward(
+    teacher: nn.Module, input_ids: torch.Tensor, layers: Sequence[int] = ()
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The teacher's final normed hidden state `(B, S, H)` and `{l: (B, S, H)}`, the residual stream after each
+    decoder layer `l` in `layers` (0-based source-layer indices), before the final norm; no grad.
+
+    HF's `output_hidden_states` ends with the *normed* output of the last layer, which is no residual stream; so
+    the outputs are read by forward hooks on the decoder layers asked for, and only those are kept.
+
+    Raises:
+        LoopfitError: `layers` is not empty and the teacher keeps no decoder layers at `.model.layers`, or an index
+            is out of their range.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    if layers:
+        decoder_layers = getattr(getattr(teacher, "model", None), "layers", None)
+        if not isinstance(decoder_layers, nn.ModuleList):
+            raise LoopfitError(f"hidden-state alignment needs the teacher's decoder layers at .model.layers; "
+                               f"{type(teacher).__name__} has none")  # fmt: skip
+        bad = sorted({i for i in layers if not 0 <= i < len(decoder_layers)})
+        if bad:
+            raise LoopfitError(f"teacher layers {bad} out of range for a teacher with {len(decoder_layers)} layers")
+
+        def keep(index: int):
+            def hook(_module, _args, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        handles = [decoder_layers[i].register_forward_hook(keep(i)) for i in sorted(set(layers))]
+    try:
+        with torch.no_grad():
+            out = teacher.model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out.last_hidden_state, captured
 
 
 def micro_batch_loss(
@@ -159,6 +194,14 @@ def micro_batch_loss(
     scored = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
     cached = "teacher_ids" in batch
     kd_on = dcfg.enabled and (teacher is not None or cached)
+    teacher_layers: list[int] = []
+    if hidden_loss is not None:
+        if not kd_on or cached:
+            raise LoopfitError("--distillation.hidden_scale needs a live teacher (a teacher cache holds no states)")
+        states = list(states)
+        if dcfg.hidden_map == "last":
+            states = states[-1:]
+        teacher_layers = _loop_teacher_layers(len(states), block_span)
     th = t_states = None
     sparse = {}
     if cached and kd_on:
@@ -168,7 +211,7 @@ def micro_batch_loss(
         if "teacher_tail" in batch:
             sparse["teacher_tail"] = batch["teacher_tail"][:, :-1].reshape(-1)
     elif kd_on:
-        th_full, t_states = teacher_forward(teacher, input_ids, hidden_loss is not None)
+        th_full, t_states = teacher_forward(teacher, input_ids, teacher_layers)
         th = th_full[:, :-1].reshape(-1, th_full.shape[-1])
     ce_scale = dcfg.ce_scale if dcfg.ce_scale is not None else (dcfg.alpha if kd_on else 1.0)
     kd_scale = dcfg.kd_scale if dcfg.kd_scale is not None else 1.0 - dcfg.alpha
@@ -190,11 +233,7 @@ def micro_batch_loss(
         kd = kd_divergence(logits, t_logits, y, dcfg.kind, dcfg.temperature, num_items=num_items, **dcfg.kind_params)
         parts = LossParts(ce_scale * ce + kd_scale * kd, ce.detach(), kd.detach())
     if hidden_loss is not None:
-        states = list(states)
-        if dcfg.hidden_map == "last":
-            states = states[-1:]
-        teacher_layers = _loop_teacher_layers(len(states), block_span)
-        hl = hidden_loss(states, [t_states[i + 1] for i in teacher_layers], scored)
+        hl = hidden_loss(states, [t_states[i] for i in teacher_layers], scored)
         # HiddenStateLoss averages over this micro-batch's positions; re-weight it to the global token count.
         hl = hl * scored.sum() / num_items
         parts.total = parts.total + dcfg.hidden_scale * hl

@@ -50,7 +50,7 @@ def main() -> None:
                     return_dict_in_generate=True,
                 )
                 dt = time.perf_counter() - t
-                cache = out.past_key_values
+                cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5.24
                 kv_mib = (
                     sum(
                         layer.keys.numel() + layer.values.numel()

@@ -1,7 +1,8 @@
 """`DistillationTrainer`: HF `Trainer` with loopfit's losses (fused CE + KD from a frozen teacher, looped students).
 
-For users who live in the HF Trainer. It changes only `compute_loss` (and adds the CE / KD terms to the logs);
-everything else (optimizer, schedule, accumulation, checkpoints, callbacks) stays the Trainer's own.
+For users who live in the HF Trainer. It changes only `compute_loss` and the count of the step's target tokens
+that scales it (and adds the CE / KD terms to the logs); everything else (optimizer, schedule, accumulation,
+checkpoints, callbacks) stays the Trainer's own.
 
     trainer = DistillationTrainer(model=student, args=TrainingArguments(...), train_dataset=ds,
                                   teacher_model=teacher, distillation=DistillationConfig(enabled=True, alpha=0.5))
@@ -36,9 +37,26 @@ class DistillationTrainer(Trainer):
         if teacher_model is not None:
             self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
         self.num_steps = num_steps
-        # The loss below is already divided by the number of target tokens of the whole accumulated batch.
+        # The loss below is already divided by the number of target tokens of the whole accumulated batch (counted
+        # in `get_batch_samples`), so HF must not divide it again by the accumulation steps.
         self.loss_is_scaled_for_ga = True
         self._terms: dict[str, list[float]] = {}
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device) -> tuple[list, torch.Tensor | None]:
+        """The micro-batches of one optimizer step and their number of target tokens, a 0-dim tensor on `device`.
+
+        The count is `labels[:, 1:] != -100` (the positions the losses score) over every micro-batch of the step,
+        summed over processes when `average_tokens_across_devices`. HF counts only when the model declares that it
+        accepts loss kwargs; otherwise `compute_loss` would get None, make each micro-batch a mean of its own, and
+        the update would depend on the accumulation split and on what the student declares.
+        """
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            return batch_samples, None
+        count = sum((b["labels"][:, 1:] != -100).sum() for b in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batch_samples, count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student = Student(model)

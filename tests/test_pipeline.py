@@ -1,14 +1,23 @@
-"""`loopfit demo` end to end on a tiny model: every stage's output and the report."""
+"""`loopfit demo` end to end on a tiny model: every stage's output, the teacher-referenced report and resuming."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from loopfit.cli import main
+from loopfit.errors import LoopfitError
+from loopfit.pipeline import DemoConfig, _text_batches, demo
+
+IN_FORMAT = "in-format: held-out arithmetic word problems (student trained on this format; the teacher did not)"
 
 
 def test_demo_end_to_end_tiny(tiny_source_dir, tmp_path, capsys):
     out = tmp_path / "demo"
+    val = tmp_path / "val.txt"
+    val.write_text("\n\n".join(f"A note {i}: the river rose {i % 4} feet before the storm passed." for i in range(30)))
     args = [
         "demo",
         "--out",
@@ -16,7 +25,7 @@ def test_demo_end_to_end_tiny(tiny_source_dir, tmp_path, capsys):
         "--model",
         str(tiny_source_dir),
         "--layers",
-        "0-1:2-3:4-5",
+        "0:2-3:5",  # layers 1 and 4 dropped: the converted model is worse than the teacher
         "--budget_minutes",
         "0.3",
         "--seq_len",
@@ -33,31 +42,98 @@ def test_demo_end_to_end_tiny(tiny_source_dir, tmp_path, capsys):
         "4",
         "--eval_rows",
         "4",
+        "--teacher_texts",
+        "6",
+        "--teacher_text_tokens",
+        "24",
+        "--val_data",
+        str(val),
     ]
     main(args)
-    capsys.readouterr()
+    first = capsys.readouterr()
     for name in (
         "analysis/layers.json",
         "analysis/layers.png",
         "converted/config.json",
         "teacher-cache/manifest.json",
+        "heldout/teacher-texts.json",
         "heal/metrics.jsonl",
         "healed/config.json",
         "depths.json",
         "samples.json",
+        "timings.json",
         "training.png",
         "loss-vs-depth.png",
         "report.md",
     ):
         assert (out / name).exists(), name
+    # Every long stage shows progress even with stderr captured (not a terminal): the loss sweep and generation bars.
+    assert "loss: 100%" in first.err and "teacher samples: " in first.err and "R=2: " in first.err
+
+    held = json.loads((out / "heldout" / "teacher-texts.json").read_text())
+    assert len(held["texts"]) == 6 and held["max_new_tokens"] == 24 and held["temperature"] == 1.0
+    assert all(1 <= len(t["ids"]) <= 24 and t["prompt_ids"] for t in held["texts"])
+
     depths = json.loads((out / "depths.json").read_text())
     assert depths["depths"] == [1, 2, 4]
-    # The identity adapter makes the converted model depth-independent before healing.
-    assert max(depths["before"]) - min(depths["before"]) < 1e-5
-    assert depths["after"][1] < depths["before"][1]  # healing helped at the training depth
+    sets = depths["sets"]
+    assert list(sets) == ["teacher_text", "val_data", "in_format"]
+    assert sets["teacher_text"]["tokens"] == sum(len(t["ids"]) for t in held["texts"])
+    for s in sets.values():
+        assert len(s["converted"]) == len(s["healed"]) == 3 and s["tokens"] > 0
+        # The identity adapter makes the converted model depth-independent before healing.
+        assert max(s["converted"]) - min(s["converted"]) < 1e-5
+    # On its own samples the teacher is the floor (in expectation; here with a fixed seed).
+    assert sets["teacher_text"]["teacher"] < sets["teacher_text"]["converted"][0]
+    assert sets["in_format"]["healed"][1] < sets["in_format"]["converted"][1]  # healing helped at the training depth
+
     report = (out / "report.md").read_text()
-    assert "healing took the loss from" in report and "Sample generations" in report
-    # A rerun finds every stage done and only rewrites the report.
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| held-out data | model | R = 1 | R = 2 | R = 4 |")
+    models = [line.split(" | ")[1] for line in table[1:]]
+    # The teacher-referenced block leads, the user's data follows, the in-format block comes last and says what it is.
+    assert models[:4] == ["teacher (the floor)", "converted (the pruned model)", "**healed**", "teacher gap closed"]
+    assert table[1].startswith(f"| the teacher's own text, {sets['teacher_text']['tokens']:,} tokens |")
+    assert table[5].startswith(f"| your --val_data `{val}`") and models[4:8] == ["teacher", *models[1:4]]
+    assert table[9].startswith(f"| {IN_FORMAT}") and "no floor" in models[8] and len(table) == 12
+    assert "healing closed **" in report and "In-format, second and not a healing result" in report
+    assert report.index("teacher gap closed") < report.index(IN_FORMAT) and "Sample generations" in report
+
+    # A rerun finds every stage done and only rewrites the report; the teacher's texts are not sampled again.
+    before = (out / "heldout" / "teacher-texts.json").read_bytes()
     main(args)
     rerun = capsys.readouterr().out
-    assert "=== " in rerun and "=== 5/7" not in rerun and "=== 2/7" not in rerun
+    assert "=== " in rerun and "=== 5/8" not in rerun and "=== 6/8" not in rerun and "=== 7/8" not in rerun
+    # Without the scores, a resumed demo scores the same saved texts again: same tokens, same losses.
+    (out / "depths.json").unlink()
+    main(args)
+    resumed = capsys.readouterr().out
+    assert "=== 7/8" in resumed and "=== 5/8" not in resumed
+    assert (out / "heldout" / "teacher-texts.json").read_bytes() == before
+    again = json.loads((out / "depths.json").read_text())["sets"]["teacher_text"]
+    assert again["tokens"] == sets["teacher_text"]["tokens"]
+    assert again["healed"] == pytest.approx(sets["teacher_text"]["healed"], rel=1e-5)
+
+
+def test_text_batches_label_only_the_sampled_tokens():
+    texts = [
+        {"prompt_ids": [5, 6, 7], "ids": [8, 9]},
+        {"prompt_ids": [5], "ids": [10, 11, 12, 2]},
+        {"prompt_ids": [4, 4], "ids": [13]},
+    ]
+    batches = _text_batches(texts, 2)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1]
+    rows = {tuple(b["input_ids"][i][b["attention_mask"][i].bool()].tolist()): (b, i) for b in batches for i in range(2)
+            if i < b["input_ids"].shape[0]}  # fmt: skip
+    b, i = rows[(5, 6, 7, 8, 9)]
+    assert b["labels"][i].tolist()[:5] == [-100, -100, -100, 8, 9]
+    assert torch.all(b["labels"][i][5:] == -100)
+    b, i = rows[(5, 10, 11, 12, 2)]
+    assert b["labels"][i].tolist() == [-100, 10, 11, 12, 2]
+
+
+def test_demo_missing_val_data_fails_before_any_stage(tiny_source_dir, tmp_path):
+    cfg = DemoConfig(out=str(tmp_path / "demo"), model=str(tiny_source_dir), val_data=str(tmp_path / "nope.txt"))
+    with pytest.raises(LoopfitError, match="nope.txt"):
+        demo(cfg)
+    assert not (tmp_path / "demo" / "analysis").exists()

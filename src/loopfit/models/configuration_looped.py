@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from transformers import AutoConfig, PretrainedConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "olmo2", "mistral")
@@ -33,6 +35,9 @@ class LoopedConfig(PretrainedConfig):
 
     model_type = "looped"
     sub_configs = {"base_config": AutoConfig}
+    # No remote code: an empty, read-only `auto_map` unless a folder sets one. Tools that read `config.auto_map`
+    # for every config whose class is not in transformers (TRL's model loading) then find nothing instead of failing.
+    auto_map = MappingProxyType({})
 
     def __init__(
         self,

@@ -6,7 +6,8 @@ from types import MappingProxyType
 
 from transformers import AutoConfig, PretrainedConfig
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "olmo2", "mistral")
+from loopfit.models.families import SUPPORTED_ARCHITECTURES  # noqa: F401  (re-exported)
+
 STATE_INITS = ("normal", "zeros", "embed")
 ADAPTER_INITS = ("identity", "random", "average")
 CACHE_MODES = ("full", "compress")

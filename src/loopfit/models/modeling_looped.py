@@ -7,7 +7,6 @@ classes, built from the source config kept in `LoopedConfig.base_config`; nothin
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from loopfit.models.configuration_looped import SUPPORTED_ARCHITECTURES, LoopedConfig
+from loopfit.models.configuration_looped import LoopedConfig
+from loopfit.models.families import decoder_layer_class_names, family_of
 
 _NOISE_BLOCK = 256  # positions per seeded block of eval-mode state noise
 
@@ -29,22 +29,6 @@ _NOISE_BLOCK = 256  # positions per seeded block of eval-mode state noise
 _MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 _OUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
-
-
-def source_classes(base_config) -> tuple[type, type, type]:
-    """The (DecoderLayer, RMSNorm, RotaryEmbedding) classes of the source architecture."""
-    model_type = base_config.model_type
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    prefix = {"llama": "Llama", "qwen2": "Qwen2", "olmo2": "Olmo2", "mistral": "Mistral"}[model_type]
-    return (
-        getattr(module, f"{prefix}DecoderLayer"),
-        getattr(module, f"{prefix}RMSNorm"),
-        getattr(module, f"{prefix}RotaryEmbedding"),
-    )
 
 
 def attention_types(base_config) -> list[str]:
@@ -180,7 +164,7 @@ class LoopedPreTrainedModel(PreTrainedModel):
     config: LoopedConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "Olmo2DecoderLayer", "MistralDecoderLayer"]
+    _no_split_modules = list(decoder_layer_class_names())
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -222,7 +206,8 @@ class LoopedModel(LoopedPreTrainedModel):
         if base._attn_implementation is None:
             # transformers resolves the default (sdpa) on the top config only; the source layers read the base one.
             base._attn_implementation = config._attn_implementation
-        layer_cls, norm_cls, rotary_cls = source_classes(base)
+        family = family_of(base)
+        layer_cls = family.decoder_layer
         self.attention_types = attention_types(base)
         # Decoder layers take the cache as `cache` from transformers 5.24 on and as `past_key_values` before.
         self._cache_kw = "cache" if "cache" in inspect.signature(layer_cls.forward).parameters else "past_key_values"
@@ -232,8 +217,8 @@ class LoopedModel(LoopedPreTrainedModel):
         self.adapter = LoopAdapter(base.hidden_size)
         self.block = nn.ModuleList(layer_cls(base, i) for i in config.block_layers)
         self.coda = nn.ModuleList(layer_cls(base, i) for i in config.coda_layers)
-        self.norm = norm_cls(base.hidden_size, eps=base.rms_norm_eps)
-        self.rotary_emb = rotary_cls(config=base)
+        self.norm = family.build_norm(base)
+        self.rotary_emb = family.build_rotary(base)
         self.gradient_checkpointing = False
         self._noise_cache: dict[tuple, torch.Tensor] = {}
         self.post_init()

@@ -167,11 +167,11 @@ def test_corrupted_wrong_and_foreign_caches_are_refused(setup, capsys):
     raw = bytearray(ids_file.read_bytes())
     raw[-1] ^= 0xFF
     ids_file.write_bytes(bytes(raw))
-    with pytest.raises(LoopfitError, match="shard-00001.ids.npy is corrupted"):
+    with pytest.raises(LoopfitError, match="shard-00001.ids.npy is damaged"):
         TeacherCache(moved).verify()
     with pytest.raises(SystemExit) as e:
         main(["verify-cache", str(moved)])
-    assert e.value.code == 2 and "corrupted" in capsys.readouterr().err
+    assert e.value.code == 2 and "damaged" in capsys.readouterr().err
 
     manifest = json.loads((src.folder / "manifest.json").read_text())
     bad = root / "bad"

@@ -49,9 +49,12 @@ def cache_teacher_command(
         val_fraction: held-out fraction carved before packing (as in training).
         position_ids: rows carry position ids restarting at each document (as in training).
         seed: data seed (as in training) and seed of the draws.
-        overwrite: replace an existing output folder.
+        overwrite: replace an existing output folder (only one loopfit wrote; it is replaced by rename once the
+            new cache is complete).
     """
-    from loopfit.cache.writer import CacheSettings, write_cache
+    from pathlib import Path
+
+    from loopfit.cache.writer import CacheSettings, check_cache_output, write_cache
     from loopfit.data import build_dataset, tokenizer_hash
     from loopfit.loading import load_model, load_tokenizer
 
@@ -59,6 +62,7 @@ def cache_teacher_command(
         raise LoopfitError("--teacher is required")
     if out is None:
         raise LoopfitError("--out is required")
+    check_cache_output(Path(out), overwrite)  # before the teacher is loaded: a refusal costs nothing
     settings = CacheSettings(estimator=estimator, top_k=top_k, samples=samples, temperature=temperature,
                              shard_rows=shard_rows, batch_size=batch_size, seed=seed)  # fmt: skip
     tokenizer = load_tokenizer(teacher)

@@ -1,4 +1,8 @@
-"""Reading a teacher cache: random access by training row, zero-copy from memory-mapped shards; verification."""
+"""Reading a teacher cache: random access by training row, zero-copy from memory-mapped shards; verification.
+
+Every shard file is checked against the manifest's sha256 (and dtype and shape) before it is first read, and the
+manifest may only name files inside the cache folder; faults are one-line `LoopfitError`s naming the file.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loopfit.cache.writer import FORMAT_VERSION, MANIFEST, CacheSettings, sha256_file
+from loopfit.cache.writer import FORMAT_VERSION, MANIFEST, CacheSettings
 from loopfit.errors import LoopfitError
+from loopfit.io import inside, sha256_file
+
+REBUILD = "rebuild it with loopfit cache-teacher --overwrite=true"
 
 
 class TeacherCache:
@@ -28,20 +35,39 @@ class TeacherCache:
         self.folder = Path(folder)
         path = self.folder / MANIFEST
         if not path.is_file():
-            raise LoopfitError(f"{self.folder} is not a teacher cache (no {MANIFEST})")
+            raise LoopfitError(f"{self.folder} is not a teacher cache (no {MANIFEST}): give the folder cache-teacher "
+                               "wrote")  # fmt: skip
         try:
             self.manifest = json.loads(path.read_text())
             s = self.manifest["settings"]
             self.settings = CacheSettings(**s)
             self.rows, self.seq_len = int(self.manifest["rows"]), int(self.manifest["seq_len"])
             self.shards = self.manifest["shards"]
-            self._starts = [int(sh["rows"][0]) for sh in self.shards]
             self.vocab_size = int(self.manifest["vocab_size"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise LoopfitError(f"{path} is not a valid teacher-cache manifest ({type(e).__name__}: {e})") from None
+            self.dtypes = dict(self.manifest["dtypes"])
+            self._paths = [self._shard_paths(sh) for sh in self.shards]
+            self._starts = [int(sh["rows"][0]) for sh in self.shards]
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise LoopfitError(f"{path} is not a valid teacher-cache manifest ({type(e).__name__}: {msg}); "
+                               f"{REBUILD}") from None  # fmt: skip
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise LoopfitError(f"{path} has format version {self.manifest.get('format_version')}, not {FORMAT_VERSION}")
         self._open: dict[int, dict] = {}
+        self._checked: set[int] = set()
+
+    def _shard_paths(self, sh: dict) -> dict[str, tuple[Path, str]]:
+        """`{key: (path inside the folder, sha256)}` of one manifest shard entry; KeyError/TypeError if malformed."""
+        keys = ["counts", "ids", "values"] + (["tail"] if self.settings.estimator == "topk_tail" else [])
+        int(sh["index"]), int(sh["entries"]), int(sh["rows"][0]), int(sh["rows"][1])
+        files = sh["files"]
+        out = {}
+        for key in keys:
+            rec = files[key]
+            if not isinstance(rec["sha256"], str):
+                raise TypeError(f"shard {sh['index']} {key}: sha256 is not a string")
+            out[key] = (inside(self.folder, rec["file"], self.folder / MANIFEST), rec["sha256"])
+        return out
 
     @property
     def estimator(self) -> str:
@@ -66,11 +92,42 @@ class TeacherCache:
         if problems:
             raise LoopfitError(f"teacher cache {self.folder} does not match this run: " + "; ".join(problems))
 
+    def check_shard(self, index: int) -> int:
+        """Check shard `index`'s files (present, sha256, dtype, shapes against the manifest) once per process;
+        returns its number of entries. Raises LoopfitError naming the faulty file."""
+        sh = self.shards[index]
+        start, stop = (int(x) for x in sh["rows"])
+        arrays = {}
+        for key, (path, digest) in self._paths[index].items():
+            if not path.is_file():
+                raise LoopfitError(f"teacher cache file {path} is missing; {REBUILD}")
+            if index not in self._checked and sha256_file(path) != digest:
+                raise LoopfitError(f"teacher cache file {path} is damaged (its sha256 differs from {MANIFEST}); "
+                                   f"{REBUILD}")  # fmt: skip
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise LoopfitError(f"teacher cache file {path} is not a valid array file ({type(e).__name__}); "
+                                   f"{REBUILD}") from None  # fmt: skip
+            if str(arr.dtype) != self.dtypes.get(key):
+                raise LoopfitError(f"teacher cache file {path} has dtype {arr.dtype}, {MANIFEST} says "
+                                   f"{self.dtypes.get(key)}; {REBUILD}")  # fmt: skip
+            arrays[key] = arr
+        total = int(arrays["counts"].sum(dtype=np.int64)) if arrays["counts"].ndim == 2 else -1
+        expect = {"counts": (stop - start, self.seq_len), "ids": (total,), "values": (total,),
+                  "tail": (stop - start, self.seq_len)}  # fmt: skip
+        for key, arr in arrays.items():
+            if arr.shape != expect[key] or total != int(sh["entries"]):
+                raise LoopfitError(f"teacher cache file {self._paths[index][key][0]} has shape {arr.shape} / "
+                                   f"{total} entries, {MANIFEST} says otherwise; {REBUILD}")  # fmt: skip
+        self._checked.add(index)
+        return total
+
     def _shard(self, index: int) -> dict:
         if index not in self._open:
-            files = self.shards[index]["files"]
+            self.check_shard(index)  # a shard is trusted only once its checksum matched
             arrays = {
-                k: np.load(self.folder / rec["file"], mmap_mode="r", allow_pickle=False) for k, rec in files.items()
+                k: np.load(path, mmap_mode="r", allow_pickle=False) for k, (path, _) in self._paths[index].items()
             }
             per_row = arrays["counts"].sum(axis=1, dtype=np.int64)
             arrays["row_offsets"] = np.concatenate([[0], np.cumsum(per_row)])
@@ -128,36 +185,17 @@ class TeacherCache:
         """
         expected = 0
         entries = 0
-        dtypes = self.manifest.get("dtypes", {})
-        for sh in self.shards:
-            start, stop = sh["rows"]
+        for i, sh in enumerate(self.shards):
+            start, stop = (int(x) for x in sh["rows"])
             if start != expected or stop <= start:
-                raise LoopfitError(f"shard {sh['index']} covers rows {start}-{stop}, expected to start at {expected}")
+                raise LoopfitError(f"{self.folder / MANIFEST}: shard {sh['index']} covers rows {start}-{stop}, "
+                                   f"expected to start at {expected}; {REBUILD}")  # fmt: skip
             expected = stop
-            for key, rec in sh["files"].items():
-                path = self.folder / rec["file"]
-                if not path.is_file():
-                    raise LoopfitError(f"{path} is missing")
-                if sha256_file(path) != rec["sha256"]:
-                    raise LoopfitError(f"{path} is corrupted (checksum mismatch)")
-                try:
-                    arr = np.load(path, mmap_mode="r", allow_pickle=False)
-                except ValueError as e:
-                    raise LoopfitError(f"{path} is not a valid array file: {e}") from None
-                if str(arr.dtype) != dtypes.get(key):
-                    raise LoopfitError(f"{path} has dtype {arr.dtype}, the manifest says {dtypes.get(key)}")
-            counts = np.load(self.folder / sh["files"]["counts"]["file"], mmap_mode="r")
-            total = int(counts.sum(dtype=np.int64))
-            if counts.shape != (stop - start, self.seq_len) or total != sh["entries"]:
-                raise LoopfitError(f"shard {sh['index']}: counts {counts.shape} / {total} entries do not match")
-            for key in ("ids", "values"):
-                n = np.load(self.folder / sh["files"][key]["file"], mmap_mode="r").shape
-                if n != (total,):
-                    raise LoopfitError(f"shard {sh['index']}: {key} has {n} entries, expected {total}")
-            entries += total
+            entries += self.check_shard(i)
         if expected != self.rows:
-            raise LoopfitError(f"the shards cover {expected} rows, the manifest says {self.rows}")
-        size = sum((self.folder / r["file"]).stat().st_size for sh in self.shards for r in sh["files"].values())
+            raise LoopfitError(f"{self.folder / MANIFEST}: the shards cover {expected} rows, the manifest says "
+                               f"{self.rows}; {REBUILD}")  # fmt: skip
+        size = sum(path.stat().st_size for paths in self._paths for path, _ in paths.values())
         return {"rows": self.rows, "shards": len(self.shards), "entries": entries, "bytes": size,
                 "bytes_per_token": size / (self.rows * self.seq_len), "estimator": self.estimator}  # fmt: skip
 

@@ -26,7 +26,18 @@ import numpy as np
 import torch
 
 from loopfit.errors import LoopfitError
-from loopfit.io import atomic_file, write_json
+from loopfit.io import (
+    atomic_file,
+    check_replaceable,
+    fsync_dir,
+    inside,
+    install_dir,
+    pid_alive,
+    remove_leftovers,
+    sha256_file,
+    write_json,
+    write_marker,
+)
 from loopfit.losses.sparse import ESTIMATORS
 
 FORMAT_VERSION = 1
@@ -80,14 +91,6 @@ def smallest_uint(max_value: int) -> np.dtype:
         if max_value <= np.iinfo(dt).max:
             return np.dtype(dt)
     return np.dtype(np.uint64)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -157,36 +160,26 @@ def write_cache(
             `vocab_size` (required) and anything else about the data.
         on_shard: called with the shard index after each shard is durably written (tests use it to interrupt).
 
-    The work happens in `.partial-<name>` beside `out`: each shard's files are written atomically, then recorded
-    in `progress.json`; a rerun with the same settings continues after the last recorded shard. The finished
-    folder is renamed to `out` only once complete.
+    The work happens in `.partial-<name>` beside `out`: each shard's files are written atomically (fsynced), then
+    recorded in `progress.json` with their sha256; a rerun with the same settings checks them and continues after
+    the last recorded shard (with other settings it is refused, or with `overwrite` started over). The finished
+    folder gets the loopfit marker and replaces `out` by rename only once complete; an existing `out` is replaced
+    only with `overwrite` and only if loopfit wrote it.
     """
     from tqdm.auto import tqdm
 
     out = Path(out)
     vocab = int(info["vocab_size"])
     settings.validate(vocab)
-    if out.exists() and not overwrite:
-        raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
+    check_cache_output(out, overwrite)
     n_rows, seq_len = len(dataset), int(dataset[0]["input_ids"].shape[0]) if len(dataset) else 0
     if n_rows == 0:
         raise LoopfitError("the data has no rows to run the teacher on")
     config = {"format_version": FORMAT_VERSION, "settings": asdict(settings), "rows": n_rows, "seq_len": seq_len,
               **{k: info[k] for k in sorted(info)}}  # fmt: skip
     work = out.parent / f".partial-{out.name}"
+    done = _resume_partial(work, config, overwrite)
     work.mkdir(parents=True, exist_ok=True)
-    done: list[dict] = []
-    if (work / PROGRESS).exists():
-        state = json.loads((work / PROGRESS).read_text())
-        if state.get("config") != config:
-            raise LoopfitError(
-                f"{work} holds a partial cache made with other settings or data; delete it or rerun with those"
-            )
-        done = state["shards"]
-        for shard in done:  # a partial run is only trusted as far as its files are intact
-            for rec in shard["files"].values():
-                if not (work / rec["file"]).exists() or sha256_file(work / rec["file"]) != rec["sha256"]:
-                    raise LoopfitError(f"{work}/{rec['file']} is damaged; delete {work} and run again")
     ids_dtype, width_dtype = smallest_uint(vocab - 1), smallest_uint(settings.width)
     values_dtype = np.dtype(np.float16) if settings.estimator != "sampled" else width_dtype
     shard_starts = list(range(0, n_rows, settings.shard_rows))
@@ -219,7 +212,7 @@ def write_cache(
         done.append(
             {"index": index, "rows": [start, stop], "entries": int(sum(len(p["ids"]) for p in parts)), "files": files}
         )
-        write_json(work / PROGRESS, {"config": config, "shards": done})
+        write_json(work / PROGRESS, {"config": config, "shards": done, "pid": os.getpid()})
         if on_shard is not None:
             on_shard(index)
     bar.close()
@@ -229,11 +222,52 @@ def write_cache(
     manifest = {**config, "dtypes": dtypes, "shards": done}
     write_json(work / MANIFEST, manifest)
     (work / PROGRESS).unlink()
-    for stray in work.glob(".tmp-*"):  # temporaries of a killed earlier run
+    for stray in work.glob(".tmp-*"):  # temporaries of a killed earlier run (this process owns the folder now)
         stray.unlink()
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(work, out)
+    write_marker(work, "teacher-cache")  # the checksums are the manifest's
+    fsync_dir(work)
+    check_cache_output(out, overwrite)  # again: `out` may have appeared while the teacher ran
+    install_dir(work, out)  # an old `out` is renamed aside, then deleted: never a moment without a cache
     return out
+
+
+def check_cache_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing `out` without `overwrite`, or one loopfit did not write; cleans a killed run's
+    leftovers of `out` (not its `.partial-` folder, which a rerun resumes)."""
+    remove_leftovers(out)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
+        check_replaceable(out)
+
+
+def _resume_partial(work: Path, config: dict, overwrite: bool) -> list[dict]:
+    """The shards a killed earlier run finished in `work`, after checking they are intact and made with the same
+    settings; [] when there is no partial run (or `overwrite` discards one made with other settings)."""
+    if not (work / PROGRESS).exists():
+        return []
+    try:
+        state = json.loads((work / PROGRESS).read_text())
+        pid = state.get("pid")
+        same = state.get("config") == config
+        done = list(state["shards"]) if same else []
+        records = [(rec["file"], rec["sha256"]) for shard in done for rec in shard["files"].values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise LoopfitError(f"{work / PROGRESS} is damaged; delete {work} and run again") from None
+    if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+        raise LoopfitError(f"{work} is being written by another process (pid {pid}); wait for it or stop it")
+    if not same:
+        if overwrite:
+            import shutil
+
+            shutil.rmtree(work)
+            return []
+        raise LoopfitError(
+            f"{work} holds a partial cache made with other settings or data; rerun with those, delete it, or pass "
+            "--overwrite=true to start over"
+        )
+    for name, digest in records:  # a partial run is only trusted as far as its files are intact
+        path = inside(work, name, work / PROGRESS)
+        if not path.is_file() or sha256_file(path) != digest:
+            raise LoopfitError(f"{path} is damaged; delete {work} and run again")
+    return done

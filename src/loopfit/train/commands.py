@@ -50,14 +50,17 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 def export_command(run: str, out: str | None = None, overwrite: bool = False) -> None:
     """Write a trained run as a plain HF model folder (LoRA merged into the weights) that `from_pretrained` loads.
 
+    `final/` is checked against its checksums before it is read; `out` is replaced (with `--overwrite=true`, and
+    only if loopfit wrote it) by rename once the new folder is complete.
+
     Args:
         run: run folder written by `loopfit train` (holds `config.yaml` and `final/`).
         out: output folder.
-        overwrite: replace `out` if it exists.
+        overwrite: replace `out` if it exists (only a folder loopfit wrote).
     """
     import yaml
 
-    from loopfit.io import atomic_dir
+    from loopfit.io import atomic_dir, check_replaceable, remove_leftovers, verify_dir
     from loopfit.loading import load_model
 
     if out is None:
@@ -66,22 +69,31 @@ def export_command(run: str, out: str | None = None, overwrite: bool = False) ->
     final = run_dir / "final"
     if not (run_dir / "config.yaml").is_file() or not final.is_dir():
         raise LoopfitError(f"{run} is not a finished training run (no config.yaml and final/ inside)")
-    if Path(out).exists() and not overwrite:
-        raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    remove_leftovers(Path(out))
+    if Path(out).exists() or Path(out).is_symlink():
+        if not overwrite:
+            raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
+        check_replaceable(out)  # before anything is loaded: a refusal costs nothing
+    verify_dir(final, advice=f"delete {final} and {run_dir / 'done.json'}, then rewrite them from the last checkpoint "
+               f"with loopfit train --config {run_dir / 'config.yaml'} --resume=true")  # fmt: skip
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        model_name = cfg["model_name"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise LoopfitError(f"{run_dir / 'config.yaml'} is unreadable ({type(e).__name__}); the run is damaged") from e
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = load_model(cfg["model_name"])
+        base = load_model(model_name)
         model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
     else:
         model = load_model(final)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(final)  # final/ holds only an adapter: no config.json to resolve
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     done = run_dir / "done.json"
     step = json.loads(done.read_text())["step"] if done.is_file() else "?"
-    print(f"wrote {out}: {cfg['model_name']} + training of {run} (step {step}), merged")
+    print(f"wrote {out}: {model_name} + training of {run} (step {step}), merged")

@@ -12,6 +12,7 @@ import inspect
 import math
 import re
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 from loopfit.errors import LoopfitError
 
@@ -253,10 +254,16 @@ class TrainConfig:
     """Steps between checkpoints (0 = only the final one)."""
     keep_last: int = 2
     """Checkpoints kept."""
-    resume: bool = False
-    """Continue from the latest checkpoint in `out` (a finished run exits without changes)."""
+    resume: bool | Literal["auto"] = False
+    """`true`: continue the run in `out` from its newest intact checkpoint (a finished run exits without changes;
+    no run there is an error); `auto`: the same, or start the run when `out` holds none. The flags must equal the
+    run's `config.yaml` except those that only extend or observe it (`RESUME_MAY_CHANGE` in
+    `loopfit.train.recipe`: max_steps, max_minutes, save_every, keep_last, logging, eval cadence, ...), which are
+    recorded in `out/resumes.json`."""
     overwrite: bool = False
-    """Replace an existing run folder instead of refusing."""
+    """Replace an existing run folder (only one loopfit wrote) instead of refusing. Everything is loaded and checked
+    first; the old folder is kept aside as `.old-<name>-<pid>` until the new run's first checkpoint, and put back
+    if the new run fails before it."""
     tensorboard: bool = True
     """Write TensorBoard event files under `out/tensorboard`."""
     wandb: bool = False

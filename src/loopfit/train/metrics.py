@@ -11,8 +11,15 @@ import torch
 
 
 class MetricsLogger:
-    """Writes metrics on the main rank only. On resume, lines after the resumed step are dropped first, so the
-    file reads as if the run had never been interrupted."""
+    """Writes metrics on the main rank only, one flushed line per `log` call.
+
+    On resume the file is cut back to what the resumed checkpoint had seen: its first `keep_lines` lines (the count
+    stored in the checkpoint), or, for a checkpoint without that count, the lines of steps <= `resume_step`. Lines
+    that the interrupted process logged after its checkpoint (steps, and a final validation logged before a kill
+    at the very end) are dropped, so after any kill and resume the file holds exactly one line per step and per
+    validation, as if the run had never been interrupted. `lines` counts the lines in the file; `sync` makes them
+    durable (called before each checkpoint records that count).
+    """
 
     def __init__(
         self,
@@ -22,34 +29,49 @@ class MetricsLogger:
         wandb_project: str | None,
         resume_step: int | None,
         config: dict | None = None,
+        keep_lines: int | None = None,
     ):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.lines = 0
         self._tb = self._wandb = None
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _step_of(ln) <= resume_step]
-            tmp = self.path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+            if keep_lines is not None:
+                kept = kept[:keep_lines]
+            from loopfit.io import atomic_file
+
+            with atomic_file(self.path) as f:
+                f.write("".join(ln + "\n" for ln in kept))
+            self.lines = len(kept)
         elif self.path.exists():
             self.path.unlink()
         self._f = open(self.path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+            # Events of steps after the checkpoint go; the checkpoint's own step was logged before it was saved.
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         if wandb_project:
             import wandb
 
             self._wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config, resume="allow")
+
+    def sync(self) -> None:
+        """Force the lines written so far to disk."""
+        if self.enabled:
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
         self._f.write(json.dumps(metrics) + "\n")
         self._f.flush()
+        self.lines += 1
         step = metrics["step"]
         for k, v in metrics.items():
             if k != "step" and isinstance(v, (int, float)):
@@ -59,7 +81,8 @@ class MetricsLogger:
             self._wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
 
     def close(self) -> None:
-        if not self.enabled:
+        """Close every sink; a second call does nothing."""
+        if not self.enabled or self._f.closed:
             return
         self._f.close()
         if self._tb is not None:
@@ -71,7 +94,7 @@ class MetricsLogger:
 def _step_of(line: str) -> int:
     try:
         return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         return 1 << 62  # a torn last line is dropped
 
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -20,6 +30,8 @@ from transformers import (
     Qwen3ForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
 )
 
 ARCHS = {
@@ -30,6 +42,20 @@ ARCHS = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "phi3": (Phi3Config, Phi3ForCausalLM),
     "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
+    "granite": (GraniteConfig, GraniteForCausalLM),
+    "cohere": (CohereConfig, CohereForCausalLM),
+    "stablelm": (StableLmConfig, StableLmForCausalLM),
+    "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+}
+# What a family needs beyond the shared tiny config: small heads, and non-trivial multipliers, so that a family
+# option the loop ignored would show.
+ARCH_DEFAULTS = {
+    "granite": dict(embedding_multiplier=3.0, logits_scaling=2.5, residual_multiplier=0.5, attention_multiplier=0.3),
+    "cohere": dict(logit_scale=0.7),
+    "gemma2": dict(head_dim=8, sliding_window=8, final_logit_softcapping=3.0),
+    "gemma3_text": dict(head_dim=8, sliding_window=8, final_logit_softcapping=3.0),
 }
 CHATML = (
     "{% for message in messages %}"
@@ -62,7 +88,7 @@ def make_tiny_model(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        **config_kwargs,
+        **(ARCH_DEFAULTS.get(arch, {}) | config_kwargs),
     )
     model = model_cls(config).eval()
     # Random init leaves the residual stream nearly unchanged per layer; larger weights make layers matter.

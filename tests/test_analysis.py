@@ -22,6 +22,7 @@ from loopfit.analysis import (
 from loopfit.cli import main
 from loopfit.convert import parse_layout
 from loopfit.errors import LoopfitError
+from loopfit.models.families import family_of
 
 IDENTITY = 3
 
@@ -100,8 +101,9 @@ def test_streaming_over_batches_equals_one_batch():
 
 def test_residual_streams_are_prenorm_and_complete(arch):
     model = make_tiny_model(arch, num_layers=3)
+    norm = family_of(model.config).final_norm(model)
     with torch.no_grad():
-        model.model.norm.weight.uniform_(0.2, 2.0)
+        norm.weight.uniform_(0.2, 2.0)
     ids, mask = _padded_batch(5)
     with torch.no_grad():
         states = residual_streams(model, ids, mask)
@@ -109,7 +111,7 @@ def test_residual_streams_are_prenorm_and_complete(arch):
     assert len(states) == 4
     for i in range(3):
         assert torch.equal(states[i], hf[i])
-    assert torch.allclose(model.model.norm(states[3]), hf[3], atol=1e-6)
+    assert torch.allclose(norm(states[3]), hf[3], atol=1e-6)
     assert not torch.allclose(states[3], hf[3], atol=1e-2)
 
 

@@ -30,7 +30,7 @@ def test_every_family_has_a_test_model():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_identity_loop_equals_source_padded(family):
     src = make_tiny_model(family)
-    assert family_of(src.config).decoder_layer is type(src.model.layers[0])
+    assert family_of(src.config).decoder_layer is type(family_of(src.config).layers(src)[0])
     x = _ids()
     mask = torch.ones_like(x)
     mask[1, :4] = 0
@@ -83,3 +83,21 @@ def test_tied_and_untied_round_trip(family, tie, tmp_path):
     assert (loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()) == tie
     x = _ids()
     torch.testing.assert_close(loaded(x, num_steps=3).logits, looped(x, num_steps=3).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_training_losses_see_the_family_logits(family):
+    """The training path (hidden state + head weight, fused or not) scores the model's own logits: CE equals the
+    cross-entropy of `forward(...).logits`, and KD against the source is 0 where the loop equals the source."""
+    teacher = make_tiny_model(family)
+    student = to_looped(teacher, layout_from_sizes(6, 2, 2, 2), adapter_init="identity").eval()
+    x = _ids(2, 16)
+    n = (x[:, 1:] != -100).sum().float()
+    ref = torch.nn.functional.cross_entropy(
+        student(x, num_steps=1).logits[:, :-1].reshape(-1, 260), x[:, 1:].reshape(-1)
+    )
+    for fused in (True, False):
+        dcfg = DistillationConfig(enabled=True, alpha=0.5, fused=fused)
+        parts = micro_batch_loss(Student(student), teacher, {"input_ids": x, "labels": x}, 1, dcfg, n)
+        torch.testing.assert_close(parts.ce, ref, rtol=1e-5, atol=1e-5)
+        assert abs(parts.kd.item()) < 1e-5

@@ -109,7 +109,7 @@ class AdaptiveDecoder:
         return out.logits[:, -1]
 
     def _coda_logits(self, s, ctx) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.run_coda(s, ctx))[:, -1].float()
+        return self.model.logits_from_hidden(self.model.model.run_coda(s, ctx))[:, -1].float()
 
     @torch.inference_mode()
     def step(self, token: int) -> tuple[torch.Tensor, int]:
@@ -117,7 +117,7 @@ class AdaptiveDecoder:
         dec, x = self.model.model, self.exit
         full = self.model.config.cache_mode == "full"
         pos = torch.tensor([[self.length]])
-        x_emb = dec.embed_tokens(torch.tensor([[token]]))
+        x_emb = dec.embed(torch.tensor([[token]]))
         ctx = dec.prepare(x_emb, None, pos, self.cache, use_cache=True)
         e = dec.run_prelude(x_emb, ctx)
         s = dec.initial_state(e, pos)

@@ -12,9 +12,13 @@ that scale embeddings or logits say so here, so the loop applies the same scalin
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
+import torch
 from torch import nn
 
 
@@ -31,6 +35,12 @@ class Family:
         layers_attr / embed_attr / norm_attr: attributes of the decoder stack (layer list, token embedding,
             final norm).
         norm_eps_attr: config attribute of the norms' epsilon.
+        embed_scale: the factor the source multiplies token embeddings by, from its config (Gemma: sqrt(hidden),
+            Granite: `embedding_multiplier`), or None.
+        logit_scale: the factor the source multiplies logits by (Granite: 1 / `logits_scaling`, Cohere:
+            `logit_scale`), or None.
+        logit_softcap_attr: config attribute of a final logit soft-cap `c * tanh(logits / c)` (Gemma 2 and 3).
+        rotary_per_layer_type: the rotary embedding takes the layer type (Gemma 3's local and global rotary).
     """
 
     model_type: str
@@ -44,6 +54,10 @@ class Family:
     embed_attr: str = "embed_tokens"
     norm_attr: str = "norm"
     norm_eps_attr: str = "rms_norm_eps"
+    embed_scale: Callable[[object], float] | None = None
+    logit_scale: Callable[[object], float] | None = None
+    logit_softcap_attr: str | None = None
+    rotary_per_layer_type: bool = False
 
     @cached_property
     def _modeling(self):
@@ -64,7 +78,32 @@ class Family:
 
     def build_norm(self, config) -> nn.Module:
         """The final norm of a source model with `config`."""
-        return self._class(self.norm_class)(config.hidden_size, eps=getattr(config, self.norm_eps_attr))
+        cls = nn.LayerNorm if self.norm_class == "LayerNorm" else self._class(self.norm_class)
+        return cls(config.hidden_size, eps=getattr(config, self.norm_eps_attr))
+
+    @property
+    def pretrained_class(self) -> type:
+        """The family's `PreTrainedModel` subclass (its weight init)."""
+        return self._class("{prefix}PreTrainedModel")
+
+    def supports_sdpa(self) -> bool:
+        """Whether the family's attention may run on SDPA (Gemma 2's soft-capped attention may not)."""
+        return getattr(self.pretrained_class, "_supports_sdpa", True)
+
+    def cache_kwarg(self) -> str:
+        """The decoder layer's name for the KV cache: `cache` (transformers >= 5.24), `past_key_values`, or
+        `layer_past` (GPT-NeoX)."""
+        params = inspect.signature(self.decoder_layer.forward).parameters
+        return next(k for k in ("cache", "past_key_values", "layer_past") if k in params)
+
+    def scale_logits(self, logits: torch.Tensor, config) -> torch.Tensor:
+        """The source's logit scaling and soft-capping, applied to `logits` (any shape, last dim = vocab)."""
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale(config)
+        cap = getattr(config, self.logit_softcap_attr, None) if self.logit_softcap_attr else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def build_rotary(self, config) -> nn.Module:
         return self._class(self.rotary_class)(config=config)
@@ -94,7 +133,45 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3", "Qwen3"),
         Family("phi3", "Phi3"),  # fused qkv and gate/up projections: LoRA targets them as they are
         Family("smollm3", "SmolLM3"),  # layers without rotary (`no_rope_layers`) are the layer's own business
-    )
+        Family(
+            "granite",
+            "Granite",
+            embed_scale=lambda c: c.embedding_multiplier,
+            logit_scale=lambda c: 1.0 / c.logits_scaling,
+        ),  # residual and attention multipliers: in the layer
+        Family(
+            "cohere",
+            "Cohere",
+            norm_class="{prefix}LayerNorm",
+            norm_eps_attr="layer_norm_eps",
+            logit_scale=lambda c: c.logit_scale,
+        ),  # parallel attention + MLP: in the layer
+        Family("stablelm", "StableLm", norm_class="LayerNorm", norm_eps_attr="layer_norm_eps"),
+        Family(
+            "gpt_neox",
+            "GPTNeoX",
+            layer_class="{prefix}Layer",
+            norm_class="LayerNorm",
+            norm_eps_attr="layer_norm_eps",
+            decoder_attr="gpt_neox",
+            embed_attr="embed_in",
+            norm_attr="final_layer_norm",
+        ),  # parallel residual: in the layer
+        Family(
+            "gemma2",
+            "Gemma2",
+            embed_scale=lambda c: math.sqrt(c.hidden_size),
+            logit_softcap_attr="final_logit_softcapping",
+        ),
+        Family(
+            "gemma3_text",
+            "Gemma3",
+            module="gemma3",
+            embed_scale=lambda c: math.sqrt(c.hidden_size),
+            logit_softcap_attr="final_logit_softcapping",
+            rotary_per_layer_type=True,
+        ),
+    )  # fmt: skip
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 

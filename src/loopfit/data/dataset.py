@@ -194,7 +194,9 @@ def build_dataset(
     if _is_prepared(entries[0]):
         from loopfit.data.shards import load_prepared
 
-        return load_prepared(entries[0], tokenizer, seq_len, position_ids)
+        prepared = load_prepared(entries[0], tokenizer, seq_len, position_ids)
+        check_targets(prepared, entries[0])
+        return prepared
     parsed = [(s, w) for s, w in map(parse_source, entries) if w > 0]
     train_docs, val_docs, records = [], [], []
     for spec, weight in parsed:
@@ -238,4 +240,26 @@ def build_dataset(
         "counts": {"train": train.stats(), "val": val.stats()},
         "data_hash": data_hash(train, val),
     }
-    return PackedData(train, val, manifest)
+    packed = PackedData(train, val, manifest)
+    check_targets(packed, ", ".join(spec for spec, _ in parsed), chat, assistant_only)
+    return packed
+
+
+def scored_targets(ds: PackedDataset) -> int:
+    """Target tokens a causal LM is scored on: labels at positions 1.. (position 0 has no preceding state)."""
+    return int((ds.rows.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def check_targets(data: PackedData, where: str, chat: bool = False, assistant_only: bool = False) -> None:
+    """Refuse data whose every label is masked: training on it reports a loss of 0.0 and "succeeds" on nothing,
+    and a held-out split without targets reports a validation loss of 0.0."""
+    hint = (
+        " (with --assistant_only=true only the answers are targets: do the records have non-empty answers, and "
+        "does the chat template render them?)"
+        if chat and assistant_only
+        else ""
+    )
+    if len(data.train) and scored_targets(data.train) == 0:
+        raise LoopfitError(f"no target tokens in the training data {where}: every label is masked{hint}")
+    if len(data.val) and scored_targets(data.val) == 0:
+        raise LoopfitError(f"no target tokens in the held-out split of {where}: every label is masked{hint}")

@@ -127,16 +127,22 @@ def prepare_command(
         overwrite: replace an existing output folder.
     """
     from loopfit.data.dataset import check_sources
-    from loopfit.loading import load_tokenizer
+    from loopfit.errors import check_count, check_output
+    from loopfit.loading import check_seq_len, load_tokenizer
 
     if out is None:
         raise LoopfitError("--out is required")
-    if shards < 1:
-        raise LoopfitError(f"--shards must be >= 1, got {shards}")
+    check_count("shards", shards)
+    check_count("seq_len", seq_len, 2)
+    check_count("max_documents", max_documents)
+    if not 0 <= val_fraction < 1:
+        raise LoopfitError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     if Path(out).exists() and not overwrite:
         raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
+    check_output("out", out, folder=True)
     check_sources(data, format, text_field)
     tok = load_tokenizer(tokenizer)
+    check_seq_len(tokenizer, seq_len)  # training on these rows would refuse them later
     built = build_dataset(
         data, tok, seq_len, chat=chat, assistant_only=assistant_only, system_prompt=system_prompt,
         val_fraction=val_fraction, seed=seed, max_documents=max_documents, position_ids=position_ids,

@@ -56,31 +56,59 @@ def _detect_format(spec: str) -> str:
     raise LoopfitError(f"data source not found: {spec}")
 
 
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file; bytes that are not UTF-8 text (or a NUL byte, the mark of a binary file)
+    are refused with the file and the byte offset, instead of being replaced silently or failing mid-run."""
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LoopfitError(
+                    f"{path}: the bytes at offset {offset + e.start} are not UTF-8 text ({e.reason}): convert the "
+                    "file to UTF-8 (e.g. iconv -t utf-8) or pass another file"
+                ) from None
+            nul = line.find("\0")
+            if nul >= 0:
+                at = offset + len(line[:nul].encode())
+                raise LoopfitError(f"{path}: NUL byte at offset {at}: this is a binary file, not text")
+            offset += len(raw)
+            # Universal newlines, as text mode would give: CRLF and a lone CR end a line too.
+            parts = line.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+            yield from (part + "\n" for part in parts[:-1])
+            if parts[-1]:
+                yield parts[-1]
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file, refused as in `text_lines` when it is not text."""
+    return "".join(text_lines(Path(path)))
+
+
 def _text_documents(path: Path) -> Iterator[Document]:
     paragraph: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                paragraph.append(line.rstrip("\n"))
-            elif paragraph:
-                yield Document(text="\n".join(paragraph))
-                paragraph = []
+    for line in text_lines(path):
+        if line.strip():
+            paragraph.append(line.rstrip("\n"))
+        elif paragraph:
+            yield Document(text="\n".join(paragraph))
+            paragraph = []
     if paragraph:
         yield Document(text="\n".join(paragraph))
 
 
 def _jsonl_records(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LoopfitError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise LoopfitError(f"{path}: line {n} is not a JSON object")
-            yield record
+    for n, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LoopfitError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise LoopfitError(f"{path}: line {n} is not a JSON object")
+        yield record
 
 
 def _parquet_records(path: Path) -> Iterator[dict]:

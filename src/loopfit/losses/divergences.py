@@ -7,6 +7,7 @@ the positions whose label is not `ignore_index`.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -28,6 +29,43 @@ def check_kind(kind: str, lam: float = 0.5, alpha: float = 0.1, beta: float = 0.
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     if kind == "skew" and alpha >= 1.0:
         raise ValueError("skew KL with alpha = 1 compares the teacher with itself; use alpha in [0, 1)")
+
+
+# The parameters each divergence reads (names of `divergence_from_logprobs` parameters) and their valid ranges:
+# `(low, high, high_open)`, low always included. A parameter given for a kind that ignores it is refused, since a
+# setting that silently does nothing is as misleading as a wrong one.
+KIND_PARAMS: dict[str, dict[str, tuple[float, float, bool]]] = {
+    "fkl": {},
+    "rkl": {},
+    "skl": {"lam": (0.0, 1.0, False)},
+    "skew": {"alpha": (0.0, 1.0, True)},
+    "jsd": {"beta": (0.0, 1.0, False)},
+    "tvd": {},
+}
+
+
+def check_kind_params(kind: str, params: dict) -> None:
+    """Raise ValueError for an unknown divergence, a parameter `kind` does not take, or a value out of its range.
+
+    Names are checked against the parameters `divergence_from_logprobs` (what every loss ends up calling)
+    accepts, so a parameter added there without an entry in `KIND_PARAMS` is refused rather than passed blindly.
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence kind '{kind}'; choose one of {', '.join(DIVERGENCES)}")
+    accepted = KIND_PARAMS[kind]
+    callable_names = set(inspect.signature(divergence_from_logprobs).parameters) - {"logq", "logp", "kind"}
+    for name, value in params.items():
+        if name not in accepted or name not in callable_names:
+            takes = ", ".join(f"{n} in {_range_text(*r)}" for n, r in accepted.items()) or "no parameters"
+            raise ValueError(f"'{name}' is not a parameter of the '{kind}' divergence ({kind} takes {takes})")
+        low, high, high_open = accepted[name]
+        if not isinstance(value, (int, float)) or not (low <= value and (value < high if high_open else value <= high)):
+            raise ValueError(f"{name} of the '{kind}' divergence must be in {_range_text(low, high, high_open)}, "
+                             f"got {value}")  # fmt: skip
+
+
+def _range_text(low: float, high: float, high_open: bool) -> str:
+    return f"[{low:g}, {high:g}{')' if high_open else ']'}"
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,10 @@ import ast
 import inspect
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Literal
 
-from loopfit.errors import LoopfitError
+from loopfit.errors import LoopfitError, check_count, check_number
 
 OPTIMIZERS = ("adamw", "muon", "ellis_adam")
 LR_SCHEDULES = ("wsd", "cosine", "constant")
@@ -50,7 +50,9 @@ class DistillationConfig:
     enabled: bool = False
     """Add a distillation term from `teacher_model_name` (or `teacher_cache`)."""
     teacher_model_name: str | None = None
-    """Teacher: HF folder, hub id, .gguf file or `smollm2-135m`. Required when enabled without a cache."""
+    """Teacher: HF folder, hub id, .gguf file or `smollm2-135m`. Required when enabled without a cache. Its
+    tokenizer must map every token to the same id as the student's (checked at start; a teacher without a
+    tokenizer is refused, since the vocabularies could not be compared)."""
     teacher_cache: str | None = None
     """Folder of an offline teacher cache (sparse targets) used instead of running the teacher."""
     temperature: float = 2.0
@@ -62,9 +64,11 @@ class DistillationConfig:
     kd_scale: float | None = None
     """Explicit KD weight (instead of `1 - alpha`)."""
     kind: str = "fkl"
-    """Divergence: `fkl` (forward KL), `rkl`, `jsd` (generalized JSD), `skl`/`srkl` (skew KL), `tvd`."""
+    """Divergence: `fkl` (forward KL), `rkl` (reverse KL), `skl` (lam FKL + (1 - lam) RKL), `skew` (skew KL,
+    KL(p || alpha p + (1 - alpha) q)), `jsd` (generalized JSD), `tvd` (total variation)."""
     kind_params: dict[str, float] = field(default_factory=dict)
-    """Parameters of the divergence, e.g. `{beta: 0.5}` for `jsd`, `{skew: 0.1}` for skew KL."""
+    """Parameters of the divergence, checked at start: `{lam: 0.5}` for `skl` (in [0, 1]), `{alpha: 0.1}` for `skew`
+    (in [0, 1)), `{beta: 0.5}` for `jsd` (in [0, 1]); the other kinds take none."""
     fused: bool = True
     """Chunked loss from hidden states and the LM head weight (never materialises full-vocab logits)."""
     chunk_size: int = 1024
@@ -189,7 +193,7 @@ class TrainConfig:
     val_data: str | None = None
     """A separate validation source (all of it held out), instead of or besides `val_fraction`."""
     seq_len: int = 256
-    """Tokens per packed sequence."""
+    """Tokens per packed sequence (at least 2, at most the model's `max_position_embeddings`: longer is refused)."""
     batch_size: int = 4
     """Sequences per micro-batch (per rank)."""
     gradient_accumulation_steps: int = 1
@@ -232,7 +236,7 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
     """Multi-stage training (gradual unfreezing); empty = one stage of `max_steps` with `param_groups`."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping)."""
+    """Clip the global gradient norm to this (0 = no clipping; negative is refused)."""
     precision: str = "fp32"
     """`fp32`, or `bf16` autocast."""
     gradient_checkpointing: bool = False
@@ -247,7 +251,7 @@ class TrainConfig:
     eval_every: int = 0
     """Steps between validation passes (0 = only at the end; needs `val_fraction` > 0)."""
     eval_batches: int = 0
-    """Validation batches per pass (0 = the whole validation split)."""
+    """Validation batches per pass (0 = the whole validation split; negative is refused)."""
     eval_num_steps: list[int] = field(default_factory=list)
     """Extra depths R at which the final validation runs (the current mean is always included)."""
     save_every: int = 0
@@ -319,11 +323,26 @@ def _validate(c: TrainConfig) -> None:
     if not c.stages:
         positive["max_steps"] = c.max_steps
     for name, v in positive.items():
-        if v < 1:
-            raise LoopfitError(f"--{name} must be >= 1, got {v}")
-    for name, v in (("log_every", c.log_every), ("eval_every", c.eval_every), ("save_every", c.save_every)):
-        if v < 0:
-            raise LoopfitError(f"--{name} must be >= 0, got {v}")
+        check_count(name, v, 2 if name == "seq_len" else 1)
+    check_count("max_documents", c.max_documents)
+    for name in ("log_every", "eval_every", "eval_batches", "save_every"):
+        check_count(name, getattr(c, name), 0)  # 0 is each one's documented "off" / "all" value
+    _check_finite(c)
+    check_number("grad_clip", c.grad_clip, low=0)
+    check_number("lora.lora_alpha", c.lora.lora_alpha, low=0, low_open=True)
+    d = c.distillation
+    check_number("distillation.temperature", d.temperature, low=0, low_open=True)
+    check_number("distillation.alpha", d.alpha, 0, 1)
+    for name in ("ce_scale", "kd_scale", "hidden_scale"):
+        check_number(f"distillation.{name}", getattr(d, name), low=0)
+    if d.ce_scale == 0 and d.kd_scale == 0:
+        raise LoopfitError("--distillation.ce_scale and --distillation.kd_scale are both 0: the loss would be 0")
+    from loopfit.losses.divergences import check_kind_params
+
+    try:
+        check_kind_params(d.kind, d.kind_params)
+    except ValueError as e:
+        raise LoopfitError(f"--distillation.kind_params: {e}") from None
     if c.max_minutes is not None and c.max_minutes <= 0:
         raise LoopfitError(f"--max_minutes must be > 0, got {c.max_minutes}")
     if c.mean_recurrence is not None and c.mean_recurrence < 1:
@@ -360,6 +379,11 @@ def _validate(c: TrainConfig) -> None:
         raise LoopfitError("--optim_config.lr and --optim_config.muon_lr must be > 0")
     if o.weight_decay < 0:
         raise LoopfitError(f"--optim_config.weight_decay must be >= 0, got {o.weight_decay}")
+    check_number("optim_config.eps", o.eps, low=0, low_open=True)
+    check_number("optim_config.update_clip", o.update_clip, low=0, low_open=True)
+    check_number("optim_config.muon_momentum", o.muon_momentum, 0, 1, high_open=True)
+    for b in o.betas:
+        check_number("optim_config.betas", b, 0, 1, high_open=True)
     s = c.lr_schedule
     if s.warmup_steps < 0 or not 0.0 <= s.decay_fraction <= 1.0 or not 0.0 <= s.min_lr_ratio <= 1.0:
         raise LoopfitError("--lr_schedule: warmup_steps >= 0, decay_fraction and min_lr_ratio in [0, 1]")
@@ -377,14 +401,9 @@ def _validate(c: TrainConfig) -> None:
             raise LoopfitError(f"bad param_groups pattern '{rule.pattern}': {e}") from None
         if rule.lr_mult < 0:
             raise LoopfitError(f"param_groups lr_mult must be >= 0, got {rule.lr_mult} for '{rule.pattern}'")
-    d = c.distillation
     if d.enabled:
         if d.teacher_model_name is None and d.teacher_cache is None:
             raise LoopfitError("--distillation.enabled=true needs --distillation.teacher_model_name (or teacher_cache)")
-        if d.temperature <= 0:
-            raise LoopfitError(f"--distillation.temperature must be > 0, got {d.temperature}")
-        if not 0.0 <= d.alpha <= 1.0:
-            raise LoopfitError(f"--distillation.alpha must be in [0, 1], got {d.alpha}")
         if d.teacher_cache and d.teacher_model_name:
             raise LoopfitError("give --distillation.teacher_model_name or --distillation.teacher_cache, not both")
         if d.hidden_scale and d.teacher_cache:
@@ -397,10 +416,8 @@ def _validate(c: TrainConfig) -> None:
         raise LoopfitError("a teacher or hidden_scale is set but --distillation.enabled is false")
     if d.hidden_map != "spread" and not d.hidden_scale:
         raise LoopfitError(f"--distillation.hidden_map={d.hidden_map} does nothing without --distillation.hidden_scale")
-    if c.lora.enabled:
-        if not 0.0 <= c.lora.lora_dropout < 1.0:
-            raise LoopfitError(f"--lora.lora_dropout must be in [0, 1), got {c.lora.lora_dropout}")
-    elif c.lora.modules_to_save:
+    check_number("lora.lora_dropout", c.lora.lora_dropout, 0, 1, high_open=True)
+    if not c.lora.enabled and c.lora.modules_to_save:
         raise LoopfitError("--lora.modules_to_save needs --lora.enabled=true")
     if o.optimizer == "muon" and c.lora.enabled and not c.lora.modules_to_save:
         # LoRA factors are thin (r x d) matrices: orthogonalising them is not what Muon is for.
@@ -412,6 +429,18 @@ def _validate(c: TrainConfig) -> None:
             import wandb  # noqa: F401
         except ImportError:
             raise LoopfitError("--wandb=true needs the 'wandb' package (pip install wandb)") from None
+
+
+def _check_finite(obj, prefix: str = "") -> None:
+    """Refuse NaN or infinity in any float setting (a NaN passes every `<` / `>` range check unnoticed)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) else [value]
+        for v in items:
+            if is_dataclass(v):
+                _check_finite(v, f"{prefix}{f.name}.")
+            elif isinstance(v, float) and not math.isfinite(v):
+                raise LoopfitError(f"--{prefix}{f.name} must be a finite number, got {value}")
 
 
 def field_docs(cls) -> dict[str, str]:

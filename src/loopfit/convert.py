@@ -213,11 +213,13 @@ def convert_command(
         target_recurrent_size: for `--layers auto`, drop the lowest-influence thinking layers down to this size.
         overwrite: replace `out` if it exists.
     """
+    from loopfit.errors import check_output
     from loopfit.io import atomic_dir
-    from loopfit.loading import load_model, load_tokenizer, resolve_model_path
+    from loopfit.loading import load_config, load_model, load_tokenizer, resolve_model_path
 
     if out is None:
         raise LoopfitError("--out is required")
+    check_output("out", out, folder=True)
     if (layers is None) == (block is None):
         raise LoopfitError("give either --layers or --prelude/--block/--coda")
     for name, value, allowed in (
@@ -235,28 +237,30 @@ def convert_command(
         raise LoopfitError(f"--analysis_samples must be >= 1, got {analysis_samples}")
     if target_recurrent_size is not None and target_recurrent_size < 1:
         raise LoopfitError(f"--target_recurrent_size must be >= 1, got {target_recurrent_size}")
-    from transformers import AutoConfig
+    if layers == "auto":
+        from loopfit.data import read_documents
 
+        read_documents(analysis_data)  # a missing or unknown calibration source fails now, not after the load
     path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     _check_architecture(config)
     n = config.num_hidden_layers
     if layers != "auto":  # validate before the (slow) weight load
         layout = parse_layout(layers, n) if layers is not None else layout_from_sizes(n, prelude or 0, block, coda or 0)
+    tokenizer = load_tokenizer(path)  # also before the weights: the output needs it
     source = load_model(path)
     if layers == "auto":
         from loopfit.analysis import suggest_layout
 
         layers = suggest_layout(
             source,
-            load_tokenizer(path),
+            tokenizer,
             data=analysis_data,
             num_samples=analysis_samples,
             target_recurrent_size=target_recurrent_size,
         )
         print(f"layer analysis suggests --layers {layers}")
         layout = parse_layout(layers, n)
-    tokenizer = load_tokenizer(path)
     if static:
         result = to_static(source, layout)
     else:

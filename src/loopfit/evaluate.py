@@ -127,7 +127,9 @@ def file_token_ids(data: str, tokenizer, limit_tokens: int | None = None) -> lis
     if path.suffix.lower() in _TEXT_SUFFIXES:
         if not path.is_file():
             raise LoopfitError(f"data file not found: {data}")
-        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        from loopfit.data.sources import read_text
+
+        ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
     else:
         from loopfit.data.sources import document_text, read_documents
 
@@ -213,19 +215,25 @@ def eval_command(
         limit_tokens: evaluate on at most this many tokens of --data (the first ones).
         seed: seed of the training/validation split (with --val_fraction).
     """
+    from loopfit.errors import check_count, check_output
     from loopfit.io import write_json
-    from loopfit.loading import load_model, load_tokenizer
+    from loopfit.loading import check_seq_len, load_model, load_tokenizer
 
     if data is None:
         raise LoopfitError("--data is required")
-    if batch_size < 1:
-        raise LoopfitError(f"--batch_size must be >= 1, got {batch_size}")
+    check_count("seq_len", seq_len, 2)
+    check_count("batch_size", batch_size)
     if val_fraction is not None and not 0 < val_fraction < 1:
         raise LoopfitError(f"--val_fraction must be in (0, 1), got {val_fraction}")
-    if limit_tokens is not None and limit_tokens < 2:
-        raise LoopfitError(f"--limit_tokens must be >= 2, got {limit_tokens}")
+    check_count("limit_tokens", limit_tokens, 2)
     depths = parse_depths(depths, DEFAULT_DEPTHS)
+    check_output("json", json)
+    check_output("plot", plot)
+    from loopfit.data.dataset import check_sources
+
+    check_sources(data)
     tok = load_tokenizer(model)
+    check_seq_len(model, seq_len)
     if baseline is not None and load_tokenizer(baseline).get_vocab() != tok.get_vocab():
         raise LoopfitError(f"the baseline {baseline} has a different tokenizer than {model}: losses would not compare")
     if val_fraction is not None:

@@ -198,19 +198,31 @@ def count_command(
         json: write the counts and FLOPs here.
         plot: PNG of accuracy (or loss) from --results against inference FLOPs per token.
     """
+    from loopfit.errors import check_count, check_number, check_output
     from loopfit.evaluate import parse_depths
     from loopfit.io import write_json
     from loopfit.loading import load_model
 
     if plot is not None and results is None:
         raise LoopfitError("--plot needs --results (a depth-sweep or gsm8k JSON)")
+    # Checked before the model loads (Curriculum.validate checks again once the model's default mean is known).
+    if curriculum not in CURRICULA:
+        raise LoopfitError(f"--curriculum must be one of {', '.join(CURRICULA)}, got '{curriculum}'")
+    check_number("mean_recurrence", mean_recurrence, low=1)
+    check_count("backprop_depth", backprop_depth)
+    check_number("tokens", tokens, low=0, low_open=True)
+    check_number("warmup", warmup, 0, 1)
+    if depths is not None:
+        parse_depths(depths, [])
+    check_output("json", json)
+    check_output("plot", plot)
     res = None
     if results is not None:
         try:
-            with open(results) as f:
+            with open(results, encoding="utf-8") as f:
                 res = jsonlib.load(f)
-            res["depths"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            parse_depths(res["depths"], [])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
             raise LoopfitError(f"cannot read depths from results file {results}: {e}") from None
     lm = load_model(model)
     looped = lm.config.model_type == "looped"

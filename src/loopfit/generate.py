@@ -31,6 +31,9 @@ def generate_text(
     use_cache: bool = True,
 ) -> list[str]:
     """Greedy (or sampled) continuations of `prompts`, left-padded into one batch."""
+    if max_new_tokens < 1 or (do_sample and not temperature > 0):
+        raise LoopfitError(f"need max_new_tokens >= 1 and, when sampling, temperature > 0 (got {max_new_tokens}, "
+                           f"{temperature})")  # fmt: skip
     texts = [format_prompt(tokenizer, p, chat, system) for p in prompts]
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -85,23 +88,33 @@ def generate_command(
         min_steps: adaptive exit: never stop before this many iterations.
         check_every: adaptive exit: check the criterion every this many iterations.
     """
+    from loopfit.errors import check_count, check_number
     from loopfit.loading import load_model, load_tokenizer
 
-    if num_steps is not None and num_steps < 1:
-        raise LoopfitError(f"--num_steps must be >= 1, got {num_steps}")
+    check_count("num_steps", num_steps)
+    check_count("max_new_tokens", max_new_tokens)
+    check_count("min_steps", min_steps)
+    check_count("check_every", check_every)
+    # Checked whether or not sampling is on: a temperature of 0 or below is never meaningful, and greedy decoding,
+    # the usual intent behind "temperature 0", is --do_sample=false.
+    check_number("temperature", temperature, low=0, low_open=True)
+    check_number("exit_threshold", exit_threshold, low=0)
+    if cache_mode is not None and cache_mode not in ("full", "compress"):
+        raise LoopfitError(f"--cache_mode takes `full` or `compress`, got '{cache_mode}'")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     exit = None
     if exit_criterion != "none":
         from loopfit.adaptive import ExitConfig, print_adaptive_generations
 
         exit = ExitConfig(exit_criterion, exit_threshold, min_steps, check_every, num_steps)
     torch.manual_seed(seed)
+    tok = load_tokenizer(model)  # before the weights: a missing tokenizer or an empty prompt fails fast
+    check_prompts(tok, prompts, chat, system)
     lm = load_model(model).eval()
-    tok = load_tokenizer(model)
     if cache_mode is not None:
-        if lm.config.model_type != "looped" or cache_mode not in ("full", "compress"):
-            raise LoopfitError("--cache_mode takes `full` or `compress`, for looped models only")
+        if lm.config.model_type != "looped":
+            raise LoopfitError(f"--cache_mode applies to looped models only; {model} is a plain model")
         lm.config.cache_mode = cache_mode
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if exit is not None:
         return print_adaptive_generations(lm, tok, prompts, exit, max_new_tokens, chat, system, do_sample, temperature)
     depth = num_steps if num_steps is not None else getattr(lm.config, "mean_recurrence", None)
@@ -110,3 +123,14 @@ def generate_command(
     ):
         label = f"[R={depth}] " if lm.config.model_type == "looped" else ""
         print(f"{label}{p!r} -> {text.strip()!r}")
+
+
+def check_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None = None) -> None:
+    """Refuse a prompt that tokenizes to nothing: a model cannot continue an empty sequence."""
+    if not prompts:
+        raise LoopfitError("--prompt is empty: give at least one prompt")
+    for i, p in enumerate(prompts, 1):
+        text = format_prompt(tokenizer, p, chat, system)
+        if not tokenizer(text, add_special_tokens=not chat)["input_ids"]:
+            which = f"prompt {i} of {len(prompts)}" if len(prompts) > 1 else "the prompt"
+            raise LoopfitError(f"--prompt: {which} is empty: give some text to continue (or --chat=true)")

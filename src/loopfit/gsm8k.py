@@ -224,6 +224,7 @@ def gsm8k_command(
         outputs: per-question outputs (JSONL); default: beside --json with the suffix `.outputs.jsonl`.
         seed: seeds the choice of few-shot examples.
     """
+    from loopfit.errors import check_count, check_output
     from loopfit.evaluate import parse_depths
     from loopfit.io import atomic_file, write_json
     from loopfit.loading import load_model, load_tokenizer
@@ -232,15 +233,18 @@ def gsm8k_command(
         raise LoopfitError("--data is required")
     if metric not in ("flexible", "strict"):
         raise LoopfitError(f"--metric must be flexible or strict, got '{metric}'")
-    if shots < 0 or (shots > 0 and shots_file is None):
+    check_count("shots", shots, 0)
+    if shots > 0 and shots_file is None:
         raise LoopfitError("--shots > 0 needs --shots_file (GSM8K train records)")
     if shots_file is not None and Path(shots_file).resolve() == Path(data).resolve():
         raise LoopfitError("--shots_file must not be the evaluated file (few-shot examples would leak answers)")
-    if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
-        raise LoopfitError("--batch_size, --max_new_tokens and --limit must be >= 1")
+    for flag, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("limit", limit)):
+        check_count(flag, value)
     depths = parse_depths(depths, [1, 4, 8])
     if outputs is None and json is not None:
         outputs = str(Path(json).with_suffix(".outputs.jsonl"))
+    for flag, path in (("json", json), ("plot", plot), ("outputs", outputs)):
+        check_output(flag, path)
     problems = read_problems(data, limit)
     questions = {p.question.strip() for p in problems}
     pool = [p for p in read_problems(shots_file) if p.question.strip() not in questions] if shots else []

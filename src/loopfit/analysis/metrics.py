@@ -100,7 +100,9 @@ def calibration_batches(
     from loopfit.data import read_documents
 
     docs = read_documents(data)  # raises here, not at the first batch, for a missing source
-    return _windows(tokenizer, docs, num_samples, seq_len, batch_size, chat)
+    # Built whole now (a few hundred windows at most), so that an unreadable document fails before any progress
+    # output, as one error line.
+    return iter(list(_windows(tokenizer, docs, num_samples, seq_len, batch_size, chat)))
 
 
 def _windows(tokenizer, docs, num_samples: int, seq_len: int, batch_size: int, chat: bool):

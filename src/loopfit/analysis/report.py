@@ -109,17 +109,21 @@ def analyze_command(
     """
     import time
 
+    from loopfit.errors import check_output
     from loopfit.io import write_json
-    from loopfit.loading import load_model, load_tokenizer
+    from loopfit.loading import check_seq_len, load_model, load_tokenizer
 
     check_args(num_samples, seq_len, batch_size, target_recurrent_size)
     for flag, path in (("json", json), ("plot", plot)):
         if path is not None and os.path.isdir(path):
             raise LoopfitError(f"--{flag} {path} is a folder; give a file path")
+        check_output(flag, path)
     from loopfit.data import read_documents
 
     read_documents(data)  # a missing or unreadable source fails now, before the model loads
-    source, tokenizer = load_model(model), load_tokenizer(model)
+    tokenizer = load_tokenizer(model)
+    check_seq_len(model, seq_len)
+    source = load_model(model)
     start = time.perf_counter()
     result = analyze(source, tokenizer, data, num_samples, seq_len, batch_size, target_recurrent_size, chat)
     result.model = model

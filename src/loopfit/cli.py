@@ -93,21 +93,107 @@ def repeated_flags_append(argv: list[str]) -> list[str]:
     return out
 
 
+DEBUG_ENV = "LOOPFIT_DEBUG"
+
+
+def one_line(text: str) -> str:
+    """A message as one line: library messages often span several."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip()) or "(no message)"
+
+
+def known_failure(e: BaseException) -> str | None:
+    """One line for a failure of a known kind that escaped from a library, naming the file where it is known;
+    None for anything else. Most are caught where they happen, with a more precise message; this is the net."""
+    import errno
+    import json
+
+    name = type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None:
+        what = str(e.filename) + (f" -> {e.filename2}" if e.filename2 else "")
+        if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+            return f"cannot write {what}: {e.strerror}: choose another path or fix its permissions"
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return f"cannot write {what}: {e.strerror}: free some space or choose another output path"
+        return f"{what}: {e.strerror or one_line(e)}"
+    if isinstance(e, UnicodeDecodeError):
+        return (f"the bytes at offset {e.start} of an input are not {e.encoding} text ({e.reason}): "
+                "convert the file to UTF-8")  # fmt: skip
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON at line {e.lineno}, column {e.colno} ({e.msg}): fix or replace the JSON file"
+    if name in ("YAMLError", "ScannerError", "ParserError", "ComposerError", "ConstructorError"):
+        return f"invalid YAML: {one_line(e)}"
+    if name == "SafetensorError":
+        return f"a .safetensors file is corrupt or truncated ({one_line(e)}): download or save the model again"
+    if name == "OutOfMemoryError" or isinstance(e, MemoryError):
+        return "out of memory: lower --batch_size or --seq_len (or free the device)"
+    return None
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Refuse a `--config` file that is not UTF-8 text, naming it and the byte offset: the YAML reader would only
+    say that some input did not decode."""
+    from pathlib import Path
+
+    from loopfit.data.sources import read_text
+
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name == "--config" and not eq and i + 1 < len(argv):
+            value = argv[i + 1]
+        if name == "--config" and value and Path(value).is_file():
+            read_text(value)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"loopfit: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `loopfit` and `python -m loopfit`; user errors print one line and exit 2."""
+    """Entry point of `loopfit` and `python -m loopfit`: the one error boundary.
+
+    A user error (`LoopfitError`, a flag the parser rejects, a known library failure) prints one line
+    `loopfit: error: ...` and exits 2; anything else prints one line with a hint and exits 1. With
+    `LOOPFIT_DEBUG=1` the full traceback is shown as well.
+    """
+    import argparse
+    import traceback
+
     from jsonargparse import CLI
 
     from loopfit.errors import LoopfitError
 
     argv = repeated_flags_append(sys.argv[1:] if argv is None else list(argv))
+    debug = bool(os.environ.get(DEBUG_ENV))
+    if not sys.stderr.isatty():
+        # transformers' per-load bars ("Loading weights", "Writing model shards") only add noise to a log, and would
+        # sit above an error's one line; loopfit's own progress (training, sweeps) is unaffected.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
-        CLI(_commands(), args=argv, as_positional=True, fail_untyped=True)
+        commands = _commands()
+        check_config_files(argv)
+        # exit_on_error=False: parser errors come back as exceptions, printed below as one line instead of the
+        # usage block.
+        CLI(commands, args=argv, as_positional=True, fail_untyped=True, exit_on_error=False)
     except LoopfitError as e:
-        print(f"loopfit: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if debug:
+            traceback.print_exc()
+        _fail(str(e), 2)
+    except argparse.ArgumentError as e:
+        command = argv[0] if argv and argv[0] in commands else None
+        _fail(f"{e} (see loopfit {command + ' ' if command else ''}--help)", 2)
     except KeyboardInterrupt:
         print("loopfit: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        message = known_failure(e)
+        if message is not None:
+            _fail(message, 2)
+        _fail(f"unexpected {type(e).__name__}: {one_line(e)} (rerun with {DEBUG_ENV}=1 for the full traceback)", 1)
 
 
 if __name__ == "__main__":

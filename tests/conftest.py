@@ -26,8 +26,12 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
     StableLmConfig,
@@ -48,6 +52,8 @@ ARCHS = {
     "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
 }
 # What a family needs beyond the shared tiny config: small heads, and non-trivial multipliers, so that a family
 # option the loop ignored would show.
@@ -56,6 +62,10 @@ ARCH_DEFAULTS = {
     "cohere": dict(logit_scale=0.7),
     "gemma2": dict(head_dim=8, sliding_window=8, final_logit_softcapping=3.0),
     "gemma3_text": dict(head_dim=8, sliding_window=8, final_logit_softcapping=3.0),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16
+    ),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
 }
 CHATML = (
     "{% for message in messages %}"

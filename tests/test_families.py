@@ -101,3 +101,29 @@ def test_training_losses_see_the_family_logits(family):
         parts = micro_batch_loss(Student(student), teacher, {"input_ids": x, "labels": x}, 1, dcfg, n)
         torch.testing.assert_close(parts.ce, ref, rtol=1e-5, atol=1e-5)
         assert abs(parts.kd.item()) < 1e-5
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if FAMILIES[f].router_class])
+def test_moe_aux_loss_counts_every_iteration(family):
+    """Router logits of every layer application (prelude, each iteration's block, coda) enter the source's
+    load-balancing loss; the loss adds `router_aux_loss_coef * aux_loss`, and training gets the same term."""
+    src = make_tiny_model(family)
+    looped = to_looped(src, layout_from_sizes(6, 2, 2, 2), adapter_init="identity").eval()
+    x = _ids()
+    ref = src(x, output_router_logits=True)
+    one = looped(x, num_steps=1, output_router_logits=True, labels=x)
+    assert len(one.router_logits) == 6
+    torch.testing.assert_close(one.aux_loss, ref.aux_loss)  # R = 1 with nothing dropped: the source's own routing
+    three = looped(x, num_steps=3, output_router_logits=True, labels=x)
+    assert len(three.router_logits) == 2 + 3 * 2 + 2
+    expected = FAMILIES[family].load_balancing_loss(three.router_logits, src.config)
+    torch.testing.assert_close(three.aux_loss, expected)
+    ce = looped(x, num_steps=3, labels=x, output_router_logits=False).loss
+    torch.testing.assert_close(three.loss, ce + src.config.router_aux_loss_coef * expected)
+    n = (x[:, 1:] != -100).sum().float()
+    parts = micro_batch_loss(Student(looped), None, {"input_ids": x, "labels": x}, 3, DistillationConfig(), n)
+    assert parts.router_aux is None  # off unless the config asks for router logits, as in the source
+    looped.config.base_config.output_router_logits = True
+    parts = micro_batch_loss(Student(looped), None, {"input_ids": x, "labels": x}, 3, DistillationConfig(), n)
+    torch.testing.assert_close(parts.router_aux, expected)
+    torch.testing.assert_close(parts.total, parts.ce + src.config.router_aux_loss_coef * expected)

@@ -16,7 +16,6 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import nn
@@ -41,6 +40,7 @@ class Family:
             `logit_scale`), or None.
         logit_softcap_attr: config attribute of a final logit soft-cap `c * tanh(logits / c)` (Gemma 2 and 3).
         rotary_per_layer_type: the rotary embedding takes the layer type (Gemma 3's local and global rotary).
+        router_class: the mixture-of-experts router whose first output are the router logits, or None.
     """
 
     model_type: str
@@ -58,11 +58,15 @@ class Family:
     logit_scale: Callable[[object], float] | None = None
     logit_softcap_attr: str | None = None
     rotary_per_layer_type: bool = False
+    router_class: str | None = None
 
-    @cached_property
+    @property
     def _modeling(self):
         name = self.module or self.model_type
-        return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        return importlib.import_module(f"transformers.models.{name}.modeling_{name}")  # cached by Python
+
+    def __deepcopy__(self, memo):
+        return self  # an immutable spec: models that hold it can be deep-copied
 
     def _class(self, pattern: str) -> type:
         return getattr(self._modeling, pattern.format(prefix=self.prefix))
@@ -95,6 +99,24 @@ class Family:
         `layer_past` (GPT-NeoX)."""
         params = inspect.signature(self.decoder_layer.forward).parameters
         return next(k for k in ("cache", "past_key_values", "layer_past") if k in params)
+
+    def routers(self, module: nn.Module) -> list[nn.Module]:
+        """The MoE routers inside `module` (none for a dense family)."""
+        if self.router_class is None:
+            return []
+        cls = self._class(self.router_class)
+        return [m for m in module.modules() if isinstance(m, cls)]
+
+    def load_balancing_loss(self, router_logits: tuple, config, attention_mask=None) -> torch.Tensor:
+        """The source's load-balancing loss (Switch Transformer, arXiv:2101.03961, eqs. 4-6) over every router call.
+
+        Args:
+            router_logits: one `(batch * seq, num_experts)` tensor per router call: in a looped model every
+                iteration's block layers count, as the layers that run.
+            attention_mask: `(batch, seq)` 0/1, or None.
+        """
+        fn = self._modeling.load_balancing_loss_func
+        return fn(router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
 
     def scale_logits(self, logits: torch.Tensor, config) -> torch.Tensor:
         """The source's logit scaling and soft-capping, applied to `logits` (any shape, last dim = vocab)."""
@@ -171,7 +193,11 @@ FAMILIES: dict[str, Family] = {
             logit_softcap_attr="final_logit_softcapping",
             rotary_per_layer_type=True,
         ),
-    )  # fmt: skip
+        # Mixture of experts: routing happens per layer application, so per iteration; the load-balancing loss
+        # counts every iteration's router calls.
+        Family("qwen2_moe", "Qwen2Moe", router_class="{prefix}TopKRouter"),
+        Family("qwen3_moe", "Qwen3Moe", router_class="{prefix}TopKRouter"),
+    )
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 

@@ -146,6 +146,7 @@ class LoopedModelOutput(BaseModelOutputWithPast):
     states: tuple[torch.Tensor, ...] | None = None
     next_state: torch.Tensor | None = None
     num_steps: tuple[int, int] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -153,11 +154,15 @@ class LoopedCausalLMOutput(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus `states`, `next_state` and `num_steps` (see `LoopedModelOutput`).
 
     With `return_hidden=True`, `logits` holds the final normed hidden state `(batch, seq, hidden)` instead.
+    For a mixture-of-experts source with `output_router_logits`: `router_logits`, one `(batch * seq, num_experts)`
+    tensor per router call (every iteration's), and `aux_loss`, the source's load-balancing loss over all of them.
     """
 
     states: tuple[torch.Tensor, ...] | None = None
     next_state: torch.Tensor | None = None
     num_steps: tuple[int, int] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class LoopedPreTrainedModel(PreTrainedModel):
@@ -406,10 +411,39 @@ class LoopedModel(LoopedPreTrainedModel):
         output_states: bool = False,
         output_hidden_states: bool | None = None,
         output_next_state: bool = False,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> LoopedModelOutput:
         """Run prelude, R loop iterations and coda; see `LoopedForCausalLM.forward` for the arguments."""
         cache = _pop_cache(cache, kwargs)
+        if output_router_logits is None:
+            output_router_logits = bool(getattr(self.config.base_config, "output_router_logits", False))
+        routers = self.family.routers(self) if output_router_logits else []
+        router_logits: list[torch.Tensor] = []
+        hooks = [r.register_forward_hook(lambda _m, _a, out: router_logits.append(out[0])) for r in routers]
+        try:
+            out = self._forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, num_steps,
+                                output_states, output_hidden_states, output_next_state, **kwargs)  # fmt: skip
+        finally:
+            for h in hooks:
+                h.remove()
+        out.router_logits = tuple(router_logits) if routers else None
+        return out
+
+    def _forward(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        cache,
+        inputs_embeds,
+        use_cache,
+        num_steps,
+        output_states,
+        output_hidden_states,
+        output_next_state,
+        **kwargs,
+    ) -> LoopedModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         n_no_grad, k_grad = parse_num_steps(self.default_num_steps() if num_steps is None else num_steps)
@@ -482,6 +516,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         return_hidden: bool = False,
         output_next_state: bool = False,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> LoopedCausalLMOutput:
         """Run the looped model.
@@ -496,7 +531,10 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             output_next_state: also return `.next_state`, one further iteration of the final state (training only).
             return_hidden: skip the LM head and return the final normed hidden state in `.logits` (for fused
                 losses that apply the head chunk by chunk).
-            labels: if given, `.loss` is the next-token cross-entropy (labels are shifted inside, -100 ignored).
+            labels: if given, `.loss` is the next-token cross-entropy (labels are shifted inside, -100 ignored),
+                plus `router_aux_loss_coef * aux_loss` for a mixture-of-experts source with router logits on.
+            output_router_logits: MoE sources: collect every router call's logits and compute `aux_loss` (default:
+                the source config's `output_router_logits`).
 
         Returns:
             `LoopedCausalLMOutput`: `logits (batch, seq, vocab)` (the last `logits_to_keep` positions if set),
@@ -517,6 +555,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             output_states=output_states,
             output_hidden_states=output_hidden_states,
             output_next_state=output_next_state,
+            output_router_logits=output_router_logits,
             **kwargs,
         )
         h = out.last_hidden_state
@@ -529,8 +568,16 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             logits = self.logits_from_hidden(h)
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        aux_loss = None
+        if out.router_logits:
+            base = self.config.base_config
+            aux_loss = self.model.family.load_balancing_loss(out.router_logits, base, attention_mask)
+            if loss is not None:
+                loss = loss + base.router_aux_loss_coef * aux_loss
         return LoopedCausalLMOutput(
             loss=loss,
+            aux_loss=aux_loss,
+            router_logits=out.router_logits,
             logits=logits,
             hidden_states=out.hidden_states,
             states=out.states,

@@ -769,7 +769,7 @@ def validate(run: Run, depths: list[int | None]) -> dict:
             ids = torch.stack([x["input_ids"] for x in rows]).to(run.device)
             labels = torch.stack([x["labels"] for x in rows]).to(run.device)
             with run.autocast:
-                h, _, head, _ = student(ids, num_steps=r if run.looped else None)
+                h, _, head, *_ = student(ids, num_steps=r if run.looped else None)
             logits = F.linear(h[:, :-1], head).float()
             y = labels[:, 1:]
             acc[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")

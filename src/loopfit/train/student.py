@@ -89,7 +89,8 @@ class Student(nn.Module):
         self.looped = is_looped(base_model(model))
 
     def forward(self, input_ids, num_steps=None, output_states: bool = False, fixed_point: bool = False):
-        """(final normed hidden state, loop states or None, LM head weight, fixed-point residual or None).
+        """(final normed hidden state, loop states or None, LM head weight, fixed-point residual or None, MoE
+        load-balancing loss or None).
 
         The head weight is returned from inside `forward` because under FSDP2 parameters are only gathered
         (unsharded) around a forward call; the fused loss then uses it outside the module. With `fixed_point`
@@ -98,14 +99,14 @@ class Student(nn.Module):
         """
         base = base_model(self.model)
         if not self.looped:
-            return base.base_model(input_ids).last_hidden_state, None, self.head_weight(), None
+            return base.base_model(input_ids).last_hidden_state, None, self.head_weight(), None, None
         out = base(input_ids, num_steps=num_steps, return_hidden=True, output_states=output_states or fixed_point,
                    output_next_state=fixed_point)  # fmt: skip
         residual = None
         if fixed_point:
             s, s_next = out.states[-1].float(), out.next_state.float()
             residual = (s_next - s).pow(2).sum(-1) / s.detach().pow(2).sum(-1).clamp_min(1e-6)
-        return out.logits, out.states if output_states else None, self.head_weight(), residual
+        return out.logits, out.states if output_states else None, self.head_weight(), residual, out.aux_loss
 
     def head_weight(self) -> torch.Tensor:
         return base_model(self.model).get_output_embeddings().weight
@@ -121,6 +122,7 @@ class LossParts:
     kd: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     fixed_point: torch.Tensor | None = None
+    router_aux: torch.Tensor | None = None
 
 
 def teacher_forward(
@@ -189,7 +191,7 @@ def micro_batch_loss(
     from loopfit.losses import fused_kd_loss, kd_divergence
 
     input_ids, labels = batch["input_ids"], batch["labels"]
-    hidden, states, head_weight, residual = student(
+    hidden, states, head_weight, residual, aux_loss = student(
         input_ids, num_steps=num_steps, output_states=hidden_loss is not None, fixed_point=fixed_point_scale > 0
     )
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
@@ -259,6 +261,13 @@ def micro_batch_loss(
         fp = residual[scored].sum() / num_items
         parts.total = parts.total + fixed_point_scale * fp
         parts.fixed_point = fp.detach()
+    if aux_loss is not None:
+        # The source's load-balancing loss is a mean over this micro-batch's tokens: weighted like the other terms
+        # so that accumulation sums to the step's value; its coefficient is the source config's.
+        coef = base_model(getattr(student, "module", student).model).config.base_config.router_aux_loss_coef
+        aux = aux_loss * scored.sum() / num_items
+        parts.total = parts.total + coef * aux
+        parts.router_aux = aux.detach()
     return parts
 
 

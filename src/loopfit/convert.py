@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from loopfit.errors import LoopfitError
 from loopfit.models import LoopedConfig, LoopedForCausalLM
-from loopfit.models.configuration_looped import SUPPORTED_ARCHITECTURES
+from loopfit.models.families import FAMILIES, family_of
 
 
 @dataclass(frozen=True)
@@ -98,14 +98,11 @@ def validate_layout(layout: Layout, num_layers: int) -> None:
 def _check_architecture(config) -> None:
     if config.model_type == "looped":
         raise LoopfitError("the source model is already a looped model")
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
+    if config.model_type not in FAMILIES:
         raise LoopfitError(
-            f"architecture '{config.model_type}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"architecture '{config.model_type}' is not supported; supported: {', '.join(FAMILIES)} "
+            "(a Llama-shaped family is one entry in loopfit/models/families.py)"
         )
-
-
-def _decoder(model: PreTrainedModel):
-    return model.model  # every supported *ForCausalLM keeps its decoder stack at `.model`
 
 
 def to_looped(
@@ -140,11 +137,12 @@ def to_looped(
     config._attn_implementation = source.config._attn_implementation
     dtype = source.dtype
     model = LoopedForCausalLM(config).to(dtype)
-    src = _decoder(source)
-    state = {"model.embed_tokens.weight": src.embed_tokens.weight, "model.norm.weight": src.norm.weight}
+    family = family_of(base)
+    state = {"model.embed_tokens.weight": family.embedding(source).weight}
+    state |= {f"model.norm.{k}": v for k, v in family.final_norm(source).state_dict().items()}
     for part, indices in (("prelude", layout.prelude), ("block", layout.block), ("coda", layout.coda)):
         for j, i in enumerate(indices):
-            for k, v in src.layers[i].state_dict().items():
+            for k, v in family.layers(source)[i].state_dict().items():
                 state[f"model.{part}.{j}.{k}"] = v
     state["lm_head.weight"] = source.get_output_embeddings().weight
     missing, unexpected = model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
@@ -162,10 +160,14 @@ def to_static(source: PreTrainedModel, layout: Layout) -> PreTrainedModel:
     _check_architecture(source.config)
     validate_layout(layout, source.config.num_hidden_layers)
     model = copy.deepcopy(source)
-    dec = _decoder(model)
-    dec.layers = torch.nn.ModuleList(dec.layers[i] for i in layout.kept)
-    for j, layer in enumerate(dec.layers):
-        layer.self_attn.layer_idx = j
+    family = family_of(model.config)
+    dec = family.decoder(model)
+    layers = torch.nn.ModuleList(family.layers(model)[i] for i in layout.kept)
+    setattr(dec, family.layers_attr, layers)
+    for j, layer in enumerate(layers):
+        for attn in layer.modules():  # the attention module keeps its layer index for the KV cache
+            if hasattr(attn, "layer_idx"):
+                attn.layer_idx = j
     cfg = model.config
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [cfg.layer_types[i] for i in layout.kept]

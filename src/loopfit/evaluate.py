@@ -78,7 +78,7 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, in
 def _coda_logits(model, state: torch.Tensor, attention_mask, position_ids: torch.Tensor) -> torch.Tensor:
     """Coda, final norm and head applied to a recurrent state (no cache), as the model's forward does."""
     dec = model.model
-    return model.lm_head(dec.run_coda(state, dec.prepare(state, attention_mask, position_ids)))
+    return model.logits_from_hidden(dec.run_coda(state, dec.prepare(state, attention_mask, position_ids)))
 
 
 @torch.inference_mode()

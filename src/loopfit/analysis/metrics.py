@@ -54,9 +54,12 @@ def residual_streams(
     HF's `hidden_states` tuple ends with the *normed* output of the last layer; we take that entry instead from the
     input of the final norm (a forward pre-hook), so the last layer is compared on the same footing as the others.
     """
-    decoder = model.get_decoder()
+    from loopfit.models.families import family_of
+
+    family = family_of(model.config)
+    decoder = family.decoder(model)
     captured: list[torch.Tensor] = []
-    handle = decoder.norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    handle = family.final_norm(model).register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     try:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
     finally:

@@ -41,7 +41,7 @@ def check_number(
             want = f"{'>' if low_open else '>='} {low:g}"
         else:
             want = f"{'<' if high_open else '<='} {high:g}"
-        raise LoopfitError(f"--{flag} must be a finite number {want}, got {value}")
+        raise LoopfitError(f"--{flag} must be {want}, got {value}")
 
 
 def check_output(flag: str, path: str | os.PathLike | None, folder: bool = False) -> None:

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from loopfit.convert import layout_from_sizes, to_looped
 from loopfit.models.families import FAMILIES, family_of
 from loopfit.train.config import DistillationConfig, LoRAConfig
-from loopfit.train.student import Student, apply_lora, micro_batch_loss
+from loopfit.train.student import Student, apply_lora, family_logits, micro_batch_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,6 +96,8 @@ def test_training_losses_see_the_family_logits(family):
     ref = torch.nn.functional.cross_entropy(
         student(x, num_steps=1).logits[:, :-1].reshape(-1, 260), x[:, 1:].reshape(-1)
     )
+    hidden, _, head, *_ = Student(student)(x, num_steps=1)
+    torch.testing.assert_close(family_logits(hidden, head, student.config), student(x, num_steps=1).logits)
     for fused in (True, False):
         dcfg = DistillationConfig(enabled=True, alpha=0.5, fused=fused)
         parts = micro_batch_loss(Student(student), teacher, {"input_ids": x, "labels": x}, 1, dcfg, n)

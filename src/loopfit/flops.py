@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from loopfit.errors import LoopfitError
+from loopfit.models.families import family_of
 
 COMPONENTS = ("embeddings", "prelude", "adapter", "block", "coda", "final_norm", "head")
 CURRICULA = ("linear", "1-sqrt", "none")
@@ -24,12 +25,17 @@ CURRICULA = ("linear", "1-sqrt", "none")
 def _modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     """The modules of each component; a plain HF model's decoder layers count as the prelude (they run once)."""
     base = getattr(model, "get_base_model", lambda: model)()  # a PEFT wrapper counts its base model plus adapters
-    dec = base.model
+    head = [base.get_output_embeddings()]
     if base.config.model_type == "looped":
+        dec = base.model
         parts = {"prelude": [dec.prelude], "adapter": [dec.adapter], "block": [dec.block], "coda": [dec.coda]}
-    else:
-        parts = {"prelude": [dec.layers], "adapter": [], "block": [], "coda": []}
-    return {"embeddings": [dec.embed_tokens], **parts, "final_norm": [dec.norm], "head": [base.lm_head]}
+        return {"embeddings": [dec.embed_tokens], **parts, "final_norm": [dec.norm], "head": head}
+    try:
+        family = family_of(base.config)
+    except ValueError as e:
+        raise LoopfitError(str(e)) from None
+    parts = {"prelude": [family.layers(base)], "adapter": [], "block": [], "coda": []}
+    return {"embeddings": [family.embedding(base)], **parts, "final_norm": [family.final_norm(base)], "head": head}
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

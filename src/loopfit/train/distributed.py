@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from loopfit.errors import LoopfitError
+from loopfit.models.families import decoder_layer_class_names
 
 
 @dataclass
@@ -72,8 +73,9 @@ def wrap_student(module: nn.Module, d: Dist, device: torch.device, find_unused_p
 
 
 def _decoder_layers(module: nn.Module) -> list[nn.Module]:
-    names = ("DecoderLayer",)
-    return [m for m in module.modules() if any(n in type(m).__name__ for n in names)]
+    """FSDP's wrapping units: every supported family's decoder layers (by class name, from the family spec)."""
+    names = set(decoder_layer_class_names())
+    return [m for m in module.modules() if type(m).__name__ in names]
 
 
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -11,6 +11,7 @@ import re
 import torch
 from torch import nn
 
+from loopfit.models.families import FAMILIES
 from loopfit.train.config import OptimConfig, ParamGroupRule
 
 
@@ -67,9 +68,13 @@ def lr_multiplier(name: str, rules: list[ParamGroupRule]) -> float:
     return 1.0
 
 
+# Token embeddings and heads by attribute name: every family's (loopfit/models/families.py) and the usual heads.
+_EMBEDDING_NAMES = tuple({f.embed_attr for f in FAMILIES.values()} | {"lm_head", "embed_out", "wte"})
+
+
 def _is_muon_matrix(name: str, p: torch.Tensor) -> bool:
     # Embeddings and the head are lookup tables / classifiers, not hidden linear maps: Muon is not meant for them.
-    return p.ndim == 2 and not any(k in name for k in ("embed_tokens", "lm_head", "wte"))
+    return p.ndim == 2 and not any(k in name for k in _EMBEDDING_NAMES)
 
 
 def _groups(named: list[tuple[str, nn.Parameter]], rules, lr: float, wd: float) -> list[dict]:

@@ -43,7 +43,14 @@ from loopfit.train.distributed import Dist, all_reduce_sum, barrier, cleanup, in
 from loopfit.train.metrics import MetricsLogger, measure_matmul_peak
 from loopfit.train.optim import build_optimizers
 from loopfit.train.schedules import lr_factor, lr_scheduler, ramp
-from loopfit.train.student import Student, apply_lora, base_model, micro_batch_loss, share_teacher_weights
+from loopfit.train.student import (
+    Student,
+    apply_lora,
+    base_model,
+    family_logits,
+    micro_batch_loss,
+    share_teacher_weights,
+)
 
 DONE = "done.json"
 RESUMES = "resumes.json"
@@ -770,7 +777,7 @@ def validate(run: Run, depths: list[int | None]) -> dict:
             labels = torch.stack([x["labels"] for x in rows]).to(run.device)
             with run.autocast:
                 h, _, head, *_ = student(ids, num_steps=r if run.looped else None)
-            logits = F.linear(h[:, :-1], head).float()
+            logits = family_logits(h[:, :-1], head, base_model(run.model).config).float()
             y = labels[:, 1:]
             acc[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
             acc[1] += (y != -100).sum()

@@ -287,6 +287,12 @@ def logit_transform(config) -> tuple[float | None, float | None]:
     return scale, cap or None
 
 
+def family_logits(h: torch.Tensor, head_weight: torch.Tensor, config) -> torch.Tensor:
+    """`(..., hidden)` -> `(..., vocab)`: the head plus the model family's logit scaling and soft-cap."""
+    scale, cap = logit_transform(config)
+    return _softcap(F.linear(h * scale if scale is not None else h, head_weight), cap)
+
+
 def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -129,3 +129,18 @@ def test_moe_aux_loss_counts_every_iteration(family):
     parts = micro_batch_loss(Student(looped), None, {"input_ids": x, "labels": x}, 3, DistillationConfig(), n)
     torch.testing.assert_close(parts.router_aux, expected)
     torch.testing.assert_close(parts.total, parts.ce + src.config.router_aux_loss_coef * expected)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_layer_analysis_suggests_a_layout_that_converts(family):
+    """`loopfit analyze` / `--layers auto` on every family: the suggested layout parses and converts."""
+    from conftest import make_tiny_tokenizer
+
+    from loopfit.analysis import suggest_layout
+    from loopfit.convert import parse_layout
+
+    src = make_tiny_model(family, num_layers=8)
+    spec = suggest_layout(src, make_tiny_tokenizer(), num_samples=4, seq_len=32)
+    layout = parse_layout(spec, 8)
+    looped = to_looped(src, layout).eval()
+    assert torch.isfinite(looped(_ids(), num_steps=2).logits).all()

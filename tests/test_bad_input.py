@@ -72,6 +72,12 @@ def world(tmp_path_factory):
     plain.chat_template = PLAIN_TEMPLATE
     plain.save_pretrained(root / "plain_chat")
     _masked_prepared_folder(root / "masked_prepared", tok)
+    for name in ("cut_weights", "bad_config", "bad_tokenizer"):
+        shutil.copytree(root / "looped", root / name)
+    weights = (root / "looped" / "model.safetensors").read_bytes()
+    (root / "cut_weights" / "model.safetensors").write_bytes(weights[:300])  # a download cut short
+    (root / "bad_config" / "config.json").write_text("{not json")
+    (root / "bad_tokenizer" / "tokenizer.json").write_text("{garbage")
     (root / "fake.gguf").write_bytes(b"PK\x03\x04 this is a zip file, not a GGUF model" * 4)
     (root / "random.jsonl").write_bytes(bytes(range(128, 256)) * 8)
     (root / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
@@ -174,6 +180,9 @@ CASES = {
     "generate-check-every-zero": ("generate {w}/looped --check_every 0", "--check_every must be >= 1"),
     "generate-cache-mode": ("generate {w}/looped --cache_mode zip", "--cache_mode takes `full` or `compress`"),
     "generate-missing-model": ("generate {w}/nowhere", "model not found"),
+    "generate-truncated-weights": ("generate {w}/cut_weights", "cannot load a model from"),
+    "generate-corrupt-tokenizer": ("generate {w}/bad_tokenizer", "cannot load a tokenizer from"),
+    "generate-corrupt-config": ("generate {w}/bad_config", "config.json' is not a valid JSON file"),
     # --- convert
     "convert-no-tokenizer": ("convert {w}/notok --out {w}/c --layers 0:1-4:5", "notok has no tokenizer"),
     "convert-fake-gguf": ("convert {w}/fake.gguf --out {w}/c --layers 0:1-4:5", "fake.gguf is not a GGUF file"),

@@ -126,7 +126,10 @@ def load_tokenizer(name: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # OSError (missing files), ValueError/Exception (a corrupt tokenizer.json) and others
-        raise LoopfitError(f"cannot load a tokenizer from {name}: {_first_line(e)}") from e
+        raise LoopfitError(
+            f"cannot load a tokenizer from {name} (its tokenizer*.json / vocabulary files): {_first_line(e)}: save "
+            "the tokenizer again"
+        ) from e
 
 
 def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32, **kwargs):
@@ -139,7 +142,10 @@ def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = torch.
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception as e:  # missing weights (OSError), a corrupt config.json or safetensors file, shape mismatches
-        raise LoopfitError(f"cannot load a model from {name}: {_first_line(e)}") from e
+        raise LoopfitError(
+            f"cannot load a model from {name}: {_first_line(e)}: check that config.json and the weights are complete "
+            "(download or save the model again)"
+        ) from e
 
 
 def load_config(name: str | os.PathLike):

@@ -262,7 +262,7 @@ def test_prepared_folder_round_trip(tok, tmp_path):
     data = build_dataset(f, tok, 48, chat=True, assistant_only=True, val_fraction=0.1)
     out = save_prepared(data, tmp_path / "prep", shards=3)
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
+        ".loopfit.json", "manifest.json", "train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
         "train-00002-of-00003.parquet", "val.parquet",
     ]  # fmt: skip
     loaded = build_dataset(str(out), tok, 48)

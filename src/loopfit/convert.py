@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from loopfit.errors import LoopfitError
 from loopfit.models import LoopedConfig, LoopedForCausalLM
 from loopfit.models.families import FAMILIES, family_of
+from loopfit.publish import set_default_depth, write_model_card, write_remote_code
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ def to_looped(
     if tie:
         model.tie_weights()
     model.generation_config = copy.deepcopy(source.generation_config)
+    set_default_depth(model)
     return model
 
 
@@ -194,6 +196,7 @@ def convert_command(
     analysis_samples: int = 64,
     target_recurrent_size: int | None = None,
     overwrite: bool = False,
+    remote_code: bool = False,
 ) -> None:
     """Convert a feedforward HF causal LM into a looped model (prelude -> block x R -> coda).
 
@@ -214,6 +217,8 @@ def convert_command(
         analysis_samples: number of calibration samples for `--layers auto`.
         target_recurrent_size: for `--layers auto`, drop the lowest-influence thinking layers down to this size.
         overwrite: replace `out` if it exists.
+        remote_code: also write the looped model's code and `auto_map` into `out`, so that people without loopfit
+            load it with `trust_remote_code=True` (a static model needs none).
     """
     from loopfit.errors import check_output
     from loopfit.io import atomic_dir
@@ -276,8 +281,11 @@ def convert_command(
             cache_mode=cache_mode,
         )
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        if remote_code and not static:
+            write_remote_code(tmp, result)
         result.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, result, source=model, remote_code=remote_code and not static)
     kind = "static" if static else f"looped (R defaults to {mean_recurrence})"
     print(
         f"wrote {kind} model to {out}: layers {layout} of {n}; dropped {_format_indices(layout.dropped(n)) or 'none'}"

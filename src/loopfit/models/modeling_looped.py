@@ -593,10 +593,22 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
     def generate(self, *args, num_steps: int | tuple[int, int] | None = None, **kwargs):
         """`GenerationMixin.generate` at one depth for the whole call.
 
-        Without `num_steps`, eval mode runs `config.mean_recurrence`; training mode draws one depth for the call
+        Without `num_steps`, eval mode runs `generation_config.num_steps` (else `config.mean_recurrence`); training
+        mode draws one depth for the call
         (never one per decoding step: the KV cache's per-iteration slots must match from token to token, and
         on-policy trainers sample in training mode).
         """
-        if num_steps is None:
+        if num_steps is None and self.training:
             num_steps = self.model.default_num_steps()
-        return super().generate(*args, num_steps=num_steps, **kwargs)
+        if num_steps is not None:
+            kwargs["num_steps"] = num_steps
+        return super().generate(*args, **kwargs)
+
+    def _prepare_generation_config(self, *args, **kwargs):
+        # `num_steps` is an attribute of a looped folder's generation config (its default depth), so transformers
+        # files a `num_steps` argument there too; every forward call of the generation must still receive it.
+        generation_config, model_kwargs = super()._prepare_generation_config(*args, **kwargs)
+        num_steps = getattr(generation_config, "num_steps", None)
+        if num_steps is not None:
+            model_kwargs["num_steps"] = num_steps
+        return generation_config, model_kwargs

@@ -47,7 +47,7 @@ _build_train_signature()
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
-def export_command(run: str, out: str | None = None, overwrite: bool = False) -> None:
+def export_command(run: str, out: str | None = None, overwrite: bool = False, remote_code: bool = False) -> None:
     """Write a trained run as a plain HF model folder (LoRA merged into the weights) that `from_pretrained` loads.
 
     `final/` is checked against its checksums before it is read; `out` is replaced (with `--overwrite=true`, and
@@ -57,6 +57,8 @@ def export_command(run: str, out: str | None = None, overwrite: bool = False) ->
         run: run folder written by `loopfit train` (holds `config.yaml` and `final/`).
         out: output folder.
         overwrite: replace `out` if it exists (only a folder loopfit wrote).
+        remote_code: also write the looped model's code and `auto_map`, so that people without loopfit load it
+            with `trust_remote_code=True`.
     """
     import yaml
 
@@ -91,9 +93,17 @@ def export_command(run: str, out: str | None = None, overwrite: bool = False) ->
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(final)  # final/ holds only an adapter: no config.json to resolve
+    from loopfit.publish import set_default_depth, write_model_card, write_remote_code
+
+    looped = getattr(model.config, "model_type", None) == "looped"
+    if looped and getattr(model.generation_config, "num_steps", None) is None:
+        set_default_depth(model)
     with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:
+        if remote_code and looped:
+            write_remote_code(tmp, model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, model, source=model_name, run=run_dir, remote_code=remote_code and looped)
     done = run_dir / "done.json"
     step = json.loads(done.read_text())["step"] if done.is_file() else "?"
     print(f"wrote {out}: {model_name} + training of {run} (step {step}), merged")

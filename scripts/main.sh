@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-loopfit demo --out runs/demo "$@"
+.venv/bin/loopfit demo --out runs/demo "$@"  # the venv setup.sh made, never a system install
 prev=""
 for a in "$@"; do case $prev in --out) OUT_DIR=$a;; esac; prev=$a; done
 cat "${OUT_DIR:-runs/demo}/report.md"

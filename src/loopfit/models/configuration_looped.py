@@ -108,6 +108,12 @@ class LoopedConfig(PretrainedConfig):
         if dup:
             raise ValueError(f"layer indices {dup} appear more than once in the layout")
 
+    # The source's logit transform, read through: tools that apply `lm_head` to the backbone's output themselves
+    # (TRL's DistillationTrainer, its fused LM head) read these from the model's config, as on the source model.
+    logit_scale = property(lambda self: getattr(self.base_config, "logit_scale", None))  # Cohere
+    logits_scaling = property(lambda self: getattr(self.base_config, "logits_scaling", None))  # Granite
+    final_logit_softcapping = property(lambda self: getattr(self.base_config, "final_logit_softcapping", None))
+
     @property
     def layout(self) -> str:
         """The layout as `prelude:block:coda` index lists, the syntax `loopfit convert --layers` accepts."""

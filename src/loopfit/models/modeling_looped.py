@@ -605,10 +605,14 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
         return super().generate(*args, **kwargs)
 
     def _prepare_generation_config(self, *args, **kwargs):
-        # `num_steps` is an attribute of a looped folder's generation config (its default depth), so transformers
-        # files a `num_steps` argument there too; every forward call of the generation must still receive it.
+        # `num_steps` is an attribute of a looped folder's generation config (its default depth); a `num_steps`
+        # argument overrides it and goes to every forward call. It is kept out of transformers' merging, which would
+        # file it in the config and warn that a `generation_config` came with generation arguments (TRL's trainers
+        # pass one, and `generate` adds the depth it drew in training mode).
+        num_steps = kwargs.pop("num_steps", None)
         generation_config, model_kwargs = super()._prepare_generation_config(*args, **kwargs)
-        num_steps = getattr(generation_config, "num_steps", None)
+        if num_steps is None:
+            num_steps = getattr(generation_config, "num_steps", None)
         if num_steps is not None:
             model_kwargs["num_steps"] = num_steps
         return generation_config, model_kwargs

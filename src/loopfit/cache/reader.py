@@ -58,7 +58,7 @@ class TeacherCache:
 
     def _shard_paths(self, sh: dict) -> dict[str, tuple[Path, str]]:
         """`{key: (path inside the folder, sha256)}` of one manifest shard entry; KeyError/TypeError if malformed."""
-        keys = ["counts", "ids", "values"] + (["tail"] if self.settings.estimator == "topk_tail" else [])
+        keys = ["counts", "ids", "values"] + (["tail"] if self.definition.has_tail else [])
         int(sh["index"]), int(sh["entries"]), int(sh["rows"][0]), int(sh["rows"][1])
         files = sh["files"]
         out = {}
@@ -74,6 +74,11 @@ class TeacherCache:
         return self.settings.estimator
 
     @property
+    def definition(self):
+        """The estimator's definition (`loopfit.losses.estimators.Estimator`): how records become targets, its bias."""
+        return self.settings.definition
+
+    @property
     def temperature(self) -> float:
         return self.settings.temperature
 
@@ -81,13 +86,14 @@ class TeacherCache:
         return self.rows
 
     def check_compatible(self, tokenizer_hash: str, data_hash: str, temperature: float | None = None) -> None:
-        """Raise LoopfitError naming what differs: tokenizer, data, or (for `sampled`) the temperature."""
+        """Raise LoopfitError naming what differs: tokenizer, data, or (for an estimator that draws at the cache's
+        temperature, `sampled`) the temperature."""
         problems = []
         if self.manifest.get("tokenizer_hash") != tokenizer_hash:
             problems.append(f"tokenizer (cache {self.manifest.get('tokenizer_hash')}, training {tokenizer_hash})")
         if self.manifest.get("data_hash") != data_hash:
             problems.append(f"data (cache {self.manifest.get('data_hash')}, training {data_hash})")
-        if temperature is not None and self.estimator == "sampled" and temperature != self.temperature:
+        if temperature is not None and self.definition.tempered and temperature != self.temperature:
             problems.append(f"temperature (draws made at {self.temperature}, training uses {temperature})")
         if problems:
             raise LoopfitError(f"teacher cache {self.folder} does not match this run: " + "; ".join(problems))
@@ -158,25 +164,13 @@ class TeacherCache:
 
     def dense(self, i: int) -> torch.Tensor:
         """Reconstructed `(S, V)` teacher probabilities of row `i` (at T = 1, or the draw temperature of `sampled`),
-        for inspection: `topk` renormalised, `topk_tail` with the tail mass spread evenly over the other tokens,
-        `sampled` as counts / draws. Rows of positions without a target are zero."""
+        for inspection, as the estimator reads its records (`Estimator.dense`: `topk` renormalised, `topk_tail` with
+        the tail mass spread evenly over the other tokens, `sampled` as counts / draws). Rows of positions without a
+        target are zero."""
         item = self[i]
-        ids, values = item["ids"], item["values"]
-        probs = torch.zeros(self.seq_len, self.vocab_size, dtype=torch.float64)
-        if self.estimator == "sampled":
-            probs.scatter_add_(-1, ids, values.double())
-            return (probs / probs.sum(-1, keepdim=True).clamp(min=1)).float()
         shard, r = self._locate(i)
         has = torch.from_numpy(np.asarray(shard["counts"][r]) > 0)
-        p = values.double().exp() * has[:, None]
-        if self.estimator == "topk":
-            p = p / p.sum(-1, keepdim=True).clamp(min=1e-300)
-        else:
-            others = self.vocab_size - self.settings.top_k
-            spread = item["tail"].double().exp() / max(others, 1) if others else torch.zeros(self.seq_len)
-            probs += (spread * has)[:, None]
-        probs.scatter_(-1, ids, p)
-        return probs.float()
+        return self.definition.dense(item["ids"], item["values"], item.get("tail"), has, self.vocab_size)
 
     def verify(self) -> dict:
         """Check every file's checksum, shape and dtype, and that the shards cover rows 0..rows-1 exactly once.

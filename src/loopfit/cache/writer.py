@@ -38,7 +38,7 @@ from loopfit.io import (
     write_json,
     write_marker,
 )
-from loopfit.losses.sparse import ESTIMATORS
+from loopfit.losses.estimators import ESTIMATOR_REGISTRY, ESTIMATORS, Estimator
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -51,7 +51,7 @@ class CacheSettings:
     """What `cache-teacher` stores per position."""
 
     estimator: str = "topk_tail"
-    """`topk`, `topk_tail` or `sampled` (see `loopfit.losses.sparse`)."""
+    """`topk`, `topk_tail` or `sampled` (see `loopfit.losses.estimators`: what each stores, and its bias)."""
     top_k: int = 64
     """Tokens kept per position for `topk` / `topk_tail`."""
     samples: int = 32
@@ -68,21 +68,26 @@ class CacheSettings:
     def validate(self, vocab_size: int) -> None:
         if self.estimator not in ESTIMATORS:
             raise LoopfitError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator}")
-        if self.estimator != "sampled" and not 1 <= self.top_k <= vocab_size:
-            raise LoopfitError(f"--top_k must be in [1, vocabulary size {vocab_size}], got {self.top_k}")
-        if self.estimator == "sampled" and not 1 <= self.samples <= 65535:
-            raise LoopfitError(f"--samples must be in [1, 65535], got {self.samples}")
+        est = self.definition
+        est.check(self, vocab_size)
         if not self.temperature > 0:
             raise LoopfitError(f"--temperature must be > 0, got {self.temperature}")
-        if self.estimator != "sampled" and self.temperature != 1.0:
-            raise LoopfitError("--temperature only applies to --estimator sampled (topk stores T = 1 log-probs)")
+        if not est.tempered and self.temperature != 1.0:
+            tempered = ", ".join(n for n, e in ESTIMATOR_REGISTRY.items() if e.tempered)
+            raise LoopfitError(f"--temperature only applies to --estimator {tempered} ({self.estimator} stores T = 1 "
+                               "log-probs)")  # fmt: skip
         if self.shard_rows < 1 or self.batch_size < 1:
             raise LoopfitError("--shard_rows and --batch_size must be >= 1")
 
     @property
+    def definition(self) -> Estimator:
+        """The estimator's definition (`loopfit.losses.estimators`)."""
+        return ESTIMATOR_REGISTRY[self.estimator]
+
+    @property
     def width(self) -> int:
         """Most entries a position can hold."""
-        return self.samples if self.estimator == "sampled" else self.top_k
+        return self.definition.width(self)
 
 
 def smallest_uint(max_value: int) -> np.dtype:
@@ -102,31 +107,20 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sparse_targets(logits: torch.Tensor, valid: torch.Tensor, settings: CacheSettings, generators) -> list[dict]:
-    """Per row of `logits (B, S, V)`: CSR arrays (counts per position, ids, values, tail) of the valid positions."""
+    """Per row of `logits (B, S, V)`: CSR arrays (counts per position, ids, values, tail) of the valid positions,
+    as the estimator encodes them (positions without a target hold nothing, and a tail of 0)."""
+    est = settings.definition
     rows = []
     for b in range(logits.shape[0]):
         pos = valid[b].nonzero().squeeze(-1)
+        entries, ids, values, rest = est.encode(logits[b, pos], settings, generators[b])
         counts = torch.zeros(logits.shape[1], dtype=torch.long)
-        if settings.estimator == "sampled":
-            logp = torch.log_softmax(logits[b, pos].float() / settings.temperature, dim=-1)
-            draws = torch.multinomial(logp.exp(), settings.samples, replacement=True, generator=generators[b])
-            hist = torch.zeros(logp.shape, dtype=torch.int32).scatter_add_(
-                -1, draws, torch.ones_like(draws, dtype=torch.int32)
-            )
-            where = hist.nonzero()  # (position, id) pairs, position-major then by id: already CSR order
-            counts[pos] = (hist > 0).sum(-1)
-            rows.append({"counts": counts, "ids": where[:, 1], "values": hist[where[:, 0], where[:, 1]], "tail": None})
-        else:
-            logp = torch.log_softmax(logits[b, pos].float(), dim=-1)
-            values, ids = logp.topk(settings.top_k, dim=-1)
-            counts[pos] = settings.top_k
-            tail = None
-            if settings.estimator == "topk_tail":
-                # Exact remaining mass (a logsumexp over the other tokens), -inf when k = V; not 1 - sum(p_k).
-                rest = logp.scatter(-1, ids, -torch.inf).logsumexp(-1)
-                tail = torch.zeros(logits.shape[1])
-                tail[pos] = rest
-            rows.append({"counts": counts, "ids": ids.reshape(-1), "values": values.reshape(-1), "tail": tail})
+        counts[pos] = entries
+        tail = None
+        if rest is not None:
+            tail = torch.zeros(logits.shape[1])
+            tail[pos] = rest
+        rows.append({"counts": counts, "ids": ids, "values": values, "tail": tail})
     return rows
 
 
@@ -181,7 +175,8 @@ def write_cache(
     done = _resume_partial(work, config, overwrite)
     work.mkdir(parents=True, exist_ok=True)
     ids_dtype, width_dtype = smallest_uint(vocab - 1), smallest_uint(settings.width)
-    values_dtype = np.dtype(np.float16) if settings.estimator != "sampled" else width_dtype
+    has_tail = settings.definition.has_tail
+    values_dtype = width_dtype if settings.definition.counts else np.dtype(np.float16)
     shard_starts = list(range(0, n_rows, settings.shard_rows))
     bar = tqdm(total=n_rows * seq_len, unit="tok", unit_scale=True, disable=not progress, desc="teacher")
     bar.update(sum(s["rows"][1] - s["rows"][0] for s in done) * seq_len)
@@ -206,7 +201,7 @@ def write_cache(
             "ids": torch.cat([p["ids"] for p in parts]).numpy().astype(ids_dtype),
             "values": torch.cat([p["values"] for p in parts]).numpy().astype(values_dtype),
         }
-        if settings.estimator == "topk_tail":
+        if has_tail:
             arrays["tail"] = torch.stack([p["tail"] for p in parts]).numpy().astype(np.float16)
         files = {key: _save_npy(work, f"{name}.{key}.npy", arr) for key, arr in arrays.items()}
         done.append(
@@ -217,7 +212,7 @@ def write_cache(
             on_shard(index)
     bar.close()
     dtypes = {"counts": str(width_dtype), "ids": str(ids_dtype), "values": str(values_dtype)}
-    if settings.estimator == "topk_tail":
+    if has_tail:
         dtypes["tail"] = "float16"
     manifest = {**config, "dtypes": dtypes, "shards": done}
     write_json(work / MANIFEST, manifest)

@@ -8,10 +8,12 @@ Two exact implementations:
   chunk (Liger's scheme). Backward only scales the stored gradients. Each logits matmul runs once, so the cost is
   the matmul floor (two logits products, two gradient products) plus a few elementwise passes per chunk; the
   extra memory is one float32 weight-sized gradient plus two `(chunk, V)` logits buffers in the input dtype.
-  Every divergence against a dense teacher (and forward KL against any sparse estimator) uses a closed-form
-  gradient computed in place, row block by row block: each block is upcast to float32, processed while it sits in
-  cache, and its gradient written back over the logits. Only the other divergences against sparse targets take the
-  chunk's gradient with autograd on the chunk alone (exact too, a few more passes and float32 buffers).
+  Every divergence with a closed-form gradient (`Divergence.grad`: all the built-ins) against a dense teacher, and
+  forward KL against any sparse estimator, uses it in place, row block by row block: each block is upcast to
+  float32, processed while it sits in cache, and its gradient written back over the logits. Everything else takes
+  the chunk's gradient with autograd on the chunk alone (exact too, a few more passes and float32 buffers): a
+  divergence without a closed form, the other divergences against sparse targets, and a student whose logits are
+  soft-capped (`c * tanh(logits / c)`, Gemma 2 / 3), whose cap is differentiated by autograd with the rest.
 - `chunked_kd_loss`: per-chunk activation checkpointing (TRL's newer scheme). Same memory class, but the
   student logits matmul runs again in backward; kept as a reference and for the benchmark.
 
@@ -22,15 +24,15 @@ the gradients are those of this forward's inputs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from loopfit.losses.divergences import _LOG_FLOOR, check_kind, divergence_from_logprobs
-from loopfit.losses.sparse import check_sparse, sparse_per_token, tail_from_logprobs
+from loopfit.losses.divergences import _LOG_FLOOR, FKL, Divergence, resolve_kind
+from loopfit.losses.estimators import Estimator, get_estimator
+from loopfit.losses.sparse import check_sparse, sparse_per_token
 
 _ROW_BLOCK = 4  # rows per elementwise block in the closed-form path on CPU: a few 4 x V float32 buffers stay in L2
 
@@ -71,39 +73,38 @@ class _Teacher:
     ids: torch.Tensor | None = None
     values: torch.Tensor | None = None
     tail: torch.Tensor | None = None
-    estimator: str | None = None
+    estimator: Estimator | None = None
+    softcap: float | None = None
 
     def chunk(self, rows: torch.Tensor) -> _Teacher:
         take = lambda x: None if x is None else x[rows]  # noqa: E731
         if self.hidden is not None:
-            return _Teacher(hidden=take(self.hidden), weight=self.weight, bias=self.bias)
+            return _Teacher(hidden=take(self.hidden), weight=self.weight, bias=self.bias, softcap=self.softcap)
         return _Teacher(ids=take(self.ids), values=take(self.values), tail=take(self.tail), estimator=self.estimator)
 
     def logits(self) -> torch.Tensor:
-        return F.linear(self.hidden, self.weight, self.bias).float()
+        """The dense teacher's float32 logits, soft-capped where the teacher's family caps them."""
+        return softcap(F.linear(self.hidden, self.weight, self.bias).float(), self.softcap)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """`cap * tanh(logits / cap)` (Gemma 2's final logit soft-cap, arXiv:2408.00118), or `logits` when `cap` is None."""
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 @dataclass
 class _Spec:
-    kind: str
+    div: Divergence  # resolved: at the parameters given (e.g. JSD at beta = 0 is FKL itself)
+    params: dict
     temperature: float
     ce_scale: float
     kd_scale: float
-    kind_params: dict
-
-
-def _is_fkl(spec: _Spec) -> bool:
-    """Forward KL, including the endpoints of `jsd` (beta 0) and `skew` (alpha 0) that reduce to it."""
-    kp = spec.kind_params
-    return (
-        spec.kind == "fkl"
-        or (spec.kind == "jsd" and kp.get("beta", 0.5) == 0.0)
-        or (spec.kind == "skew" and kp.get("alpha", 0.1) == 0.0)
-    )
+    softcap: float | None = None  # the student's logit soft-cap
 
 
 def _chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher | None, spec: _Spec):
-    """Differentiable (ce_sum, kd_sum) of one chunk of float32 student logits `s` (c, V)."""
+    """Differentiable (ce_sum, kd_sum) of one chunk of float32 student logits `s` (c, V), before any soft-cap."""
+    s = softcap(s, spec.softcap)
     ce = F.cross_entropy(s, y, reduction="sum")
     if teacher is None:
         return ce, None
@@ -111,10 +112,10 @@ def _chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher | None, sp
     logq = torch.log_softmax(s / t_, dim=-1)
     if teacher.hidden is not None:
         logp = torch.log_softmax(teacher.logits() / t_, dim=-1)
-        per_token = divergence_from_logprobs(logq, logp, spec.kind, **spec.kind_params) * t_**2
+        per_token = spec.div(logq, logp, **spec.params) * t_**2
     else:
         per_token = sparse_per_token(
-            logq, teacher.ids, teacher.values, spec.kind, teacher.estimator, t_, teacher.tail, **spec.kind_params
+            logq, teacher.ids, teacher.values, spec.div, teacher.estimator, t_, teacher.tail, **spec.params
         )
     return ce, per_token.sum()
 
@@ -170,50 +171,16 @@ def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
     return ce_sum, kd_sum * temp**2, scale
 
 
-def _kind_value_and_dq(logq: torch.Tensor, q: torch.Tensor, logp: torch.Tensor, p: torch.Tensor, spec: _Spec):
-    """Per-row divergence sums `(c,)` and `g = d D / d q` `(c, V)` for the non-FKL kinds (`q`, `p` at temperature T,
-    with their logs).
-
-    The softmax Jacobian then gives `d D / dz = q * (g - <q, g>)` for the student's scaled logits `z = s / T`.
-    For `jsd` with `m = beta p + (1 - beta) q` the terms of `d D / dq` that involve `p / m` collapse to a
-    constant, leaving `(1 - beta) log(q / m)`.
-    """
-    kind, kp = spec.kind, spec.kind_params
-    beta, lam, alpha = kp.get("beta", 0.5), kp.get("lam", 0.5), kp.get("alpha", 0.1)
-    if kind == "rkl" or (kind == "jsd" and beta == 1.0):
-        g = logq - logp
-        return (q * g).sum(-1), g
-    if kind == "jsd":
-        logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
-        g = logq - logm
-        value = beta * (p * (logp - logm)).sum(-1) + (1.0 - beta) * (q * g).sum(-1)
-        return value, g.mul_(1.0 - beta)
-    if kind == "skew":
-        logm = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
-        value = (p * (logp - logm)).sum(-1)
-        return value, (logp - logm).exp_().mul_(alpha - 1.0)
-    if kind == "tvd":
-        diff = q - p
-        return 0.5 * diff.abs().sum(-1), diff.sign_().mul_(0.5)
-    if kind == "skl":
-        # Only the RKL part goes through g; the caller adds the FKL part's z-gradient lam * (q - p) directly
-        # (its d/dq, -p / q, overflows where q underflows).
-        g = logq - logp
-        value = lam * (p * (logp - logq)).sum(-1) + (1.0 - lam) * (q * g).sum(-1)
-        return value, g.mul_(1.0 - lam)
-    raise ValueError(f"no closed form for kind '{kind}'")
-
-
 @torch.no_grad()
 def _closed_form_divergence_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor, spec: _Spec):
-    """CE + any non-FKL divergence against dense teacher logits `t`: sums and the gradient written into `s`.
+    """CE + a divergence with a closed-form gradient (`Divergence.grad`) against dense teacher logits `t`: sums and
+    the gradient written into `s`.
 
     Same contract as `_closed_form_grad` (scale 1). Row blocks keep the float32 temporaries (a few `4 x V`
     buffers) in cache, so the memory is that of the logits alone, where autograd would keep several `(c, V)`
-    float32 tensors per chunk.
+    float32 tensors per chunk. With `z = s / T`, `d (T^2 D) / ds = T * d D / dz`.
     """
     temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
-    lam = spec.kind_params.get("lam", 0.5)
     ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     for rows, s_blk, yb, sb in _blocks(s, y):
@@ -222,11 +189,8 @@ def _closed_form_divergence_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tens
         logq = (torch.log_softmax(sb / temp, -1) if temp != 1.0 else logq1).clamp(min=_LOG_FLOOR)
         logp = torch.log_softmax(t[rows].float() / temp, -1).clamp(min=_LOG_FLOOR)
         q, p = logq.exp(), logp.exp()
-        value, g = _kind_value_and_dq(logq, q, logp, p, spec)
+        value, g = spec.div.grad(logq, q, logp, p, **spec.params)
         kd_sum += value.sum()
-        g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)
-        if spec.kind == "skl":
-            g.add_(q, alpha=lam).sub_(p, alpha=lam)
         g.mul_(a_kd * temp).add_(logq1.exp_(), alpha=a_ce)
         g.scatter_add_(-1, yb, g.new_full(yb.shape, -a_ce))
         s_blk.copy_(g)
@@ -236,15 +200,8 @@ def _closed_form_divergence_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tens
 @torch.no_grad()
 def _sparse_support_logprobs(teacher: _Teacher, temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher log-probabilities over the k ids `(c, k)` (floored where absent) and the tail bucket `(c,)` or None."""
-    values = teacher.values.float()
-    if teacher.estimator == "sampled":
-        logp = torch.where(values > 0, values.clamp(min=1e-30).log(), _LOG_FLOOR)
-        return logp - torch.logsumexp(logp, -1, keepdim=True), None
-    if teacher.estimator == "topk":
-        return torch.log_softmax(values / temp, -1), None
-    tail = tail_from_logprobs(values) if teacher.tail is None else teacher.tail.float()
-    logp = torch.log_softmax(torch.cat([values, tail.unsqueeze(-1)], -1) / temp, -1).clamp(min=_LOG_FLOOR)
-    return logp[:, :-1], logp[:, -1]
+    logp, tail = teacher.estimator.teacher_logprobs(teacher.values.float(), teacher.tail, temp)
+    return logp.clamp(min=_LOG_FLOOR), (tail.clamp(min=_LOG_FLOOR) if tail is not None else None)
 
 
 @torch.no_grad()
@@ -300,28 +257,36 @@ class _FusedLinearKD(torch.autograd.Function):
         ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dense_teacher = teacher is not None and teacher.hidden is not None
-        closed_form = teacher is None or _is_fkl(spec)
+        # Forward KL (and CE alone) has its own in-place kernels, dense and sparse: its gradient T (q - p) is
+        # linear in the teacher's probabilities, so a sparse target needs only its support.
+        fkl = teacher is None or spec.div is FKL
+        autograd = spec.softcap is not None or not (fkl or (dense_teacher and spec.div.grad is not None))
         w_scale = None
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             h, y = hidden[rows], labels[rows]
             s = F.linear(h, weight, bias)  # kept in the input dtype; upcast per row block or below
             t_chunk = teacher.chunk(rows) if teacher is not None else None
-            if closed_form and not (t_chunk is None or dense_teacher):
-                ce, kd, scale = _closed_form_sparse_grad(s, y, t_chunk, spec)
-                g = s
-            elif t_chunk is None or dense_teacher:
-                t_logits = F.linear(t_chunk.hidden, t_chunk.weight, t_chunk.bias) if t_chunk is not None else None
-                grad_fn = _closed_form_grad if closed_form else _closed_form_divergence_grad
-                ce, kd, scale = grad_fn(s, y, t_logits, spec)
-                del t_logits
-                g = s
-            else:
+            if autograd:
                 with torch.enable_grad():
                     s_ = s.detach().float().requires_grad_()
                     ce, kd = _chunk_losses(s_, y, t_chunk, spec)
-                    (g,) = torch.autograd.grad(spec.ce_scale * ce + spec.kd_scale * kd, s_)
-                ce, kd, scale = ce.detach(), kd.detach(), 1.0
+                    loss = spec.ce_scale * ce + (spec.kd_scale * kd if kd is not None else 0.0)
+                    (g,) = torch.autograd.grad(loss, s_)
+                ce, kd, scale = ce.detach(), (kd.detach() if kd is not None else None), 1.0
+            elif t_chunk is not None and not dense_teacher:
+                ce, kd, scale = _closed_form_sparse_grad(s, y, t_chunk, spec)
+                g = s
+            else:
+                t_logits = None
+                if t_chunk is not None:
+                    t_logits = F.linear(t_chunk.hidden, t_chunk.weight, t_chunk.bias)
+                    if t_chunk.softcap is not None:  # in float32: tanh in bf16 would round the teacher's logits
+                        t_logits = softcap(t_logits.float(), t_chunk.softcap)
+                grad_fn = _closed_form_grad if fkl else _closed_form_divergence_grad
+                ce, kd, scale = grad_fn(s, y, t_logits, spec)
+                del t_logits
+                g = s
             w_scale = w_scale if w_scale is not None else scale  # the same for every chunk of one call
             del s
             ce_total += ce
@@ -362,14 +327,15 @@ class _FusedLinearKD(torch.autograd.Function):
 def _prepare(
     student_hidden, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
     teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
+    ce_scale, kd_scale, logit_softcap, teacher_logit_softcap,
 ):  # fmt: skip
-    """Validate, flatten to tokens and keep only the valid ones; returns (hidden, labels, teacher, n_valid)."""
-    unknown = set(kind_params) - {"lam", "alpha", "beta"}
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
-    check_kind(kind, **kind_params)
+    """Validate, flatten to tokens and keep only the valid ones; returns (hidden, labels, teacher, spec, n_valid)."""
+    div, params = resolve_kind(kind, kind_params)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    for name, cap in (("logit_softcap", logit_softcap), ("teacher_logit_softcap", teacher_logit_softcap)):
+        if cap is not None and not cap > 0:
+            raise ValueError(f"{name} must be > 0 (or None for no cap), got {cap}")
     hsize, vocab = student_hidden.shape[-1], lm_head_weight.shape[0]
     if lm_head_weight.shape[1] != hsize:
         raise ValueError(f"lm_head weight {tuple(lm_head_weight.shape)} does not match hidden size {hsize}")
@@ -397,20 +363,22 @@ def _prepare(
             )
         th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[valid]
         tb = teacher_bias.detach() if teacher_bias is not None else None
-        teacher = _Teacher(hidden=th, weight=teacher_weight.detach(), bias=tb)
+        teacher = _Teacher(hidden=th, weight=teacher_weight.detach(), bias=tb, softcap=teacher_logit_softcap)
     elif teacher_ids is not None or teacher_values is not None:
         if teacher_ids is None or teacher_values is None:
             raise ValueError("sparse teacher targets need both teacher_ids and teacher_values")
-        check_sparse(estimator or "topk", teacher_ids, teacher_values, vocab)
+        est = get_estimator(estimator or "topk")
+        check_sparse(est, teacher_ids, teacher_values, vocab)
         if teacher_ids.shape[:-1] != labels.shape:
             raise ValueError(f"teacher ids {tuple(teacher_ids.shape)} do not line up with labels {tuple(labels.shape)}")
         k = teacher_ids.shape[-1]
         tail = teacher_tail.reshape(-1)[valid] if teacher_tail is not None else None
         teacher = _Teacher(
             ids=teacher_ids.reshape(-1, k)[valid], values=teacher_values.reshape(-1, k)[valid],
-            tail=tail, estimator=estimator or "topk",
+            tail=tail, estimator=est,
         )  # fmt: skip
-    return hidden, y, teacher, valid, int(y.shape[0])
+    spec = _Spec(div, params, temperature, ce_scale, kd_scale, logit_softcap)
+    return hidden, y, teacher, spec, int(y.shape[0])
 
 
 def fused_kd_loss(
@@ -423,8 +391,8 @@ def fused_kd_loss(
     teacher_ids: torch.Tensor | None = None,
     teacher_values: torch.Tensor | None = None,
     teacher_tail: torch.Tensor | None = None,
-    estimator: str | None = None,
-    kind: str = "fkl",
+    estimator: str | Estimator | None = None,
+    kind: str | Divergence = "fkl",
     temperature: float = 1.0,
     ce_scale: float = 1.0,
     kd_scale: float = 1.0,
@@ -433,6 +401,8 @@ def fused_kd_loss(
     num_items: int | float | torch.Tensor | None = None,
     lm_head_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    logit_softcap: float | None = None,
+    teacher_logit_softcap: float | None = None,
     **kind_params: float,
 ) -> KDLossOutput:
     """Cross-entropy plus distillation over the lm_head, chunked, with the gradient computed in forward.
@@ -446,22 +416,24 @@ def fused_kd_loss(
             `(V, H_t)` lm_head (no gradient flows to them).
         teacher_ids, teacher_values, teacher_tail, estimator: sparse teacher targets `(..., k)` and optional
             `(...)` tail log-mass, as in `sparse_kd_divergence`.
-        kind, temperature, kind_params (`lam`, `alpha`, `beta`): the divergence, as in `kd_divergence`.
-            CE always uses temperature 1.
+        kind, temperature, kind_params (`lam`, `alpha`, `beta`): the divergence (a name or a `Divergence`), as in
+            `kd_divergence`. CE always uses temperature 1.
         ce_scale, kd_scale: `total = ce_scale * ce + kd_scale * kd`.
         chunk_size: tokens per chunk; peak extra memory is a few `chunk_size x V` float32 buffers.
         num_items: global number of valid tokens to divide by (gradient accumulation, DDP); default local count.
+        logit_softcap, teacher_logit_softcap: `c` of a final logit soft-cap `c * tanh(logits / c)` (Gemma 2 / 3)
+            on the student's / teacher's logits; None for none. Any logit scaling folds into the hidden states.
 
     Returns:
         `KDLossOutput` (`total` differentiable; `ce`, `kd` detached; `kd` None without a teacher).
     """
-    hidden, y, teacher, _, n_valid = _prepare(
+    hidden, y, teacher, spec, n_valid = _prepare(
         student_hidden, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
         teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
+        ce_scale, kd_scale, logit_softcap, teacher_logit_softcap,
     )  # fmt: skip
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    spec = _Spec(kind, temperature, ce_scale, kd_scale, kind_params)
     denom = float(num_items) if num_items is not None else float(max(n_valid, 1))
     total, ce, kd = _FusedLinearKD.apply(hidden, lm_head_weight, lm_head_bias, y, teacher, spec, chunk_size, denom)
     return KDLossOutput(total=total, ce=ce, kd=kd if teacher is not None else None)
@@ -477,8 +449,8 @@ def chunked_kd_loss(
     teacher_ids: torch.Tensor | None = None,
     teacher_values: torch.Tensor | None = None,
     teacher_tail: torch.Tensor | None = None,
-    estimator: str | None = None,
-    kind: str = "fkl",
+    estimator: str | Estimator | None = None,
+    kind: str | Divergence = "fkl",
     temperature: float = 1.0,
     ce_scale: float = 1.0,
     kd_scale: float = 1.0,
@@ -487,15 +459,17 @@ def chunked_kd_loss(
     num_items: int | float | torch.Tensor | None = None,
     lm_head_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    logit_softcap: float | None = None,
+    teacher_logit_softcap: float | None = None,
     **kind_params: float,
 ) -> KDLossOutput:
     """Same arguments and result as `fused_kd_loss`, by per-chunk activation checkpointing (logits recomputed in
     backward); `ce` and `kd` are differentiable here."""
-    hidden, y, teacher, _, n_valid = _prepare(
+    hidden, y, teacher, spec, n_valid = _prepare(
         student_hidden, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
         teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
+        ce_scale, kd_scale, logit_softcap, teacher_logit_softcap,
     )  # fmt: skip
-    spec = _Spec(kind, temperature, ce_scale, kd_scale, kind_params)
     denom = float(num_items) if num_items is not None else float(max(n_valid, 1))
 
     def run(h, w, b, rows, teacher_chunk):
@@ -526,11 +500,12 @@ class FusedKDLoss(torch.nn.Module):
     """
 
     def __init__(
-        self, kind: str = "fkl", temperature: float = 1.0, ce_scale: float = 1.0, kd_scale: float = 1.0,
-        ignore_index: int = -100, chunk_size: int = 1024, estimator: str | None = None, **kind_params: float,
+        self, kind: str | Divergence = "fkl", temperature: float = 1.0, ce_scale: float = 1.0, kd_scale: float = 1.0,
+        ignore_index: int = -100, chunk_size: int = 1024, estimator: str | Estimator | None = None,
+        **kind_params: float,
     ):  # fmt: skip
         super().__init__()
-        check_kind(kind, **kind_params)
+        resolve_kind(kind, kind_params)
         self.settings = dict(
             kind=kind, temperature=temperature, ce_scale=ce_scale, kd_scale=kd_scale, ignore_index=ignore_index,
             chunk_size=chunk_size, estimator=estimator, **kind_params,

@@ -19,7 +19,6 @@ from loopfit.errors import LoopfitError, check_count, check_number
 OPTIMIZERS = ("adamw", "muon", "ellis_adam")
 LR_SCHEDULES = ("wsd", "cosine", "constant")
 RAMPS = ("linear", "1-sqrt")
-KD_KINDS = ("fkl", "rkl", "skl", "skew", "jsd", "tvd")
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("none", "ddp", "fsdp")
 
@@ -83,6 +82,47 @@ class DistillationConfig:
     R, against the teacher's state where the coda begins: one target for every depth)."""
     share_weights: bool = True
     """Point the student's frozen layers at the teacher's identical tensors (LoRA only): one copy in memory."""
+
+    def validate(self) -> None:
+        """Raise `LoopfitError` naming the first nonsensical distillation setting: the checks that need no other part
+        of the run (`TrainConfig.validate` runs them, and so does `loopfit.hf.DistillationTrainer`)."""
+        from loopfit.losses.divergences import DIVERGENCES, check_kind_params
+        from loopfit.losses.hidden import HIDDEN_KINDS
+
+        _choice("distillation.kind", self.kind, DIVERGENCES)
+        _choice("distillation.hidden_kind", self.hidden_kind, HIDDEN_KINDS)
+        _choice("distillation.hidden_map", self.hidden_map, ("spread", "last"))
+        check_count("distillation.chunk_size", self.chunk_size, 1)
+        _check_finite(self, "distillation.")
+        check_number("distillation.temperature", self.temperature, low=0, low_open=True)
+        check_number("distillation.alpha", self.alpha, 0, 1)
+        for name in ("ce_scale", "kd_scale", "hidden_scale"):
+            check_number(f"distillation.{name}", getattr(self, name), low=0)
+        if self.ce_scale == 0 and self.kd_scale == 0:
+            raise LoopfitError("--distillation.ce_scale and --distillation.kd_scale are both 0: the loss would be 0")
+        try:
+            check_kind_params(self.kind, self.kind_params)
+        except ValueError as e:
+            raise LoopfitError(f"--distillation.kind_params: {e}") from None
+        if self.enabled:
+            if self.teacher_model_name is None and self.teacher_cache is None:
+                raise LoopfitError(
+                    "--distillation.enabled=true needs --distillation.teacher_model_name (or teacher_cache)"
+                )
+            if self.teacher_cache and self.teacher_model_name:
+                raise LoopfitError("give --distillation.teacher_model_name or --distillation.teacher_cache, not both")
+            if self.hidden_scale and self.teacher_cache:
+                raise LoopfitError(
+                    "--distillation.hidden_scale needs a live teacher; a teacher cache holds no hidden states"
+                )
+            if self.hidden_scale and not self.teacher_model_name:
+                raise LoopfitError("--distillation.hidden_scale needs --distillation.teacher_model_name")
+        elif self.teacher_model_name or self.teacher_cache or self.hidden_scale:
+            raise LoopfitError("a teacher or hidden_scale is set but --distillation.enabled is false")
+        if self.hidden_map != "spread" and not self.hidden_scale:
+            raise LoopfitError(
+                f"--distillation.hidden_map={self.hidden_map} does nothing without --distillation.hidden_scale"
+            )
 
 
 @dataclass
@@ -302,9 +342,7 @@ def _validate(c: TrainConfig) -> None:
     _choice("lr_schedule.kind", c.lr_schedule.kind, LR_SCHEDULES)
     _choice("mean_recurrence_schedule.warmup_type", c.mean_recurrence_schedule.warmup_type, RAMPS)
     _choice("backprop_depth_schedule.warmup_type", c.backprop_depth_schedule.warmup_type, RAMPS)
-    _choice("distillation.kind", c.distillation.kind, KD_KINDS)
-    _choice("distillation.hidden_kind", c.distillation.hidden_kind, ("cosine", "mse"))
-    _choice("distillation.hidden_map", c.distillation.hidden_map, ("spread", "last"))
+    c.distillation.validate()
     _choice("precision", c.precision, PRECISIONS)
     _choice("nan_policy", c.nan_policy, ("stop", "skip"))
     _choice("parallel", c.parallel, PARALLEL)
@@ -315,7 +353,6 @@ def _validate(c: TrainConfig) -> None:
         "gradient_accumulation_steps": c.gradient_accumulation_steps,
         "keep_last": c.keep_last,
         "lora.r": c.lora.r,
-        "distillation.chunk_size": c.distillation.chunk_size,
         "mean_recurrence_schedule.max_mean_rec": c.mean_recurrence_schedule.max_mean_rec,
         "backprop_depth_schedule.max_backprop_depth": c.backprop_depth_schedule.max_backprop_depth,
         "backprop_depth": c.backprop_depth,
@@ -331,18 +368,6 @@ def _validate(c: TrainConfig) -> None:
     check_number("grad_clip", c.grad_clip, low=0)
     check_number("lora.lora_alpha", c.lora.lora_alpha, low=0, low_open=True)
     d = c.distillation
-    check_number("distillation.temperature", d.temperature, low=0, low_open=True)
-    check_number("distillation.alpha", d.alpha, 0, 1)
-    for name in ("ce_scale", "kd_scale", "hidden_scale"):
-        check_number(f"distillation.{name}", getattr(d, name), low=0)
-    if d.ce_scale == 0 and d.kd_scale == 0:
-        raise LoopfitError("--distillation.ce_scale and --distillation.kd_scale are both 0: the loss would be 0")
-    from loopfit.losses.divergences import check_kind_params
-
-    try:
-        check_kind_params(d.kind, d.kind_params)
-    except ValueError as e:
-        raise LoopfitError(f"--distillation.kind_params: {e}") from None
     if c.max_minutes is not None and c.max_minutes <= 0:
         raise LoopfitError(f"--max_minutes must be > 0, got {c.max_minutes}")
     if c.mean_recurrence is not None and c.mean_recurrence < 1:
@@ -401,21 +426,6 @@ def _validate(c: TrainConfig) -> None:
             raise LoopfitError(f"bad param_groups pattern '{rule.pattern}': {e}") from None
         if rule.lr_mult < 0:
             raise LoopfitError(f"param_groups lr_mult must be >= 0, got {rule.lr_mult} for '{rule.pattern}'")
-    if d.enabled:
-        if d.teacher_model_name is None and d.teacher_cache is None:
-            raise LoopfitError("--distillation.enabled=true needs --distillation.teacher_model_name (or teacher_cache)")
-        if d.teacher_cache and d.teacher_model_name:
-            raise LoopfitError("give --distillation.teacher_model_name or --distillation.teacher_cache, not both")
-        if d.hidden_scale and d.teacher_cache:
-            raise LoopfitError(
-                "--distillation.hidden_scale needs a live teacher; a teacher cache holds no hidden states"
-            )
-        if d.hidden_scale and not d.teacher_model_name:
-            raise LoopfitError("--distillation.hidden_scale needs --distillation.teacher_model_name")
-    elif d.teacher_model_name or d.teacher_cache or d.hidden_scale:
-        raise LoopfitError("a teacher or hidden_scale is set but --distillation.enabled is false")
-    if d.hidden_map != "spread" and not d.hidden_scale:
-        raise LoopfitError(f"--distillation.hidden_map={d.hidden_map} does nothing without --distillation.hidden_scale")
     check_number("lora.lora_dropout", c.lora.lora_dropout, 0, 1, high_open=True)
     if not c.lora.enabled and c.lora.modules_to_save:
         raise LoopfitError("--lora.modules_to_save needs --lora.enabled=true")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers.cache_utils import DynamicCache
 
+from loopfit.data.chat import format_prompt
 from loopfit.errors import LoopfitError
 
 CRITERIA = ("kl", "state", "argmax", "none")
@@ -220,8 +221,6 @@ def print_adaptive_generations(
     temperature: float,
 ) -> None:
     """`loopfit generate --exit_criterion ...`: decode each prompt alone and print the iterations it used."""
-    from loopfit.generate import format_prompt
-
     eos = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int)]
     exit = exit.resolved(model)
     for p in prompts:

@@ -44,7 +44,7 @@ def _commands() -> dict:
     from loopfit.analysis import analyze_command
     from loopfit.cache.commands import cache_teacher_command, verify_cache_command
     from loopfit.convert import convert_command
-    from loopfit.data.shards import prepare_command
+    from loopfit.data.prepare import prepare_command
     from loopfit.evaluate import eval_command
     from loopfit.flops import count_command
     from loopfit.generate import generate_command

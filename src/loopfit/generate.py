@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from loopfit.data.chat import format_prompt  # noqa: F401  (re-exported)
 from loopfit.errors import LoopfitError
-
-
-def format_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> str:
-    """The prompt as text, wrapped in the tokenizer's chat template when `chat`."""
-    if not chat:
-        return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise LoopfitError("--chat=true but the tokenizer has no chat template")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @torch.inference_mode()

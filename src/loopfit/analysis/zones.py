@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel
 
 from loopfit.analysis.metrics import calibration_batches, layer_stats
-from loopfit.convert import Layout
 from loopfit.errors import LoopfitError
+from loopfit.layout import Layout
 
 DROP_THRESHOLD = 1e-4
 """A layer whose block influence is below this changes (almost) nothing and is dropped whatever its zone."""

@@ -5,7 +5,7 @@ from loopfit.data.chat import TokenizedDocument, tokenize_documents, tokenizer_h
 from loopfit.data.dataset import PackedData, PackedDataset, build_dataset, data_hash, parse_source
 from loopfit.data.loader import RankSampler, iterate_batches, make_loader
 from loopfit.data.packing import IGNORE_INDEX, PackedRows, pack_documents
-from loopfit.data.shards import load_prepared, prepare_command, save_prepared
+from loopfit.data.shards import load_prepared, save_prepared
 from loopfit.data.sources import Document, chat_messages, document_text, read_documents
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "make_loader",
     "pack_documents",
     "parse_source",
-    "prepare_command",
     "read_documents",
     "save_prepared",
     "tokenize_documents",

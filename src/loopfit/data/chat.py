@@ -115,3 +115,13 @@ def _masked(ids: list[int], offsets, text: str, boundary: int | None, assistant_
     trainable = [e > boundary and s < end and e > s for s, e in offsets]
     # Without a chat template nothing marks the end of the answer except the separator, so it is trained on.
     return TokenizedDocument(ids, trainable, not chat)
+
+
+def format_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> str:
+    """The prompt as text, wrapped in the tokenizer's chat template when `chat`."""
+    if not chat:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise LoopfitError("--chat=true but the tokenizer has no chat template")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -11,81 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset
-
 from loopfit.data.chat import TokenizedDocument, tokenize_documents, tokenizer_hash
-from loopfit.data.packing import IGNORE_INDEX, PackedRows, pack_documents
+from loopfit.data.packing import (  # noqa: F401  (PackedDataset, PackedData, data_hash, MANIFEST: re-exported)
+    IGNORE_INDEX,
+    MANIFEST,
+    PackedData,
+    PackedDataset,
+    PackedRows,
+    data_hash,
+    pack_documents,
+)
+from loopfit.data.shards import load_prepared
 from loopfit.data.sources import ARITHMETIC, Document, read_documents
 from loopfit.errors import LoopfitError
 
 DEFAULT_GENERATED_DOCUMENTS = 2000
-MANIFEST = "manifest.json"
-
-
-class PackedDataset(Dataset):
-    """Packed rows; item `i` is a dict of LongTensors `input_ids`, `labels` (unshifted) and maybe `position_ids`."""
-
-    def __init__(self, rows: PackedRows, with_position_ids: bool = False):
-        self.rows = rows
-        self.with_position_ids = with_position_ids
-
-    def __len__(self) -> int:
-        return len(self.rows.num_tokens)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {
-            "input_ids": torch.from_numpy(self.rows.input_ids[i]).long(),
-            "labels": torch.from_numpy(self.rows.labels[i]).long(),
-        }
-        if self.with_position_ids:
-            item["position_ids"] = torch.from_numpy(self.rows.position_ids[i]).long()
-        return item
-
-    @property
-    def seq_len(self) -> int:
-        return self.rows.input_ids.shape[1]
-
-    @property
-    def num_tokens(self) -> np.ndarray:
-        """Per row, the number of real (non-padding) tokens; padding is always at the end of a row."""
-        return self.rows.num_tokens
-
-    def stats(self) -> dict:
-        return {
-            "rows": len(self),
-            "tokens": int(self.rows.num_tokens.sum()),
-            "target_tokens": int((self.rows.labels != IGNORE_INDEX).sum()),
-            "padding_tokens": int(len(self) * self.seq_len - self.rows.num_tokens.sum()),
-        }
-
-
-@dataclass
-class PackedData:
-    """The result of `build_dataset`: train and held-out sets (`val` is empty, len 0, without a split)."""
-
-    train: PackedDataset
-    val: PackedDataset
-    manifest: dict = field(default_factory=dict)
-
-    @property
-    def data_hash(self) -> str:
-        return self.manifest["data_hash"]
-
-
-def data_hash(*datasets: PackedDataset) -> str:
-    """A stable hash of the token content (ids, labels, lengths; position ids only where the items carry them)."""
-    h = hashlib.sha256()
-    for ds in datasets:
-        r = ds.rows
-        h.update(f"{len(ds)}x{ds.seq_len}:{int(ds.with_position_ids)};".encode())
-        for a in (r.input_ids, r.labels, r.num_tokens) + ((r.position_ids,) if ds.with_position_ids else ()):
-            h.update(np.ascontiguousarray(a, dtype="<i4").tobytes())
-    return h.hexdigest()[:16]
 
 
 def parse_source(entry: str) -> tuple[str, float]:
@@ -192,8 +134,6 @@ def build_dataset(
     if max_documents is not None and max_documents < 1:
         raise LoopfitError(f"--max_documents must be >= 1, got {max_documents}")
     if _is_prepared(entries[0]):
-        from loopfit.data.shards import load_prepared
-
         prepared = load_prepared(entries[0], tokenizer, seq_len, position_ids)
         check_targets(prepared, entries[0])
         return prepared

@@ -14,10 +14,13 @@ as one more segment.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 from loopfit.data.chat import TokenizedDocument
 
@@ -83,3 +86,68 @@ def pack_documents(docs: Sequence[TokenizedDocument], seq_len: int, eos_id: int,
         position_ids[r, k:] = np.arange(seq_len - k)
         num_tokens[r] = k
     return PackedRows(input_ids, labels, position_ids, num_tokens, rows)
+
+
+MANIFEST = "manifest.json"
+"""Name of the manifest of a prepared data folder."""
+
+
+class PackedDataset(Dataset):
+    """Packed rows; item `i` is a dict of LongTensors `input_ids`, `labels` (unshifted) and maybe `position_ids`."""
+
+    def __init__(self, rows: PackedRows, with_position_ids: bool = False):
+        self.rows = rows
+        self.with_position_ids = with_position_ids
+
+    def __len__(self) -> int:
+        return len(self.rows.num_tokens)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {
+            "input_ids": torch.from_numpy(self.rows.input_ids[i]).long(),
+            "labels": torch.from_numpy(self.rows.labels[i]).long(),
+        }
+        if self.with_position_ids:
+            item["position_ids"] = torch.from_numpy(self.rows.position_ids[i]).long()
+        return item
+
+    @property
+    def seq_len(self) -> int:
+        return self.rows.input_ids.shape[1]
+
+    @property
+    def num_tokens(self) -> np.ndarray:
+        """Per row, the number of real (non-padding) tokens; padding is always at the end of a row."""
+        return self.rows.num_tokens
+
+    def stats(self) -> dict:
+        return {
+            "rows": len(self),
+            "tokens": int(self.rows.num_tokens.sum()),
+            "target_tokens": int((self.rows.labels != IGNORE_INDEX).sum()),
+            "padding_tokens": int(len(self) * self.seq_len - self.rows.num_tokens.sum()),
+        }
+
+
+@dataclass
+class PackedData:
+    """The result of `build_dataset`: train and held-out sets (`val` is empty, len 0, without a split)."""
+
+    train: PackedDataset
+    val: PackedDataset
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def data_hash(self) -> str:
+        return self.manifest["data_hash"]
+
+
+def data_hash(*datasets: PackedDataset) -> str:
+    """A stable hash of the token content (ids, labels, lengths; position ids only where the items carry them)."""
+    h = hashlib.sha256()
+    for ds in datasets:
+        r = ds.rows
+        h.update(f"{len(ds)}x{ds.seq_len}:{int(ds.with_position_ids)};".encode())
+        for a in (r.input_ids, r.labels, r.num_tokens) + ((r.position_ids,) if ds.with_position_ids else ()):
+            h.update(np.ascontiguousarray(a, dtype="<i4").tobytes())
+    return h.hexdigest()[:16]

@@ -304,7 +304,10 @@ def plan(cfg: DemoConfig, out: Path, converted: Path, tokenizer) -> Plan:
     probe_docs = 64 if cfg.max_documents is None else min(64, cfg.max_documents)
     probe_cfg = train_config(cfg, converted, out / ".probe", 3, probe_docs, None, cfg.val_fraction)
     probe_cfg.max_minutes = None
+    # The probe trains without a bar (budget.probe_run turns it off), so say what the silent half minute is.
+    print("    timing 3 training steps and one validation pass of the converted model ...", flush=True)
     probe = probe_run(probe_cfg, out / ".probe", 3)
+    print(f"    setup {probe.setup_s:.0f} s, validation {probe.validate_s:.0f} s", flush=True)
     steps = max(10, plan_steps(cfg.budget_minutes * 60, probe, 0.0, None))
     rows = steps * cfg.batch_size
     # Hold out enough documents to score `eval_rows` sequences, but cache and train only what the steps read.

@@ -109,3 +109,110 @@ def test_accumulation_gives_the_large_batch_update(tmp_path, looped, accepts):
         say = lambda m, n=n: f"{n}: {m}"  # noqa: E731
         torch.testing.assert_close(small[n], big[n], rtol=1e-6, atol=1e-7, msg=say)
         torch.testing.assert_close(small[n] - before[n], big[n] - before[n], rtol=1e-4, atol=1e-7, msg=say)
+
+
+def _args(tmp_path, **kw):
+    return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, **kw)  # fmt: skip
+
+
+def test_hidden_scale_adds_the_hidden_term(tmp_path):
+    """`hidden_scale` on a looped student: the loss grows by exactly `hidden_scale` x the alignment of each loop
+    state with the teacher layer it stands for (computed here by hand), and the term is trained and logged."""
+    from loopfit.losses import HiddenStateLoss, loop_layer_map
+
+    teacher = make_tiny_model("llama", num_layers=4, hidden=32)
+    student = to_looped(teacher, layout_from_sizes(4, 1, 1, 1), adapter_init="random", state_init="zeros").train()
+    inputs = {k: v[None] for k, v in _Rows()[1].items()}
+    inputs["labels"][0, :3] = -100
+    losses = {}
+    for scale in (0.0, 0.5):
+        dcfg = DistillationConfig(enabled=True, alpha=0.5, hidden_scale=scale)
+        trainer = DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=_Rows(),
+                                      teacher_model=teacher, distillation=dcfg, num_steps=2)  # fmt: skip
+        losses[scale] = trainer.compute_loss(student, inputs).item()
+    assert trainer.objective.hidden_loss is not None
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    mask = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
+    with torch.no_grad():
+        states = student.model(ids, num_steps=2, output_states=True).states
+        t_states = teacher.model(ids, output_hidden_states=True).hidden_states
+    layers = loop_layer_map(2, (1, 2))  # layout 0 : 2 : 3: the block (source layer 2) and the dropped layer 1
+    hidden = HiddenStateLoss(32, 32)(list(states), [t_states[i + 1] for i in layers], mask).item()
+    assert hidden > 0.01
+    assert math.isclose(losses[0.5] - losses[0.0], 0.5 * hidden, rel_tol=1e-4)
+
+    trainer._terms = {}
+    trainer.train()
+    logs = [x for x in trainer.state.log_history if "hidden_loss" in x]
+    assert len(logs) == 2 and all(x["hidden_loss"] > 0 and x["kd_loss"] > 0 for x in logs)
+
+
+def test_every_distillation_option_is_served_or_refused(tmp_path):
+    """Options the trainer cannot serve are refused at construction with one message, never silently ignored."""
+    from loopfit.errors import LoopfitError
+
+    teacher = make_tiny_model("llama", num_layers=4, hidden=32)
+    looped = to_looped(teacher, layout_from_sizes(4, 1, 1, 1))
+    plain = make_tiny_model("llama", num_layers=2, hidden=32, seed=1)
+    wide = make_tiny_model("llama", num_layers=4, hidden=48, seed=2)
+
+    def build(student, teacher_model=teacher, **kw):
+        extra = {k: kw.pop(k) for k in ("fixed_point_scale",) if k in kw}
+        dcfg = DistillationConfig(**kw)
+        return DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=_Rows(),
+                                   teacher_model=teacher_model, distillation=dcfg, **extra)  # fmt: skip
+
+    cases = [
+        (dict(student=plain, enabled=True, hidden_scale=1.0), "needs a looped student"),
+        (dict(student=looped, teacher_model=wide, enabled=True, hidden_scale=1.0), "width 32 and a teacher of width"),
+        (dict(student=looped, enabled=True, hidden_map="last"), "does nothing without"),
+        (dict(student=looped, enabled=True, kind="jsd", kind_params={"beta": 1.5}), "beta of the 'jsd' divergence"),
+        (dict(student=looped, enabled=True, kind_params={"lam": 0.5}), "'lam' is not a parameter of the 'fkl'"),
+        (dict(student=looped, enabled=True, teacher_cache="somewhere"), "not both"),
+        (dict(student=looped, enabled=False), "enabled is false"),
+        (dict(student=looped, teacher_model=None, enabled=True), "no teacher_model"),
+        (dict(student=looped, teacher_model=None, enabled=True, teacher_cache=str(tmp_path), hidden_scale=1.0),
+         "hidden_scale needs a live teacher"),
+        (dict(student=looped, enabled=True, chunk_size=0), "chunk_size must be >= 1"),
+        (dict(student=plain, enabled=True, fixed_point_scale=1.0), "fixed_point_scale needs a looped student"),
+    ]  # fmt: skip
+    for kw, message in cases:
+        with pytest.raises(LoopfitError, match=message):
+            build(**kw)
+    # Served: the fixed-point term and the logged terms of the objective.
+    trainer = build(looped, enabled=True, fixed_point_scale=1.0, kind="skew", kind_params={"alpha": 0.2})
+    assert trainer.objective.weights.fixed_point_scale == 1.0 and trainer.objective.divergence.name == "skew"
+
+
+def test_teacher_cache_equals_the_live_teacher(tmp_path):
+    """`distillation.teacher_cache` (top-k = the whole vocabulary): the cache's targets join the training rows, and
+    the loss equals the live teacher's."""
+    from loopfit.cache.writer import CacheSettings, write_cache
+
+    teacher = make_tiny_model("llama", num_layers=4, hidden=32)
+    student = to_looped(teacher, layout_from_sizes(4, 1, 1, 1), adapter_init="random").train()
+    info = {"teacher": "tiny", "tokenizer_hash": "-", "data_hash": "-", "vocab_size": 260}
+    write_cache(teacher, _MaskedRows(n=4), tmp_path / "cache", CacheSettings(estimator="topk_tail", top_k=260), info,
+                progress=False)  # fmt: skip
+    common = dict(enabled=True, alpha=0.3, temperature=2.0, kind="jsd")
+    live = DistillationTrainer(model=student, args=_args(tmp_path / "a"), train_dataset=_MaskedRows(n=4),
+                               teacher_model=teacher, distillation=DistillationConfig(**common),
+                               num_steps=2)  # fmt: skip
+    cached = DistillationTrainer(model=student, args=_args(tmp_path / "b"), train_dataset=_MaskedRows(n=4),
+                                 distillation=DistillationConfig(teacher_cache=str(tmp_path / "cache"), **common),
+                                 num_steps=2)  # fmt: skip
+    assert cached.teacher is None and cached.objective.teacher == "cache"
+    rows = [cached.train_dataset[i] for i in range(4)]
+    assert {"teacher_ids", "teacher_values", "teacher_tail"} <= set(rows[0])
+    batch = torch.utils.data.default_collate(rows)
+    with torch.no_grad():
+        a = live.compute_loss(student, {k: batch[k] for k in ("input_ids", "labels")}).item()
+        b = cached.compute_loss(student, batch).item()
+    assert math.isclose(a, b, rel_tol=1e-3)
+    from loopfit.errors import LoopfitError
+
+    with pytest.raises(LoopfitError, match="no cached targets"):
+        cached.compute_loss(student, {k: batch[k] for k in ("input_ids", "labels")})
+    cached.train()  # the batches keep the cached targets through HF's column filter
+    assert [x for x in cached.state.log_history if "kd_loss" in x]

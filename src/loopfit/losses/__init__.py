@@ -15,7 +15,7 @@ from loopfit.losses.divergences import (
 from loopfit.losses.estimators import ESTIMATOR_REGISTRY, ESTIMATORS, Estimator, get_estimator
 from loopfit.losses.fused import FusedKDLoss, KDLossOutput, chunked_kd_loss, fused_kd_loss, softcap
 from loopfit.losses.hidden import HIDDEN_KINDS, HiddenStateLoss, loop_layer_map
-from loopfit.losses.objective import ObjectiveWeights, combine_losses
+from loopfit.losses.objective import LogitTransform, Objective, ObjectiveWeights, Terms, combine_losses
 from loopfit.losses.sparse import SparseKDLoss, sparse_kd_divergence, tail_from_logprobs
 
 __all__ = [
@@ -30,9 +30,12 @@ __all__ = [
     "HiddenStateLoss",
     "KDLoss",
     "KDLossOutput",
+    "LogitTransform",
+    "Objective",
     "ObjectiveWeights",
     "Param",
     "SparseKDLoss",
+    "Terms",
     "chunked_kd_loss",
     "combine_losses",
     "divergence_from_logprobs",

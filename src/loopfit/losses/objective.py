@@ -1,15 +1,41 @@
-"""The combined healing objective: `ce_scale * CE + kd_scale * KD + hidden_scale * HIDDEN`, every term logged."""
+"""The healing objective, built once: `ce_scale * CE + kd_scale * KD + hidden_scale * HIDDEN + fixed_point_scale * FP
++ router_aux_scale * AUX`, every term returned by name.
+
+`Objective` holds every decision about the loss (which teacher: live or a cache estimator; the weights; the
+divergence and its parameters; the temperature; hidden-state alignment and which loop states meet which teacher
+layers; the fixed-point and router terms; each model's logit scaling and soft-cap; fused or not) and scores one
+micro-batch from tensors: the student's final hidden states, loop states, fixed-point residual and router loss,
+and the teacher's final hidden states and layer outputs, or its cached sparse targets. Running the models is the
+caller's (`loopfit.train.student.objective_loss` for `loopfit train` and `loopfit.hf.DistillationTrainer`).
+
+Every term scores the same positions, `t` in `0..S-2` where `labels[:, t + 1] != -100` (the state at `t`
+predicts token `t + 1`), and is a sum over them divided by `num_items`, so summing micro-batches (and ranks) gives
+the step's mean.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loopfit.losses.divergences import Divergence, get_divergence, kd_divergence
+from loopfit.losses.estimators import Estimator, get_estimator
+from loopfit.losses.fused import fused_kd_loss, softcap
+from loopfit.losses.hidden import loop_layer_map
+from loopfit.losses.sparse import sparse_kd_divergence
+
+TEACHER_SOURCES = ("live", "cache")
+HIDDEN_MAPS = ("spread", "last")
 
 
 @dataclass
 class ObjectiveWeights:
-    """How CE, KD and hidden-state alignment are mixed."""
+    """How the terms are mixed."""
 
     alpha: float | None = None
     """Classic blend `alpha * CE + (1 - alpha) * KD`; when set it overrides `ce_scale` and `kd_scale`."""
@@ -19,13 +45,18 @@ class ObjectiveWeights:
     """Weight of the logit distillation divergence (used when `alpha` is None)."""
     hidden_scale: float = 0.0
     """Weight of the hidden-state alignment loss."""
+    fixed_point_scale: float = 0.0
+    """Weight of the fixed-point residual of the loop's final state."""
+    router_aux_scale: float = 0.0
+    """Weight of an MoE student's load-balancing loss (the source config's `router_aux_loss_coef`)."""
 
     def __post_init__(self):
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        for name in ("ce_scale", "kd_scale", "hidden_scale"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in fields(self)[1:]:
+            value = getattr(self, f.name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{f.name} must be a finite number >= 0, got {value}")
 
     @property
     def scales(self) -> tuple[float, float, float]:
@@ -41,7 +72,7 @@ def combine_losses(
     hidden: torch.Tensor | None = None,
     weights: ObjectiveWeights | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Weighted total plus every component, for the optimiser and the logs.
+    """Weighted total plus every component, for the optimiser and the logs (differentiable CE / KD given apart).
 
     Args:
         ce: 0-dim cross-entropy. kd: 0-dim distillation divergence or None. hidden: 0-dim alignment loss or None.
@@ -61,3 +92,214 @@ def combine_losses(
         out["hidden"] = hidden.detach()
     out["total"] = total
     return out
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """A model family's map from the head's output to its logits: `cap * tanh(scale * logits / cap)`.
+
+    The scale (Granite, Cohere) folds into the hidden state exactly (`head(s * h) = s * head(h)`); the soft-cap
+    (Gemma 2 / 3, arXiv:2408.00118) does not and is applied to the logits.
+    """
+
+    scale: float | None = None
+    softcap: float | None = None
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.scale if self.scale is not None else h
+
+    def logits(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`(..., H)` -> `(..., V)` logits in the input dtype."""
+        return softcap(F.linear(self.hidden(h), weight, bias), self.softcap)
+
+
+@dataclass
+class Terms:
+    """The terms of one micro-batch: `total` differentiable, the rest detached 0-dim tensors (None when off), each a
+    share of the step's per-token mean (summing micro-batches and ranks gives the step's value)."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    fixed_point: torch.Tensor | None = None
+    router_aux: torch.Tensor | None = None
+
+    NAMES = ("ce", "kd", "hidden", "fixed_point", "router_aux")
+
+    def named(self) -> dict[str, torch.Tensor]:
+        """The detached terms that are on, by name."""
+        return {n: getattr(self, n) for n in self.NAMES if getattr(self, n) is not None}
+
+
+@dataclass
+class Objective:
+    """The whole loss of a run, decided once; `objective(...)` scores one micro-batch.
+
+    Args:
+        weights: the terms' weights (`alpha` resolved or not).
+        teacher: `live` (the caller runs a teacher and gives its hidden states), `cache` (the batch carries cached
+            sparse targets) or None (CE alone; the KD weight is then ignored).
+        divergence, divergence_params: the KD divergence (a name or a `Divergence`) and its parameters, checked here.
+        temperature: of the divergence (CE always at 1).
+        estimator: how cached targets are read (`teacher="cache"` only).
+        hidden_loss: a `HiddenStateLoss` aligning loop states with teacher layers (a live teacher and
+            `block_span` needed), or None.
+        hidden_map: `spread` (iteration i of R -> a teacher layer spread over `block_span`) or `last` (the final
+            state only, against the output of the block's last source layer).
+        block_span: `(first, last)` source layers the loop replaced (see `loop_layer_map`).
+        student_logits, teacher_logits: each model's `LogitTransform`.
+        fused: CE + KD fused with the lm_head in chunks (`fused_kd_loss`); otherwise full logits (reference).
+        chunk_size: tokens per chunk of the fused loss.
+    """
+
+    weights: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+    teacher: str | None = None
+    divergence: str | Divergence = "fkl"
+    divergence_params: dict = field(default_factory=dict)
+    temperature: float = 1.0
+    estimator: str | Estimator | None = None
+    hidden_loss: nn.Module | None = None
+    hidden_map: str = "spread"
+    block_span: tuple[int, int] | None = None
+    student_logits: LogitTransform = field(default_factory=LogitTransform)
+    teacher_logits: LogitTransform = field(default_factory=LogitTransform)
+    fused: bool = True
+    chunk_size: int = 1024
+
+    def __post_init__(self):
+        if self.teacher not in (None, *TEACHER_SOURCES):
+            raise ValueError(f"teacher must be None or one of {', '.join(TEACHER_SOURCES)}, got {self.teacher!r}")
+        self.divergence = get_divergence(self.divergence)
+        self.divergence_params = self.divergence.check_params(dict(self.divergence_params))
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.teacher == "cache":
+            self.estimator = get_estimator(self.estimator or "topk")
+        elif self.estimator is not None:
+            raise ValueError("an estimator reads cached targets: it needs teacher='cache'")
+        if self.hidden_map not in HIDDEN_MAPS:
+            raise ValueError(f"hidden_map must be one of {', '.join(HIDDEN_MAPS)}, got {self.hidden_map!r}")
+        if self.hidden_loss is not None and self.teacher != "live":
+            raise ValueError("hidden-state alignment needs a live teacher (a teacher cache holds no states)")
+        if self.hidden_loss is not None and self.block_span is None:
+            raise ValueError("hidden-state alignment needs block_span: a looped student (states per loop iteration)")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """(CE weight, KD weight) as applied: CE alone without a teacher."""
+        ce, kd, _ = self.weights.scales
+        return (ce, kd) if self.teacher is not None else (1.0, 0.0)
+
+    def states_to_align(self, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The loop states the hidden term reads (all of them for `spread`, the final one for `last`)."""
+        return list(states)[-1:] if self.hidden_map == "last" else list(states)
+
+    def teacher_layers(self, num_states: int) -> list[int]:
+        """The teacher layers (0-based source indices) whose outputs the hidden term reads, given the number of loop
+        states the student returned; [] without a hidden term."""
+        if self.hidden_loss is None:
+            return []
+        n = 1 if self.hidden_map == "last" else num_states
+        return loop_layer_map(n, self.block_span)
+
+    def __call__(
+        self,
+        labels: torch.Tensor,
+        hidden: torch.Tensor,
+        head_weight: torch.Tensor,
+        num_items: torch.Tensor | float,
+        *,
+        teacher_hidden: torch.Tensor | None = None,
+        teacher_weight: torch.Tensor | None = None,
+        teacher_states: dict[int, torch.Tensor] | None = None,
+        teacher_targets: dict[str, torch.Tensor] | None = None,
+        states: Sequence[torch.Tensor] | None = None,
+        residual: torch.Tensor | None = None,
+        router_aux: torch.Tensor | None = None,
+    ) -> Terms:
+        """Score one micro-batch.
+
+        Args:
+            labels: `(B, S)` unshifted targets (-100 ignored).
+            hidden: `(B, S, H)` the student's final normed hidden states; head_weight: its `(V, H)` lm_head.
+            num_items: the step's global count of scored positions (what every term is divided by).
+            teacher_hidden, teacher_weight: live teacher's `(B, S, H_t)` final hidden states and `(V, H_t)` lm_head.
+            teacher_states: live teacher's `{layer: (B, S, H_t)}` outputs, for `teacher_layers(len(states))`.
+            teacher_targets: cached targets `{"teacher_ids", "teacher_values", "teacher_tail"?}`, `(B, S, k)` /
+                `(B, S)`, aligned with `hidden` (position j holds the distribution after token j).
+            states: the student's loop states `(B, S, H)` (hidden term). residual: `(B, S)` fixed-point residual.
+            router_aux: 0-dim load-balancing loss, a mean over this micro-batch's tokens.
+        """
+        ce_scale, kd_scale = self.scales
+        h = self.student_logits.hidden(hidden[:, :-1]).reshape(-1, hidden.shape[-1])
+        y = labels[:, 1:].reshape(-1)
+        scored = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # (B, S): the token losses' positions
+        teacher = self._teacher_inputs(teacher_hidden, teacher_weight, teacher_targets)
+        if self.fused:
+            out = fused_kd_loss(
+                h, head_weight, y, **teacher, kind=self.divergence, temperature=self.temperature, ce_scale=ce_scale,
+                kd_scale=kd_scale, chunk_size=self.chunk_size, num_items=num_items,
+                logit_softcap=self.student_logits.softcap, **self.divergence_params,
+            )  # fmt: skip
+            terms = Terms(out.total, out.ce, out.kd)
+        else:
+            terms = self._unfused(h, head_weight, y, teacher, num_items, ce_scale, kd_scale)
+        if self.hidden_loss is not None:
+            align = self.states_to_align(states)
+            targets = [teacher_states[i] for i in self.teacher_layers(len(states))]
+            # HiddenStateLoss averages over this micro-batch's positions; re-weighted to the global token count.
+            value = self.hidden_loss(align, targets, scored) * scored.sum() / num_items
+            terms.total = terms.total + self.weights.hidden_scale * value
+            terms.hidden = value.detach()
+        if residual is not None and self.weights.fixed_point_scale > 0:
+            value = residual[scored].sum() / num_items
+            terms.total = terms.total + self.weights.fixed_point_scale * value
+            terms.fixed_point = value.detach()
+        if router_aux is not None:
+            # A mean over this micro-batch's tokens: weighted like the other terms so accumulation sums to the step.
+            value = router_aux * scored.sum() / num_items
+            terms.total = terms.total + self.weights.router_aux_scale * value
+            terms.router_aux = value.detach()
+        return terms
+
+    def _teacher_inputs(self, teacher_hidden, teacher_weight, teacher_targets) -> dict:
+        """The teacher side of `fused_kd_loss`, shifted like the student's (position t predicts token t + 1)."""
+        if self.teacher == "live":
+            if teacher_hidden is None or teacher_weight is None:
+                raise ValueError("this objective distills from a live teacher: give teacher_hidden and teacher_weight")
+            th = self.teacher_logits.hidden(teacher_hidden[:, :-1]).reshape(-1, teacher_hidden.shape[-1])
+            cap = self.teacher_logits.softcap
+            return dict(teacher_hidden=th, teacher_weight=teacher_weight, teacher_logit_softcap=cap)
+        if self.teacher == "cache":
+            if not teacher_targets or "teacher_ids" not in teacher_targets:
+                raise ValueError("this objective reads a teacher cache: the batch must carry teacher_ids and "
+                                 "teacher_values (loopfit.cache.TeacherTargetsDataset)")  # fmt: skip
+            ids = teacher_targets["teacher_ids"]
+            k = ids.shape[-1]
+            out = dict(teacher_ids=ids[:, :-1].reshape(-1, k), estimator=self.estimator,
+                       teacher_values=teacher_targets["teacher_values"][:, :-1].reshape(-1, k))  # fmt: skip
+            if teacher_targets.get("teacher_tail") is not None:
+                out["teacher_tail"] = teacher_targets["teacher_tail"][:, :-1].reshape(-1)
+            return out
+        return {}
+
+    def _unfused(self, h, head_weight, y, teacher, num_items, ce_scale, kd_scale) -> Terms:
+        """The reference: full logits, autograd through everything."""
+        logits = softcap(F.linear(h, head_weight), self.student_logits.softcap)
+        ce = F.cross_entropy(logits.float(), y, ignore_index=-100, reduction="sum") / num_items
+        if not teacher:
+            return Terms(ce_scale * ce, ce.detach())
+        kw = dict(kind=self.divergence, temperature=self.temperature, num_items=num_items, **self.divergence_params)
+        if "teacher_hidden" in teacher:
+            with torch.no_grad():
+                t_logits = softcap(F.linear(teacher["teacher_hidden"], teacher["teacher_weight"]),
+                                   teacher["teacher_logit_softcap"])  # fmt: skip
+            kd = kd_divergence(logits, t_logits, y, **kw)
+        else:
+            tail = teacher.get("teacher_tail")
+            kd = sparse_kd_divergence(logits, teacher["teacher_ids"], teacher["teacher_values"], y,
+                                      estimator=teacher["estimator"], tail_logmass=tail, **kw)  # fmt: skip
+        return Terms(ce_scale * ce + kd_scale * kd, ce.detach(), kd.detach())

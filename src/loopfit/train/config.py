@@ -83,9 +83,15 @@ class DistillationConfig:
     share_weights: bool = True
     """Point the student's frozen layers at the teacher's identical tensors (LoRA only): one copy in memory."""
 
-    def validate(self) -> None:
+    def validate(self, teacher_model: bool = False) -> None:
         """Raise `LoopfitError` naming the first nonsensical distillation setting: the checks that need no other part
-        of the run (`TrainConfig.validate` runs them, and so does `loopfit.hf.DistillationTrainer`)."""
+        of the run (`TrainConfig.validate` runs them, and so does `loopfit.hf.DistillationTrainer`).
+
+        Args:
+            teacher_model: the caller holds a live teacher model (the HF trainer's `teacher_model=`), which stands
+                for `teacher_model_name`.
+        """
+        named = bool(self.teacher_model_name) or teacher_model
         from loopfit.losses.divergences import DIVERGENCES, check_kind_params
         from loopfit.losses.hidden import HIDDEN_KINDS
 
@@ -105,19 +111,19 @@ class DistillationConfig:
         except ValueError as e:
             raise LoopfitError(f"--distillation.kind_params: {e}") from None
         if self.enabled:
-            if self.teacher_model_name is None and self.teacher_cache is None:
+            if not named and self.teacher_cache is None:
                 raise LoopfitError(
                     "--distillation.enabled=true needs --distillation.teacher_model_name (or teacher_cache)"
                 )
-            if self.teacher_cache and self.teacher_model_name:
+            if self.teacher_cache and named:
                 raise LoopfitError("give --distillation.teacher_model_name or --distillation.teacher_cache, not both")
             if self.hidden_scale and self.teacher_cache:
                 raise LoopfitError(
                     "--distillation.hidden_scale needs a live teacher; a teacher cache holds no hidden states"
                 )
-            if self.hidden_scale and not self.teacher_model_name:
+            if self.hidden_scale and not named:
                 raise LoopfitError("--distillation.hidden_scale needs --distillation.teacher_model_name")
-        elif self.teacher_model_name or self.teacher_cache or self.hidden_scale:
+        elif named or self.teacher_cache or self.hidden_scale:
             raise LoopfitError("a teacher or hidden_scale is set but --distillation.enabled is false")
         if self.hidden_map != "spread" and not self.hidden_scale:
             raise LoopfitError(

@@ -37,6 +37,7 @@ from loopfit.io import (
     verify_dir,
     write_json,
 )
+from loopfit.losses.objective import Objective, Terms
 from loopfit.train import checkpoint as ckpt
 from loopfit.train.config import TrainConfig
 from loopfit.train.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
@@ -47,8 +48,9 @@ from loopfit.train.student import (
     Student,
     apply_lora,
     base_model,
+    build_objective,
     family_logits,
-    micro_batch_loss,
+    objective_loss,
     share_teacher_weights,
 )
 
@@ -148,8 +150,7 @@ class Run:
     depth_gen: torch.Generator
     logger: MetricsLogger
     looped: bool
-    hidden_loss: nn.Module | None = None
-    block_span: tuple[int, int] | None = None
+    objective: Objective | None = None  # the whole loss, built once in `setup`
     optimizers: list = field(default_factory=list)
     schedulers: list = field(default_factory=list)
     step: int = 0
@@ -231,17 +232,9 @@ def setup(cfg: TrainConfig) -> Run | None:
     model.to(device).train()
     if teacher is not None:
         teacher.to(device)
-    hidden_loss, block_span = None, None
-    if dc.enabled and dc.hidden_scale:
-        from loopfit.losses import HiddenStateLoss
-
-        if not looped:
-            raise LoopfitError("--distillation.hidden_scale needs a looped student (states per loop iteration)")
-        c = base_model(model).config
-        block_span = (c.prelude_layers[-1] + 1 if c.prelude_layers else 0, c.block_layers[-1])
-        hidden_loss = HiddenStateLoss(c.hidden_size, teacher.config.hidden_size, kind=dc.hidden_kind).to(device)
-    if cfg.fixed_point_scale > 0 and not looped:
-        raise LoopfitError("--fixed_point_scale needs a looped student (a plain model has no loop to converge)")
+    objective = build_objective(dc, model, teacher, cache_estimator=cache.estimator if cache is not None else None,
+                                fixed_point_scale=cfg.fixed_point_scale)  # fmt: skip
+    hidden_loss = objective.hidden_loss  # its projections (if any) train with the student
     if not any(p.requires_grad for p in model.parameters()):
         raise LoopfitError("nothing to train: the student has no trainable parameters")
     needs_unused = any(r.lr_mult == 0 for r in cfg.param_groups + [r for s in cfg.stages for r in s.param_groups])
@@ -282,7 +275,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     depth_gen = torch.Generator().manual_seed(cfg.seed + 7919)
 
     run = Run(cfg, out, d, device, model, student, teacher, tokenizer, trainable, stream, val_set, depth_gen,
-              logger=None, looped=looped, hidden_loss=hidden_loss, block_span=block_span, info=info)  # fmt: skip
+              logger=None, looped=looped, objective=objective, info=info)  # fmt: skip
     run.flops_params = _flops_params(model, teacher)
     run.peak_flops = measure_matmul_peak(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     resume_step = keep_lines = None
@@ -712,21 +705,20 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
     ]
     local_items = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
     num_items = all_reduce_sum(local_items.float(), d).clamp_min(1.0)
-    sums = torch.zeros(5, dtype=torch.float64, device=run.device)  # total, ce, kd, hidden, fixed point
+    names = Terms.NAMES  # ce, kd, hidden, fixed_point, router_aux
+    sums = torch.zeros(1 + len(names), dtype=torch.float64, device=run.device)  # the total, then each term
+    present: set[str] = set()
     steps_arg = num_steps if run.looped else None
-    estimator = run.info.get("teacher_cache", {}).get("estimator")
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1 or not hasattr(run.student, "no_sync")
         with contextlib.nullcontext() if sync else run.student.no_sync(), run.autocast:
-            parts = micro_batch_loss(run.student, run.teacher, batch, steps_arg, cfg.distillation, num_items,
-                                     run.hidden_loss, run.block_span, estimator, cfg.fixed_point_scale)  # fmt: skip
+            parts = objective_loss(run.objective, run.student, run.teacher, batch, steps_arg, num_items)
         # DDP averages gradients over ranks; the loss is already a share of the global mean, so undo the average.
         (parts.total * d.world_size).backward()
+        terms = parts.named()
+        present |= set(terms)
         zero = parts.ce * 0
-        sums += torch.stack([parts.total.detach().double(), parts.ce.double(),
-                             (parts.kd if parts.kd is not None else zero).double(),
-                             (parts.hidden if parts.hidden is not None else zero).double(),
-                             (parts.fixed_point if parts.fixed_point is not None else zero).double()])  # fmt: skip
+        sums += torch.stack([parts.total.detach().double()] + [terms.get(n, zero).double() for n in names])
     sums = all_reduce_sum(sums, d)
     with_grad = [p for p in params if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -741,14 +733,14 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
         print(f"step {run.step + 1}: non-finite loss or gradient, update skipped", file=sys.stderr)
     for o in run.optimizers:
         o.zero_grad(set_to_none=True)
-    total, ce, kd, hid, fp = (float(x) for x in sums)
+    total, *values = (float(x) for x in sums)
+    term = dict(zip(names, values))
     kd_on = cfg.distillation.enabled
-    m = {"loss": total, "ce_loss": ce, "kd_loss": kd if kd_on else None,
+    m = {"loss": total, "ce_loss": term["ce"], "kd_loss": term["kd"] if kd_on else None,
          "grad_norm": float(grad_norm), "num_items": int(num_items.item()), "skipped": not finite}  # fmt: skip
-    if run.hidden_loss is not None:
-        m["hidden_loss"] = hid
-    if cfg.fixed_point_scale > 0:
-        m["fixed_point_loss"] = fp
+    for name in ("hidden", "fixed_point", "router_aux"):  # logged when the objective has them
+        if name in present:
+            m[f"{name}_loss"] = term[name]
     return m
 
 

@@ -1,16 +1,17 @@
-"""Student and teacher: loading, LoRA, weight sharing between them, and the loss of one micro-batch."""
+"""Student and teacher: LoRA, weight sharing between them, running them on a micro-batch, and the run's objective:
+built once from the distillation settings and the models (`build_objective`), scored per micro-batch
+(`objective_loss`)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loopfit.errors import LoopfitError
+from loopfit.losses.objective import LogitTransform, Objective, ObjectiveWeights, Terms
 from loopfit.train.config import DistillationConfig, LoRAConfig
 
 
@@ -112,17 +113,9 @@ class Student(nn.Module):
         return base_model(self.model).get_output_embeddings().weight
 
 
-@dataclass
-class LossParts:
-    """Losses of one micro-batch: `total` differentiable, the rest detached floats-as-tensors (normalised by the
-    global count of valid tokens, so summing over micro-batches and ranks gives the step's mean)."""
-
-    total: torch.Tensor
-    ce: torch.Tensor
-    kd: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-    fixed_point: torch.Tensor | None = None
-    router_aux: torch.Tensor | None = None
+LossParts = Terms
+"""Losses of one micro-batch (`loopfit.losses.objective.Terms`): `total` differentiable, the rest detached,
+normalised by the global count of valid tokens, so summing over micro-batches and ranks gives the step's mean."""
 
 
 def teacher_forward(
@@ -169,6 +162,112 @@ def teacher_forward(
     return out.last_hidden_state, captured
 
 
+def build_objective(
+    dcfg: DistillationConfig,
+    model: nn.Module,
+    teacher: nn.Module | None = None,
+    *,
+    cache_estimator: str | None = None,
+    fixed_point_scale: float = 0.0,
+    hidden_loss: nn.Module | None = None,
+    block_span: tuple[int, int] | None = None,
+) -> Objective:
+    """The run's whole loss, decided once from the distillation settings and the models (`loopfit train`'s setup and
+    `loopfit.hf.DistillationTrainer` both build it here).
+
+    Args:
+        dcfg: the distillation settings (weights, divergence, temperature, hidden-state alignment, fused path).
+        model: the student (PEFT-wrapped or not): its family's logit transform, its loop layout, its router weight.
+        teacher: the live teacher, or None with `cache_estimator` (targets read from the batch) or without KD.
+        fixed_point_scale: weight of the fixed-point residual (a looped student's).
+        hidden_loss, block_span: an alignment loss already built (its projections trained elsewhere) and the span
+            its loop replaced; by default built here from `dcfg.hidden_scale`, the model's widths and layout.
+
+    Raises:
+        LoopfitError: a setting the models cannot serve (alignment without a looped student or a live teacher, or a
+            fixed-point term on a plain model).
+    """
+    base = base_model(model)
+    source = None
+    if dcfg.enabled and cache_estimator is not None:
+        source = "cache"
+    elif dcfg.enabled and teacher is not None:
+        source = "live"
+    if source is not None:
+        ce_scale = dcfg.ce_scale if dcfg.ce_scale is not None else dcfg.alpha
+        kd_scale = dcfg.kd_scale if dcfg.kd_scale is not None else 1.0 - dcfg.alpha
+    else:
+        ce_scale, kd_scale = 1.0, 0.0
+    if fixed_point_scale > 0 and not is_looped(base):
+        raise LoopfitError("--fixed_point_scale needs a looped student (a plain model has no loop to converge)")
+    if hidden_loss is None and dcfg.enabled and dcfg.hidden_scale:
+        from loopfit.losses import HiddenStateLoss
+
+        if not is_looped(base):
+            raise LoopfitError("--distillation.hidden_scale needs a looped student (states per loop iteration)")
+        if source != "live":
+            raise LoopfitError("--distillation.hidden_scale needs a live teacher (a teacher cache holds no states)")
+        c = base.config
+        block_span = (c.prelude_layers[-1] + 1 if c.prelude_layers else 0, c.block_layers[-1])
+        hidden_loss = HiddenStateLoss(c.hidden_size, teacher.config.hidden_size, kind=dcfg.hidden_kind)
+        device = next(model.parameters()).device
+        hidden_loss.to(device)
+    if hidden_loss is not None:
+        if source != "live":
+            raise LoopfitError("--distillation.hidden_scale needs a live teacher (a teacher cache holds no states)")
+        if block_span is None:
+            raise LoopfitError("--distillation.hidden_scale needs a looped student (states per loop iteration)")
+    # A looped MoE student adds its source's load-balancing loss with the source's coefficient (when its config asks
+    # for router logits; the student then returns the loss).
+    router_coef = getattr(getattr(base.config, "base_config", None), "router_aux_loss_coef", None) or 0.0
+    weights = ObjectiveWeights(ce_scale=ce_scale, kd_scale=kd_scale, hidden_scale=dcfg.hidden_scale,
+                               fixed_point_scale=fixed_point_scale, router_aux_scale=router_coef)  # fmt: skip
+    try:
+        return Objective(
+            weights, teacher=source, divergence=dcfg.kind, divergence_params=dcfg.kind_params,
+            temperature=dcfg.temperature, estimator=cache_estimator if source == "cache" else None,
+            hidden_loss=hidden_loss, hidden_map=dcfg.hidden_map, block_span=block_span,
+            student_logits=LogitTransform(*logit_transform(base.config)),
+            teacher_logits=LogitTransform(*logit_transform(teacher.config)) if source == "live" else LogitTransform(),
+            fused=dcfg.fused, chunk_size=dcfg.chunk_size,
+        )  # fmt: skip
+    except ValueError as e:
+        raise LoopfitError(f"--distillation: {e}") from None
+
+
+def objective_loss(
+    objective: Objective, student: nn.Module, teacher: nn.Module | None, batch: dict, num_steps, num_items
+) -> LossParts:
+    """Run the student (and a live teacher) on one micro-batch and score it with `objective`; labels unshifted.
+
+    Args:
+        student: a `Student` (maybe DDP/FSDP-wrapped). teacher: the live teacher when `objective.teacher == "live"`.
+        batch: `input_ids`, `labels` `(B, S)`, and for a cache objective `teacher_ids`, `teacher_values` (and
+            `teacher_tail`) from `loopfit.cache.TeacherTargetsDataset`.
+        num_steps: loop depth (int or `(n_no_grad, k_grad)`) of a looped student, None otherwise.
+        num_items: the step's global count of scored positions.
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    align = objective.hidden_loss is not None
+    hidden, states, head_weight, residual, aux_loss = student(
+        input_ids, num_steps=num_steps, output_states=align, fixed_point=objective.weights.fixed_point_scale > 0
+    )
+    kw = {}
+    if objective.teacher == "live":
+        if teacher is None:
+            raise LoopfitError("the objective distills from a live teacher but none was given")
+        layers = objective.teacher_layers(len(states)) if align else []
+        th, t_states = teacher_forward(teacher, input_ids, layers)
+        kw = dict(teacher_hidden=th, teacher_weight=teacher.get_output_embeddings().weight, teacher_states=t_states)
+    elif objective.teacher == "cache":
+        if "teacher_ids" not in batch:
+            raise LoopfitError("the objective reads a teacher cache but this batch carries no cached targets "
+                               "(teacher_ids): wrap the data in loopfit.cache.TeacherTargetsDataset")  # fmt: skip
+        kw = dict(teacher_targets={k: v for k, v in batch.items() if k.startswith("teacher_")})
+    return objective(labels, hidden, head_weight, num_items, states=states, residual=residual, router_aux=aux_loss,
+                     **kw)  # fmt: skip
+
+
 def micro_batch_loss(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -181,94 +280,20 @@ def micro_batch_loss(
     estimator: str | None = None,
     fixed_point_scale: float = 0.0,
 ) -> LossParts:
-    """CE (+ KD, + hidden-state alignment, + fixed-point residual) of one micro-batch; labels are unshifted.
+    """CE (+ KD, + hidden-state alignment, + fixed-point residual, + router loss) of one micro-batch, building the
+    objective for this call: `build_objective` then `objective_loss` (for callers that keep no objective; a training
+    loop builds it once).
 
-    Every term scores the same positions: t in 0..S-2 where `labels[:, t + 1] != -100` (the state at t predicts
-    token t + 1), and each is a sum over them divided by `num_items`, so summing micro-batches gives the step mean.
     The teacher is `teacher` (run live, no grad) or, when the batch carries `teacher_ids` / `teacher_values`
-    (from `loopfit.cache.TeacherTargetsDataset`), the cached sparse targets scored with `estimator`.
+    (from `loopfit.cache.TeacherTargetsDataset`), the cached sparse targets read with `estimator`.
     """
-    from loopfit.losses import fused_kd_loss, kd_divergence
-
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    hidden, states, head_weight, residual, aux_loss = student(
-        input_ids, num_steps=num_steps, output_states=hidden_loss is not None, fixed_point=fixed_point_scale > 0
-    )
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
-    # (B, S): the token losses' positions; the last position has no next token.
-    scored = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+    model = getattr(student, "module", student).model  # DDP-wrapped or not
     cached = "teacher_ids" in batch
-    kd_on = dcfg.enabled and (teacher is not None or cached)
-    teacher_layers: list[int] = []
-    if hidden_loss is not None:
-        if not kd_on or cached:
-            raise LoopfitError("--distillation.hidden_scale needs a live teacher (a teacher cache holds no states)")
-        states = list(states)
-        if dcfg.hidden_map == "last":
-            states = states[-1:]
-        teacher_layers = _loop_teacher_layers(len(states), block_span)
-    th = t_states = None
-    sparse = {}
-    if cached and kd_on:
-        w = batch["teacher_ids"].shape[-1]
-        sparse = dict(teacher_ids=batch["teacher_ids"][:, :-1].reshape(-1, w),
-                      teacher_values=batch["teacher_values"][:, :-1].reshape(-1, w), estimator=estimator)  # fmt: skip
-        if "teacher_tail" in batch:
-            sparse["teacher_tail"] = batch["teacher_tail"][:, :-1].reshape(-1)
-    elif kd_on:
-        th_full, t_states = teacher_forward(teacher, input_ids, teacher_layers)
-        th = th_full[:, :-1].reshape(-1, th_full.shape[-1])
-    ce_scale = dcfg.ce_scale if dcfg.ce_scale is not None else (dcfg.alpha if kd_on else 1.0)
-    kd_scale = dcfg.kd_scale if dcfg.kd_scale is not None else 1.0 - dcfg.alpha
-    if not kd_on:
-        ce_scale, kd_scale = 1.0, 0.0
-    tw = teacher.get_output_embeddings().weight if kd_on and not cached else None
-    # The source families' logit scaling (Granite, Cohere) folds into the hidden state exactly; a soft-cap (Gemma 2
-    # and 3) does not, so those take the unfused path.
-    s_scale, s_cap = logit_transform(base_model(getattr(student, "module", student).model).config)  # DDP or not
-    t_scale, t_cap = logit_transform(teacher.config) if tw is not None else (None, None)
-    h = h * s_scale if s_scale is not None else h
-    th = th * t_scale if t_scale is not None and th is not None else th
-    if s_cap and cached:
-        raise LoopfitError("a soft-capped student (Gemma 2 / 3) cannot train from a teacher cache yet; use a live "
-                           "teacher (--distillation.teacher_model_name)")  # fmt: skip
-    if (dcfg.fused or not kd_on or cached) and not (s_cap or t_cap):
-        out = fused_kd_loss(
-            h, head_weight, y, teacher_hidden=th, teacher_weight=tw, kind=dcfg.kind, temperature=dcfg.temperature,
-            ce_scale=ce_scale, kd_scale=kd_scale, chunk_size=dcfg.chunk_size, num_items=num_items, **sparse,
-            **dcfg.kind_params,
-        )  # fmt: skip
-        parts = LossParts(out.total, out.ce, out.kd)
-    else:
-        logits = _softcap(F.linear(h, head_weight), s_cap)
-        ce = F.cross_entropy(logits.float(), y, ignore_index=-100, reduction="sum") / num_items
-        if kd_on:
-            with torch.no_grad():
-                t_logits = _softcap(F.linear(th, tw), t_cap)
-            kd = kd_divergence(logits, t_logits, y, dcfg.kind, dcfg.temperature, num_items=num_items,
-                               **dcfg.kind_params)  # fmt: skip
-            parts = LossParts(ce_scale * ce + kd_scale * kd, ce.detach(), kd.detach())
-        else:
-            parts = LossParts(ce, ce.detach())
-    if hidden_loss is not None:
-        hl = hidden_loss(states, [t_states[i] for i in teacher_layers], scored)
-        # HiddenStateLoss averages over this micro-batch's positions; re-weight it to the global token count.
-        hl = hl * scored.sum() / num_items
-        parts.total = parts.total + dcfg.hidden_scale * hl
-        parts.hidden = hl.detach()
-    if residual is not None:
-        fp = residual[scored].sum() / num_items
-        parts.total = parts.total + fixed_point_scale * fp
-        parts.fixed_point = fp.detach()
-    if aux_loss is not None:
-        # The source's load-balancing loss is a mean over this micro-batch's tokens: weighted like the other terms
-        # so that accumulation sums to the step's value; its coefficient is the source config's.
-        coef = base_model(getattr(student, "module", student).model).config.base_config.router_aux_loss_coef
-        aux = aux_loss * scored.sum() / num_items
-        parts.total = parts.total + coef * aux
-        parts.router_aux = aux.detach()
-    return parts
+    objective = build_objective(
+        dcfg, model, None if cached else teacher, cache_estimator=(estimator or "topk") if cached else None,
+        fixed_point_scale=fixed_point_scale, hidden_loss=hidden_loss, block_span=block_span,
+    )  # fmt: skip
+    return objective_loss(objective, student, teacher, batch, num_steps, num_items)
 
 
 def logit_transform(config) -> tuple[float | None, float | None]:
@@ -289,17 +314,4 @@ def logit_transform(config) -> tuple[float | None, float | None]:
 
 def family_logits(h: torch.Tensor, head_weight: torch.Tensor, config) -> torch.Tensor:
     """`(..., hidden)` -> `(..., vocab)`: the head plus the model family's logit scaling and soft-cap."""
-    scale, cap = logit_transform(config)
-    return _softcap(F.linear(h * scale if scale is not None else h, head_weight), cap)
-
-
-def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def _loop_teacher_layers(num_iterations: int, block_span: tuple[int, int] | None) -> list[int]:
-    from loopfit.losses import loop_layer_map
-
-    if block_span is None:
-        raise LoopfitError("--distillation.hidden_scale needs a looped student (states per loop iteration)")
-    return loop_layer_map(num_iterations, block_span)
+    return LogitTransform(*logit_transform(config)).logits(h, head_weight)

@@ -216,3 +216,30 @@ def test_teacher_cache_equals_the_live_teacher(tmp_path):
         cached.compute_loss(student, {k: batch[k] for k in ("input_ids", "labels")})
     cached.train()  # the batches keep the cached targets through HF's column filter
     assert [x for x in cached.state.log_history if "kd_loss" in x]
+
+
+def test_teacher_by_name_and_shared_weights(tmp_path):
+    """`distillation.teacher_model_name` loads the teacher (same loss as passing it); `share_weights` points a LoRA
+    student's frozen layers at the teacher's identical tensors."""
+    from loopfit.train.config import LoRAConfig
+    from loopfit.train.student import apply_lora
+
+    teacher = make_tiny_model("llama", num_layers=4, hidden=32)
+    teacher.save_pretrained(tmp_path / "teacher")
+    student = to_looped(teacher, layout_from_sizes(4, 1, 1, 1), state_init="zeros")
+    inputs = {k: v[None] for k, v in _Rows()[2].items()}
+    by_object = DistillationTrainer(model=student, args=_args(tmp_path / "a"), teacher_model=teacher,
+                                    distillation=DistillationConfig(enabled=True), num_steps=2)  # fmt: skip
+    named = DistillationConfig(enabled=True, teacher_model_name=str(tmp_path / "teacher"))
+    by_name = DistillationTrainer(model=student, args=_args(tmp_path / "b"), distillation=named, num_steps=2)
+    assert by_name.teacher is not None and by_name.teacher is not teacher
+    with torch.no_grad():
+        a, b = by_object.compute_loss(student, inputs).item(), by_name.compute_loss(student, inputs).item()
+    assert math.isclose(a, b, rel_tol=1e-6)
+
+    lora = apply_lora(to_looped(teacher, layout_from_sizes(4, 1, 1, 1)), LoRAConfig(enabled=True, r=4))
+    held = {p.data_ptr() for p in teacher.parameters()}
+    DistillationTrainer(model=lora, args=_args(tmp_path / "c"), teacher_model=teacher,
+                        distillation=DistillationConfig(enabled=True))  # fmt: skip
+    shared = [n for n, p in lora.named_parameters() if not p.requires_grad and p.data_ptr() in held]
+    assert any("embed_tokens" in n for n in shared) and any(".block." in n for n in shared)

@@ -128,3 +128,15 @@ def test_build_objective_refusals():
     with pytest.raises(LoopfitError, match="no cached targets"):
         objective_loss(build_objective(DistillationConfig(enabled=True, teacher_cache="c"), looped,
                                        cache_estimator="sampled"), Student(looped), None, batch, 1, n)  # fmt: skip
+
+
+def test_micro_batch_loss_never_makes_an_untrained_projection():
+    """Built per call, a projection between widths would be new at every step: refused; equal widths need none."""
+    teacher = make_tiny_model("llama", num_layers=4, hidden=32)
+    wide = make_tiny_model("llama", num_layers=4, hidden=48, seed=2)
+    looped = to_looped(teacher, layout_from_sizes(4, 1, 1, 1), state_init="zeros")
+    dcfg = DistillationConfig(enabled=True, teacher_model_name="t", hidden_scale=1.0)
+    batch, n = _batch()
+    assert micro_batch_loss(Student(looped), teacher, batch, 2, dcfg, n).hidden > 0
+    with pytest.raises(LoopfitError, match="needs a trained projection"):
+        micro_batch_loss(Student(looped), wide, batch, 2, dcfg, n)

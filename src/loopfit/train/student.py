@@ -293,6 +293,10 @@ def micro_batch_loss(
         dcfg, model, None if cached else teacher, cache_estimator=(estimator or "topk") if cached else None,
         fixed_point_scale=fixed_point_scale, hidden_loss=hidden_loss, block_span=block_span,
     )  # fmt: skip
+    if hidden_loss is None and objective.hidden_loss is not None and list(objective.hidden_loss.parameters()):
+        # A projection between widths made afresh at every call would never learn.
+        raise LoopfitError("--distillation.hidden_scale between different widths needs a trained projection: build "
+                           "the objective once (build_objective) or pass the hidden_loss that trains")  # fmt: skip
     return objective_loss(objective, student, teacher, batch, num_steps, num_items)
 
 

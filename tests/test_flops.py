@@ -7,15 +7,21 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 
 from loopfit.convert import Layout, to_looped
 from loopfit.errors import LoopfitError
-from loopfit.flops import (
-    Curriculum,
-    count_parameters,
-    curriculum_mean,
-    expected_steps,
-    inference_flops_per_token,
-    training_flops,
-)
+from loopfit.flops import Curriculum, count_parameters, inference_flops_per_token, training_flops
 from loopfit.models import sample_num_steps
+from loopfit.train.schedules import DepthSchedule
+
+
+def _ramp_means(t: np.ndarray, max_mean: int, warmup: float, shape: str) -> list[int]:
+    """The mean depth at training fractions `t` of `loopfit count`'s curriculum, read off its `DepthSchedule`."""
+    sched = Curriculum(max_mean, shape=shape, warmup=warmup).schedule(1000)
+    return [sched.mean_at(x * 1000) for x in t]
+
+
+def _expected_n_k(mean: int, backprop_depth: int, min_steps: int = 1) -> tuple[float, float]:
+    """Expected `(n_no_grad, k_grad)` of the sampler at a constant mean, from `DepthSchedule`."""
+    sched = DepthSchedule(1, mean, backprop_depth, min_steps=min_steps)
+    return sched.expected_depth_at(0) - sched.gradient_depth_at(0), sched.gradient_depth_at(0)
 
 
 @pytest.mark.parametrize("untie", [False, True])
@@ -56,14 +62,14 @@ def test_training_flops_constant_mean_hand_computed():
 def test_training_flops_linear_curriculum_hand_computed():
     # mean ramps 1 -> 3 over the first half: ceil(1 + 4t) is 2 on (0, 0.25], 3 afterwards.
     t = np.array([0.1, 0.25, 0.3, 0.9])
-    assert curriculum_mean(t, 3, 0.5, "linear").tolist() == [2, 2, 3, 3]
+    assert _ramp_means(t, 3, 0.5, "linear") == [2, 2, 3, 3]
     params = {"prelude": 10, "block": 100, "coda": 5}
     cur = Curriculum(mean_recurrence=3, backprop_depth=8, shape="linear", warmup=0.5, sampled=False)
     out = training_flops(params, 1e6, cur)
     assert out["flops"] == pytest.approx(6 * 1e6 * (15 + 100 * (0.25 * 2 + 0.75 * 3)))
     # f(t) = 1 - sqrt(1 - t) lies below t: the mean stays lower early, and both reach the max at the warmup's end.
-    assert curriculum_mean(t, 8, 0.5, "1-sqrt").tolist() == [2, 4, 4, 8]
-    assert curriculum_mean(t, 8, 0.5, "linear").tolist() == [3, 5, 6, 8]
+    assert _ramp_means(t, 8, 0.5, "1-sqrt") == [2, 4, 4, 8]
+    assert _ramp_means(t, 8, 0.5, "linear") == [3, 5, 6, 8]
 
 
 def test_expected_steps_match_the_sampler():
@@ -71,7 +77,7 @@ def test_expected_steps_match_the_sampler():
     draws = [sample_num_steps(4, 2, g) for _ in range(4000)]
     n_mc = np.mean([d[0] for d in draws])
     k_mc = np.mean([d[1] for d in draws])
-    n, k = expected_steps(4, 2)
+    n, k = _expected_n_k(4, 2)
     assert n + k == pytest.approx(5.0, abs=1e-3)  # E[R] = mean + 1
     assert n == pytest.approx(n_mc, abs=0.15)
     assert k == pytest.approx(k_mc, abs=0.05)
@@ -81,10 +87,10 @@ def test_expected_steps_with_a_floor_match_the_sampler():
     g = torch.Generator().manual_seed(1)
     draws = [sample_num_steps(3, 3, g, min_steps=3) for _ in range(4000)]
     assert min(n + k for n, k in draws) == 3 and all(k == 3 for _, k in draws)
-    n, k = expected_steps(3, 3, min_steps=3)
+    n, k = _expected_n_k(3, 3, min_steps=3)
     assert k == pytest.approx(3.0, abs=1e-6)
     assert n == pytest.approx(np.mean([d[0] for d in draws]), abs=0.1)
-    assert n + k > sum(expected_steps(3, 3))  # the floor only adds iterations
+    assert n + k > sum(_expected_n_k(3, 3))  # the floor only adds iterations
 
 
 def test_inference_flops_per_token():

@@ -6,13 +6,12 @@ import json
 import math
 
 import pytest
-import torch
 import yaml
 from conftest import write_teacher_and_looped_student
 
 from loopfit.cli import main
 from loopfit.errors import LoopfitError
-from loopfit.sweep.budget import Probe, expected_depths, flops_per_token, plan_steps
+from loopfit.sweep.budget import Probe, plan_steps
 from loopfit.sweep.grid import build_runs, load_config, parse_grid, run_name, split_values
 from loopfit.sweep.plots import pareto_front
 
@@ -138,10 +137,12 @@ def _losses(run_dir) -> list[float]:
 
 
 def test_budget_planning_numbers():
-    fp = {"prelude": 10, "block": 20, "coda": 30, "teacher": 100}
-    # 6·(P + k·B + C) + 2·n·B + 4·head + 2·(teacher + head)
-    assert flops_per_token(fp, 5, n=2, k=3, looped=True, kd=True) == 6 * (10 + 60 + 30) + 2 * 40 + 20 + 2 * 105
-    assert flops_per_token(fp, 5, n=0, k=0, looped=False, kd=False) == 6 * 10 + 20
+    from loopfit.flops import train_flops_per_token
+
+    fp = {"prelude": 10, "block": 20, "coda": 30, "head": 5, "teacher": 100, "teacher_head": 5}
+    # 6·(P + k·B + C + head) + 2·n·B + 2·(teacher + head): the head's weight gradient counts (6·head, not 4·head)
+    assert train_flops_per_token(fp, 2, 3, teacher=True) == 6 * (10 + 60 + 30 + 5) + 2 * 40 + 2 * 105
+    assert train_flops_per_token({"prelude": 10, "head": 5}, 0, 0) == 6 * 10 + 6 * 5  # a plain model: layers = prelude
     p = Probe(setup_s=2.0, validate_s=3.0, flops_per_s=100.0, step_flops=50.0)  # 0.5 s per step
     assert plan_steps(60.0, p, overhead_s=5.0, cap=None) == 110
     assert plan_steps(60.0, p, overhead_s=5.0, cap=20) == 20
@@ -149,21 +150,23 @@ def test_budget_planning_numbers():
 
 
 def test_expected_depths_follow_the_trainer_draws():
-    """The planner's expected (n, k) over a curriculum match the mean of the trainer's own seeded draws."""
-    from loopfit.models import sample_num_steps
+    """The expected (n, k) that the budget averages over a curriculum match the mean of the trainer's seeded draws."""
     from loopfit.train import MeanRecurrenceSchedule, TrainConfig
-    from loopfit.train.schedules import ramp
+    from loopfit.train.schedules import DepthSchedule
 
     cfg = TrainConfig(backprop_depth=3, max_steps=2000)
     cfg.mean_recurrence_schedule = MeanRecurrenceSchedule(turn_on=True, warmup=0.5, max_mean_rec=6)
-    g = torch.Generator().manual_seed(0)
-    draws = [sample_num_steps(ramp(s, 2000, 0.5, "linear", 6), 3, generator=g) for s in range(2000)]
-    exp = expected_depths(cfg, base_mean=1)
+    sched = DepthSchedule.from_config(cfg, model_mean=1)
+    draws = [sched.draw(s) for s in range(2000)]
+    steps = sched.midpoints(200)
+    exp_k = [sched.gradient_depth_at(s) for s in steps]
+    exp = [[sched.expected_depth_at(s) - k for s, k in zip(steps, exp_k)], exp_k]
     for i in (0, 1):
         drawn = sum(d[i] for d in draws) / len(draws)
-        expected = sum(e[i] for e in exp) / len(exp)
+        expected = sum(exp[i]) / len(exp[i])
         assert abs(drawn - expected) < 0.05 * max(drawn, 1.0), (i, drawn, expected)
-    assert expected_depths(TrainConfig(fixed_num_steps=3), base_mean=1)[0] == (0.0, 3.0)
+    fixed = DepthSchedule.from_config(TrainConfig(fixed_num_steps=3), model_mean=1)
+    assert (fixed.expected_depth_at(0.5), fixed.gradient_depth_at(0.5)) == (3.0, 3.0)
 
 
 def test_sweep_with_budget(base, tmp_path):

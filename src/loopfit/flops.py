@@ -1,9 +1,9 @@
 """Parameter counts by component, training FLOPs over the recurrence curriculum, inference FLOPs per token.
 
-Training FLOPs follow arXiv:2511.07384: `6·D·N1 + 2·D·N2` with N1 = prelude + k·block + coda (parameters run with
-gradient), N2 = n·block (no-grad iterations), D = tokens; embeddings, head and adapter are left out. Inference
-FLOPs per token are `2·(prelude + R·(adapter + block) + coda + head matmul)`; attention over the context (which
-grows with the sequence length) is left out of both, as in the `6·N·D` convention.
+Training FLOPs per token are `train_flops_per_token` (arXiv:2511.07384's `6·N1 + 2·N2` plus the LM head, the
+adapter, the fixed-point iteration, a live teacher and optionally the attention scores), integrated over the
+expected depths of the trainer's `DepthSchedule`. Inference FLOPs per token are `2·(prelude + R·(adapter + block)
++ coda + head matmul)`, attention over the context left out (the `6·N·D` convention).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from torch import nn
 
 from loopfit.errors import LoopfitError
 from loopfit.models.families import family_of
+from loopfit.train.config import MeanRecurrenceSchedule
+from loopfit.train.schedules import DepthSchedule
 
 COMPONENTS = ("embeddings", "prelude", "adapter", "block", "coda", "final_norm", "head")
 CURRICULA = ("linear", "1-sqrt", "none")
@@ -57,43 +59,88 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def curriculum_mean(t: np.ndarray, max_mean: float, warmup: float, shape: str) -> np.ndarray:
-    """Mean recurrence at training fraction(s) `t`: ramps 1 -> `max_mean` over `warmup`, `ceil` of the value."""
-    if shape == "none" or warmup <= 0:
-        return np.full_like(t, math.ceil(max_mean), dtype=float)
-    x = np.clip(t / warmup, 0.0, 1.0)
-    f = x if shape == "linear" else 1.0 - np.sqrt(1.0 - x)
-    return np.ceil(1.0 + (max_mean - 1.0) * f)
+def attention_widths(model: nn.Module) -> dict[str, int]:
+    """Query width `heads x head_dim` summed over each component's attention layers (the `L·H·Q` of the attention
+    scores' FLOPs): `{"prelude", "block", "coda"}`; a plain model's layers count as the prelude."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    conf = base.config.base_config if base.config.model_type == "looped" else base.config
+    heads = conf.num_attention_heads
+    width = heads * (getattr(conf, "head_dim", None) or conf.hidden_size // heads)
+    mods = _modules(model)
+    return {c: width * sum(len(m) for m in mods[c]) for c in ("prelude", "block", "coda")}
 
 
-def expected_steps(mean: float, backprop_depth: int, sampled: bool = True, min_steps: int = 1) -> tuple[float, float]:
-    """Expected `(n_no_grad, k_grad)` per training step at curriculum mean `mean`.
+def flop_params(model: nn.Module, teacher: nn.Module | None = None) -> dict[str, int]:
+    """What training FLOPs per token scale with (`train_flops_per_token`'s `p`): weights per token of `prelude`,
+    `adapter`, `block` (one loop iteration is adapter + block), `coda`; `head`, the LM head's matmul V·H (counted
+    when tied); `attn_prelude` / `attn_block` / `attn_coda` (`attention_widths`); with a live teacher, `teacher`
+    (its decoder layers), `teacher_head` and `attn_teacher`."""
+    p = count_parameters(model)
+    out = {c: p[c] for c in ("prelude", "adapter", "block", "coda")} | {"head": head_matmul_params(model)}
+    out |= {f"attn_{c}": w for c, w in attention_widths(model).items()}
+    if teacher is not None:
+        t = count_parameters(teacher)
+        out["teacher"] = t["prelude"] + t["block"] + t["coda"]
+        out["teacher_head"] = head_matmul_params(teacher)
+        out["attn_teacher"] = sum(attention_widths(teacher).values())
+    return out
 
-    `sampled`: under the Poisson-lognormal sampler of `loopfit.models.sample_num_steps` (R = Poisson(rate) + 1,
-    so E[R] = mean + 1, draws below `min_steps` raised to it), computed by Gauss-Hermite quadrature over the
-    log-rate; otherwise the nominal `R = mean`, `k = min(backprop_depth, mean)`.
+
+def train_flops_per_token(
+    p: dict[str, float],
+    n_no_grad: float,
+    k_grad: float,
+    seq_len: int = 0,
+    fixed_point: bool = False,
+    teacher: bool = False,
+) -> float:
+    """Training FLOPs per token of one step at depth `(n_no_grad, k_grad)`: forward and backward of the student,
+    plus the live teacher's forward. The one count behind MFU, the sweep's budget and `loopfit count`.
+
+    arXiv:2511.07384's `6·N1 + 2·N2` (2 FLOPs per weight forward, 4 more backward, forward only in the no-grad
+    iterations), one loop iteration being adapter + block, plus the terms the paper leaves out:
+
+        g  = k_grad + fixed_point            (the fixed-point loss runs one more iteration, with gradient)
+        N1 = prelude + g·(adapter + block) + coda + head      N2 = n_no_grad·(adapter + block)
+        F  = 6·N1 + 2·N2 + seq_len·(12·(A_prelude + g·A_block + A_coda) + 4·n_no_grad·A_block)
+             + teacher: 2·(N_teacher + V·H_teacher) + 4·seq_len·A_teacher
+
+    `head` is the LM head's matmul V·H over every token (tied or not). The attention scores (Q·Kᵀ and A·V,
+    4·T·A forward per token and layer, A = query heads x head_dim) are counted over the full T x T, as torch's
+    flop counter and PaLM's `12·L·H·Q·T` do, neither halved for the causal mask nor cut to a sliding window;
+    `seq_len=0` leaves them out (the `6·N·D` convention). Weight gradients are counted for every weight on the
+    gradient path, frozen (LoRA) or not, as in the paper: the work a LoRA step does is lower (about 4 per frozen
+    weight, plus LoRA's own small matmuls). Not counted: embeddings (a lookup), norms, rotary and other
+    elementwise work, the loss's softmax, the hidden-state loss's projection, recomputation; a mixture-of-experts
+    layer counts all its experts, not the routed ones. Against
+    `torch.utils.flop_counter` on a tiny looped model (tests/test_depth_schedule.py) it is within 0.4%.
+
+    Args:
+        p: sizes from `flop_params` (missing keys count 0).
+        n_no_grad, k_grad: loop iterations without / with gradient (expectations are fine: F is linear in both);
+            0, 0 for a plain model.
+        seq_len: tokens per sequence T for the attention term; 0 leaves it out.
+        fixed_point: `--fixed_point_scale > 0`.
+        teacher: a live teacher runs (KD without a teacher cache).
+
+    Returns:
+        FLOPs per token.
     """
-    k_max = min(backprop_depth, max(1, math.ceil(mean)))
-    if not sampled:
-        k = min(k_max, mean)
-        return max(mean - k, 0.0), float(k)
-    sigma = 0.5
-    mu = math.log(max(mean, 1e-6)) - sigma**2 / 2
-    nodes, weights = np.polynomial.hermite_e.hermegauss(64)
-    rates = np.exp(mu + sigma * nodes)
-    weights = weights / weights.sum()
-    j = np.arange(0, int(rates.max() * 3 + 50))
-    log_pmf = j[None, :] * np.log(rates[:, None]) - rates[:, None] - np.array([math.lgamma(x + 1) for x in j])[None, :]
-    pmf = (weights[:, None] * np.exp(log_pmf)).sum(0)  # P(Poisson = j), mixed over the rate
-    r = np.maximum(j + 1, min_steps)
-    e_k = float((pmf * np.minimum(k_max, r)).sum())
-    e_r = float((pmf * r).sum())
-    return e_r - e_k, e_k
+    t = seq_len
+    g = k_grad + (1 if fixed_point else 0)
+    it, a_it = p.get("adapter", 0) + p.get("block", 0), p.get("attn_block", 0)
+    n1 = p.get("prelude", 0) + g * it + p.get("coda", 0) + p.get("head", 0)
+    f = 6 * n1 + 2 * n_no_grad * it
+    f += t * (12 * (p.get("attn_prelude", 0) + g * a_it + p.get("attn_coda", 0)) + 4 * n_no_grad * a_it)
+    if teacher:
+        f += 2 * (p.get("teacher", 0) + p.get("teacher_head", 0)) + 4 * t * p.get("attn_teacher", 0)
+    return float(f)
 
 
 @dataclass
 class Curriculum:
-    """Recurrence curriculum of a training run (the FLOPs integrate over it)."""
+    """Recurrence curriculum of a training run as `loopfit count` takes it (`schedule` turns it into the trainer's
+    `DepthSchedule`)."""
 
     mean_recurrence: float = 8
     """Final (maximum) mean recurrence."""
@@ -105,29 +152,55 @@ class Curriculum:
     """Fraction of training over which the mean ramps from 1 to `mean_recurrence`."""
     sampled: bool = True
     """Use the expected depths under the Poisson-lognormal sampler; False: nominal R = mean."""
+    min_steps: int = 1
+    """Floor of the sampled depth (`--min_num_steps`)."""
 
     def validate(self) -> None:
         if self.shape not in CURRICULA:
             raise LoopfitError(f"curriculum shape must be one of {', '.join(CURRICULA)}, got '{self.shape}'")
-        if self.mean_recurrence < 1 or self.backprop_depth < 1:
-            raise LoopfitError("--mean_recurrence and --backprop_depth must be >= 1")
+        if self.mean_recurrence < 1 or self.backprop_depth < 1 or self.min_steps < 1:
+            raise LoopfitError("--mean_recurrence, --backprop_depth and --min_num_steps must be >= 1")
         if not 0 <= self.warmup <= 1:
             raise LoopfitError(f"--warmup must be in [0, 1], got {self.warmup}")
 
+    def schedule(self, total_steps: int) -> DepthSchedule:
+        """The `DepthSchedule` of a run of `total_steps` steps following this curriculum (the mean is `ceil`ed)."""
+        ramp_on = self.shape != "none"
+        mean = MeanRecurrenceSchedule(ramp_on, self.warmup, self.shape if ramp_on else "linear", self.mean_recurrence)
+        return DepthSchedule(total_steps, math.ceil(self.mean_recurrence), self.backprop_depth, mean,
+                             min_steps=self.min_steps, sampled=self.sampled)  # fmt: skip
 
-def training_flops(params: dict[str, int], tokens: float, curriculum: Curriculum, points: int = 10_000) -> dict:
-    """`6·D·N1 + 2·D·N2` integrated over the curriculum (midpoint rule over `points` equal slices of D)."""
-    curriculum.validate()
-    t = (np.arange(points) + 0.5) / points
-    means = curriculum_mean(t, curriculum.mean_recurrence, curriculum.warmup, curriculum.shape)
-    cache = {m: expected_steps(m, curriculum.backprop_depth, curriculum.sampled) for m in np.unique(means)}
-    n = np.array([cache[m][0] for m in means])
-    k = np.array([cache[m][1] for m in means])
-    n1 = params["prelude"] + k * params["block"] + params["coda"]
-    n2 = n * params["block"]
-    d = tokens / points
+
+def training_flops(
+    params: dict[str, float],
+    tokens: float,
+    depth: Curriculum | DepthSchedule | None,
+    points: int = 10_000,
+    seq_len: int = 0,
+    fixed_point: bool = False,
+    teacher: bool = False,
+) -> dict:
+    """`train_flops_per_token` at the expected depths of `depth`, integrated over `tokens` training tokens (midpoint
+    rule over `points` equal slices of training); `depth=None`: a plain model (no loop).
+
+    Returns:
+        `{"flops", "mean_no_grad_steps", "mean_grad_steps"}` (the last two averaged over training).
+
+    Raises:
+        LoopfitError: a bad `Curriculum`.
+    """
+    if isinstance(depth, Curriculum):
+        depth.validate()
+        depth = depth.schedule(points)
+    if depth is None:
+        n = k = np.zeros(1)
+    else:
+        steps = depth.midpoints(points)
+        k = np.array([depth.gradient_depth_at(s) for s in steps])
+        n = np.array([depth.expected_depth_at(s) for s in steps]) - k
+    per_token = [train_flops_per_token(params, a, b, seq_len, fixed_point, teacher) for a, b in zip(n, k)]
     return {
-        "flops": float((6 * d * n1 + 2 * d * n2).sum()),
+        "flops": float(tokens * np.mean(per_token)),
         "mean_no_grad_steps": float(n.mean()),
         "mean_grad_steps": float(k.mean()),
     }
@@ -182,6 +255,9 @@ def count_command(
     curriculum: str = "linear",
     warmup: float = 0.25,
     sampled: bool = True,
+    min_num_steps: int = 1,
+    seq_len: int = 0,
+    fixed_point: bool = False,
     depths: list[int] | str | None = None,
     results: str | None = None,
     baseline: str | None = None,
@@ -198,6 +274,9 @@ def count_command(
         curriculum: ramp of the mean recurrence: `linear`, `1-sqrt` or `none`.
         warmup: fraction of training over which the mean ramps from 1 to --mean_recurrence.
         sampled: integrate the expected depths of the Poisson-lognormal sampler (E[R] = mean + 1); false: R = mean.
+        min_num_steps: floor of the sampled depth in training (as `loopfit train --min_num_steps`).
+        seq_len: tokens per training sequence; counts the attention scores' FLOPs (0: left out, the 6·N·D rule).
+        fixed_point: training runs the fixed-point loss (`--fixed_point_scale > 0`): one more iteration with grad.
         depths: depths at which to report inference FLOPs per token (default 1,2,4,8,16,32,64, or those of --results).
         results: a depth-sweep or gsm8k JSON to plot against FLOPs (needs --plot).
         baseline: a plain model whose inference FLOPs per token are reported (and plotted) beside the looped ones.
@@ -218,6 +297,8 @@ def count_command(
     check_count("backprop_depth", backprop_depth)
     check_number("tokens", tokens, low=0, low_open=True)
     check_number("warmup", warmup, 0, 1)
+    check_count("min_num_steps", min_num_steps)
+    check_count("seq_len", seq_len, 0)
     if depths is not None:
         parse_depths(depths, [])
     check_output("json", json)
@@ -238,6 +319,7 @@ def count_command(
         shape=curriculum,
         warmup=warmup,
         sampled=sampled,
+        min_steps=min_num_steps,
     )
     cur.validate()
     if tokens <= 0:
@@ -251,7 +333,9 @@ def count_command(
         "parameters": params,
         "tokens": tokens,
         "curriculum": vars(cur),
-        "training": training_flops(params, tokens, cur) if looped else {"flops": 6.0 * tokens * params["prelude"]},
+        "training": training_flops(
+            flop_params(lm), tokens, cur if looped else None, seq_len=seq_len, fixed_point=fixed_point and looped
+        ),
         "inference": {"depths": depths, "flops_per_token": flops},
     }
     base_flops = None

@@ -15,38 +15,6 @@ from loopfit.train.config import TrainConfig
 
 
 # ----------------------------------------------------------------------------------------------- the budget
-def flops_per_token(fp: dict, head: int, n: float, k: float, looped: bool, kd: bool) -> float:
-    """Training FLOPs per token of one step: `6·N1 + 2·N2` (arXiv:2511.07384) plus the LM-head matmuls (student
-    forward + input gradient, 4·V·H; the head itself is frozen under LoRA) and, with KD, the teacher's forward
-    including its head (2·(N_teacher + V·H))."""
-    f = 6 * (fp["prelude"] + k * fp["block"] + fp["coda"]) + 2 * n * fp["block"] if looped else 6 * fp["prelude"]
-    f += 4 * head
-    if kd:
-        f += 2 * (fp.get("teacher", 0) + head)
-    return float(f)
-
-
-def expected_depths(cfg: TrainConfig, base_mean: int, points: int = 200) -> list[tuple[float, float]]:
-    """Expected `(n_no_grad, k_grad)` at `points` evenly spaced fractions of training, following the curricula."""
-    import numpy as np
-
-    from loopfit.flops import curriculum_mean, expected_steps
-
-    if cfg.fixed_num_steps:
-        return [(0.0, float(cfg.fixed_num_steps))] * points
-    t = (np.arange(points) + 0.5) / points
-    ms, bs = cfg.mean_recurrence_schedule, cfg.backprop_depth_schedule
-    means = curriculum_mean(t, ms.max_mean_rec, ms.warmup, ms.warmup_type) if ms.turn_on else np.full(points, base_mean)
-    ks = (
-        curriculum_mean(t, bs.max_backprop_depth, bs.warmup, bs.warmup_type)
-        if bs.turn_on
-        else np.full(points, cfg.backprop_depth)
-    )
-    # setdefault would evaluate the quadrature for every point; compute each distinct (mean, k) once.
-    cache = {mk: expected_steps(float(mk[0]), int(mk[1]), min_steps=cfg.min_num_steps) for mk in set(zip(means, ks))}
-    return [cache[mk] for mk in zip(means, ks)]
-
-
 @dataclass
 class Probe:
     """What a few steps of one configuration cost."""
@@ -56,7 +24,7 @@ class Probe:
     validate_s: float
     """The final validation at every evaluated depth."""
     flops_per_s: float
-    """Training throughput, FLOPs (`flops_per_token` x tokens) per second of step time."""
+    """Training throughput, FLOPs (`loopfit.flops.train_flops_per_token` x tokens) per second of step time."""
     step_flops: float
     """Expected FLOPs of one optimizer step averaged over the whole curriculum."""
 
@@ -73,9 +41,9 @@ def plan_steps(seconds: float, probe: Probe, overhead_s: float, cap: int | None)
 
 def probe_run(cfg: TrainConfig, folder: Path, steps: int = 3) -> Probe:
     """Train `steps` steps of `cfg` in a scratch folder (deleted after) and time it, the last steps only."""
+    from loopfit.flops import train_flops_per_token, training_flops
     from loopfit.train.distributed import cleanup
-    from loopfit.train.recipe import depth_at_mean, fit, setup, validate
-    from loopfit.train.student import base_model
+    from loopfit.train.recipe import fit, setup, validate
 
     pc = copy.deepcopy(cfg)
     pc.out, pc.max_steps, pc.save_every, pc.eval_every = str(folder), steps, 0, 0
@@ -89,21 +57,19 @@ def probe_run(cfg: TrainConfig, folder: Path, steps: int = 3) -> Probe:
         lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
         timed = lines[1:] or lines  # the first step pays one-off warm-up costs
         tokens = pc.batch_size * pc.seq_len * pc.gradient_accumulation_steps
-        head = base_model(run.model).get_output_embeddings().weight.numel()
-        kd = run.teacher is not None
-
-        def fpt(n, k):
-            return flops_per_token(run.flops_params, head, n, k, run.looped, kd)
-
-        done = sum(fpt(x["num_steps_no_grad"], x["num_steps_grad"]) * tokens for x in timed)
+        cost = dict(seq_len=pc.seq_len, fixed_point=pc.fixed_point_scale > 0, teacher=run.teacher is not None)
+        fp = run.flops_params
+        done = sum(train_flops_per_token(fp, x["num_steps_no_grad"], x["num_steps_grad"], **cost) * tokens
+                   for x in timed)  # fmt: skip
         seconds = sum(tokens / x["tokens_per_s"] for x in timed)
-        depths = sorted({depth_at_mean(run), *cfg.eval_num_steps}) if run.looped else [None]
+        depths = sorted({run.depth.final_mean, *cfg.eval_num_steps}) if run.looped else [None]
         t1 = time.perf_counter()
         validate(run, depths)
         validate_s = time.perf_counter() - t1
-        base_mean = cfg.mean_recurrence or getattr(base_model(run.model).config, "mean_recurrence", 1)
-        per_token = [fpt(n, k) for n, k in expected_depths(cfg, base_mean)] if run.looped else [fpt(0, 0)]
-        return Probe(setup_s, validate_s, done / seconds, sum(per_token) / len(per_token) * tokens)
+        # The probe's schedule has the probe's few steps, but its ramps are fractions of training: averaged over
+        # its midpoints, a step costs what a step of the planned run costs on average, whatever that run's length.
+        step_flops = training_flops(fp, tokens, run.depth if run.looped else None, 200, **cost)["flops"]
+        return Probe(setup_s, validate_s, done / seconds, step_flops)
     finally:
         run.logger.close()
         cleanup(run.d)

@@ -9,22 +9,19 @@ from pathlib import Path
 from loopfit.errors import LoopfitError
 from loopfit.sweep.grid import SWEEP_SET, SweepRun, flatten
 from loopfit.train.config import TrainConfig
+from loopfit.train.schedules import DepthSchedule
 
 
 # ---------------------------------------------------------------------------------------------- the results
 def final_mean(cfg: TrainConfig) -> int | None:
-    """The depth the trainer's final validation uses (None for a plain, non-looped student)."""
+    """The depth the trainer's final validation uses, `DepthSchedule.final_mean` (None for a plain student)."""
     from loopfit.loading import resolve_model_path
 
     path = Path(resolve_model_path(cfg.model_name)) / "config.json"
     conf = json.loads(path.read_text()) if path.is_file() else {}
     if conf.get("model_type") != "looped":
         return None
-    if cfg.fixed_num_steps:
-        return cfg.fixed_num_steps
-    if cfg.mean_recurrence_schedule.turn_on:
-        return cfg.mean_recurrence_schedule.max_mean_rec
-    return cfg.mean_recurrence or conf.get("mean_recurrence", 1)
+    return DepthSchedule.from_config(cfg, conf.get("mean_recurrence", 1)).final_mean
 
 
 def training_curve(run_dir: Path, cfg: TrainConfig) -> list[dict]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from loopfit.errors import LoopfitError
+from loopfit.flops import flop_params, train_flops_per_token
 from loopfit.io import (
     MARKER,
     atomic_dir,
@@ -43,7 +44,7 @@ from loopfit.train.config import TrainConfig
 from loopfit.train.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
 from loopfit.train.metrics import MetricsLogger, measure_matmul_peak
 from loopfit.train.optim import build_optimizers
-from loopfit.train.schedules import lr_factor, lr_scheduler, ramp
+from loopfit.train.schedules import DepthSchedule, lr_factor, lr_scheduler
 from loopfit.train.student import (
     Student,
     apply_lora,
@@ -147,7 +148,7 @@ class Run:
     trainable: list[tuple[str, nn.Parameter]]
     stream: BatchStream
     val_set: object
-    depth_gen: torch.Generator
+    depth: DepthSchedule
     logger: MetricsLogger
     looped: bool
     objective: Objective | None = None  # the whole loss, built once in `setup`
@@ -160,6 +161,11 @@ class Run:
     info: dict = field(default_factory=dict)
     aside: Path | None = None  # the replaced run folder, kept until this run's first checkpoint (--overwrite)
     saved_step: int | None = None  # step of the newest checkpoint written or restored
+
+    @property
+    def depth_gen(self) -> torch.Generator:
+        """The depth sampler's generator (saved in checkpoints)."""
+        return self.depth.generator
 
     @property
     def autocast(self):
@@ -272,11 +278,11 @@ def setup(cfg: TrainConfig) -> Run | None:
         train_set = TeacherTargetsDataset(data.train, cache)
         info["teacher_cache"] = {"folder": str(dc.teacher_cache), "estimator": cache.estimator}
     stream = BatchStream(train_set, cfg.batch_size, cfg.seed, d)
-    depth_gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    depth = DepthSchedule.from_config(cfg, getattr(base_model(model).config, "mean_recurrence", 1))
 
-    run = Run(cfg, out, d, device, model, student, teacher, tokenizer, trainable, stream, val_set, depth_gen,
+    run = Run(cfg, out, d, device, model, student, teacher, tokenizer, trainable, stream, val_set, depth,
               logger=None, looped=looped, objective=objective, info=info)  # fmt: skip
-    run.flops_params = _flops_params(model, teacher)
+    run.flops_params = flop_params(model, teacher)
     run.peak_flops = measure_matmul_peak(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     resume_step = keep_lines = None
     if mode == "resume":
@@ -312,7 +318,7 @@ def setup(cfg: TrainConfig) -> Run | None:
         # The reference's rule k = min(k, mean) lives in the sampler; said aloud because a flag that does nothing
         # misleads.
         fixed_k = looped and not (cfg.fixed_num_steps or cfg.backprop_depth_schedule.turn_on)
-        if fixed_k and cfg.backprop_depth > (mean := depth_at_mean(run)):
+        if fixed_k and cfg.backprop_depth > (mean := run.depth.final_mean):
             print(f"note: --backprop_depth {cfg.backprop_depth} exceeds the mean depth {mean}: at most {mean} "
                   "iterations get gradient (k = min(k, mean), as in arXiv:2511.07384)", file=sys.stderr)  # fmt: skip
     return run
@@ -330,17 +336,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _flops_params(model: nn.Module, teacher: nn.Module | None) -> dict:
-    from loopfit.flops import count_parameters
-
-    p = count_parameters(model)
-    out = {k: p[k] for k in ("prelude", "block", "coda")}
-    if teacher is not None:
-        t = count_parameters(teacher)
-        out["teacher"] = t["prelude"] + t["block"] + t["coda"]
-    return out
 
 
 def config_dict(cfg: TrainConfig) -> dict:
@@ -617,20 +612,11 @@ def save_checkpoint(run: Run) -> None:
 
 # ------------------------------------------------------------------------------------------------------- fit
 def depth_at(run: Run, step: int) -> tuple[int, int, tuple[int, int]]:
-    """(mean R, backprop depth k, (n_no_grad, k_grad)) for `step`; draws from the seeded depth generator."""
-    from loopfit.models import sample_num_steps
-
-    cfg = run.cfg
+    """(mean R, backprop depth k, (n_no_grad, k_grad)) for `step`: `run.depth`'s curricula and its seeded draw;
+    zeros for a plain student."""
     if not run.looped:
         return 0, 0, (0, 0)
-    if cfg.fixed_num_steps:
-        return cfg.fixed_num_steps, cfg.fixed_num_steps, (0, cfg.fixed_num_steps)
-    total = cfg.total_steps
-    ms, bs = cfg.mean_recurrence_schedule, cfg.backprop_depth_schedule
-    base_mean = cfg.mean_recurrence or base_model(run.model).config.mean_recurrence
-    mean = ramp(step, total, ms.warmup, ms.warmup_type, ms.max_mean_rec) if ms.turn_on else base_mean
-    k = ramp(step, total, bs.warmup, bs.warmup_type, bs.max_backprop_depth) if bs.turn_on else cfg.backprop_depth
-    return mean, k, sample_num_steps(mean, k, generator=run.depth_gen, min_steps=cfg.min_num_steps)
+    return run.depth.mean_at(step), run.depth.backprop_depth_at(step), run.depth.draw(step)
 
 
 def fit(run: Run, until: int | None = None) -> None:
@@ -652,11 +638,8 @@ def fit(run: Run, until: int | None = None) -> None:
         dt = time.perf_counter() - t0
         tokens = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * d.world_size
         n, kg = num_steps
-        fp = run.flops_params
-        kf = kg + (cfg.fixed_point_scale > 0)  # the fixed-point residual's extra iteration runs with gradient
-        flops_tok = 6 * (fp["prelude"] + kf * fp["block"] + fp["coda"]) + 2 * n * fp["block"] + 2 * fp.get("teacher", 0)
-        if not run.looped:
-            flops_tok = 6 * fp["prelude"] + 2 * fp.get("teacher", 0)
+        flops_tok = train_flops_per_token(run.flops_params, n, kg, cfg.seq_len, cfg.fixed_point_scale > 0,
+                                          teacher=run.teacher is not None)  # fmt: skip
         run.step += 1
         metrics.update(
             step=run.step,
@@ -825,8 +808,7 @@ def train(cfg: TrainConfig) -> dict | None:
         fit(run)
         depths: list[int | None] = [None]
         if run.looped:
-            final_mean = depth_at_mean(run)
-            depths = sorted({final_mean, *cfg.eval_num_steps})
+            depths = sorted({run.depth.final_mean, *cfg.eval_num_steps})
         val = validate(run, depths)
         save_final(run, val)
         if val and run.d.is_main:
@@ -839,13 +821,3 @@ def train(cfg: TrainConfig) -> dict | None:
     finally:
         run.logger.close()
         cleanup(run.d)
-
-
-def depth_at_mean(run: Run) -> int:
-    cfg = run.cfg
-    if cfg.fixed_num_steps:
-        return cfg.fixed_num_steps
-    ms = cfg.mean_recurrence_schedule
-    if ms.turn_on:
-        return ramp(cfg.total_steps, cfg.total_steps, ms.warmup, ms.warmup_type, ms.max_mean_rec)
-    return cfg.mean_recurrence or base_model(run.model).config.mean_recurrence

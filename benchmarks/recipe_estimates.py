@@ -1,0 +1,728 @@
+"""Layouts, parameters, FLOPs, memory and time estimates for the recipes of docs/recipes.md (no weights needed).
+
+Weights cannot be downloaded here, so every model is built from its public architecture numbers (the config
+fields below, each with its source) on the `meta` device and converted with `loopfit.convert.to_looped` to the
+layout of docs/recipes.md. Parameters by component, training FLOPs over the curriculum and inference FLOPs per
+depth come from `loopfit.flops` (the functions `loopfit count` uses). Memory and time are estimates:
+
+- Saved activations are **measured** on this CPU: the model's real layer shapes (3 source layers, layout 1-1-1,
+  a 512-token vocabulary; the vocabulary only matters to the loss, counted apart) wrapped in the trainer's own
+  LoRA (`loopfit.train.student.apply_lora`, r = 16, all linear layers) or left fully trainable, run through the
+  trainer's `Student` forward under bf16 autocast with `num_steps=(0, 2)` at two sequence lengths; every tensor
+  autograd saves (parameters excluded, each storage counted once) is attributed to the prelude, block, adapter or
+  coda layer that saved it. That gives bytes per token and a per-token-free part (bf16 copies of the weights) per
+  layer application, which scale to the full layout, batch and backprop depth. The attention kernel on a GPU may
+  save slightly different tensors than CPU SDPA; the weights and the loss are counted analytically.
+- Training tokens/s are the **measured** H100 rate of the same training step (benchmarks/results/
+  train_throughput_cuda.json: SmolLM2-135M 4-6-4, LoRA + KD, bf16, 16 x 1024) scaled by FLOPs per token: at the
+  achieved FLOP/s of that run (a launch-bound 135M model: a floor for bigger models) and at the FLOP/s the GPU
+  reached while busy (the run's profile: busy 26% of the step), which bigger models approach.
+
+Run: `python -m benchmarks.recipe_estimates` (about a minute on 2 CPU cores; writes
+benchmarks/results/recipe_estimates.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.common import RESULTS, report
+
+GIB = 2**30
+CHUNK = 1024  # tokens per chunk of the fused loss (`--distillation.chunk_size` default)
+LORA_R = 16
+BACKPROP_DEPTH = 8  # the recipes' --backprop_depth (peak activations: k = 8 iterations with gradient)
+MEAN = 8  # the recipes' --mean_recurrence_schedule.max_mean_rec
+WARMUP = 0.25  # ... .warmup (linear ramp of the mean over the first quarter)
+SEQ = 1024  # the recipes' --seq_len
+MICRO_BATCH = 4  # sequences per GPU micro-batch in the memory table
+GPU_GIB = 80 * 10**9 / GIB * 0.9  # an 80 GB H100 with 10% left for the CUDA context and fragmentation
+TOKENS = 1e9  # token budget of the time estimates (GPU-hours per 1B tokens)
+RECIPE_TOKENS = 5000 * 8 * 8 * 4 * SEQ  # docs/recipes.md: 5000 steps x 8 GPUs x batch 8 x accumulation 4 x 1024
+BUSY_FRACTION = 0.26  # docs/benchmarks.md: profile of the bf16 H100 step, GPU busy 26% of the time
+LOSS_CHUNK_TENSORS = 6.1  # fused loss extra memory in chunk-sized fp32 [chunk x V] tensors: 0.286 GiB measured at
+# N = 8192, V = 49152, chunk 256 (benchmarks/results/kd_loss.json, fp32) = 6.1 x 256 x 49152 x 4 bytes
+
+# ----------------------------------------------------------------------------------------------- the models
+# Architecture numbers of each model's config.json. Sources (public repositories, read with the code search):
+#   [tt-qwen3]  pytorch/torchtune torchtune/models/qwen3/_model_builders.py (qwen3_0_6b_*, qwen3_1_7b_*: vocab,
+#               layers, heads, kv heads, hidden, intermediate, tie_word_embeddings=True)
+#   [mt-qwen3]  AI-Hypercomputer/maxtext src/MaxText/utils/ckpt_conversion/utils/hf_model_configs.py
+#               (qwen3_0_6b_config: the HF config, head_dim=128)
+#   [sl-qwen3]  zyzshishui/slime scripts/models/qwen3-0.6B.sh, qwen3-1.7B.sh (--kv-channels 128 = head_dim)
+#   [gemma3]    the HF config.json of google/gemma-3-1b-pt/-it as copied into public test fixtures (hidden 1152,
+#               26 layers, 4 heads, 1 kv head, head_dim 256, intermediate 6912, vocab 262144, sliding window 512
+#               every layer but each 6th, tied); the total checked against keras-team/keras-hub
+#               keras_hub/src/models/gemma3/gemma3_presets.py ("gemma3_1b" params 999,885,952)
+#   [tt-llama]  pytorch/torchtune torchtune/models/llama3_2/_model_builders.py (llama3_2_1b, llama3_2_3b)
+#   [hf-l1b]    kevinstephano/thunder_model_blocks hf_llama/llama_config.py (meta-llama/Llama-3.2-1B-Instruct
+#               config.json: head_dim 64, tie_word_embeddings true)
+#   [hf-l3b]    citsjtu2020/LLM-Prof sglang/Model_Config.md (meta-llama/Llama-3.2-3B config.json: head_dim 128,
+#               tie_word_embeddings true)
+#   [fs2-olmo]  facebookresearch/fairseq2 src/fairseq2/models/olmo2/config.py (OLMO2Config defaults "correspond
+#               to the allenai/OLMo-2-0425-1B model": dim 2048, 16 layers, 16 heads, 16 kv heads, ffn 8192,
+#               vocab 100352, untied)
+#   [tt-smol]   pytorch/torchtune torchtune/models/smol/_model_builders.py and _component_builders.py
+#               (smollm2_360m: 32 layers, 15/5 heads, 960, 2560; smollm2_1_7b: 24, 32/32, 2048, 8192; vocab 49152,
+#               tied)
+# Layouts: the paper's (../shared/REFERENCE.md) where it has one, else prelude ~1/4, block ~1/3 of the layers
+# taken just before the coda (upper middle), coda ~1/4, the few layers between prelude and block dropped.
+MODELS = [
+    {
+        "name": "Qwen3-0.6B",
+        "hf_id": "Qwen/Qwen3-0.6B",
+        "model_type": "qwen3",
+        "config": dict(
+            vocab_size=151936,  # [tt-qwen3] [mt-qwen3]
+            hidden_size=1024,  # [tt-qwen3] [mt-qwen3]
+            intermediate_size=3072,  # [tt-qwen3] [mt-qwen3]
+            num_hidden_layers=28,  # [tt-qwen3] [mt-qwen3]
+            num_attention_heads=16,  # [tt-qwen3] [mt-qwen3]
+            num_key_value_heads=8,  # [tt-qwen3] [mt-qwen3]
+            head_dim=128,  # [mt-qwen3] [sl-qwen3]
+            tie_word_embeddings=True,  # [tt-qwen3] [mt-qwen3]
+            max_position_embeddings=40960,  # [mt-qwen3]
+            rope_theta=1e6,  # [tt-qwen3]
+            rms_norm_eps=1e-6,  # [tt-qwen3]
+        ),
+        "layers": "0-6:11-20:21-27",
+        "layout_note": "7-10-7 (28 layers, 11-20 the upper middle, 7-10 dropped)",
+    },
+    {
+        "name": "Qwen3-1.7B",
+        "hf_id": "Qwen/Qwen3-1.7B",
+        "model_type": "qwen3",
+        "config": dict(
+            vocab_size=151936,  # [tt-qwen3] [sl-qwen3]
+            hidden_size=2048,  # [tt-qwen3] [sl-qwen3]
+            intermediate_size=6144,  # [tt-qwen3] [sl-qwen3]
+            num_hidden_layers=28,  # [tt-qwen3] [sl-qwen3]
+            num_attention_heads=16,  # [tt-qwen3] [sl-qwen3]
+            num_key_value_heads=8,  # [tt-qwen3] [sl-qwen3]
+            head_dim=128,  # [sl-qwen3] (--kv-channels 128)
+            tie_word_embeddings=True,  # [tt-qwen3]
+            max_position_embeddings=40960,  # [tt-qwen3]
+            rope_theta=1e6,  # [tt-qwen3]
+            rms_norm_eps=1e-6,  # [tt-qwen3]
+        ),
+        "layers": "0-6:11-20:21-27",
+        "layout_note": "7-10-7 (28 layers, 7-10 dropped)",
+    },
+    {
+        "name": "Gemma-3-1B (text)",
+        "hf_id": "google/gemma-3-1b-pt",
+        "model_type": "gemma3_text",
+        "config": dict(
+            vocab_size=262144,  # [gemma3]
+            hidden_size=1152,  # [gemma3]
+            intermediate_size=6912,  # [gemma3]
+            num_hidden_layers=26,  # [gemma3]
+            num_attention_heads=4,  # [gemma3]
+            num_key_value_heads=1,  # [gemma3]
+            head_dim=256,  # [gemma3]
+            query_pre_attn_scalar=256,  # [gemma3]
+            sliding_window=512,  # [gemma3]
+            sliding_window_pattern=6,  # [gemma3] (layers 5, 11, 17, 23 global, the rest local)
+            tie_word_embeddings=True,  # [gemma3]
+            max_position_embeddings=32768,  # [gemma3]
+            rope_theta=1e6,  # [gemma3]
+            rope_local_base_freq=10000.0,  # [gemma3]
+            rms_norm_eps=1e-6,  # [gemma3]
+        ),
+        "published_total": 999_885_952,  # keras-team/keras-hub gemma3_presets.py "gemma3_1b"
+        "layers": "0-5:10-19:20-25",
+        "layout_note": "6-10-6 (26 layers, 6-9 dropped; the block holds global layers 11 and 17)",
+    },
+    {
+        "name": "Llama-3.2-1B",
+        "hf_id": "meta-llama/Llama-3.2-1B",
+        "model_type": "llama",
+        "config": dict(
+            vocab_size=128256,  # [tt-llama] [hf-l1b]
+            hidden_size=2048,  # [tt-llama] [hf-l1b]
+            intermediate_size=8192,  # [tt-llama] [hf-l1b]
+            num_hidden_layers=16,  # [tt-llama] [hf-l1b]
+            num_attention_heads=32,  # [tt-llama] [hf-l1b]
+            num_key_value_heads=8,  # [tt-llama] [hf-l1b]
+            head_dim=64,  # [hf-l1b]
+            tie_word_embeddings=True,  # [hf-l1b]
+            max_position_embeddings=131072,  # [tt-llama] [hf-l1b]
+            rope_theta=500000.0,  # [tt-llama] [hf-l1b]
+            rms_norm_eps=1e-5,  # [tt-llama] [hf-l1b]
+        ),
+        "layers": "0-3:6-11:12-15",
+        "untie": True,
+        "layout_note": "4-6-4, the paper's (embeddings untied as in the paper)",
+    },
+    {
+        "name": "Llama-3.2-1B 2-4-2",
+        "hf_id": "meta-llama/Llama-3.2-1B",
+        "same_as": "Llama-3.2-1B",
+        "layers": "0-1:10-13:14-15",
+        "untie": True,
+        "layout_note": "2-4-2, the paper's (layers 2-9 dropped)",
+    },
+    {
+        "name": "Llama-3.2-3B",
+        "hf_id": "meta-llama/Llama-3.2-3B",
+        "model_type": "llama",
+        "config": dict(
+            vocab_size=128256,  # [tt-llama] [hf-l3b]
+            hidden_size=3072,  # [tt-llama] [hf-l3b]
+            intermediate_size=8192,  # [tt-llama] [hf-l3b]
+            num_hidden_layers=28,  # [tt-llama] [hf-l3b]
+            num_attention_heads=24,  # [tt-llama] [hf-l3b]
+            num_key_value_heads=8,  # [tt-llama] [hf-l3b]
+            head_dim=128,  # [hf-l3b]
+            tie_word_embeddings=True,  # [hf-l3b]
+            max_position_embeddings=131072,  # [tt-llama] [hf-l3b]
+            rope_theta=500000.0,  # [tt-llama] [hf-l3b]
+            rms_norm_eps=1e-5,  # [tt-llama] [hf-l3b]
+        ),
+        "layers": "0-6:11-20:21-27",
+        "untie": True,
+        "layout_note": "7-10-7 (28 layers, 7-10 dropped; untied like the paper's Llama-3.2-1B)",
+    },
+    {
+        "name": "OLMo-2-1B",
+        "hf_id": "allenai/OLMo-2-0425-1B",
+        "model_type": "olmo2",
+        "config": dict(
+            vocab_size=100352,  # [fs2-olmo]
+            hidden_size=2048,  # [fs2-olmo]
+            intermediate_size=8192,  # [fs2-olmo]
+            num_hidden_layers=16,  # [fs2-olmo]
+            num_attention_heads=16,  # [fs2-olmo] (head_dim = 2048 / 16 = 128)
+            num_key_value_heads=16,  # [fs2-olmo]
+            tie_word_embeddings=False,  # [fs2-olmo]
+            max_position_embeddings=4096,  # [fs2-olmo]
+            rope_theta=500000.0,  # [fs2-olmo]
+            rms_norm_eps=1e-6,  # [fs2-olmo]
+        ),
+        "layers": "0-3:6-11:12-15",
+        "layout_note": "4-6-4, the paper's (4-5 dropped)",
+    },
+    {
+        "name": "SmolLM2-360M",
+        "hf_id": "HuggingFaceTB/SmolLM2-360M",
+        "model_type": "llama",
+        "config": dict(
+            vocab_size=49152,  # [tt-smol]
+            hidden_size=960,  # [tt-smol]
+            intermediate_size=2560,  # [tt-smol]
+            num_hidden_layers=32,  # [tt-smol]
+            num_attention_heads=15,  # [tt-smol] (head_dim 64)
+            num_key_value_heads=5,  # [tt-smol]
+            tie_word_embeddings=True,  # [tt-smol]
+            max_position_embeddings=8192,  # [tt-smol]
+            rope_theta=100000.0,  # [tt-smol]
+            rms_norm_eps=1e-5,  # [tt-smol]
+        ),
+        "layers": "0-7:12-23:24-31",
+        "layout_note": "8-12-8 (32 layers, 8-11 dropped)",
+    },
+    {
+        "name": "SmolLM2-1.7B",
+        "hf_id": "HuggingFaceTB/SmolLM2-1.7B",
+        "model_type": "llama",
+        "config": dict(
+            vocab_size=49152,  # [tt-smol]
+            hidden_size=2048,  # [tt-smol]
+            intermediate_size=8192,  # [tt-smol]
+            num_hidden_layers=24,  # [tt-smol]
+            num_attention_heads=32,  # [tt-smol] (head_dim 64)
+            num_key_value_heads=32,  # [tt-smol]
+            tie_word_embeddings=True,  # [tt-smol]
+            max_position_embeddings=8192,  # [tt-smol]
+            rope_theta=130000.0,  # [tt-smol]
+            rms_norm_eps=1e-5,  # [tt-smol]
+        ),
+        "layers": "0-5:10-17:18-23",
+        "layout_note": "6-8-6 (24 layers, 6-9 dropped)",
+    },
+]
+# The model the H100 throughput was measured on (docs/benchmarks.md): SmolLM2-135M, 4-6-4; its FLOPs per token
+# recomputed here must equal the benchmark's 1.109822976 GFLOP (a check of the accounting).
+REFERENCE = {
+    "name": "SmolLM2-135M",
+    "model_type": "llama",
+    "config": dict(
+        vocab_size=49152,  # SmolLM2-135M, the model loopfit embeds (README: 30 layers, hidden 576)
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    ),
+    "layers": "0-3:20-25:26-29",
+}
+
+
+def build_config(spec: dict, num_hidden_layers: int | None = None):
+    from transformers import AutoConfig
+
+    kwargs = dict(spec["config"])
+    if num_hidden_layers is not None:
+        kwargs["num_hidden_layers"] = num_hidden_layers
+    cfg = AutoConfig.for_model(spec["model_type"], **kwargs)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def meta_models(spec: dict):
+    """The source model and its looped conversion, both on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from loopfit.convert import parse_layout, to_looped
+
+    cfg = build_config(spec)
+    with torch.device("meta"):
+        src = AutoModelForCausalLM.from_config(cfg)
+        looped = to_looped(src, parse_layout(spec["layers"], cfg.num_hidden_layers),
+                           untie_embeddings=spec.get("untie", False))  # fmt: skip
+    return cfg, src, looped
+
+
+def lora_parameters(looped: nn.Module, r: int = LORA_R) -> dict[str, int]:
+    """LoRA parameters of `all-linear` (every nn.Linear but the LM head, the loop adapter included), r(in + out)
+    each, by component (prelude, block, adapter, coda) and `total`."""
+    dec = looped.model
+    out = {}
+    for name in ("prelude", "block", "adapter", "coda"):
+        mods = getattr(dec, name).modules()
+        out[name] = sum(r * (m.in_features + m.out_features) for m in mods if isinstance(m, nn.Linear))
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---------------------------------------------------------------------------------- measured saved activations
+def measure_activations(spec: dict, lora: bool, lengths=(100, 200)) -> dict:
+    """Bytes autograd saves, by component (prelude, block, adapter, coda, other): per token per application, and the
+    part that does not grow with tokens, split into once per module and once per application.
+
+    A 3-layer copy of the model (layout 1-1-1, real layer shapes, vocabulary 512, uninitialised weights: only
+    shapes matter), with the trainer's LoRA or every parameter trainable, runs the trainer's `Student` forward under
+    bf16 autocast, batch 1: at `num_steps=(0, 2)` for both lengths (a line through the two gives bytes per token and
+    the token-free part) and at `num_steps=(0, 1)` for the shorter (what one more loop iteration adds). The
+    token-free part is the bf16 copies of the weights autocast makes: a frozen weight's copy is saved at every use,
+    a trainable weight's is cached once per forward. The prelude here is one layer, the first: its input needs no
+    gradient, so it saves less than a later prelude layer, which saves what a block layer does.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from loopfit.convert import layout_from_sizes, to_looped
+    from loopfit.train.config import LoRAConfig
+    from loopfit.train.student import Student, apply_lora
+
+    small = {**spec, "config": {**spec["config"], "vocab_size": 512}}
+    cfg = build_config(small, num_hidden_layers=3)
+    with torch.device("meta"):
+        src = AutoModelForCausalLM.from_config(cfg)
+        looped = to_looped(src, layout_from_sizes(3, 1, 1, 1))
+    looped = looped.to_empty(device="cpu")
+    if lora:
+        looped = apply_lora(looped, LoRAConfig(enabled=True, r=LORA_R, lora_alpha=2 * LORA_R))
+    student = Student(looped).train()
+    dec = (looped.get_base_model() if lora else looped).model
+    parts = {"prelude": list(dec.prelude), "block": list(dec.block), "coda": list(dec.coda), "adapter": [dec.adapter]}
+    names = (*parts, "other")
+    where = ["other"]
+
+    def enter(name: str):
+        def hook(*_):
+            where.append(name)
+
+        return hook
+
+    def leave(*_):
+        where.pop()
+
+    hooks = []
+    for name, mods in parts.items():
+        for m in mods:
+            hooks += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave)]
+    param_ptrs = {p.untyped_storage().data_ptr() for p in student.parameters()}
+    quadratic: set = set()
+
+    def saved(length: int, k: int) -> dict[str, int]:
+        seen: dict[int, tuple[str, int]] = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in param_ptrs and ptr not in seen:
+                seen[ptr] = (where[-1], storage.nbytes())
+                if t.dim() >= 2 and t.shape[-1] == length and t.shape[-2] == length:
+                    quadratic.add(tuple(t.shape))  # an attention matrix kept: memory would grow with T^2
+            return t
+
+        ids = torch.randint(0, 512, (1, length))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            keep = student(ids, num_steps=(0, k))
+        del keep
+        sums = dict.fromkeys(names, 0)
+        for name, nbytes in seen.values():
+            sums[name] += nbytes
+        return sums
+
+    (a, b), k = lengths, 2
+    sa, sb, s1 = saved(a, k), saved(b, k), saved(a, 1)
+    for h in hooks:
+        h.remove()
+    res = {}
+    for n in names:
+        looping = n in ("block", "adapter")
+        times = k if looping else 1
+        per_tok = (sb[n] - sa[n]) / (b - a) / times
+        fixed = sa[n] - per_tok * a * times  # token-free bytes at k applications
+        per_app = (sa[n] - s1[n]) - per_tok * a if looping else 0.0  # what one more application adds
+        res[n] = {"per_token": per_tok, "fixed_per_application": per_app, "fixed_once": fixed - times * per_app}
+    res["quadratic_tensors"] = sorted(quadratic)
+    return res
+
+
+def activation_bytes(a: dict, n_p: int, n_b: int, n_c: int, k: int) -> tuple[float, float]:
+    """(bytes per token, token-free bytes) autograd keeps for a layout `n_p`-`n_b`-`n_c` at backprop depth `k`,
+    from `measure_activations`: the first prelude layer as measured, later prelude layers like a block layer run
+    once, each coda layer as measured, the block layers and the adapter `k` times."""
+    blk, ada, pre, coda, other = a["block"], a["adapter"], a["prelude"], a["coda"], a["other"]
+    per_tok = (pre["per_token"] + (n_p - 1) * blk["per_token"] + n_c * coda["per_token"]
+               + k * (n_b * blk["per_token"] + ada["per_token"]) + other["per_token"])  # fmt: skip
+    fixed = (pre["fixed_once"] + (n_p - 1) * (blk["fixed_once"] + blk["fixed_per_application"])
+             + n_c * coda["fixed_once"] + n_b * (blk["fixed_once"] + k * blk["fixed_per_application"])
+             + ada["fixed_once"] + k * ada["fixed_per_application"] + other["fixed_once"])  # fmt: skip
+    return per_tok, fixed
+
+
+# ----------------------------------------------------------------------------------------------- the estimates
+def estimate(spec: dict, acts: dict | None) -> dict:
+    from loopfit.flops import (
+        Curriculum,
+        count_parameters,
+        head_matmul_params,
+        inference_flops_per_token,
+        training_flops,
+    )
+
+    cfg, src, looped = meta_models(spec)
+    sp, p = count_parameters(src), count_parameters(looped)
+    head, src_head = head_matmul_params(looped), head_matmul_params(src)
+    n_teacher = sp["prelude"]  # the source's decoder layers (embeddings and head apart)
+    lay = looped.config
+    n_p, n_b, n_c = len(lay.prelude_layers), len(lay.block_layers), len(lay.coda_layers)
+    # `loopfit count`'s training FLOPs: the sizes it reads (head = the LM head's matmul V x H, counted when tied)
+    fp = {c: p[c] for c in ("prelude", "adapter", "block", "coda")} | {"head": head}
+    cur = Curriculum(mean_recurrence=MEAN, backprop_depth=BACKPROP_DEPTH, shape="linear", warmup=WARMUP)
+    tf = training_flops(fp, TOKENS, cur)
+    at_mean = training_flops(fp, TOKENS, Curriculum(MEAN, BACKPROP_DEPTH, shape="none"))  # the final mean, constant
+    n_end, k_end = at_mean["mean_no_grad_steps"], at_mean["mean_grad_steps"]
+    n_lora = lora_parameters(looped)
+    pl = {c: p[c] + n_lora[c] for c in ("prelude", "block", "adapter", "coda")}
+    it = pl["block"] + pl["adapter"]  # one loop iteration
+
+    def step_flops(n: float, k: float) -> float:
+        """The LoRA + KD step per token as benchmarks/train_throughput.py counts it: 6 N1 + 2 N2 (adapter and
+        LoRA products included), the student head's forward and input gradient (4VH), the teacher's forward with
+        its head (2(N_teacher + VH))."""
+        return 6 * (pl["prelude"] + k * it + pl["coda"]) + 2 * n * it + 4 * head + 2 * (n_teacher + src_head)
+
+    step_avg = step_flops(tf["mean_no_grad_steps"], tf["mean_grad_steps"])
+    row = {
+        "model": spec["name"],
+        "hf_id": spec["hf_id"],
+        "family": cfg.model_type,
+        "source_layers": cfg.num_hidden_layers,
+        "layers": spec["layers"],
+        "layout": f"{n_p}-{n_b}-{n_c}",
+        "layout_note": spec["layout_note"],
+        "untie_embeddings": spec.get("untie", False),
+        "source_parameters": sp,
+        "published_total": spec.get("published_total"),
+        "parameters": p,
+        "lora_parameters": n_lora,
+        "head_matmul": head,
+        "curriculum": dict(mean=MEAN, backprop_depth=BACKPROP_DEPTH, warmup=WARMUP, shape="linear", sampled=True),
+        # loopfit count's numbers (loopfit.flops.training_flops over the curriculum, and at the final mean)
+        "training_flops_per_token_count": tf["flops"] / TOKENS,
+        "training_flops_per_token_at_mean": at_mean["flops"] / TOKENS,
+        "expected_steps_avg": {"no_grad": tf["mean_no_grad_steps"], "grad": tf["mean_grad_steps"]},
+        "expected_steps_at_mean": {"no_grad": n_end, "grad": k_end},
+        "step_flops_per_token_avg": step_avg,
+        "step_flops_per_token_at_mean": step_flops(n_end, k_end),
+        "inference_flops_per_token": {r: inference_flops_per_token(p, r, head) for r in (1, 2, 4, 8, 16, 32)},
+        "source_inference_flops_per_token": inference_flops_per_token(sp, 1, src_head),
+    }
+    # KV cache: K and V of every attention application kept, bf16 (2 bytes; an fp32 model doubles it)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_layer = 2 * cfg.num_key_value_heads * head_dim * 2
+    row["kv_bytes_per_token_per_layer"] = kv_layer
+    row["kv_bytes_per_token"] = {
+        "source": kv_layer * cfg.num_hidden_layers,
+        "compress": kv_layer * (n_p + n_b + n_c),
+        **{f"full_R{r}": kv_layer * (n_p + r * n_b + n_c) for r in (1, 4, 8, 32)},
+    }
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+        kept = lay.prelude_layers + lay.block_layers + lay.coda_layers
+        row["sliding_layers"] = {
+            "window": cfg.sliding_window,
+            "prelude": sum(cfg.layer_types[i] == "sliding_attention" for i in lay.prelude_layers),
+            "block": sum(cfg.layer_types[i] == "sliding_attention" for i in lay.block_layers),
+            "coda": sum(cfg.layer_types[i] == "sliding_attention" for i in lay.coda_layers),
+            "kept": len(kept),
+        }
+    if acts is not None:
+        row["memory"] = memory(cfg, acts, n_p, n_b, n_c, p, sp, n_lora["total"])
+    return row
+
+
+def memory(cfg, acts: dict, n_p: int, n_b: int, n_c: int, p: dict, sp: dict, n_lora: int) -> dict:
+    """GiB per GPU (no sharding): weights as loopfit holds them (fp32 under `--precision bf16` autocast), trainable
+    state (fp32 parameter + gradient + AdamW m and v = 16 bytes each), saved activations at k = 8 (measured
+    coefficients) and the fused loss's chunk working set; with gradient checkpointing an estimate."""
+    loss = LOSS_CHUNK_TENSORS * CHUNK * cfg.vocab_size * 4 / GIB
+    out = {"loss_chunk_gib": loss, "micro_batch": f"{MICRO_BATCH} x {SEQ}", "backprop_depth": BACKPROP_DEPTH}
+    for mode in ("lora", "full"):
+        a = acts[mode]
+        per_tok, fixed = activation_bytes(a, n_p, n_b, n_c, BACKPROP_DEPTH)
+        if mode == "lora":  # frozen student weights are shared with the (same-source) online teacher
+            weights = 4 * (sp["total"] + p["adapter"])  # share_teacher_weights; an untied head shares the tied one
+            trainable = n_lora
+        else:
+            weights = 4 * (sp["total"] + p["total"])  # student and online teacher, both fp32
+            trainable = p["total"]
+        static = (weights + 16 * trainable + fixed) / GIB + loss
+        seq_gib = per_tok * SEQ / GIB
+        # gradient checkpointing (estimate): each checkpointed decoder layer keeps its fp32 input (4 H bytes per
+        # token); the adapter and the rest are not checkpointed; backward rebuilds one layer at a time
+        layers = n_p + n_c + BACKPROP_DEPTH * n_b
+        blk, ada = a["block"], a["adapter"]
+        ck_tok = (layers * 4 * cfg.hidden_size + BACKPROP_DEPTH * ada["per_token"] + a["other"]["per_token"]
+                  + blk["per_token"])  # fmt: skip
+        ck_fixed = (ada["fixed_once"] + BACKPROP_DEPTH * ada["fixed_per_application"] + blk["fixed_once"]
+                    + blk["fixed_per_application"] + (2 * p["total"] if mode == "full" else 0))  # fmt: skip
+        ck_static = (weights + 16 * trainable + ck_fixed) / GIB + loss
+        ck_seq = ck_tok * SEQ / GIB
+        out[mode] = {
+            "weights_gib": weights / GIB,
+            "trainable_parameters": trainable,
+            "optimizer_and_grads_gib": 16 * trainable / GIB,
+            "activation_bytes_per_token": per_tok,
+            "activation_fixed_gib": fixed / GIB,
+            "activations_per_sequence_gib": seq_gib,
+            "total_gib": static + MICRO_BATCH * seq_gib,
+            "max_sequences_80gb": max(0, math.floor((GPU_GIB - static) / seq_gib)),
+            "checkpointing": {
+                "activation_bytes_per_token": ck_tok,
+                "activations_per_sequence_gib": ck_seq,
+                "total_gib": ck_static + MICRO_BATCH * ck_seq,
+                "max_sequences_80gb": max(0, math.floor((GPU_GIB - ck_static) / ck_seq)),
+            },
+        }
+    return out
+
+
+def reference_rate(path: Path) -> dict:
+    """The measured H100 bf16 looped step (train_throughput_cuda.json) and the FLOP/s it stands for."""
+    data = json.loads(path.read_text())
+    row = next(r for r in data["rows"] if r["precision"] == "bf16" and r["system"].startswith("loopfit"))
+    achieved = row["gflop_per_token"] * 1e9 * row["tokens_per_s"]
+    return {
+        "file": str(path),
+        "gpu": data["meta"].get("cuda"),
+        "batch": data["meta"].get("batch"),
+        "tokens_per_s": row["tokens_per_s"],
+        "flops_per_token": row["gflop_per_token"] * 1e9,
+        "achieved_flops": achieved,
+        "busy_flops": achieved / BUSY_FRACTION,
+        "peak_flops": row["peak_gflops"] * 1e9,
+    }
+
+
+def check_reference(rate: dict) -> float:
+    """FLOPs per token of the benchmark's step (R = 4, all under gradient), recomputed with this script's
+    accounting on a meta SmolLM2-135M: it must equal the benchmark's own figure."""
+    from loopfit.flops import count_parameters, head_matmul_params
+
+    _, src, looped = meta_models(REFERENCE)
+    p, sp = count_parameters(looped), count_parameters(src)
+    p = {c: p[c] + n for c, n in lora_parameters(looped).items() if c != "total"}  # the benchmark counts LoRA's
+    head = head_matmul_params(looped)
+    f = 6 * (p["prelude"] + 4 * (p["adapter"] + p["block"]) + p["coda"]) + 4 * head + 2 * (sp["prelude"] + head)
+    if abs(f - rate["flops_per_token"]) > 1e-6 * f:
+        raise SystemExit(f"FLOP accounting differs from the benchmark's: {f} vs {rate['flops_per_token']}")
+    return f
+
+
+def add_time(row: dict, rate: dict) -> None:
+    f = row["step_flops_per_token_avg"]
+    lo, hi = rate["achieved_flops"] / f, rate["busy_flops"] / f
+    row["time"] = {
+        "tokens_per_s_floor": lo,
+        "tokens_per_s_busy": hi,
+        "gpu_hours_per_1b_tokens": [TOKENS / hi / 3600, TOKENS / lo / 3600],
+        "recipe_tokens": RECIPE_TOKENS,
+        "recipe_hours_8_gpus": [RECIPE_TOKENS / hi / 3600 / 8, RECIPE_TOKENS / lo / 3600 / 8],
+    }
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(data: dict) -> str:
+    """The tables of docs/recipes.md, from a results JSON of this script."""
+    ms = data["models"]
+    g = 1e9
+    out = []
+    rows = []
+    for m in ms:
+        p, sp = m["parameters"], m["source_parameters"]
+        emb_head = p["embeddings"] + p["head"]
+        rows.append([
+            m["model"], m["source_layers"], m["layout"], f"`{m['layers']}`", f"{sp['total'] / 1e6:,.1f}",
+            f"{p['total'] / 1e6:,.1f}", f"{p['prelude'] / 1e6:.1f} / {p['block'] / 1e6:.1f} / {p['coda'] / 1e6:.1f}",
+            f"{p['adapter'] / 1e6:.2f}", f"{emb_head / 1e6:.1f}", f"{m['lora_parameters']['total'] / 1e6:.2f}",
+        ])  # fmt: skip
+    out.append(_table(["model", "layers", "layout", "`--layers`", "source params (M)", "looped params (M)",
+                       "prelude / block / coda (M)", "adapter (M)", "embeddings + head (M)", "LoRA r=16 (M)"],
+                      rows))  # fmt: skip
+    rows = []
+    for m in ms:
+        inf = m["inference_flops_per_token"]
+        rows.append([
+            m["model"], f"{m['training_flops_per_token_count'] / g:.2f}",
+            f"{m['training_flops_per_token_at_mean'] / g:.2f}",
+            f"{m['step_flops_per_token_avg'] / g:.2f}", f"{m['source_inference_flops_per_token'] / g:.2f}",
+            " / ".join(f"{inf[str(r)] / g:.2f}" for r in (1, 2, 4, 8, 16, 32)),
+        ])  # fmt: skip
+    out.append(_table(["model", "train GFLOP/token, `loopfit count` (curriculum average)", "... at the final mean 8",
+                       "LoRA + KD step GFLOP/token (time basis)", "source model, inference GFLOP/token",
+                       "looped, inference GFLOP/token at R = 1 / 2 / 4 / 8 / 16 / 32"], rows))  # fmt: skip
+    rows = []
+    for m in ms:
+        mem = m["memory"]
+        lo, fu = mem["lora"], mem["full"]
+        rows.append([
+            m["model"], f"{lo['weights_gib']:.1f}", f"{mem['loss_chunk_gib']:.1f}", f"{lo['activation_fixed_gib']:.1f}",
+            f"{lo['activations_per_sequence_gib']:.2f}", f"{lo['total_gib']:.1f}", lo["max_sequences_80gb"],
+            f"{lo['checkpointing']['total_gib']:.1f}", lo["checkpointing"]["max_sequences_80gb"],
+            f"{fu['weights_gib'] + fu['optimizer_and_grads_gib']:.1f}", f"{fu['total_gib']:.1f}",
+            fu["max_sequences_80gb"],
+            f"{fu['checkpointing']['total_gib']:.1f}", fu["checkpointing"]["max_sequences_80gb"],
+        ])  # fmt: skip
+    out.append(_table(["model", "LoRA: weights", "loss chunk", "activations, fixed", "activations per sequence",
+                       "total at 4 x 1024", "max sequences", "ckpt: total at 4 x 1024", "ckpt: max sequences",
+                       "full FT: weights + AdamW state", "total at 4 x 1024", "max sequences",
+                       "ckpt: total at 4 x 1024", "ckpt: max sequences"], rows))  # fmt: skip
+    rows = []
+    for m in ms:
+        kv = m["kv_bytes_per_token"]
+        rows.append([m["model"], f"{m['kv_bytes_per_token_per_layer'] / 1024:.1f}", f"{kv['source'] / 1024:.0f}",
+                     f"{kv['compress'] / 1024:.0f}", f"{kv['full_R4'] / 1024:.0f}", f"{kv['full_R8'] / 1024:.0f}",
+                     f"{kv['full_R32'] / 1024:.0f}"])  # fmt: skip
+    out.append(_table(["model", "per layer", "source model", "looped, `compress` (any R)", "`full`, R = 4", "R = 8",
+                       "R = 32"], rows))  # fmt: skip
+    rows = []
+    for m in ms:
+        t = m["time"]
+        rows.append([
+            m["model"], f"{m['step_flops_per_token_avg'] / g:.1f}",
+            f"{t['tokens_per_s_floor']:,.0f} - {t['tokens_per_s_busy']:,.0f}",
+            f"{t['gpu_hours_per_1b_tokens'][0]:.0f} - {t['gpu_hours_per_1b_tokens'][1]:.0f}",
+            f"{t['recipe_hours_8_gpus'][0]:.1f} - {t['recipe_hours_8_gpus'][1]:.1f}",
+        ])  # fmt: skip
+    out.append(_table(["model", "step GFLOP/token", "tokens/s per H100 (floor - busy)", "H100-hours per 1B tokens",
+                       "hours on 8 x H100 for 1.31B tokens"], rows))  # fmt: skip
+    return "\n\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=None, help="names to estimate (default: all)")
+    ap.add_argument("--skip_activations", action="store_true", help="no CPU measurement, no memory estimates")
+    ap.add_argument("--rate", default=str(RESULTS / "train_throughput_cuda.json"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", action="store_true", help="print the tables of docs/recipes.md from the JSON")
+    args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out or RESULTS / "recipe_estimates.json").read_text())))
+        return
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import loopfit  # noqa: F401  (registers the looped model)
+
+    rate = reference_rate(Path(args.rate))
+    rate["check_flops_per_token"] = check_reference(rate)
+    specs = {s["name"]: s for s in MODELS}
+    for s in MODELS:
+        if "same_as" in s:
+            s.update({k: v for k, v in specs[s["same_as"]].items() if k not in s and k != "name"})
+    chosen = [s for s in MODELS if args.models is None or s["name"] in args.models]
+    rows, acts_by_arch = [], {}
+    for spec in chosen:
+        arch = spec.get("same_as", spec["name"])
+        if not args.skip_activations and arch not in acts_by_arch:
+            acts_by_arch[arch] = {"lora": measure_activations(spec, lora=True),
+                                  "full": measure_activations(spec, lora=False)}  # fmt: skip
+        row = estimate(spec, acts_by_arch.get(arch))
+        if arch in acts_by_arch:
+            row["activation_measurement"] = copy.deepcopy(acts_by_arch[arch])
+        add_time(row, rate)
+        rows.append(row)
+        print(f"{spec['name']}: done", flush=True)
+    table = []
+    for r in rows:
+        p, m, t = r["parameters"], r.get("memory", {}), r["time"]
+        table.append({
+            "model": r["model"],
+            "--layers": r["layers"],
+            "source M": r["source_parameters"]["total"] / 1e6,
+            "looped M": p["total"] / 1e6,
+            "block M": p["block"] / 1e6,
+            "train GF/tok (count)": r["training_flops_per_token_count"] / 1e9,
+            "step GF/tok": r["step_flops_per_token_avg"] / 1e9,
+            "inf GF/tok R1/R8/R32": "/".join(f"{r['inference_flops_per_token'][d] / 1e9:.2f}" for d in (1, 8, 32)),
+            "KV KiB/tok cmp/R8": f"{r['kv_bytes_per_token']['compress'] / 1024:.0f}/"
+                                 f"{r['kv_bytes_per_token']['full_R8'] / 1024:.0f}",
+            "LoRA GiB @4x1024": m.get("lora", {}).get("total_gib"),
+            "full GiB @4x1024": m.get("full", {}).get("total_gib"),
+            "tok/s H100": f"{t['tokens_per_s_floor']:.0f}-{t['tokens_per_s_busy']:.0f}",
+            "GPU-h/1B": f"{t['gpu_hours_per_1b_tokens'][0]:.1f}-{t['gpu_hours_per_1b_tokens'][1]:.1f}",
+        })  # fmt: skip
+    meta = {
+        "what": "estimates from public config numbers (meta device), loopfit.flops, CPU-measured saved activations "
+        "and the measured H100 rate of train_throughput_cuda.json (SmolLM2-135M); none of these models ran on a GPU",
+        "reference_rate": rate,
+        "seq_len": SEQ,
+        "micro_batch": MICRO_BATCH,
+        "backprop_depth": BACKPROP_DEPTH,
+        "mean_recurrence": MEAN,
+        "warmup": WARMUP,
+        "tokens": TOKENS,
+        "loss_chunk": CHUNK,
+        "loss_chunk_tensors": LOSS_CHUNK_TENSORS,
+        "gpu_budget_gib": GPU_GIB,
+        "busy_fraction": BUSY_FRACTION,
+    }
+    path = report("recipe_estimates", table, meta, out=args.out)
+    data = json.loads(path.read_text())
+    data["models"] = rows
+    from loopfit.io import write_json
+
+    write_json(path, data)
+
+
+if __name__ == "__main__":
+    main()

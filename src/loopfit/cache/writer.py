@@ -69,7 +69,10 @@ class CacheSettings:
         if self.estimator not in ESTIMATORS:
             raise LoopfitError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator}")
         est = self.definition
-        est.check(self, vocab_size)
+        try:
+            est.check(self, vocab_size)
+        except ValueError as e:  # losses/ stands alone; the user-facing error is this layer's
+            raise LoopfitError(str(e)) from None
         if not self.temperature > 0:
             raise LoopfitError(f"--temperature must be > 0, got {self.temperature}")
         if not est.tempered and self.temperature != 1.0:

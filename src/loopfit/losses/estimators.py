@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from loopfit.errors import LoopfitError
 from loopfit.losses.divergences import _LOG_FLOOR
 
 _TAIL_NOISE = -13.815510557964274  # log(1e-6)
@@ -64,7 +63,8 @@ class Estimator:
         raise NotImplementedError
 
     def check(self, settings, vocab_size: int) -> None:
-        """Raise `LoopfitError` for a setting of this estimator out of range (the writer's flags)."""
+        """Raise `ValueError` for a setting of this estimator out of range (the writer's flags; the cache writer
+        reports it as a one-line `LoopfitError`)."""
         raise NotImplementedError
 
     def encode(self, logits: torch.Tensor, settings, generator: torch.Generator | None):
@@ -112,7 +112,7 @@ class TopK(Estimator):
 
     def check(self, settings, vocab_size: int) -> None:
         if not 1 <= settings.top_k <= vocab_size:
-            raise LoopfitError(f"--top_k must be in [1, vocabulary size {vocab_size}], got {settings.top_k}")
+            raise ValueError(f"--top_k must be in [1, vocabulary size {vocab_size}], got {settings.top_k}")
 
     def encode(self, logits, settings, generator):
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -179,7 +179,7 @@ class Sampled(Estimator):
 
     def check(self, settings, vocab_size: int) -> None:
         if not 1 <= settings.samples <= 65535:
-            raise LoopfitError(f"--samples must be in [1, 65535], got {settings.samples}")
+            raise ValueError(f"--samples must be in [1, 65535], got {settings.samples}")
 
     def encode(self, logits, settings, generator):
         logp = torch.log_softmax(logits.float() / settings.temperature, dim=-1)

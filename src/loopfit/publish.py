@@ -18,7 +18,7 @@ import yaml
 import loopfit.models as _models
 
 # The looped model's code, in dependency order; each imports only torch, transformers and the files before it.
-REMOTE_CODE_FILES = ("families.py", "configuration_looped.py", "modeling_looped.py")
+REMOTE_CODE_FILES = ("families.py", "configuration_looped.py", "depth.py", "outputs.py", "modeling_looped.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_looped.LoopedConfig",
     "AutoModel": "modeling_looped.LoopedModel",

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,17 +15,17 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from loopfit.models.configuration_looped import LoopedConfig
+from loopfit.models.depth import parse_num_steps, sample_num_steps
 from loopfit.models.families import decoder_layer_class_names, family_of
+from loopfit.models.outputs import CACHE_FIELD, LoopContext, LoopedCausalLMOutput, LoopedModelOutput
 
 _NOISE_BLOCK = 256  # positions per seeded block of eval-mode state noise
 
 # transformers 5.24 renamed the KV-cache argument of the mask builders and the output field from `past_key_values`
 # to `cache`; older releases in our range only know the old name. Resolved once, from the installed version's API.
 _MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-_OUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -50,37 +48,6 @@ def attention_types(base_config) -> list[str]:
     if bad:
         raise ValueError(f"attention type(s) {bad} of the source model are not supported; supported: {ATTENTION_TYPES}")
     return types
-
-
-def parse_num_steps(num_steps) -> tuple[int, int]:
-    """Normalise `num_steps` (an int R, or a pair `(n_no_grad, k_grad)`) to the pair form."""
-    if isinstance(num_steps, torch.Tensor):
-        num_steps = num_steps.tolist()
-    if isinstance(num_steps, (list, tuple)):
-        if len(num_steps) != 2:
-            raise ValueError(f"num_steps must be an int or a pair (n_no_grad, k_grad), got {num_steps!r}")
-        n, k = int(num_steps[0]), int(num_steps[1])
-    else:
-        n, k = 0, int(num_steps)
-    if n < 0 or k < 0 or n + k < 1:
-        raise ValueError(f"num_steps must give at least one iteration (R >= 1), got {num_steps!r}")
-    return n, k
-
-
-def sample_num_steps(
-    mean: float, backprop_depth: int, generator: torch.Generator | None = None, min_steps: int = 1
-) -> tuple[int, int]:
-    """Draw (n_no_grad, k_grad) from the Poisson-lognormal depth sampler of arXiv:2502.05171 / 2511.07384.
-
-    `rate ~ LogNormal(log(mean) - sigma^2 / 2, sigma = 0.5)`, `R = max(Poisson(rate) + 1, min_steps)`; the last
-    `min(k, R)` iterations keep gradients, with `k = min(backprop_depth, mean)`.
-    """
-    sigma = 0.5
-    mu = math.log(max(mean, 1e-6)) - sigma**2 / 2
-    rate = torch.exp(mu + sigma * torch.randn((), generator=generator, dtype=torch.float64))
-    r = max(int(torch.poisson(rate.reshape(1), generator=generator).item()) + 1, min_steps)
-    k = min(backprop_depth, max(1, math.ceil(mean)), r)
-    return r - k, k
 
 
 class LoopAdapter(nn.Linear):
@@ -110,59 +77,6 @@ class _CacheSlot:
 
     def __getattr__(self, name):
         return getattr(self.cache, name)
-
-
-@dataclass
-class LoopContext:
-    """What every decoder layer of one forward call shares; built by `LoopedModel.prepare`.
-
-    masks: attention mask per attention type (`full_attention`, `sliding_attention`), as the source model builds them.
-    position_embeddings: the rotary `(cos, sin)` pair, each `(batch, seq, head_dim)` (a dict of pairs by attention
-        type where the family's rotary depends on it).
-    position_ids: `(batch or 1, seq)` absolute positions of the current tokens.
-    cache: the KV cache the layers write to (slot rule: `LoopedModel.prelude_slot` / `block_slots` / `coda_slot`),
-        or None.
-    layer_kwargs: further keyword arguments every layer gets (`use_cache`, attention kwargs).
-    """
-
-    masks: dict
-    position_embeddings: tuple
-    position_ids: torch.Tensor
-    cache: Cache | None = None
-    layer_kwargs: dict = field(default_factory=dict)
-
-
-@dataclass
-class LoopedModelOutput(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus the loop's states and the depth that was run.
-
-    last_hidden_state: `(batch, seq, hidden)`, the coda's output after the final norm.
-    states: with `output_states=True`, the recurrent state after each iteration, each `(batch, seq, hidden)`.
-    num_steps: the `(n_no_grad, k_grad)` pair that was run.
-    next_state: with `output_next_state=True`, one more iteration applied (with gradient) to the final state, which
-        the coda does not read: `next_state - state` measures how far the loop is from a fixed point.
-    """
-
-    states: tuple[torch.Tensor, ...] | None = None
-    next_state: torch.Tensor | None = None
-    num_steps: tuple[int, int] | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class LoopedCausalLMOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus `states`, `next_state` and `num_steps` (see `LoopedModelOutput`).
-
-    With `return_hidden=True`, `logits` holds the final normed hidden state `(batch, seq, hidden)` instead.
-    For a mixture-of-experts source with `output_router_logits`: `router_logits`, one `(batch * seq, num_experts)`
-    tensor per router call (every iteration's), and `aux_loss`, the source's load-balancing loss over all of them.
-    """
-
-    states: tuple[torch.Tensor, ...] | None = None
-    next_state: torch.Tensor | None = None
-    num_steps: tuple[int, int] | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    aux_loss: torch.Tensor | None = None
 
 
 class LoopedPreTrainedModel(PreTrainedModel):
@@ -479,7 +393,7 @@ class LoopedModel(LoopedPreTrainedModel):
             states=tuple(states) if output_states else None,
             num_steps=(n_no_grad, k_grad),
             next_state=next_state,
-            **{_OUT_CACHE_FIELD: cache if use_cache else None},
+            **{CACHE_FIELD: cache if use_cache else None},
         )
 
 
@@ -583,7 +497,7 @@ class LoopedForCausalLM(LoopedPreTrainedModel, GenerationMixin):
             states=out.states,
             next_state=out.next_state,
             num_steps=out.num_steps,
-            **{_OUT_CACHE_FIELD: getattr(out, _OUT_CACHE_FIELD)},
+            **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
         )
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:

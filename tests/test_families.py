@@ -144,3 +144,16 @@ def test_layer_analysis_suggests_a_layout_that_converts(family):
     layout = parse_layout(spec, 8)
     looped = to_looped(src, layout).eval()
     assert torch.isfinite(looped(_ids(), num_steps=2).logits).all()
+
+
+def test_llama3_rope_scaling_past_the_original_context():
+    """Llama 3.x rope scaling (`rope_type: llama3`) is the source's own rotary: parity past the original length."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    src = make_tiny_model("llama", rope_parameters=rope)
+    assert src.model.rotary_emb.rope_type == "llama3"
+    x = _ids(2, 48)  # 3 x the original context
+    looped = to_looped(src, layout_from_sizes(6, 2, 2, 2), adapter_init="identity").eval()
+    for depth in (1, 4):
+        torch.testing.assert_close(looped(x, num_steps=depth).logits, src(x).logits, rtol=1e-5, atol=1e-5)
+    assert looped.model.rotary_emb.rope_type == "llama3"

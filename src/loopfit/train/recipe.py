@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from loopfit.data.stream import BatchStream
 from loopfit.errors import LoopfitError
 from loopfit.flops import flop_params, train_flops_per_token
 from loopfit.io import (
@@ -89,48 +90,6 @@ RESUME_MAY_CHANGE = {
 _NOT_RECORDED = ("out", "resume", "overwrite")
 # Keys naming a file or folder: the same path spelled differently (relative, absolute, via a link) is no change.
 _PATH_KEYS = ("model_name", "data", "val_data", "distillation.teacher_model_name", "distillation.teacher_cache")
-
-
-class BatchStream:
-    """Endless, seeded batches; rank r takes its slice of each global batch of a per-epoch permutation.
-
-    The position is (epoch, samples consumed globally in the epoch), which does not depend on the world size: a
-    checkpoint written by 2 ranks with batch b resumes on 1 rank with batch 2b at exactly the same data.
-    """
-
-    def __init__(self, dataset, batch_size: int, seed: int, d: Dist):
-        self.dataset, self.batch_size, self.seed, self.rank = dataset, batch_size, seed, d.rank
-        self.global_batch = batch_size * d.world_size
-        self.per_epoch = len(dataset) // self.global_batch  # the incomplete last global batch is dropped
-        self.epoch, self.consumed = 0, 0
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def _permutation(self) -> torch.Tensor:
-        if self._perm is None or self._perm[0] != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._perm = (self.epoch, torch.randperm(len(self.dataset), generator=g))
-        return self._perm[1]
-
-    def next(self) -> dict:
-        from torch.utils.data import default_collate
-
-        if self.consumed >= self.per_epoch:
-            self.epoch, self.consumed = self.epoch + 1, 0
-        start = self.consumed * self.global_batch + self.rank * self.batch_size
-        idx = self._permutation()[start : start + self.batch_size].tolist()
-        self.consumed += 1
-        return default_collate([self.dataset[i] for i in idx])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "samples": self.consumed * self.global_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["samples"] % self.global_batch:
-            raise LoopfitError(
-                f"the checkpoint stopped {state['samples']} samples into an epoch, not a multiple of this run's global "
-                f"batch ({self.global_batch}); resume with a global batch (batch_size x ranks) that divides it"
-            )
-        self.epoch, self.consumed = state["epoch"], state["samples"] // self.global_batch
 
 
 @dataclass
@@ -277,7 +236,7 @@ def setup(cfg: TrainConfig) -> Run | None:
         cache.check_compatible(tokenizer_hash(tokenizer), data.data_hash, dc.temperature)
         train_set = TeacherTargetsDataset(data.train, cache)
         info["teacher_cache"] = {"folder": str(dc.teacher_cache), "estimator": cache.estimator}
-    stream = BatchStream(train_set, cfg.batch_size, cfg.seed, d)
+    stream = BatchStream(train_set, cfg.batch_size, cfg.seed, d.rank, d.world_size)
     depth = DepthSchedule.from_config(cfg, getattr(base_model(model).config, "mean_recurrence", 1))
 
     run = Run(cfg, out, d, device, model, student, teacher, tokenizer, trainable, stream, val_set, depth,

@@ -311,6 +311,9 @@ def _patched_command(monkeypatch, exc: BaseException) -> None:
         raise exc
 
     monkeypatch.setattr(loopfit.generate, "generate_command", failing)
+    import loopfit.cli
+
+    monkeypatch.setattr(loopfit.cli, "generate_command", failing)  # the name the CLI imported
 
 
 def test_known_library_failures_become_one_line(monkeypatch, capsys):

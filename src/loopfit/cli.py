@@ -5,7 +5,20 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from loopfit.analysis import analyze_command
+from loopfit.cache.commands import cache_teacher_command, verify_cache_command
+from loopfit.convert import convert_command
+from loopfit.data.prepare import prepare_command
+from loopfit.data.sources import read_text
+from loopfit.errors import LoopfitError
+from loopfit.evaluate import eval_command
+from loopfit.flops import count_command
+from loopfit.generate import generate_command
+from loopfit.gsm8k import gsm8k_command
+from loopfit.pipeline import DemoConfig, demo
+from loopfit.sweep import sweep_command
+from loopfit.train.commands import export_command, train_command
+from loopfit.train.config import field_docs
 
 
 def dataclass_command(cls, run, summary: str):
@@ -15,8 +28,6 @@ def dataclass_command(cls, run, summary: str):
     import inspect
     import typing
     from dataclasses import MISSING, fields
-
-    from loopfit.train.config import field_docs
 
     def command(**kwargs):
         return run(cls(**kwargs))
@@ -40,19 +51,6 @@ def dataclass_command(cls, run, summary: str):
 
 
 def _commands() -> dict:
-    # Imported here so `loopfit --help` lists every subcommand while library imports stay lazy elsewhere.
-    from loopfit.analysis import analyze_command
-    from loopfit.cache.commands import cache_teacher_command, verify_cache_command
-    from loopfit.convert import convert_command
-    from loopfit.data.prepare import prepare_command
-    from loopfit.evaluate import eval_command
-    from loopfit.flops import count_command
-    from loopfit.generate import generate_command
-    from loopfit.gsm8k import gsm8k_command
-    from loopfit.pipeline import DemoConfig, demo
-    from loopfit.sweep import sweep_command
-    from loopfit.train.commands import export_command, train_command
-
     return {
         "demo": dataclass_command(
             DemoConfig,
@@ -134,8 +132,6 @@ def check_config_files(argv: list[str]) -> None:
     say that some input did not decode."""
     from pathlib import Path
 
-    from loopfit.data.sources import read_text
-
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
         if name == "--config" and not eq and i + 1 < len(argv):
@@ -156,12 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     `loopfit: error: ...` and exits 2; anything else prints one line with a hint and exits 1. With
     `LOOPFIT_DEBUG=1` the full traceback is shown as well.
     """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before any tokenizer runs: no fork warnings
     import argparse
     import traceback
 
     from jsonargparse import CLI
-
-    from loopfit.errors import LoopfitError
 
     argv = repeated_flags_append(sys.argv[1:] if argv is None else list(argv))
     debug = bool(os.environ.get(DEBUG_ENV))

@@ -8,8 +8,10 @@ import os
 import torch
 from transformers import PreTrainedModel
 
-from loopfit.errors import LoopfitError
+from loopfit.errors import LoopfitError, check_output
+from loopfit.io import atomic_dir
 from loopfit.layout import Layout, _format_indices, layout_from_sizes, parse_layout, validate_layout  # noqa: F401
+from loopfit.loading import load_config, load_model, load_tokenizer, resolve_model_path
 from loopfit.models import LoopedConfig, LoopedForCausalLM
 from loopfit.models.families import FAMILIES, family_of
 from loopfit.publish import set_default_depth, write_model_card, write_remote_code
@@ -139,9 +141,6 @@ def convert_command(
         remote_code: also write the looped model's code and `auto_map` into `out`, so that people without loopfit
             load it with `trust_remote_code=True` (a static model needs none).
     """
-    from loopfit.errors import check_output
-    from loopfit.io import atomic_dir
-    from loopfit.loading import load_config, load_model, load_tokenizer, resolve_model_path
 
     if out is None:
         raise LoopfitError("--out is required")

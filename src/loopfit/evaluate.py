@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from loopfit.errors import LoopfitError
+from loopfit.data.dataset import check_sources
+from loopfit.errors import LoopfitError, check_count, check_output
+from loopfit.io import atomic_file, write_json
+from loopfit.loading import check_seq_len, load_model, load_tokenizer
 
 DEFAULT_DEPTHS = [1, 2, 4, 8, 16, 32, 64]
 _TEXT_SUFFIXES = {".txt", ".md", ".text"}
@@ -170,8 +173,6 @@ def plot_sweep(result: dict, path: str, title: str | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from loopfit.io import atomic_file
-
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(result["depths"], result["loss"], "o-", label="looped")
     if result.get("baseline_loss") is not None:
@@ -215,9 +216,6 @@ def eval_command(
         limit_tokens: evaluate on at most this many tokens of --data (the first ones).
         seed: seed of the training/validation split (with --val_fraction).
     """
-    from loopfit.errors import check_count, check_output
-    from loopfit.io import write_json
-    from loopfit.loading import check_seq_len, load_model, load_tokenizer
 
     if data is None:
         raise LoopfitError("--data is required")
@@ -229,7 +227,6 @@ def eval_command(
     depths = parse_depths(depths, DEFAULT_DEPTHS)
     check_output("json", json)
     check_output("plot", plot)
-    from loopfit.data.dataset import check_sources
 
     check_sources(data)
     tok = load_tokenizer(model)

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from loopfit.errors import LoopfitError
+from loopfit.errors import LoopfitError, check_count, check_number, check_output
+from loopfit.evaluate import parse_depths
+from loopfit.io import atomic_file, write_json
+from loopfit.loading import load_model
 from loopfit.models.families import family_of
 from loopfit.train.config import MeanRecurrenceSchedule
 from loopfit.train.schedules import DepthSchedule
@@ -223,8 +226,6 @@ def plot_vs_flops(results: dict, flops: list[float], path: str, baseline_flops: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from loopfit.io import atomic_file
-
     key = "accuracy" if "accuracy" in results else "loss"
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(flops, results[key], "o-", label="looped")
@@ -283,10 +284,6 @@ def count_command(
         json: write the counts and FLOPs here.
         plot: PNG of accuracy (or loss) from --results against inference FLOPs per token.
     """
-    from loopfit.errors import check_count, check_number, check_output
-    from loopfit.evaluate import parse_depths
-    from loopfit.io import write_json
-    from loopfit.loading import load_model
 
     if plot is not None and results is None:
         raise LoopfitError("--plot needs --results (a depth-sweep or gsm8k JSON)")

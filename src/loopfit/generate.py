@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from loopfit.data.chat import format_prompt  # noqa: F401  (re-exported)
-from loopfit.errors import LoopfitError
+from loopfit.errors import LoopfitError, check_count, check_number
+from loopfit.loading import load_model, load_tokenizer
 
 
 @torch.inference_mode()
@@ -79,8 +80,6 @@ def generate_command(
         min_steps: adaptive exit: never stop before this many iterations.
         check_every: adaptive exit: check the criterion every this many iterations.
     """
-    from loopfit.errors import check_count, check_number
-    from loopfit.loading import load_model, load_tokenizer
 
     check_count("num_steps", num_steps)
     check_count("max_new_tokens", max_new_tokens)

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 
-from loopfit.errors import LoopfitError
+from loopfit.data.sources import read_documents
+from loopfit.errors import LoopfitError, check_count, check_output
+from loopfit.evaluate import parse_depths
+from loopfit.io import atomic_file, write_json
+from loopfit.loading import load_model, load_tokenizer
 
 INSTRUCTION = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
 STOP_STRINGS = ["\nQuestion:", "Question:", "<|im_end|>", "</s>"]
@@ -83,7 +87,6 @@ class Problem:
 
 def read_problems(path: str, limit: int | None = None) -> list[Problem]:
     """GSM8K records (`question`, `answer`) from a JSONL/Parquet file or HF dataset folder."""
-    from loopfit.data.sources import read_documents
 
     problems = [Problem(d.prompt, d.response) for d in read_documents(path, format="gsm8k", limit=limit)]
     bad = [i for i, p in enumerate(problems) if p.gold is None]
@@ -166,8 +169,6 @@ def plot_accuracy(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from loopfit.io import atomic_file
-
     fig, ax = plt.subplots(figsize=(6, 4))
     d, acc = result["depths"], result["accuracy"]
     lo = [a - c[0] for a, c in zip(acc, result["ci95"])]
@@ -224,10 +225,6 @@ def gsm8k_command(
         outputs: per-question outputs (JSONL); default: beside --json with the suffix `.outputs.jsonl`.
         seed: seeds the choice of few-shot examples.
     """
-    from loopfit.errors import check_count, check_output
-    from loopfit.evaluate import parse_depths
-    from loopfit.io import atomic_file, write_json
-    from loopfit.loading import load_model, load_tokenizer
 
     if data is None:
         raise LoopfitError("--data is required")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
+from loopfit.cache.reader import TeacherCache, TeacherTargetsDataset
 from loopfit.errors import LoopfitError
 from loopfit.train.config import DistillationConfig
 from loopfit.train.student import Student, base_model, build_objective, is_looped, objective_loss
@@ -101,7 +102,6 @@ class DistillationTrainer(Trainer):
 
     def _use_cache(self, dcfg: DistillationConfig, vocab: int) -> str:
         """Check the teacher cache and add its targets to the training rows; returns its estimator."""
-        from loopfit.cache.reader import TeacherCache, TeacherTargetsDataset
 
         cache = TeacherCache(dcfg.teacher_cache)
         cache.verify()  # every shard's checksum, before any step

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from loopfit import __version__
 from loopfit.errors import LoopfitError
 
 MARKER = ".loopfit.json"
@@ -98,7 +99,6 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
 
 def write_marker(folder: str | os.PathLike, kind: str, files: dict | None = None, **info) -> None:
     """Write (and fsync) the marker of `folder`: `kind` says what the folder is; `files` their checksums."""
-    from loopfit import __version__
 
     marker = {"written_by": "loopfit", "kind": kind, "version": __version__,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}  # fmt: skip

@@ -18,6 +18,7 @@ from lm_eval.models.huggingface import HFLM
 
 import loopfit.models  # noqa: F401  (registers the looped model type with the Auto classes)
 from loopfit.errors import LoopfitError
+from loopfit.loading import resolve_model_path
 
 
 @register_model("loopfit")
@@ -27,7 +28,6 @@ class LoopfitLM(HFLM):
     plus any `hf` model argument. A plain HF model works too (the depth is then ignored)."""
 
     def __init__(self, pretrained: str, num_steps: int | None = None, cache_mode: str | None = None, **kwargs) -> None:
-        from loopfit.loading import resolve_model_path
 
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("backend", "causal")  # lm-eval cannot tell from a `looped` config

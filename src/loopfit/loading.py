@@ -136,8 +136,6 @@ def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = torch.
     """Load a causal LM (plain HF or looped) from any accepted model name, on CPU, in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    import loopfit.models  # noqa: F401  (registers the looped model type with the Auto classes)
-
     path = resolve_model_path(name)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
@@ -151,8 +149,6 @@ def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = torch.
 def load_config(name: str | os.PathLike):
     """The model's config alone (no weights): for checks that must run before the slow weight load."""
     from transformers import AutoConfig
-
-    import loopfit.models  # noqa: F401
 
     path = resolve_model_path(name)
     try:

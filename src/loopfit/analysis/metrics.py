@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from loopfit.data import document_text, read_documents
+from loopfit.models.families import family_of
+
 
 @dataclass
 class LayerStats:
@@ -54,7 +57,6 @@ def residual_streams(
     HF's `hidden_states` tuple ends with the *normed* output of the last layer; we take that entry instead from the
     input of the final norm (a forward pre-hook), so the last layer is compared on the same footing as the others.
     """
-    from loopfit.models.families import family_of
 
     family = family_of(model.config)
     decoder = family.decoder(model)
@@ -100,7 +102,6 @@ def calibration_batches(
     when the tokenizer adds one), so a window is ordinary running text; only a final, short window is padded.
     Stops early, with fewer samples, if the source runs out.
     """
-    from loopfit.data import read_documents
 
     docs = read_documents(data)  # raises here, not at the first batch, for a missing source
     # Built whole now (a few hundred windows at most), so that an unreadable document fails before any progress
@@ -109,7 +110,6 @@ def calibration_batches(
 
 
 def _windows(tokenizer, docs, num_samples: int, seq_len: int, batch_size: int, chat: bool):
-    from loopfit.data import document_text
 
     bos = tokenizer("").input_ids[:1] if tokenizer.bos_token_id is not None else []
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

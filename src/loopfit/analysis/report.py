@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 
 from loopfit.analysis.zones import DROP_THRESHOLD, ZONES, LayerAnalysis, analyze, check_args, envelope
-from loopfit.errors import LoopfitError
+from loopfit.data import read_documents
+from loopfit.errors import LoopfitError, check_output
+from loopfit.io import atomic_file, write_json
+from loopfit.loading import check_seq_len, load_model, load_tokenizer
 
 
 def _role(analysis: LayerAnalysis, i: int) -> str:
@@ -44,8 +47,6 @@ def save_plot(analysis: LayerAnalysis, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from loopfit.io import atomic_file
 
     n = len(analysis.zones)
     layers = list(range(n))
@@ -109,16 +110,11 @@ def analyze_command(
     """
     import time
 
-    from loopfit.errors import check_output
-    from loopfit.io import write_json
-    from loopfit.loading import check_seq_len, load_model, load_tokenizer
-
     check_args(num_samples, seq_len, batch_size, target_recurrent_size)
     for flag, path in (("json", json), ("plot", plot)):
         if path is not None and os.path.isdir(path):
             raise LoopfitError(f"--{flag} {path} is a folder; give a file path")
         check_output(flag, path)
-    from loopfit.data import read_documents
 
     read_documents(data)  # a missing or unreadable source fails now, before the model loads
     tokenizer = load_tokenizer(model)

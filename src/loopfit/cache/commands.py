@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from loopfit.cache.reader import TeacherCache
+from loopfit.cache.writer import CacheSettings, check_cache_output, write_cache
+from loopfit.data import build_dataset, tokenizer_hash
 from loopfit.errors import LoopfitError
+from loopfit.loading import load_model, load_tokenizer
 
 
 def cache_teacher_command(
@@ -54,10 +58,6 @@ def cache_teacher_command(
     """
     from pathlib import Path
 
-    from loopfit.cache.writer import CacheSettings, check_cache_output, write_cache
-    from loopfit.data import build_dataset, tokenizer_hash
-    from loopfit.loading import load_model, load_tokenizer
-
     if teacher is None:
         raise LoopfitError("--teacher is required")
     if out is None:
@@ -90,7 +90,6 @@ def verify_cache_command(cache: str) -> None:
     Args:
         cache: the cache folder written by `loopfit cache-teacher`.
     """
-    from loopfit.cache.reader import TeacherCache
 
     summary = TeacherCache(cache).verify()
     print(

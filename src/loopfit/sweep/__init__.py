@@ -19,10 +19,13 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from loopfit.errors import LoopfitError
+from loopfit.io import write_json
 from loopfit.sweep.budget import Probe, plan_steps, probe_run, speed_signature
 from loopfit.sweep.grid import METRICS, SweepRun, build_runs, parse_grid
+from loopfit.sweep.plots import plot_curves, plot_knobs, plot_pareto
 from loopfit.sweep.results import GSM8KSpec, check_same_config, collect, final_mean, training_curve
 from loopfit.train.config import TrainConfig, field_docs
+from loopfit.train.recipe import config_dict, train
 
 __all__ = ["run_sweep", "sweep", "sweep_command"]
 
@@ -53,7 +56,6 @@ def run_sweep(
     gsm8k: GSM8KSpec | None = None,
 ) -> list[dict]:
     """Train (or resume, or skip when finished) every run in order; return their `sweep.json` entries."""
-    from loopfit.train.recipe import train
 
     deadline = time.monotonic() + budget_minutes * 60 if budget_minutes is not None else None
     probes: dict[str, Probe] = {}
@@ -113,8 +115,6 @@ def run_sweep(
 
 def write_outputs(entries: list[dict], runs: list[SweepRun], axes, out: Path, meta: dict) -> None:
     """`sweep.json` and the figures."""
-    from loopfit.io import write_json
-    from loopfit.sweep.plots import plot_curves, plot_knobs, plot_pareto
 
     lower = meta["metric"] == "val_loss"
     done = [e for e in entries if e.get("metric") is not None]
@@ -175,7 +175,6 @@ def sweep(
     gsm8k_max_new_tokens: int = 256,
 ) -> list[dict]:
     """Validate everything, run the grid under `base.out`, write sweep.json and the figures; return the entries."""
-    from loopfit.train.recipe import config_dict
 
     if base.out is None:
         raise LoopfitError("--out is required (the sweep folder)")

@@ -10,8 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopfit.flops import train_flops_per_token, training_flops
 from loopfit.sweep.grid import SPEED_NEUTRAL, flatten
 from loopfit.train.config import TrainConfig
+from loopfit.train.distributed import cleanup
+from loopfit.train.recipe import config_dict, fit, setup, validate
 
 
 # ----------------------------------------------------------------------------------------------- the budget
@@ -41,9 +44,6 @@ def plan_steps(seconds: float, probe: Probe, overhead_s: float, cap: int | None)
 
 def probe_run(cfg: TrainConfig, folder: Path, steps: int = 3) -> Probe:
     """Train `steps` steps of `cfg` in a scratch folder (deleted after) and time it, the last steps only."""
-    from loopfit.flops import train_flops_per_token, training_flops
-    from loopfit.train.distributed import cleanup
-    from loopfit.train.recipe import fit, setup, validate
 
     pc = copy.deepcopy(cfg)
     pc.out, pc.max_steps, pc.save_every, pc.eval_every = str(folder), steps, 0, 0
@@ -78,7 +78,6 @@ def probe_run(cfg: TrainConfig, folder: Path, steps: int = 3) -> Probe:
 
 def speed_signature(cfg: TrainConfig) -> str:
     """The config without the keys that leave a step's cost unchanged (runs with equal signatures share a probe)."""
-    from loopfit.train.recipe import config_dict
 
     flat = flatten(config_dict(cfg))
     return json.dumps({k: v for k, v in flat.items() if not SPEED_NEUTRAL.match(k)}, sort_keys=True)

@@ -7,15 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loopfit.errors import LoopfitError
+from loopfit.gsm8k import build_prompt, evaluate_depth, read_problems
+from loopfit.io import write_json
+from loopfit.loading import load_model, load_tokenizer, resolve_model_path
 from loopfit.sweep.grid import SWEEP_SET, SweepRun, flatten
 from loopfit.train.config import TrainConfig
+from loopfit.train.recipe import config_dict
 from loopfit.train.schedules import DepthSchedule
 
 
 # ---------------------------------------------------------------------------------------------- the results
 def final_mean(cfg: TrainConfig) -> int | None:
     """The depth the trainer's final validation uses, `DepthSchedule.final_mean` (None for a plain student)."""
-    from loopfit.loading import resolve_model_path
 
     path = Path(resolve_model_path(cfg.model_name)) / "config.json"
     conf = json.loads(path.read_text()) if path.is_file() else {}
@@ -39,7 +42,6 @@ def training_curve(run_dir: Path, cfg: TrainConfig) -> list[dict]:
 
 def load_trained(run_dir: Path, cfg: TrainConfig):
     """The trained student of a finished run (LoRA merged), in eval mode."""
-    from loopfit.loading import load_model
 
     final = run_dir / "final"
     if (final / "adapter_config.json").is_file():
@@ -61,9 +63,6 @@ class GSM8KSpec:
 
 def gsm8k_metric(run_dir: Path, cfg: TrainConfig, depth: int | None, spec: GSM8KSpec) -> float:
     """Zero-shot GSM8K accuracy (flexible extraction) of a finished run at `depth`; cached in the run folder."""
-    from loopfit.gsm8k import build_prompt, evaluate_depth, read_problems
-    from loopfit.io import write_json
-    from loopfit.loading import load_tokenizer
 
     key = {"data": str(Path(spec.data).resolve()), "limit": spec.limit, "depth": depth,
            "max_new_tokens": spec.max_new_tokens}  # fmt: skip
@@ -102,8 +101,6 @@ def collect(run: SweepRun, metric: str, depth: int | None, spec: GSM8KSpec | Non
 def check_same_config(run: SweepRun, stored_yaml: Path) -> dict:
     """The stored config of an existing run folder; refuse to reuse it if the run would differ."""
     import yaml
-
-    from loopfit.train.recipe import config_dict
 
     stored = yaml.safe_load(stored_yaml.read_text()) or {}
     a, b = flatten(stored), flatten(config_dict(run.cfg))

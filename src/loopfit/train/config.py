@@ -308,7 +308,7 @@ class TrainConfig:
     """`true`: continue the run in `out` from its newest intact checkpoint (a finished run exits without changes;
     no run there is an error); `auto`: the same, or start the run when `out` holds none. The flags must equal the
     run's `config.yaml` except those that only extend or observe it (`RESUME_MAY_CHANGE` in
-    `loopfit.train.recipe`: max_steps, max_minutes, save_every, keep_last, logging, eval cadence, ...), which are
+    `loopfit.train.resume`: max_steps, max_minutes, save_every, keep_last, logging, eval cadence, ...), which are
     recorded in `out/resumes.json`."""
     overwrite: bool = False
     """Replace an existing run folder (only one loopfit wrote) instead of refusing. Everything is loaded and checked

@@ -1,22 +1,18 @@
 """The training recipe, top to bottom: `setup` (config, models, data, optimizer, resume), `fit` (the step loop),
 `validate` (held-out loss at given depths), `save_final` (HF folder + done marker). `train` runs all four.
 
-Nothing is replaced before every input is checked and loaded. A new run folder is built beside `out` and renamed
-into place; `--overwrite=true` sets the old folder aside (`.old-<name>-<pid>`) until the new run's first checkpoint
-and puts it back if the new run fails before then. `--resume` compares the flags with the run's config first
-(`RESUME_MAY_CHANGE` lists what may differ) and never rewrites `config.yaml`.
+Nothing is replaced before every input is checked and loaded; what happens to the run folder (start, replace,
+resume, the comparison a resume makes) is `resume.py`'s, a run's state and its checkpoints are `state.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,26 +22,23 @@ from torch import nn
 from loopfit.data.stream import BatchStream
 from loopfit.errors import LoopfitError
 from loopfit.flops import flop_params, train_flops_per_token
-from loopfit.io import (
-    MARKER,
-    atomic_dir,
-    check_replaceable,
-    discard_old,
-    install_dir,
-    remove_leftovers,
-    restore_old,
-    seal,
-    temp_dir_for,
-    verify_dir,
-    write_json,
-)
-from loopfit.losses.objective import Objective, Terms
+from loopfit.io import atomic_dir, remove_leftovers, write_json
+from loopfit.losses.objective import Terms
 from loopfit.train import checkpoint as ckpt
 from loopfit.train.config import TrainConfig
-from loopfit.train.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
+from loopfit.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
 from loopfit.train.metrics import MetricsLogger, measure_matmul_peak
-from loopfit.train.optim import build_optimizers
-from loopfit.train.schedules import DepthSchedule, lr_factor, lr_scheduler
+from loopfit.train.resume import (
+    DONE,
+    check_same_data,
+    config_dict,
+    create_run_folder,
+    plan,
+    record_resume,
+    undo_replacement,
+)
+from loopfit.train.schedules import DepthSchedule, lr_factor
+from loopfit.train.state import Run, enter_stage, restore, save_checkpoint, stage_of
 from loopfit.train.student import (
     Student,
     apply_lora,
@@ -55,82 +48,6 @@ from loopfit.train.student import (
     objective_loss,
     share_teacher_weights,
 )
-
-DONE = "done.json"
-RESUMES = "resumes.json"
-
-# What a resume may change, and why each cannot alter a step already taken or the computation of the next ones
-# (beyond the length of the run). Everything else must equal the run's config: `config.yaml` with the changes that
-# earlier resumes recorded in `resumes.json` applied. Allowed changes are recorded there too, never in config.yaml.
-RESUME_MAY_CHANGE = {
-    "out": "the same folder, perhaps spelled differently",
-    "resume": "how this process was started",
-    "overwrite": "how this process was started",
-    "max_steps": "extends or shortens the run (the lr schedule and the curricula follow the new length)",
-    "max_minutes": "this process's time budget",
-    "save_every": "checkpoint cadence",
-    "keep_last": "checkpoints kept",
-    "log_every": "logging cadence",
-    "progress_bar": "display",
-    "tensorboard": "logging sink",
-    "wandb": "logging sink",
-    "wandb_project": "logging sink",
-    "eval_every": "validation cadence (validation never changes the weights)",
-    "eval_num_steps": "extra depths of the final validation",
-    "nan_policy": "what to do after a non-finite step (recovering a run that stopped on one)",
-    "gradient_checkpointing": "recomputation instead of storage: the same gradients",
-    "distillation.chunk_size": "chunking of the fused loss: the same loss",
-    # Layout: free as long as the sequences per optimizer step (batch_size x ranks x accumulation) stay the same,
-    # which `_compare_with_run` checks separately (a 2-rank run may resume on 1 rank with twice the batch).
-    "device": "where the same computation runs",
-    "parallel": "how ranks share the same global batch",
-    "batch_size": "layout of the same global batch",
-    "gradient_accumulation_steps": "layout of the same global batch",
-}
-_NOT_RECORDED = ("out", "resume", "overwrite")
-# Keys naming a file or folder: the same path spelled differently (relative, absolute, via a link) is no change.
-_PATH_KEYS = ("model_name", "data", "val_data", "distillation.teacher_model_name", "distillation.teacher_cache")
-
-
-@dataclass
-class Run:
-    """Everything a run holds between `setup` and `save_final`."""
-
-    cfg: TrainConfig
-    out: Path
-    d: Dist
-    device: torch.device
-    model: nn.Module  # PEFT wrapper or plain HF model: what is saved
-    student: nn.Module  # `Student(model)`, possibly DDP-wrapped: what is called
-    teacher: nn.Module | None
-    tokenizer: object
-    trainable: list[tuple[str, nn.Parameter]]
-    stream: BatchStream
-    val_set: object
-    depth: DepthSchedule
-    logger: MetricsLogger
-    looped: bool
-    objective: Objective | None = None  # the whole loss, built once in `setup`
-    optimizers: list = field(default_factory=list)
-    schedulers: list = field(default_factory=list)
-    step: int = 0
-    stage: int = -1
-    flops_params: dict = field(default_factory=dict)
-    peak_flops: float = 0.0
-    info: dict = field(default_factory=dict)
-    aside: Path | None = None  # the replaced run folder, kept until this run's first checkpoint (--overwrite)
-    saved_step: int | None = None  # step of the newest checkpoint written or restored
-
-    @property
-    def depth_gen(self) -> torch.Generator:
-        """The depth sampler's generator (saved in checkpoints)."""
-        return self.depth.generator
-
-    @property
-    def autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------- setup
@@ -153,7 +70,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     if d.is_main:
         remove_leftovers(out)
     barrier(d)
-    mode, changed = _plan(cfg, out, d)
+    mode, changed = plan(cfg, out, d)
     if mode == "finished":
         if d.is_main:
             print(f"run {out} already finished (step {json.loads((out / DONE).read_text())['step']}); nothing to do")
@@ -227,7 +144,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     if len(data.train) < cfg.batch_size * d.world_size:
         raise LoopfitError(f"only {len(data.train)} training rows: fewer than one global batch")
     if mode == "resume":
-        _check_same_data(out, data.manifest)
+        check_same_data(out, data.manifest)
     train_set = data.train
     if cache is not None:
         from loopfit.cache.reader import TeacherTargetsDataset
@@ -246,16 +163,16 @@ def setup(cfg: TrainConfig) -> Run | None:
     resume_step = keep_lines = None
     if mode == "resume":
         if found is not None:
-            keep_lines = _restore(run, *found)
+            keep_lines = restore(run, *found)
         elif d.is_main:
             print(f"no checkpoint yet in {out}: starting the run from step 0", file=sys.stderr)
         resume_step = run.step
         if d.is_main:
-            _record_resume(out, run, found[0].name if found else None, changed)
+            record_resume(out, run, found[0].name if found else None, changed)
     elif d.is_main:
         # Everything is loaded and checked: only now is the run folder made (and an old one set aside).
         sequences = cfg.batch_size * d.world_size * cfg.gradient_accumulation_steps
-        run.aside = _create_run_folder(out, cfg, data.manifest, sequences, keep_old=mode == "replace")
+        run.aside = create_run_folder(out, cfg, data.manifest, sequences, keep_old=mode == "replace")
     barrier(d)
     try:
         run.logger = MetricsLogger(
@@ -268,7 +185,7 @@ def setup(cfg: TrainConfig) -> Run | None:
             keep_lines=keep_lines,
         )
     except BaseException:
-        _undo_replacement(run)
+        undo_replacement(run)
         raise
     if d.is_main and run.step == 0:
         n_train = sum(p.numel() for _, p in trainable)
@@ -297,278 +214,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def config_dict(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def config_yaml(cfg: TrainConfig) -> str:
-    """The config as YAML that `loopfit train --config` reads back (resume is always written false)."""
-    import yaml
-
-    d = config_dict(cfg)
-    d["resume"] = False
-    return yaml.safe_dump(d, sort_keys=False)
-
-
-# ------------------------------------------------------------------------------------ run folder, resume check
-def _plan(cfg: TrainConfig, out: Path, d: Dist) -> tuple[str, dict]:
-    """What setup will do with `out`: ("fresh" | "replace" | "resume" | "finished", changes a resume records).
-
-    Everything here only reads; a refusal leaves every file as it was.
-    """
-    if cfg.resume and (out / "config.yaml").is_file():
-        changed = _compare_with_run(cfg, out, d)
-        return ("finished" if (out / DONE).exists() else "resume"), changed
-    if cfg.resume is True:
-        raise LoopfitError(
-            f"no run to resume in {out} (no config.yaml there): start it without --resume, or pass --resume=auto to "
-            "resume a run when there is one and start it otherwise"
-        )
-    if out.exists() or out.is_symlink():
-        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-            check_replaceable(out, need_marker=False)  # an empty folder is used, but never the current one
-            return "fresh", {}
-        if not cfg.overwrite:
-            raise LoopfitError(f"run folder {out} already exists (--resume=true to continue, --overwrite=true to "
-                               "replace)")  # fmt: skip
-        check_replaceable(out)
-        return "replace", {}
-    return "fresh", {}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """`{"lora": {"r": 4}}` -> `{"lora.r": 4}`."""
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            flat.update(_flat(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def _same(key: str, a, b) -> bool:
-    if a == b:
-        return True
-    if key in _PATH_KEYS and isinstance(a, str) and isinstance(b, str):
-        with contextlib.suppress(OSError):
-            return Path(a).exists() and Path(b).exists() and Path(a).samefile(b)
-    return False
-
-
-def _short(v) -> str:
-    text = json.dumps(v)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def run_config(out: Path) -> tuple[dict, list]:
-    """(the run's effective config, flat: `config.yaml` with every recorded resume change applied; the resumes)."""
-    import yaml
-
-    path = out / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise LoopfitError(f"{path} is unreadable ({type(e).__name__}); the run folder is damaged") from None
-    if not isinstance(saved, dict):
-        raise LoopfitError(f"{path} is not a training config; the run folder is damaged")
-    resumes = []
-    if (out / RESUMES).is_file():
-        try:
-            resumes = json.loads((out / RESUMES).read_text())["resumes"]
-            changes = [dict(r["changed"]) for r in resumes]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LoopfitError(
-                f"{out / RESUMES} is unreadable ({type(e).__name__}); the run folder is damaged"
-            ) from None
-    else:
-        changes = []
-    effective = _flat(config_dict(TrainConfig())) | _flat(saved)  # fields added since the run started: defaults
-    for c in changes:
-        effective.update({k: v[1] for k, v in c.items()})
-    return effective, resumes
-
-
-def _compare_with_run(cfg: TrainConfig, out: Path, d: Dist) -> dict:
-    """Refuse (LoopfitError, one line listing the keys) flags that differ from the run's config in anything but
-    `RESUME_MAY_CHANGE`, or a different number of sequences per optimizer step; return the allowed changes as
-    `{key: [run's value, new value]}`."""
-    advice = "the run folder is damaged or was edited: restore it, or start a new run in another --out"
-    marker = verify_dir(out, advice=advice)  # config.yaml and data_manifest.json are as the run wrote them
-    if marker.get("kind") != "train-run":
-        raise LoopfitError(f"{out} is not a training run ({MARKER} says {marker.get('kind')!r}): choose its run folder")
-    effective, _ = run_config(out)
-    new = _flat(config_dict(cfg))
-    diffs = {k: (effective.get(k), new.get(k)) for k in sorted(set(new) | set(effective))}
-    diffs = {k: ab for k, ab in diffs.items() if not _same(k, *ab)}
-    refused = [f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in diffs.items() if k not in RESUME_MAY_CHANGE]
-    sequences = cfg.batch_size * d.world_size * cfg.gradient_accumulation_steps
-    if marker.get("sequences_per_step") not in (None, sequences):
-        refused.append(f"sequences per step, batch_size x ranks x gradient_accumulation_steps "
-                       f"({marker['sequences_per_step']} -> {sequences})")  # fmt: skip
-    if refused:
-        raise LoopfitError(
-            f"--resume: these settings differ from run {out}'s and would change its computation: "
-            f"{', '.join(refused)}; resume with the run's own (--config {out / 'config.yaml'} --resume=true, plus "
-            "only flags that extend or observe it) or start a new run in another --out"
-        )
-    return {k: [a, b] for k, (a, b) in diffs.items() if k not in _NOT_RECORDED}
-
-
-def _check_same_data(out: Path, manifest: dict) -> None:
-    """The data the flags name must still be the data the run started on (same files, same contents)."""
-    path = out / "data_manifest.json"
-    try:
-        saved = json.loads(path.read_text()).get("data_hash")
-    except (OSError, ValueError, AttributeError) as e:
-        raise LoopfitError(f"{path} is unreadable ({type(e).__name__}); the run folder is damaged") from None
-    if saved != manifest.get("data_hash"):
-        raise LoopfitError(
-            f"--resume: the training data changed since run {out} started (data hash {saved} -> "
-            f"{manifest.get('data_hash')}): restore the data it started on, or start a new run in another --out"
-        )
-
-
-def _record_resume(out: Path, run: Run, checkpoint: str | None, changed: dict) -> None:
-    """Append this resume (step, checkpoint, ranks, allowed changes) to `resumes.json`; config.yaml stays."""
-    _, resumes = run_config(out)
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": run.step, "checkpoint": checkpoint,
-             "world_size": run.d.world_size, "changed": changed}  # fmt: skip
-    write_json(out / RESUMES, {"resumes": [*resumes, entry]})
-    if changed:
-        print("resuming with " + ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
-              + f" (recorded in {out / RESUMES})", file=sys.stderr)  # fmt: skip
-
-
-def _create_run_folder(out: Path, cfg: TrainConfig, data_manifest: dict, sequences: int, keep_old: bool) -> Path | None:
-    """Build the new run folder (marker, config.yaml, data_manifest.json) beside `out` and rename it into place.
-    With `keep_old`, the folder it replaces is returned, set aside, instead of deleted."""
-    if not keep_old and out.exists() and any(out.iterdir()):  # appeared since `_plan` looked
-        raise LoopfitError(f"run folder {out} appeared while this run was starting; choose another --out")
-    tmp = temp_dir_for(out)
-    try:
-        (tmp / "config.yaml").write_text(config_yaml(cfg))
-        (tmp / "data_manifest.json").write_text(json.dumps(data_manifest, indent=2) + "\n")
-        seal(tmp, "train-run", sequences_per_step=sequences)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return install_dir(tmp, out, keep_old=keep_old)
-
-
-def _undo_replacement(run: Run) -> None:
-    """The new run failed before its first checkpoint: put the folder it replaced back."""
-    if run.aside is not None and run.d.is_main:
-        restore_old(run.aside, run.out)
-        print(f"loopfit: the new run stopped before its first checkpoint; {run.out} is back as it was",
-              file=sys.stderr)  # fmt: skip
-        run.aside = None
-
-
-# ------------------------------------------------------------------------------------------- stages, resume
-def _stage_of(cfg: TrainConfig, step: int) -> tuple[int, int, int]:
-    """(stage index, first step of the stage, stage length) for global step `step`."""
-    if not cfg.stages:
-        return 0, 0, cfg.max_steps
-    start = 0
-    for i, s in enumerate(cfg.stages):
-        if step < start + s.steps or i == len(cfg.stages) - 1:
-            return i, start, s.steps
-        start += s.steps
-    raise AssertionError
-
-
-def _enter_stage(run: Run, step: int) -> None:
-    """(Re)build optimizer(s) and lr schedule for the stage containing `step`."""
-    cfg = run.cfg
-    i, start, length = _stage_of(cfg, step)
-    if i == run.stage:
-        return
-    rules = cfg.stages[i].param_groups if cfg.stages else cfg.param_groups
-    run.optimizers = build_optimizers(run.trainable, cfg.optim_config, rules)
-    run.schedulers = [lr_scheduler(o, length, cfg.lr_schedule) for o in run.optimizers]
-    for _ in range(step - start):  # position the schedule inside the stage (on resume)
-        for s in run.schedulers:
-            s.step()
-    run.stage = i
-
-
-def _restore(run: Run, path: Path, weights: dict, state: dict) -> int | None:
-    """Load a (verified) checkpoint into the run; returns the number of metrics lines it had seen (None if it
-    predates that count)."""
-    names = {n for n, _ in run.trainable}
-    if set(weights) != names:
-        raise LoopfitError(f"checkpoint {path} does not match this run's trainable parameters (config changed?)")
-    fsdp = run.d.mode == "fsdp"
-    if state.get("optimizer_format", "plain") != ("fsdp" if fsdp else "plain"):
-        raise LoopfitError(f"checkpoint {path} was written with --parallel {'fsdp' if not fsdp else 'none/ddp'}; "
-                           "resume it in the same family (fsdp with fsdp, none/ddp with none/ddp)")  # fmt: skip
-    with torch.no_grad():
-        for n, p in run.trainable:
-            full = weights[n].to(p.device, p.dtype)
-            if hasattr(p, "device_mesh"):  # an FSDP2 shard: keep this rank's part
-                from torch.distributed.tensor import distribute_tensor
-
-                full = distribute_tensor(full, p.device_mesh, p.placements)
-            p.copy_(full)
-    run.step = state["step"]
-    _enter_stage(run, run.step)
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        opts = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(run.student, run.optimizers, state["optimizers"], options=opts)
-    else:
-        for o, s in zip(run.optimizers, state["optimizers"]):
-            o.load_state_dict(s)
-    for sch, s in zip(run.schedulers, state["schedulers"]):
-        sch.load_state_dict(s)
-    run.stream.load_state_dict(state["data"])
-    ckpt.set_rng_state(state["rng"], run.depth_gen)
-    run.saved_step = run.step
-    if run.d.is_main:
-        print(f"resumed from {path} at step {run.step}", file=sys.stderr)
-    return state.get("metrics_lines")
-
-
-def _full_weights(run: Run) -> dict[str, torch.Tensor]:
-    """Trainable tensors, whole (FSDP2 shards are gathered: a collective, every rank must call it)."""
-    return {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in run.trainable}
-
-
-def save_checkpoint(run: Run) -> None:
-    """Rank 0 writes whole tensors and optimizer states, so any world size can resume."""
-    weights = _full_weights(run)
-    if run.d.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optim_state = get_optimizer_state_dict(run.student, run.optimizers, options=opts)
-    else:
-        optim_state = [o.state_dict() for o in run.optimizers]
-    if run.d.is_main:
-        run.logger.sync()  # the lines this checkpoint counts must be on disk before it is
-        state = {
-            "metrics_lines": run.logger.lines,
-            "step": run.step,
-            "stage": run.stage,
-            "optimizers": optim_state,
-            "optimizer_format": "fsdp" if run.d.mode == "fsdp" else "plain",
-            "schedulers": [s.state_dict() for s in run.schedulers],
-            "data": run.stream.state_dict(),
-            "rng": ckpt.rng_state(run.depth_gen),
-            "world_size": run.d.world_size,
-        }
-        ckpt.save_checkpoint(run.out, run.step, weights, state, run.cfg.keep_last)
-        if run.aside is not None:  # the new run has its first complete output: the replaced one can go
-            discard_old(run.aside)
-            run.aside = None
-    run.saved_step = run.step
-    barrier(run.d)
-
-
 # ------------------------------------------------------------------------------------------------------- fit
 def depth_at(run: Run, step: int) -> tuple[int, int, tuple[int, int]]:
     """(mean R, backprop depth k, (n_no_grad, k_grad)) for `step`: `run.depth`'s curricula and its seeded draw;
@@ -589,9 +234,9 @@ def fit(run: Run, until: int | None = None) -> None:
     params = [p for _, p in run.trainable]
     started = time.perf_counter()
     while run.step < stop:
-        _enter_stage(run, run.step)
+        enter_stage(run, run.step)
         t0 = time.perf_counter()
-        _, start, length = _stage_of(cfg, run.step)
+        _, start, length = stage_of(cfg, run.step)
         mean, k, num_steps = depth_at(run, run.step)
         metrics = train_step(run, num_steps, params)
         dt = time.perf_counter() - t0
@@ -775,7 +420,7 @@ def train(cfg: TrainConfig) -> dict | None:
         return val
     except BaseException:
         run.logger.close()
-        _undo_replacement(run)
+        undo_replacement(run)
         raise
     finally:
         run.logger.close()

@@ -40,8 +40,9 @@ class DemoConfig:
     """Training data (file/folder/dataset); default: the built-in arithmetic word problems."""
     layers: str = "0-3:20-25:26-29"
     """Layout `prelude:block:coda` of source layers, or `auto` to take the layer analysis' suggestion."""
-    budget_minutes: float = 10.0
-    """Wall-clock minutes of healing (the rest of the demo takes about 8 minutes on 2 CPU cores)."""
+    budget_minutes: float = 8.0
+    """Wall-clock minutes of healing. The rest of the demo (loading, analysis, the teacher cache for the planned
+    steps, the teacher's held-out texts, the depth sweep, samples) takes about 8 more on 2 CPU cores: 16 in all."""
     seq_len: int = 256
     """Tokens per packed training and evaluation sequence."""
     batch_size: int = 4

@@ -157,3 +157,25 @@ def test_llama3_rope_scaling_past_the_original_context():
     for depth in (1, 4):
         torch.testing.assert_close(looped(x, num_steps=depth).logits, src(x).logits, rtol=1e-5, atol=1e-5)
     assert looped.model.rotary_emb.rope_type == "llama3"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_count_and_depth_sweep(family):
+    """`loopfit count`'s parameter split covers every parameter of source and loop, and the depth sweep (one pass
+    at the deepest R, the coda per depth) gives the loss of the model's own forward at each R."""
+    import torch.nn.functional as F
+
+    from loopfit.evaluate import depth_sweep
+    from loopfit.flops import count_parameters, flop_params
+
+    src = make_tiny_model(family, tie=False)
+    looped = to_looped(src, layout_from_sizes(6, 2, 2, 2), adapter_init="random").eval()
+    counts = count_parameters(looped)
+    assert counts["total"] == sum(p.numel() for p in looped.parameters())
+    assert count_parameters(src)["total"] == sum(p.numel() for p in src.parameters())
+    assert flop_params(looped)["block"] == counts["block"]
+    x = _ids(2, 12)
+    sweep = depth_sweep(looped, [{"input_ids": x, "labels": x}], [1, 3])
+    for r, loss in zip(sweep["depths"], sweep["loss"]):
+        ref = F.cross_entropy(looped(x, num_steps=r).logits[:, :-1].reshape(-1, 260), x[:, 1:].reshape(-1))
+        assert abs(loss - ref.item()) < 1e-4

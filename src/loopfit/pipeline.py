@@ -69,8 +69,9 @@ class DemoConfig:
     """Loop depths R at which the converted and the healed model are evaluated."""
     analysis_samples: int = 16
     """Calibration sequences of the layer analysis."""
-    eval_rows: int = 48
-    """Validation sequences scored at each depth."""
+    eval_rows: int = 16
+    """Held-out sequences of the training data scored at each depth (the report's second, in-format rows; the
+    healed model's sweep to the deepest R over them is the costliest part of evaluating)."""
     teacher_texts: int = 32
     """Texts the teacher samples (temperature 1) from the built-in prompts, cycled: the teacher-referenced held-out
     data."""
@@ -716,7 +717,8 @@ def report(cfg: DemoConfig, out: Path, layers: str, suggested: str, p: Plan, res
     lines += ["", "## Sample generations", ""]
     for row in rows:
         lines += [f"**Q:** {row['prompt']}", ""]
-        lines += [f"- {k}: {v}" for k, v in row.items() if k.startswith("R=")]
+        # one line per depth: a generation's own line breaks would end the markdown list item
+        lines += [f"- {k}: {' / '.join(v.splitlines())}" for k, v in row.items() if k.startswith("R=")]
         if row.get("reference"):
             lines += [f"- reference: {row['reference']}"]
         lines += [""]

@@ -118,11 +118,17 @@ class Family:
         fn = self._modeling.load_balancing_loss_func
         return fn(router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
 
+    def logit_transform(self, config) -> tuple[float | None, float | None]:
+        """(logit scale, logit soft-cap) of a source with `config`, each None where the family has none."""
+        scale = self.logit_scale(config) if self.logit_scale is not None else None
+        cap = getattr(config, self.logit_softcap_attr, None) if self.logit_softcap_attr else None
+        return scale, cap or None
+
     def scale_logits(self, logits: torch.Tensor, config) -> torch.Tensor:
         """The source's logit scaling and soft-capping, applied to `logits` (any shape, last dim = vocab)."""
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale(config)
-        cap = getattr(config, self.logit_softcap_attr, None) if self.logit_softcap_attr else None
+        scale, cap = self.logit_transform(config)
+        if scale is not None:
+            logits = logits * scale
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits

@@ -309,11 +309,7 @@ def logit_transform(config) -> tuple[float | None, float | None]:
 
     base = getattr(config, "base_config", config)
     family = FAMILIES.get(getattr(base, "model_type", None))
-    if family is None:
-        return None, None
-    scale = family.logit_scale(base) if family.logit_scale is not None else None
-    cap = getattr(base, family.logit_softcap_attr, None) if family.logit_softcap_attr else None
-    return scale, cap or None
+    return family.logit_transform(base) if family is not None else (None, None)
 
 
 def family_logits(h: torch.Tensor, head_weight: torch.Tensor, config) -> torch.Tensor:

@@ -56,12 +56,11 @@ class DistillationConfig:
     """Folder of an offline teacher cache (sparse targets) used instead of running the teacher."""
     temperature: float = 2.0
     """Softmax temperature of the divergence (the KD term is scaled by T^2)."""
-    alpha: float = 0.5
-    """Weight of the CE term; the KD term gets `1 - alpha`. Overridden by `ce_scale`/`kd_scale` when set."""
-    ce_scale: float | None = None
-    """Explicit CE weight (instead of `alpha`)."""
-    kd_scale: float | None = None
-    """Explicit KD weight (instead of `1 - alpha`)."""
+    ce_scale: float = 0.5
+    """Weight of the cross-entropy against the labels. The classic blend `alpha * CE + (1 - alpha) * KD` is
+    `ce_scale = alpha`, `kd_scale = 1 - alpha`; the old flag `--distillation.alpha` is still read that way."""
+    kd_scale: float = 0.5
+    """Weight of the distillation divergence (scaled by T^2 inside the term)."""
     kind: str = "fkl"
     """Divergence: `fkl` (forward KL), `rkl` (reverse KL), `skl` (lam FKL + (1 - lam) RKL), `skew` (skew KL,
     KL(p || alpha p + (1 - alpha) q)), `jsd` (generalized JSD), `tvd` (total variation)."""
@@ -101,7 +100,6 @@ class DistillationConfig:
         check_count("distillation.chunk_size", self.chunk_size, 1)
         _check_finite(self, "distillation.")
         check_number("distillation.temperature", self.temperature, low=0, low_open=True)
-        check_number("distillation.alpha", self.alpha, 0, 1)
         for name in ("ce_scale", "kd_scale", "hidden_scale"):
             check_number(f"distillation.{name}", getattr(self, name), low=0)
         if self.ce_scale == 0 and self.kd_scale == 0:

@@ -37,7 +37,7 @@ def test_draws_are_the_trainers_draws():
     for s in range(cfg.max_steps):
         mean = ramp(s, 400, 0.5, "1-sqrt", 6)
         k = ramp(s, 400, 0.25, "linear", 4)
-        old.append(sample_num_steps(mean, k, generator=g, min_steps=2))
+        old.append(sample_num_steps(mean, k, generator=g, min_num_steps=2))
     assert [sched.draw(s) for s in range(cfg.max_steps)] == old
     assert sched.generator.get_state().equal(g.get_state())  # what a checkpoint saves
 

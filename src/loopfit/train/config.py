@@ -187,7 +187,7 @@ class LRSchedule:
     kind: str = "wsd"
     """`wsd` (linear warmup, constant, linear decay at the end), `cosine` (warmup then cosine) or `constant`."""
     warmup_steps: int = 0
-    """Linear warmup steps from 0."""
+    """Optimizer steps of linear warmup from 0."""
     decay_fraction: float = 0.2
     """WSD: fraction of the stage spent decaying at the end."""
     min_lr_ratio: float = 0.0
@@ -243,7 +243,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; the loss is normalised by the global count of valid tokens."""
     max_steps: int = 100
-    """Optimizer steps (the sum of the stages' steps when `stages` is given)."""
+    """Optimizer steps of the run (the sum of the stages' `steps` when `stages` is given)."""
     max_minutes: float | None = None
     """Wall-clock budget of this process's training loop: stop (and save) after the step that crosses it."""
     seed: int = 0
@@ -291,15 +291,15 @@ class TrainConfig:
     nan_policy: str = "stop"
     """On a NaN/inf loss or gradient: `stop` the run, or `skip` the step."""
     log_every: int = 1
-    """Steps between metrics lines."""
+    """Optimizer steps between metrics lines."""
     eval_every: int = 0
-    """Steps between validation passes (0 = only at the end; needs `val_fraction` > 0)."""
+    """Optimizer steps between validation passes (0 = only at the end; needs `val_fraction` > 0)."""
     eval_batches: int = 0
     """Validation batches per pass (0 = the whole validation split; negative is refused)."""
     eval_num_steps: list[int] = field(default_factory=list)
     """Extra depths R at which the final validation runs (the current mean is always included)."""
     save_every: int = 0
-    """Steps between checkpoints (0 = only the final one)."""
+    """Optimizer steps between checkpoints (0 = only the final one)."""
     keep_last: int = 2
     """Checkpoints kept."""
     resume: bool | Literal["auto"] = False

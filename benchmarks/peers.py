@@ -321,8 +321,9 @@ def summarize(system: str, runs: list[dict]) -> dict:
     failed = [r["error"] for r in runs if "error" in r]
     if failed:
         return row | {"error": failed[0][:120]}
-    tps = [r["tokens_per_step"] * len(r["step_s"]) / sum(r["step_s"]) for r in runs]
-    row["tokens_per_s"], row["tokens_per_s_min"], row["tokens_per_s_max"] = spread(tps)
+    for r in runs:  # kept in the run's record too, for the per-repeat ratios and the JSON
+        r["tokens_per_s"] = r["tokens_per_step"] * len(r["step_s"]) / sum(r["step_s"])
+    row["tokens_per_s"], row["tokens_per_s_min"], row["tokens_per_s_max"] = spread([r["tokens_per_s"] for r in runs])
     row["step_s"] = statistics.median(sum(r["step_s"]) / len(r["step_s"]) for r in runs)
     for key in ("peak_rss_gib", "train_peak_rss_gib"):
         row[key], row[f"{key}_min"], row[f"{key}_max"] = spread([r[key] for r in runs])

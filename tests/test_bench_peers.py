@@ -1,0 +1,55 @@
+"""benchmarks/peers.py's summary of repeated runs: medians, spreads, per-repeat ratios and the loss comparison.
+
+The runs are made up here (the real ones need the peers venv: `bash benchmarks/run_peers.sh`), so every number the
+summary gives is known in advance."""
+
+import pytest
+
+from benchmarks.peers import compare, summarize
+
+
+def _run(step_s, tokens=500, peak=2.0, train_peak=1.5, loss0=0.5, **extra):
+    return {"step_s": step_s, "tokens_per_step": tokens, "peak_rss_gib": peak, "train_peak_rss_gib": train_peak,
+            "loss0": loss0, **extra}  # fmt: skip
+
+
+def test_summarize_median_and_spread():
+    runs = [_run([1.0, 1.0], peak=2.0), _run([2.0, 3.0], peak=2.4), _run([0.5, 0.5], peak=1.9, loss0=0.5 + 1e-7)]
+    row = summarize("loopfit_jsd", runs)
+    # tokens/s per run: 500 * 2 / 2 = 500, 1000 / 5 = 200, 1000 / 1 = 1000
+    assert [r["tokens_per_s"] for r in runs] == [500.0, 200.0, 1000.0]
+    assert (row["tokens_per_s"], row["tokens_per_s_min"], row["tokens_per_s_max"]) == (500.0, 200.0, 1000.0)
+    assert row["step_s"] == 1.0  # median of the mean step times 1.0, 2.5, 0.5
+    assert (row["peak_rss_gib"], row["peak_rss_gib_min"], row["peak_rss_gib_max"]) == (2.0, 1.9, 2.4)
+    assert row["train_peak_rss_gib"] == 1.5 and row["runs"] == 3 and row["loss0"] == 0.5
+    assert row["loss0_max_dev"] == pytest.approx(1e-7)
+
+
+def test_summarize_failed_run_is_an_error_row():
+    row = summarize("trl_gkd", [_run([1.0]), {"error": "ImportError: no trl"}])
+    assert row == {"system": "trl_gkd", "runs": 2, "error": "ImportError: no trl"}
+
+
+def test_compare_ratios_of_medians_and_per_repeat_range():
+    runs = {
+        "loopfit_jsd": [_run([1.0], peak=2.0), _run([2.0], peak=2.0), _run([1.0], peak=2.0)],  # 500, 250, 500 tok/s
+        "trl_gkd": [_run([4.0], peak=4.0, loss0=0.5005), _run([4.0], peak=5.0), _run([2.0], peak=4.0)],  # 125,125,250
+    }
+    by = {s: summarize(s, rs) for s, rs in runs.items()}
+    meta = compare(by, runs)
+    assert meta["speedup_vs_trl"] == pytest.approx(500 / 125)
+    assert meta["speedup_vs_trl_range"] == pytest.approx([2.0, 4.0])  # 500/125, 250/125, 500/250
+    assert meta["memory_ratio_vs_trl"] == pytest.approx(2.0 / 4.0)
+    assert meta["memory_ratio_vs_trl_range"] == pytest.approx([0.4, 0.5])
+    assert meta["jsd_loss_rel_diff_vs_trl"] == pytest.approx(0.0005 / 0.5005)
+    assert not any(k.endswith("vs_torchtune") for k in meta)
+
+
+def test_compare_torchtune_kl_subtracts_teacher_entropy():
+    ours = [_run([1.0], ce0=5.75, kd0=4.415)]
+    tt = [_run([1.0], ce0=5.75, kd0=5.5415, teacher_entropy=1.1265)]
+    runs = {"loopfit_fkl": ours, "torchtune_fkl": tt}
+    meta = compare({s: summarize(s, rs) for s, rs in runs.items()}, runs)
+    assert meta["ce_rel_diff_vs_torchtune"] == 0.0
+    assert meta["fkl_rel_diff_vs_torchtune"] == pytest.approx(0.0, abs=1e-12)
+    assert meta["speedup_vs_torchtune"] == pytest.approx(1.0)

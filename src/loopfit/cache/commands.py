@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from loopfit.cache.reader import TeacherCache
 from loopfit.cache.writer import CacheSettings, check_cache_output, write_cache
 from loopfit.data import build_dataset, tokenizer_hash
@@ -56,8 +58,6 @@ def cache_teacher_command(
         overwrite: replace an existing output folder (only one loopfit wrote; it is replaced by rename once the
             new cache is complete).
     """
-    from pathlib import Path
-
     if teacher is None:
         raise LoopfitError("--teacher is required")
     if out is None:
@@ -90,7 +90,6 @@ def verify_cache_command(cache: str) -> None:
     Args:
         cache: the cache folder written by `loopfit cache-teacher`.
     """
-
     summary = TeacherCache(cache).verify()
     print(
         f"ok: {summary['rows']} rows in {summary['shards']} shards, {summary['entries']} entries, "

@@ -8,15 +8,21 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+import yaml
 from jsonargparse import set_parsing_settings
+from peft import PeftModel
+from transformers import AutoTokenizer
 
 from loopfit.errors import LoopfitError
+from loopfit.io import atomic_dir, check_replaceable, remove_leftovers, verify_dir
+from loopfit.loading import load_model
+from loopfit.publish import set_default_depth, write_model_card, write_remote_code
 from loopfit.train.config import TrainConfig, field_docs
+from loopfit.train.recipe import train
 
 
 def train_command(**kwargs) -> None:
     cfg = TrainConfig(**kwargs)
-    from loopfit.train.recipe import train
 
     train(cfg)
 
@@ -60,11 +66,6 @@ def export_command(run: str, out: str | None = None, overwrite: bool = False, re
         remote_code: also write the looped model's code and `auto_map`, so that people without loopfit load it
             with `trust_remote_code=True`.
     """
-    import yaml
-
-    from loopfit.io import atomic_dir, check_replaceable, remove_leftovers, verify_dir
-    from loopfit.loading import load_model
-
     if out is None:
         raise LoopfitError("--out is required")
     run_dir = Path(run)
@@ -84,16 +85,12 @@ def export_command(run: str, out: str | None = None, overwrite: bool = False, re
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         raise LoopfitError(f"{run_dir / 'config.yaml'} is unreadable ({type(e).__name__}); the run is damaged") from e
     if (final / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         base = load_model(model_name)
         model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
     else:
         model = load_model(final)
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(final)  # final/ holds only an adapter: no config.json to resolve
-    from loopfit.publish import set_default_depth, write_model_card, write_remote_code
 
     looped = getattr(model.config, "model_type", None) == "looped"
     if looped and getattr(model.generation_config, "num_steps", None) is None:

@@ -24,12 +24,12 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False, remote
     the looped model's code and `auto_map` (loading with `trust_remote_code=True`, without loopfit). Returns `out`.
     Raises `LoopfitError` for an unfinished or damaged run, or an output it may not replace, before loading anything.
     """
-    run_dir, out = Path(run), Path(out)
+    run_dir, path = Path(run), Path(out)
     final = run_dir / "final"
     if not (run_dir / "config.yaml").is_file() or not final.is_dir():
         raise LoopfitError(f"{run} is not a finished training run (no config.yaml and final/ inside)")
-    remove_leftovers(out)
-    if out.exists() or out.is_symlink():
+    remove_leftovers(path)
+    if path.exists() or path.is_symlink():
         if not overwrite:
             raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
         check_replaceable(out)  # before anything is loaded: a refusal costs nothing
@@ -58,4 +58,4 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False, remote
     done = run_dir / "done.json"
     step = json.loads(done.read_text())["step"] if done.is_file() else "?"
     print(f"wrote {out}: {model_name} + training of {run} (step {step}), merged")
-    return out
+    return path

@@ -9,7 +9,8 @@ import torch
 
 from loopfit.cli import main
 from loopfit.errors import LoopfitError
-from loopfit.pipeline import DemoConfig, _text_batches, demo
+from loopfit.pipeline import DemoConfig, demo
+from loopfit.pipeline.heldout import text_batches
 
 IN_FORMAT = "in-format: held-out arithmetic word problems (student trained on this format; the teacher did not)"
 
@@ -121,7 +122,7 @@ def test_text_batches_label_only_the_sampled_tokens():
         {"prompt_ids": [5], "ids": [10, 11, 12, 2]},
         {"prompt_ids": [4, 4], "ids": [13]},
     ]
-    batches = _text_batches(texts, 2)
+    batches = text_batches(texts, 2)
     assert [b["input_ids"].shape[0] for b in batches] == [2, 1]
     rows = {tuple(b["input_ids"][i][b["attention_mask"][i].bool()].tolist()): (b, i) for b in batches for i in range(2)
             if i < b["input_ids"].shape[0]}  # fmt: skip

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import errno
+import inspect
+import json
 import os
 import sys
+import traceback
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from jsonargparse import CLI
+from transformers.utils import logging as hf_logging
 
 from loopfit.analysis import analyze_command
 from loopfit.cache.commands import cache_teacher_command, verify_cache_command
@@ -26,9 +37,6 @@ def dataclass_command(cls, run, summary: str):
     """A CLI function whose keyword parameters are the fields of dataclass `cls` (typed, defaulted, documented from
     the attribute docstrings), which builds `cls(**kwargs)` and calls `run` on it: one typed definition gives the
     flags, `--config FILE` and `--print_config`."""
-    import inspect
-    import typing
-    from dataclasses import MISSING, fields
 
     def command(**kwargs):
         return run(cls(**kwargs))
@@ -103,9 +111,6 @@ def one_line(text: str) -> str:
 def known_failure(e: BaseException) -> str | None:
     """One line for a failure of a known kind that escaped from a library, naming the file where it is known;
     None for anything else. Most are caught where they happen, with a more precise message; this is the net."""
-    import errno
-    import json
-
     name = type(e).__name__
     if isinstance(e, OSError) and e.filename is not None:
         what = str(e.filename) + (f" -> {e.filename2}" if e.filename2 else "")
@@ -131,8 +136,6 @@ def known_failure(e: BaseException) -> str | None:
 def check_config_files(argv: list[str]) -> None:
     """Refuse a `--config` file that is not UTF-8 text, naming it and the byte offset: the YAML reader would only
     say that some input did not decode."""
-    from pathlib import Path
-
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
         if name == "--config" and not eq and i + 1 < len(argv):
@@ -154,18 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     `LOOPFIT_DEBUG=1` the full traceback is shown as well.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before any tokenizer runs: no fork warnings
-    import argparse
-    import traceback
-
-    from jsonargparse import CLI
-
     argv = repeated_flags_append(sys.argv[1:] if argv is None else list(argv))
     debug = bool(os.environ.get(DEBUG_ENV))
     if not sys.stderr.isatty():
         # transformers' per-load bars ("Loading weights", "Writing model shards") only add noise to a log, and would
         # sit above an error's one line; loopfit's own progress (training, sweeps) is unaffected.
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
     try:
         commands = _commands()

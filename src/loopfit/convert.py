@@ -8,6 +8,8 @@ import os
 import torch
 from transformers import PreTrainedModel
 
+from loopfit.analysis import suggest_layout
+from loopfit.data import read_documents
 from loopfit.errors import LoopfitError, check_output
 from loopfit.io import atomic_dir
 from loopfit.layout import Layout, _format_indices, layout_from_sizes, parse_layout, validate_layout  # noqa: F401
@@ -163,8 +165,6 @@ def convert_command(
     if target_recurrent_size is not None and target_recurrent_size < 1:
         raise LoopfitError(f"--target_recurrent_size must be >= 1, got {target_recurrent_size}")
     if layers == "auto":
-        from loopfit.data import read_documents
-
         read_documents(analysis_data)  # a missing or unknown calibration source fails now, not after the load
     path = resolve_model_path(model)
     config = load_config(path)
@@ -175,8 +175,6 @@ def convert_command(
     tokenizer = load_tokenizer(path)  # also before the weights: the output needs it
     source = load_model(path)
     if layers == "auto":
-        from loopfit.analysis import suggest_layout
-
         layers = suggest_layout(
             source,
             tokenizer,

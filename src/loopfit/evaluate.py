@@ -20,8 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from loopfit.data import build_dataset
 from loopfit.data.dataset import check_sources
+from loopfit.data.sources import document_text, read_documents, read_text
 from loopfit.errors import LoopfitError, check_count, check_output
 from loopfit.io import atomic_file, write_json
 from loopfit.loading import check_seq_len, load_model, load_tokenizer
@@ -97,7 +100,6 @@ def depth_sweep(model, batches: Iterable[dict], depths: list[int] | None = None)
     model.eval()
     sums = dict.fromkeys(depths, 0.0)
     tokens = 0
-    from tqdm.auto import tqdm
 
     for batch in tqdm(batches, desc="depth sweep", unit="batch", disable=None, leave=False):
         ids, labels = batch["input_ids"], batch["labels"]
@@ -130,12 +132,9 @@ def file_token_ids(data: str, tokenizer, limit_tokens: int | None = None) -> lis
     if path.suffix.lower() in _TEXT_SUFFIXES:
         if not path.is_file():
             raise LoopfitError(f"data file not found: {data}")
-        from loopfit.data.sources import read_text
 
         ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
     else:
-        from loopfit.data.sources import document_text, read_documents
-
         ids = []
         for doc in read_documents(data):
             ids += tokenizer(document_text(doc), add_special_tokens=False)["input_ids"]
@@ -148,10 +147,6 @@ def file_token_ids(data: str, tokenizer, limit_tokens: int | None = None) -> lis
 
 def validation_batches(data: str, tokenizer, seq_len: int, val_fraction: float, batch_size: int, seed: int) -> list:
     """The validation rows of the training data pipeline (same deterministic split), batched."""
-    try:
-        from loopfit.data import build_dataset
-    except ImportError:
-        raise LoopfitError("--val_fraction needs loopfit.data.build_dataset, which this install lacks") from None
     val = build_dataset(data, tokenizer, seq_len, val_fraction=val_fraction, seed=seed).val
     if val is None or len(val) == 0:
         raise LoopfitError(f"--val_fraction {val_fraction} leaves no validation rows in {data}")

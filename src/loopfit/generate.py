@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from loopfit.adaptive import ExitConfig, print_adaptive_generations
 from loopfit.data.chat import format_prompt  # noqa: F401  (re-exported)
 from loopfit.errors import LoopfitError, check_count, check_number
 from loopfit.loading import load_model, load_tokenizer
@@ -94,8 +95,6 @@ def generate_command(
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     exit = None
     if exit_criterion != "none":
-        from loopfit.adaptive import ExitConfig, print_adaptive_generations
-
         exit = ExitConfig(exit_criterion, exit_threshold, min_num_steps, check_every, num_steps)
     torch.manual_seed(seed)
     tok = load_tokenizer(model)  # before the weights: a missing tokenizer or an empty prompt fails fast

@@ -28,8 +28,10 @@ from transformers import Trainer
 
 from loopfit.cache.reader import TeacherCache, TeacherTargetsDataset
 from loopfit.errors import LoopfitError
+from loopfit.loading import load_model
 from loopfit.train.config import DistillationConfig
-from loopfit.train.student import Student, base_model, build_objective, is_looped, objective_loss
+from loopfit.train.student import Student, base_model, build_objective, is_looped, objective_loss, share_teacher_weights
+from loopfit.train.validate import check_same_vocabulary
 
 TEACHER_COLUMNS = ["teacher_ids", "teacher_values", "teacher_tail"]
 
@@ -63,11 +65,7 @@ class DistillationTrainer(Trainer):
                                "teacher_cache) was given")  # fmt: skip
         dcfg.validate(teacher_model=teacher_model is not None)
         if dcfg.enabled and dcfg.teacher_model_name:
-            from loopfit.loading import load_model
-
             if hasattr(self.processing_class, "get_vocab"):  # a tokenizer: the teacher's must map every token alike
-                from loopfit.train.validate import check_same_vocabulary
-
                 check_same_vocabulary("the student", self.processing_class, dcfg.teacher_model_name)
             teacher_model = load_model(dcfg.teacher_model_name)
         if not fixed_point_scale >= 0:
@@ -89,8 +87,6 @@ class DistillationTrainer(Trainer):
                                    f"{tw} needs a trained projection, which the HF optimizer would not train; use "
                                    "`loopfit train`")  # fmt: skip
         if self.teacher is not None and dcfg.share_weights and hasattr(self.model, "get_base_model"):
-            from loopfit.train.student import share_teacher_weights
-
             share_teacher_weights(self.model, self.teacher)  # LoRA: frozen layers equal to the teacher's, held once
         self.objective = build_objective(dcfg, self.model, self.teacher, cache_estimator=estimator,
                                          fixed_point_scale=fixed_point_scale)  # fmt: skip

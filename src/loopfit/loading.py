@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from loopfit.errors import LoopfitError
 from loopfit.io import atomic_dir
@@ -55,7 +56,6 @@ def _materialize_gguf(gguf: Path) -> Path:
     out = _gguf_cache_dir(gguf)
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -113,8 +113,6 @@ def _first_line(e: BaseException) -> str:
 
 def load_tokenizer(name: str | os.PathLike):
     """Load the tokenizer of any accepted model name."""
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(name)
     folder = Path(path)
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
@@ -134,8 +132,6 @@ def load_tokenizer(name: str | os.PathLike):
 
 def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32, **kwargs):
     """Load a causal LM (plain HF or looped) from any accepted model name, on CPU, in `dtype`."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(name)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
@@ -148,8 +144,6 @@ def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = torch.
 
 def load_config(name: str | os.PathLike):
     """The model's config alone (no weights): for checks that must run before the slow weight load."""
-    from transformers import AutoConfig
-
     path = resolve_model_path(name)
     try:
         return AutoConfig.from_pretrained(path)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from loopfit.data import document_text, read_documents
@@ -57,7 +58,6 @@ def residual_streams(
     HF's `hidden_states` tuple ends with the *normed* output of the last layer; we take that entry instead from the
     input of the final norm (a forward pre-hook), so the last layer is compared on the same footing as the others.
     """
-
     family = family_of(model.config)
     decoder = family.decoder(model)
     captured: list[torch.Tensor] = []
@@ -76,8 +76,6 @@ def layer_stats(
 
     Only one batch's hidden states exist at a time. `total` (number of samples) sizes the progress bar.
     """
-    from tqdm.auto import tqdm
-
     stats = LayerStats(model.config.num_hidden_layers)
     device = next(model.parameters()).device
     was_training = model.training
@@ -102,7 +100,6 @@ def calibration_batches(
     when the tokenizer adds one), so a window is ordinary running text; only a final, short window is padded.
     Stops early, with fewer samples, if the source runs out.
     """
-
     docs = read_documents(data)  # raises here, not at the first batch, for a missing source
     # Built whole now (a few hundred windows at most), so that an unreadable document fails before any progress
     # output, as one error line.
@@ -110,7 +107,6 @@ def calibration_batches(
 
 
 def _windows(tokenizer, docs, num_samples: int, seq_len: int, batch_size: int, chat: bool):
-
     bos = tokenizer("").input_ids[:1] if tokenizer.bos_token_id is not None else []
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
+
+from rich.console import Console
+from rich.table import Table
 
 from loopfit.analysis.zones import DROP_THRESHOLD, ZONES, LayerAnalysis, analyze, check_args, envelope
 from loopfit.data import read_documents
@@ -21,9 +25,6 @@ def _role(analysis: LayerAnalysis, i: int) -> str:
 
 def print_table(analysis: LayerAnalysis) -> None:
     """Layer, BI, angular distance, zone and role in the suggested layout, as a terminal table."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"layer analysis of {analysis.model} ({analysis.num_tokens} tokens)")
     for col in ("layer", "block influence", "angular distance", "zone", "layout"):
         table.add_column(col, justify="right" if col != "zone" and col != "layout" else "left")
@@ -108,8 +109,6 @@ def analyze_command(
         json: write the measurements, zones and suggested layout to this JSON file.
         plot: write a two-panel PNG (block influence; angular distance with zones and knees) to this file.
     """
-    import time
-
     check_args(num_samples, seq_len, batch_size, target_recurrent_size)
     for flag, path in (("json", json), ("plot", plot)):
         if path is not None and os.path.isdir(path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from transformers import PreTrainedModel
 
 from loopfit.analysis.metrics import calibration_batches, layer_stats
@@ -52,8 +54,6 @@ def envelope(y: list[float], direction: str) -> list[float]:
     Kneedle looks for one bend in a monotone curve; the envelope removes the plateau's bumps, which would otherwise
     read as knees, and keeps the falling start (or rising end) where the zones change.
     """
-    import numpy as np
-
     arr = np.asarray(y, dtype=float)
     env = np.minimum.accumulate(arr) if direction == "decreasing" else np.minimum.accumulate(arr[::-1])[::-1]
     return env.tolist()
@@ -61,8 +61,6 @@ def envelope(y: list[float], direction: str) -> list[float]:
 
 def _kneedle(x: list[int], y: list[float], direction: str) -> int | None:
     """Kneedle (convex) on the envelope of `y`; None when kneed finds no knee (e.g. a flat or too short curve)."""
-    import warnings
-
     from kneed import KneeLocator
 
     with warnings.catch_warnings():

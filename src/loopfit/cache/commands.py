@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from loopfit.cache.build import build_teacher_cache
 from loopfit.cache.reader import TeacherCache
-from loopfit.cache.writer import CacheSettings, check_cache_output, write_cache
-from loopfit.data import build_dataset, tokenizer_hash
+from loopfit.cache.writer import CacheSettings
 from loopfit.errors import LoopfitError
-from loopfit.loading import load_model, load_tokenizer
 
 
 def cache_teacher_command(
@@ -56,31 +55,16 @@ def cache_teacher_command(
         overwrite: replace an existing output folder (only one loopfit wrote; it is replaced by rename once the
             new cache is complete).
     """
-    from pathlib import Path
-
     if teacher is None:
         raise LoopfitError("--teacher is required")
     if out is None:
         raise LoopfitError("--out is required")
-    check_cache_output(Path(out), overwrite)  # before the teacher is loaded: a refusal costs nothing
     settings = CacheSettings(estimator=estimator, top_k=top_k, samples=samples, temperature=temperature,
                              shard_rows=shard_rows, batch_size=batch_size, seed=seed)  # fmt: skip
-    tokenizer = load_tokenizer(teacher)
-    vocab = len(tokenizer)
-    settings.validate(vocab)
-    data_kw = dict(chat=chat, assistant_only=assistant_only, system_prompt=system_prompt, val_fraction=val_fraction,
-                   seed=seed, max_documents=max_documents, position_ids=position_ids)  # fmt: skip
-    packed = build_dataset(data, tokenizer, seq_len, **data_kw)
-    model = load_model(teacher)
-    vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width, which students share
-    info = {
-        "teacher": str(teacher),
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "data_hash": packed.data_hash,
-        "vocab_size": vocab,
-        "data": {"sources": data, "seq_len": seq_len, **data_kw},
-    }
-    path = write_cache(model, packed.train, out, settings, info, overwrite=overwrite)
+    path = build_teacher_cache(teacher, data, out, settings, seq_len=seq_len, chat=chat,
+                               assistant_only=assistant_only, system_prompt=system_prompt,
+                               max_documents=max_documents, val_fraction=val_fraction, position_ids=position_ids,
+                               overwrite=overwrite)  # fmt: skip
     print(f"wrote {path}")
 
 
@@ -90,7 +74,6 @@ def verify_cache_command(cache: str) -> None:
     Args:
         cache: the cache folder written by `loopfit cache-teacher`.
     """
-
     summary = TeacherCache(cache).verify()
     print(
         f"ok: {summary['rows']} rows in {summary['shards']} shards, {summary['entries']} entries, "

@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from loopfit.errors import LoopfitError
 from loopfit.io import (
@@ -163,8 +165,6 @@ def write_cache(
     folder gets the loopfit marker and replaces `out` by rename only once complete; an existing `out` is replaced
     only with `overwrite` and only if loopfit wrote it.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     vocab = int(info["vocab_size"])
     settings.validate(vocab)
@@ -256,8 +256,6 @@ def _resume_partial(work: Path, config: dict, overwrite: bool) -> list[dict]:
         raise LoopfitError(f"{work} is being written by another process (pid {pid}); wait for it or stop it")
     if not same:
         if overwrite:
-            import shutil
-
             shutil.rmtree(work)
             return []
         raise LoopfitError(

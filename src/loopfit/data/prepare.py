@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loopfit.data.dataset import build_dataset
+from loopfit.data.dataset import build_dataset, check_sources
 from loopfit.data.shards import save_prepared
-from loopfit.errors import LoopfitError
+from loopfit.errors import LoopfitError, check_count, check_output
+from loopfit.loading import check_seq_len, load_tokenizer
 
 
 def prepare_command(
@@ -47,10 +48,6 @@ def prepare_command(
         out: output folder (required).
         overwrite: replace an existing output folder.
     """
-    from loopfit.data.dataset import check_sources
-    from loopfit.errors import check_count, check_output
-    from loopfit.loading import check_seq_len, load_tokenizer
-
     if out is None:
         raise LoopfitError("--out is required")
     check_count("shards", shards)

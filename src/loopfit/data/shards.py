@@ -7,6 +7,7 @@ in order gives back exactly the rows `build_dataset` made, and the same `data_ha
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,6 @@ def save_prepared(data: PackedData, out: str | Path, shards: int = 1, overwrite:
 
 def load_prepared(folder: str | Path, tokenizer, seq_len: int, position_ids: bool = False) -> PackedData:
     """Load a prepared folder, checking that it was made for this tokenizer and sequence length."""
-    import json
-
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())

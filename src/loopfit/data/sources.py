@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopfit.data.arithmetic import arithmetic_problems
 from loopfit.errors import LoopfitError
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf", "gsm8k", "arithmetic")
@@ -221,8 +222,6 @@ def _limited(docs: Iterator[Document], where: str, limit: int | None) -> Iterato
 
 
 def _arithmetic_documents(seed: int) -> Iterator[Document]:
-    from loopfit.data.arithmetic import arithmetic_problems
-
     for p in arithmetic_problems(seed):
         yield Document(prompt=p.question, response=p.solution)
 

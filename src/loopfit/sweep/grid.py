@@ -7,6 +7,9 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import yaml
+from jsonargparse import ArgumentParser
+
 from loopfit.errors import LoopfitError
 from loopfit.train.aliases import normalise_train_args
 from loopfit.train.config import TrainConfig
@@ -66,8 +69,6 @@ def parse_grid(grid: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def _parser():
-    from jsonargparse import ArgumentParser
-
     p = ArgumentParser(exit_on_error=False)
     p.add_argument("--config", action="config")
     p.add_class_arguments(TrainConfig)
@@ -76,8 +77,6 @@ def _parser():
 
 def load_config(base: dict, overrides: dict[str, str]) -> TrainConfig:
     """`base` (a `TrainConfig` as a dict) with `--key=value` overrides, parsed and typed as `loopfit train` does."""
-    import yaml
-
     p = _parser()
     args = ["--config", yaml.safe_dump(base)] + [f"--{k}={v}" for k, v in overrides.items()]
     try:

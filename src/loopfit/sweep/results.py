@@ -6,6 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+from peft import PeftModel
+
 from loopfit.errors import LoopfitError
 from loopfit.gsm8k import build_prompt, evaluate_depth, read_problems
 from loopfit.io import write_json
@@ -46,8 +49,6 @@ def load_trained(run_dir: Path, cfg: TrainConfig):
 
     final = run_dir / "final"
     if (final / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         return PeftModel.from_pretrained(load_model(cfg.model_name), str(final)).merge_and_unload().eval()
     return load_model(final).eval()
 
@@ -101,8 +102,6 @@ def collect(run: SweepRun, metric: str, depth: int | None, spec: GSM8KSpec | Non
 
 def check_same_config(run: SweepRun, stored_yaml: Path) -> dict:
     """The stored config of an existing run folder; refuse to reuse it if the run would differ."""
-    import yaml
-
     stored = normalise_config(yaml.safe_load(stored_yaml.read_text()) or {})
     a, b = flatten(stored), flatten(config_dict(run.cfg))
     for k in sorted(set(a) | set(b)):

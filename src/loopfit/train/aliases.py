@@ -17,6 +17,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import yaml
+
 from loopfit.errors import LoopfitError
 
 ALPHA = "distillation.alpha"
@@ -116,8 +118,6 @@ def _normalise_config_files(args: list[str]) -> list[str]:
     """`--config FILE` whose YAML holds an old name -> `--config <the normalised YAML>` (jsonargparse reads a config
     given as text as it reads a file; the fields are plain strings, so no path is resolved against the file's folder).
     """
-    import yaml
-
     out = list(args)
     for i, arg in enumerate(out):
         name, eq, value = arg.partition("=")

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import inspect
-import json
 import typing
 from dataclasses import MISSING, fields
-from pathlib import Path
 
 from jsonargparse import set_parsing_settings
 
 from loopfit.errors import LoopfitError
 from loopfit.train.config import TrainConfig, field_docs
+from loopfit.train.export import export_run
+from loopfit.train.recipe import train
 
 
 def train_command(**kwargs) -> None:
     cfg = TrainConfig(**kwargs)
-    from loopfit.train.recipe import train
-
     train(cfg)
 
 
@@ -60,50 +58,6 @@ def export_command(run: str, out: str | None = None, overwrite: bool = False, re
         remote_code: also write the looped model's code and `auto_map`, so that people without loopfit load it
             with `trust_remote_code=True`.
     """
-    import yaml
-
-    from loopfit.io import atomic_dir, check_replaceable, remove_leftovers, verify_dir
-    from loopfit.loading import load_model
-
     if out is None:
         raise LoopfitError("--out is required")
-    run_dir = Path(run)
-    final = run_dir / "final"
-    if not (run_dir / "config.yaml").is_file() or not final.is_dir():
-        raise LoopfitError(f"{run} is not a finished training run (no config.yaml and final/ inside)")
-    remove_leftovers(Path(out))
-    if Path(out).exists() or Path(out).is_symlink():
-        if not overwrite:
-            raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
-        check_replaceable(out)  # before anything is loaded: a refusal costs nothing
-    verify_dir(final, advice=f"delete {final} and {run_dir / 'done.json'}, then rewrite them from the last checkpoint "
-               f"with loopfit train --config {run_dir / 'config.yaml'} --resume=true")  # fmt: skip
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        model_name = cfg["model_name"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        raise LoopfitError(f"{run_dir / 'config.yaml'} is unreadable ({type(e).__name__}); the run is damaged") from e
-    if (final / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = load_model(model_name)
-        model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
-    else:
-        model = load_model(final)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(final)  # final/ holds only an adapter: no config.json to resolve
-    from loopfit.publish import set_default_depth, write_model_card, write_remote_code
-
-    looped = getattr(model.config, "model_type", None) == "looped"
-    if looped and getattr(model.generation_config, "num_steps", None) is None:
-        set_default_depth(model)
-    with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:
-        if remote_code and looped:
-            write_remote_code(tmp, model)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_model_card(tmp, model, source=model_name, run=run_dir, remote_code=remote_code and looped)
-    done = run_dir / "done.json"
-    step = json.loads(done.read_text())["step"] if done.is_file() else "?"
-    print(f"wrote {out}: {model_name} + training of {run} (step {step}), merged")
+    export_run(run, out, overwrite=overwrite, remote_code=remote_code)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Literal
 
 from loopfit.errors import LoopfitError, check_count, check_number
+from loopfit.losses.divergences import DIVERGENCES, check_kind_params
+from loopfit.losses.hidden import HIDDEN_KINDS
 
 OPTIMIZERS = ("adamw", "muon", "ellis_adam")
 LR_SCHEDULES = ("wsd", "cosine", "constant")
@@ -91,8 +93,6 @@ class DistillationConfig:
                 for `teacher_model_name`.
         """
         named = bool(self.teacher_model_name) or teacher_model
-        from loopfit.losses.divergences import DIVERGENCES, check_kind_params
-        from loopfit.losses.hidden import HIDDEN_KINDS
 
         _choice("distillation.kind", self.kind, DIVERGENCES)
         _choice("distillation.hidden_kind", self.hidden_kind, HIDDEN_KINDS)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from loopfit.errors import LoopfitError
 from loopfit.models.families import decoder_layer_class_names
@@ -51,19 +54,11 @@ def init_distributed(mode: str, device: torch.device) -> Dist:
 def wrap_student(module: nn.Module, d: Dist, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
     """Wrap the (already LoRA-wrapped) student for data parallelism; the teacher is never wrapped."""
     if d.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [device.index] if device.type == "cuda" else None
         # No-grad loop iterations only skip activations: every trainable parameter still gets a gradient from the
         # last k iterations, so the unused-parameter search is needed only when a stage freezes parameters.
         return DDP(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
     if d.mode == "fsdp":
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:
-            raise LoopfitError("--parallel fsdp needs torch.distributed.fsdp.fully_shard (PyTorch >= 2.6)") from None
-        from torch.distributed.device_mesh import init_device_mesh
-
         mesh = init_device_mesh(device.type, (d.world_size,))
         for layer in _decoder_layers(module):
             fully_shard(layer, mesh=mesh)

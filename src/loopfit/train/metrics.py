@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from loopfit.io import atomic_file
+
 
 class MetricsLogger:
     """Writes metrics on the main rank only, one flushed line per `log` call.
@@ -41,7 +43,6 @@ class MetricsLogger:
             kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _step_of(ln) <= resume_step]
             if keep_lines is not None:
                 kept = kept[:keep_lines]
-            from loopfit.io import atomic_file
 
             with atomic_file(self.path) as f:
                 f.write("".join(ln + "\n" for ln in kept))

@@ -11,6 +11,7 @@ import re
 import torch
 from torch import nn
 
+from loopfit.errors import LoopfitError
 from loopfit.models.families import FAMILIES
 from loopfit.train.config import OptimConfig, ParamGroupRule
 
@@ -104,8 +105,6 @@ def build_optimizers(
         if not frozen:
             active.append((name, p))
     if not active:
-        from loopfit.errors import LoopfitError
-
         raise LoopfitError("no trainable parameters left: every parameter is frozen by the param_groups rules")
     adam_kw = dict(betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.optimizer == "ellis_adam":

@@ -17,12 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from loopfit.cache.reader import TeacherCache, TeacherTargetsDataset
+from loopfit.data import build_dataset, tokenizer_hash
 from loopfit.data.stream import BatchStream
 from loopfit.errors import LoopfitError
 from loopfit.flops import flop_params, train_flops_per_token
 from loopfit.io import atomic_dir, remove_leftovers, write_json
+from loopfit.loading import load_model, load_tokenizer
 from loopfit.losses.objective import Terms
 from loopfit.train import checkpoint as ckpt
 from loopfit.train.config import TrainConfig
@@ -48,15 +54,12 @@ from loopfit.train.student import (
     objective_loss,
     share_teacher_weights,
 )
+from loopfit.train.validate import check_inputs
 
 
 # ----------------------------------------------------------------------------------------------------- setup
 def setup(cfg: TrainConfig) -> Run | None:
     """Validate, load student/teacher, apply LoRA, build data and optimizer, restore a checkpoint. None if finished."""
-    from loopfit.data import build_dataset
-    from loopfit.loading import load_model, load_tokenizer
-    from loopfit.train.validate import check_inputs
-
     cfg.validate()
     check_inputs(cfg)  # files, tokenizers, vocabularies, lengths: before anything loads or is written
     if cfg.resume not in (True, False, "auto"):
@@ -90,8 +93,6 @@ def setup(cfg: TrainConfig) -> Run | None:
     dc = cfg.distillation
     cache = None
     if dc.enabled and dc.teacher_cache:  # an offline teacher: sparse targets per training row, no live teacher
-        from loopfit.cache.reader import TeacherCache
-
         cache = TeacherCache(dc.teacher_cache)
         cache.verify()  # every shard's checksum, before anything is written: a damaged cache is refused whole
         sv = model.get_output_embeddings().weight.shape[0]
@@ -147,9 +148,6 @@ def setup(cfg: TrainConfig) -> Run | None:
         check_same_data(out, data.manifest)
     train_set = data.train
     if cache is not None:
-        from loopfit.cache.reader import TeacherTargetsDataset
-        from loopfit.data import tokenizer_hash
-
         cache.check_compatible(tokenizer_hash(tokenizer), data.data_hash, dc.temperature)
         train_set = TeacherTargetsDataset(data.train, cache)
         info["teacher_cache"] = {"folder": str(dc.teacher_cache), "estimator": cache.estimator}
@@ -225,8 +223,6 @@ def depth_at(run: Run, step: int) -> tuple[int, int, tuple[int, int]]:
 
 def fit(run: Run, until: int | None = None) -> None:
     """Train from `run.step` to the end (or to `until`, which tests use to simulate an interruption)."""
-    from tqdm import tqdm
-
     cfg, d = run.cfg, run.d
     total = cfg.total_steps
     stop = min(total, until) if until is not None else total
@@ -278,8 +274,6 @@ def _out_of_time(run: Run, deadline: float) -> bool:
     """Every rank stops at the same step: rank 0's clock decides."""
     flag = torch.tensor([1.0 if time.perf_counter() > deadline else 0.0], device=run.device)
     if run.d.world_size > 1:
-        import torch.distributed as dist
-
         dist.broadcast(flag, src=0)
     return bool(flag.item())
 
@@ -335,8 +329,6 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
 @torch.no_grad()
 def validate(run: Run, depths: list[int | None]) -> dict:
     """Mean next-token CE over the validation split (this rank's share, reduced), at each depth R."""
-    import torch.nn.functional as F
-
     if run.val_set is None:
         return {}
     cfg = run.cfg
@@ -389,8 +381,6 @@ def save_final(run: Run, val: dict) -> None:
 
 def _unsharded_copy(run: Run) -> nn.Module:
     """Under FSDP2 the student's tensors are shards: rebuild it whole on rank 0 from the last checkpoint's weights."""
-    from loopfit.loading import load_model
-
     model = load_model(run.cfg.model_name)
     if run.cfg.lora.enabled:
         model = apply_lora(model, run.cfg.lora)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from loopfit.errors import LoopfitError
 from loopfit.io import MARKER, check_replaceable, install_dir, restore_old, seal, temp_dir_for, verify_dir, write_json
@@ -66,8 +69,6 @@ def config_dict(cfg: TrainConfig) -> dict:
 
 def config_yaml(cfg: TrainConfig) -> str:
     """The config as YAML that `loopfit train --config` reads back (resume is always written false)."""
-    import yaml
-
     d = config_dict(cfg)
     d["resume"] = False
     return yaml.safe_dump(d, sort_keys=False)
@@ -126,8 +127,6 @@ def _short(v) -> str:
 
 def run_config(out: Path) -> tuple[dict, list]:
     """(the run's effective config, flat: `config.yaml` with every recorded resume change applied; the resumes)."""
-    import yaml
-
     path = out / "config.yaml"
     try:
         saved = yaml.safe_load(path.read_text())
@@ -216,8 +215,6 @@ def create_run_folder(out: Path, cfg: TrainConfig, data_manifest: dict, sequence
         (tmp / "data_manifest.json").write_text(json.dumps(data_manifest, indent=2) + "\n")
         seal(tmp, "train-run", sequences_per_step=sequences)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return install_dir(tmp, out, keep_old=keep_old)

@@ -10,8 +10,10 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from loopfit.models import sample_num_steps
 from loopfit.train.config import BackpropDepthSchedule, LRSchedule, MeanRecurrenceSchedule, TrainConfig
 
 
@@ -57,8 +59,6 @@ def _expected_depth(mean: int, backprop_depth: int, min_num_steps: int) -> tuple
     `R = max(Poisson(rate) + 1, min_num_steps)`, `k = min(backprop_depth, mean, R)`; the Poisson pmf is mixed over the
     log-rate by 64-point Gauss-Hermite quadrature (without a floor E[R] = mean + 1 to ~1e-9).
     """
-    import numpy as np
-
     sigma = 0.5
     mu = math.log(max(mean, 1e-6)) - sigma**2 / 2
     nodes, weights = np.polynomial.hermite_e.hermegauss(64)
@@ -147,8 +147,6 @@ class DepthSchedule:
     def draw(self, step: int) -> tuple[int, int]:
         """`(n_no_grad, k_grad)` of training step `step`, drawn from `generator` (one draw per step, in step order,
         as the trainer makes them; `(0, fixed)` without drawing under `fixed`)."""
-        from loopfit.models import sample_num_steps
-
         if self.fixed:
             return 0, self.fixed
         mean, k = self.mean_at(step), self.backprop_depth_at(step)

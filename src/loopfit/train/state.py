@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import distribute_tensor
 
 from loopfit.data.stream import BatchStream
 from loopfit.errors import LoopfitError
@@ -111,15 +113,11 @@ def restore(run: Run, path: Path, weights: dict, state: dict) -> int | None:
         for n, p in run.trainable:
             full = weights[n].to(p.device, p.dtype)
             if hasattr(p, "device_mesh"):  # an FSDP2 shard: keep this rank's part
-                from torch.distributed.tensor import distribute_tensor
-
                 full = distribute_tensor(full, p.device_mesh, p.placements)
             p.copy_(full)
     run.step = state["step"]
     enter_stage(run, run.step)
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         opts = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(run.student, run.optimizers, state["optimizers"], options=opts)
     else:
@@ -144,8 +142,6 @@ def save_checkpoint(run: Run) -> None:
     """Rank 0 writes whole tensors and optimizer states, so any world size can resume."""
     weights = _full_weights(run)
     if run.d.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optim_state = get_optimizer_state_dict(run.student, run.optimizers, options=opts)
     else:

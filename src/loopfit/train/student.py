@@ -8,10 +8,13 @@ import re
 from collections.abc import Sequence
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from loopfit.errors import LoopfitError
+from loopfit.losses import HiddenStateLoss
 from loopfit.losses.objective import LogitTransform, Objective, ObjectiveWeights, Terms
+from loopfit.models.families import FAMILIES
 from loopfit.train.config import DistillationConfig, LoRAConfig
 
 
@@ -21,8 +24,6 @@ def is_looped(model: nn.Module) -> bool:
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Wrap `model` in PEFT LoRA; `modules_to_save` are trained fully (and kept out of the LoRA targets)."""
-    from peft import LoraConfig, get_peft_model
-
     lc = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
@@ -134,8 +135,6 @@ def teacher_forward(
     captured: dict[int, torch.Tensor] = {}
     handles = []
     if layers:
-        from loopfit.models.families import FAMILIES
-
         family = FAMILIES.get(getattr(getattr(teacher, "config", None), "model_type", None))
         stack = getattr(teacher, "base_model", None)
         decoder_layers = family.layers(teacher) if family is not None else getattr(stack, "layers", None)
@@ -200,8 +199,6 @@ def build_objective(
     if fixed_point_scale > 0 and not is_looped(base):
         raise LoopfitError("--fixed_point_scale needs a looped student (a plain model has no loop to converge)")
     if hidden_loss is None and dcfg.enabled and dcfg.hidden_scale:
-        from loopfit.losses import HiddenStateLoss
-
         if not is_looped(base):
             raise LoopfitError("--distillation.hidden_scale needs a looped student (states per loop iteration)")
         if source != "live":
@@ -304,8 +301,6 @@ def logit_transform(config) -> tuple[float | None, float | None]:
 
     A looped model reads its source family from `base_config`; a family loopfit does not know has neither.
     """
-    from loopfit.models.families import FAMILIES
-
     base = getattr(config, "base_config", config)
     family = FAMILIES.get(getattr(base, "model_type", None))
     return family.logit_transform(base) if family is not None else (None, None)

@@ -9,15 +9,14 @@ the data sources exist.
 
 from __future__ import annotations
 
+from loopfit.data.dataset import check_sources
 from loopfit.errors import LoopfitError, check_output
+from loopfit.loading import check_seq_len, load_tokenizer
 from loopfit.train.config import TrainConfig
 
 
 def check_inputs(cfg: TrainConfig) -> None:
     """Raise `LoopfitError` naming the first input of `cfg` that cannot work."""
-    from loopfit.data.dataset import check_sources
-    from loopfit.loading import check_seq_len, load_tokenizer
-
     check_output("out", cfg.out, folder=True)
     student_tok = load_tokenizer(cfg.model_name)
     check_seq_len(cfg.model_name, cfg.seq_len)
@@ -37,8 +36,6 @@ def check_same_vocabulary(student_name: str, student_tok, teacher_name: str) -> 
     same one with tokens added in another order) trains the student towards the wrong tokens without any error.
     A teacher without a tokenizer is refused rather than trusted: nothing else shows that its ids mean the same.
     """
-    from loopfit.loading import load_tokenizer
-
     try:
         teacher_tok = load_tokenizer(teacher_name)
     except LoopfitError as e:

@@ -43,6 +43,43 @@ class LoRAConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD, arXiv:2306.13649; on-policy distillation, Thinking Machines, Oct 2025): with
+    probability `lmbda` an optimizer step trains on the student's own completions of the data's prompts, sampled at
+    the step's drawn depth and scored by the teacher on the completion tokens only (`loopfit.train.on_policy`)."""
+
+    lmbda: float = 0.0
+    """Probability that an optimizer step is on-policy, drawn per step from a seeded generator saved in checkpoints
+    (0 = off, the data's own completions only; 1 = every step). On needs prompt/response data and a live teacher."""
+    max_new_tokens: int = 128
+    """Tokens the student samples per prompt (fewer where it emits EOS); prompt + completion fit in `seq_len`."""
+    temperature: float = 1.0
+    """Sampling temperature of the student's completions (the divergence keeps `distillation.temperature`)."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens holding this much probability (1 = all of them)."""
+    kind: str = "rkl"
+    """Divergence of the on-policy steps (the off-policy ones keep `distillation.kind`): `rkl`, the per-token reverse
+    KL of on-policy distillation, by default; `jsd` with `kind_params {beta: ...}` is GKD's generalized JSD."""
+    kind_params: dict[str, float] = field(default_factory=dict)
+    """Parameters of `kind`, as `distillation.kind_params` (`{beta: 0.5}` for `jsd`)."""
+
+    def validate(self) -> None:
+        """Raise `LoopfitError` for a setting out of its range."""
+        from loopfit.losses.divergences import DIVERGENCES, check_kind_params
+
+        _check_finite(self, "distillation.on_policy.")
+        check_number("distillation.on_policy.lmbda", self.lmbda, 0, 1)
+        check_count("distillation.on_policy.max_new_tokens", self.max_new_tokens, 1)
+        check_number("distillation.on_policy.temperature", self.temperature, low=0, low_open=True)
+        check_number("distillation.on_policy.top_p", self.top_p, 0, 1, low_open=True)
+        _choice("distillation.on_policy.kind", self.kind, DIVERGENCES)
+        try:
+            check_kind_params(self.kind, self.kind_params)
+        except ValueError as e:
+            raise LoopfitError(f"--distillation.on_policy.kind_params: {e}") from None
+
+
+@dataclass
 class DistillationConfig:
     """Knowledge distillation from a frozen teacher (logits and, optionally, hidden states)."""
 
@@ -82,6 +119,8 @@ class DistillationConfig:
     R, against the teacher's state where the coda begins: one target for every depth)."""
     share_weights: bool = True
     """Point the student's frozen layers at the teacher's identical tensors (LoRA only): one copy in memory."""
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """On-policy distillation: steps that train on the student's own samples (`lmbda` > 0 turns it on)."""
 
     def validate(self, teacher_model: bool = False) -> None:
         """Raise `LoopfitError` naming the first nonsensical distillation setting: the checks that need no other part
@@ -125,6 +164,18 @@ class DistillationConfig:
                 raise LoopfitError("--distillation.hidden_scale needs --distillation.teacher_model_name")
         elif named or self.teacher_cache or self.hidden_scale:
             raise LoopfitError("a teacher or hidden_scale is set but --distillation.enabled is false")
+        self.on_policy.validate()
+        if self.on_policy.lmbda > 0:
+            if not (self.enabled and named):
+                raise LoopfitError(
+                    "--distillation.on_policy.lmbda > 0 needs a live teacher to score the student's "
+                    "samples: --distillation.enabled=true with --distillation.teacher_model_name"
+                )
+            if (self.kd_scale if self.kd_scale is not None else 1.0 - self.alpha) == 0:
+                raise LoopfitError(
+                    "--distillation.on_policy trains on the KD term alone, whose weight is 0: set "
+                    "--distillation.alpha below 1 or --distillation.kd_scale above 0"
+                )
         if self.hidden_map != "spread" and not self.hidden_scale:
             raise LoopfitError(
                 f"--distillation.hidden_map={self.hidden_map} does nothing without --distillation.hidden_scale"
@@ -438,6 +489,14 @@ def _validate(c: TrainConfig) -> None:
     if o.optimizer == "muon" and c.lora.enabled and not c.lora.modules_to_save:
         # LoRA factors are thin (r x d) matrices: orthogonalising them is not what Muon is for.
         raise LoopfitError("--optim_config.optimizer=muon with LoRA trains only thin LoRA factors; use adamw")
+    if d.on_policy.lmbda > 0:
+        if c.parallel == "fsdp":
+            raise LoopfitError("--distillation.on_policy needs whole weights to generate: use --parallel ddp or none")
+        if d.on_policy.max_new_tokens >= c.seq_len:
+            raise LoopfitError(
+                f"--distillation.on_policy.max_new_tokens ({d.on_policy.max_new_tokens}) must be below "
+                f"--seq_len ({c.seq_len}): a prompt and its completion are one row of seq_len tokens"
+            )
     if d.share_weights and d.enabled and not c.lora.enabled and d.teacher_model_name:
         d.share_weights = False  # without LoRA the student's layers change, so nothing can be shared
     if c.wandb:

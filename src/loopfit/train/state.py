@@ -11,7 +11,6 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,9 +25,6 @@ from loopfit.train.distributed import Dist, barrier
 from loopfit.train.metrics import MetricsLogger
 from loopfit.train.optim import build_optimizers
 from loopfit.train.schedules import DepthSchedule, lr_scheduler
-
-if TYPE_CHECKING:
-    from loopfit.train.on_policy import OnPolicy
 
 
 @dataclass
@@ -59,7 +55,7 @@ class Run:
     info: dict = field(default_factory=dict)
     aside: Path | None = None  # the replaced run folder, kept until this run's first checkpoint (--overwrite)
     saved_step: int | None = None  # step of the newest checkpoint written or restored
-    on_policy: OnPolicy | None = None  # the on-policy coin, prompts and sampling (`--distillation.on_policy`)
+    on_policy: object | None = None  # a `loopfit.train.on_policy.OnPolicy` (that module imports this one)
 
     @property
     def depth_gen(self) -> torch.Generator:

@@ -260,3 +260,16 @@ def test_on_policy_needs_a_teacher_and_a_kd_term(models, tmp_path, dist, match):
         cfg.distillation.teacher_model_name = None
     with pytest.raises(LoopfitError, match=match):
         cfg.validate()
+
+
+def test_hf_distillation_trainer_refuses_on_policy(models, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from loopfit.hf import DistillationTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True)
+    dcfg = DistillationConfig(enabled=True, on_policy=OnPolicyConfig(lmbda=0.5))
+    with pytest.raises(LoopfitError, match="TRL's GKDTrainer"):
+        DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(models / "looped"), args=args,
+                            teacher_model=AutoModelForCausalLM.from_pretrained(models / "teacher"),
+                            distillation=dcfg)  # fmt: skip

@@ -273,3 +273,21 @@ def test_hf_distillation_trainer_refuses_on_policy(models, tmp_path):
         DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(models / "looped"), args=args,
                             teacher_model=AutoModelForCausalLM.from_pretrained(models / "teacher"),
                             distillation=dcfg)  # fmt: skip
+
+
+def test_plain_student_samples_on_policy(models, tmp_path):
+    """A non-looped student: the same on-policy steps, sampled and trained without a depth."""
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    make_tiny_model("llama", num_layers=2, hidden=32, seed=1).save_pretrained(tmp_path / "plain")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "plain")
+    cfg = _cfg(models, tmp_path, on_policy={"lmbda": 1.0}, model_name=str(tmp_path / "plain"), max_steps=3)
+    cfg.lora.modules_to_save = None
+    run = setup(cfg)
+    before = {n: p.detach().clone() for n, p in run.trainable}
+    fit(run)
+    run.logger.close()
+    m = _metrics(tmp_path / "run")
+    assert run.on_policy.last["num_steps"] is None
+    assert all(x["on_policy"] and x["generated_tokens"] > 0 and math.isfinite(x["loss"]) for x in m)
+    assert [n for n, p in run.trainable if torch.equal(before[n], p.detach())] == []

@@ -144,7 +144,10 @@ def training_prompts(cfg: TrainConfig, tokenizer) -> list[list[int]]:
     Raises:
         LoopfitError: the data has no prompt/response pairs, or none of their prompts fits.
     """
-    docs = train_documents(cfg.data, cfg.val_fraction, cfg.seed, cfg.max_documents)
+    try:
+        docs = train_documents(cfg.data, cfg.val_fraction, cfg.seed, cfg.max_documents)
+    except LoopfitError as e:
+        raise LoopfitError(f"--distillation.on_policy needs the data's prompts: {e}") from None
     pairs = [d for d in docs if d.is_pair]
     where = cfg.data if cfg.data else "the built-in arithmetic data"
     if not pairs:

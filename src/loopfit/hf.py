@@ -19,6 +19,8 @@ Every `DistillationConfig` field is served, or refused at construction with one 
 - `hidden_scale`, `hidden_kind`, `hidden_map`: a looped student and a live teacher of the same width (the HF
   optimizer trains the model's parameters only, so no projection between widths could learn).
 - `share_weights`: applied to a PEFT (LoRA) student, as in `loopfit train`.
+- `on_policy`: refused when on (`lmbda` > 0): TRL's `GKDTrainer` / `DistillationTrainer` sample on-policy with a
+  looped student.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ class DistillationTrainer(Trainer):
             raise LoopfitError("distillation is enabled but no teacher_model (or distillation.teacher_model_name / "
                                "teacher_cache) was given")  # fmt: skip
         dcfg.validate(teacher_model=teacher_model is not None)
+        if dcfg.on_policy.lmbda > 0:
+            raise LoopfitError("distillation.on_policy is `loopfit train`'s; under the HF Trainer sample on-policy "
+                               "with TRL's GKDTrainer (lmbda) or DistillationTrainer")  # fmt: skip
         if dcfg.enabled and dcfg.teacher_model_name:
             if hasattr(self.processing_class, "get_vocab"):  # a tokenizer: the teacher's must map every token alike
                 check_same_vocabulary("the student", self.processing_class, dcfg.teacher_model_name)

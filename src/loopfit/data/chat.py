@@ -117,6 +117,29 @@ def _masked(ids: list[int], offsets, text: str, boundary: int | None, assistant_
     return TokenizedDocument(ids, trainable, not chat)
 
 
+def prompt_token_ids(
+    docs: Sequence[Document], tokenizer, chat: bool = False, system: str | None = None
+) -> list[list[int]]:
+    """Token ids of each prompt/response pair's prompt part, rendered as `tokenize_documents` renders the pair: with
+    `chat` the template through its generation prompt (its own special tokens), else `Question: ...\nAnswer:` with
+    the tokenizer's default special tokens, the trailing space left to the answer (where the whole text's
+    tokenisation puts it: a lone space token would be a prefix the model never saw in training).
+
+    Raises:
+        LoopfitError: a document is free text (it has no prompt part), or the chat template fails.
+    """
+    if any(not d.is_pair for d in docs):
+        raise LoopfitError("a free-text document has no prompt part: prompts need prompt/response pairs")
+    texts = []
+    for d in docs:
+        text, boundary = _render(tokenizer, d, chat, system)
+        texts.append(text[:boundary] if chat else text[:boundary].rstrip(" "))
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), _BATCH):
+        ids.extend(tokenizer(texts[start : start + _BATCH], add_special_tokens=not chat)["input_ids"])
+    return ids
+
+
 def format_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> str:
     """The prompt as text, wrapped in the tokenizer's chat template when `chat`."""
     if not chat:

@@ -140,9 +140,7 @@ def build_dataset(
     parsed = [(s, w) for s, w in map(parse_source, entries) if w > 0]
     train_docs, val_docs, records = [], [], []
     for spec, weight in parsed:
-        generated = spec == ARITHMETIC or format == ARITHMETIC
-        limit = max_documents or (DEFAULT_GENERATED_DOCUMENTS if generated else None)
-        docs = list(read_documents(spec, format=format, text_field=text_field, limit=limit, seed=seed))
+        docs = _source_documents(spec, format, text_field, max_documents, seed)
         tr, va = _carve(docs, val_fraction, seed)
         tok = tokenize_documents(docs, tokenizer, chat=chat, assistant_only=assistant_only, system=system_prompt)
         train_docs.append([tok[i] for i in tr])
@@ -183,6 +181,38 @@ def build_dataset(
     packed = PackedData(train, val, manifest)
     check_targets(packed, ", ".join(spec for spec, _ in parsed), chat, assistant_only)
     return packed
+
+
+def _source_documents(spec: str, format: str, text_field: str | None, max_documents: int | None, seed: int):
+    generated = spec == ARITHMETIC or format == ARITHMETIC
+    limit = max_documents or (DEFAULT_GENERATED_DOCUMENTS if generated else None)
+    return list(read_documents(spec, format=format, text_field=text_field, limit=limit, seed=seed))
+
+
+def train_documents(
+    data: str | list[str] | None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    max_documents: int | None = None,
+    format: str = "auto",
+    text_field: str | None = None,
+) -> list[Document]:
+    """The documents `build_dataset` with the same arguments may train on: every source of weight > 0, read with
+    the same limit, less the same held-out split, before the token-share mix (which may subsample a source).
+
+    Raises:
+        LoopfitError: a bad source, or a prepared data folder (it holds token rows, not documents).
+    """
+    entries = check_sources(data, format, text_field)
+    if _is_prepared(entries[0]):
+        raise LoopfitError(f"{entries[0]} is a prepared data folder: it holds token rows, not the documents asked "
+                           "for; pass the source records instead")  # fmt: skip
+    out = []
+    for spec, weight in map(parse_source, entries):
+        if weight > 0:
+            docs = _source_documents(spec, format, text_field, max_documents, seed)
+            out.extend(docs[i] for i in _carve(docs, val_fraction, seed)[0])
+    return out
 
 
 def scored_targets(ds: PackedDataset) -> int:

@@ -11,12 +11,11 @@ import ast
 import inspect
 import math
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from loopfit.errors import LoopfitError, check_count, check_number
-from loopfit.losses.divergences import DIVERGENCES, check_kind_params
-from loopfit.losses.hidden import HIDDEN_KINDS
+from loopfit.train.distillation_config import DistillationConfig, OnPolicyConfig, _check_finite, _choice  # noqa: F401
 
 OPTIMIZERS = ("adamw", "muon", "ellis_adam")
 LR_SCHEDULES = ("wsd", "cosine", "constant")
@@ -42,91 +41,6 @@ class LoRAConfig:
     module-name suffixes, or a regex matched against full module names."""
     modules_to_save: list[str] | None = None
     """Modules trained fully instead of through LoRA, e.g. `[adapter]` for the loop adapter."""
-
-
-@dataclass
-class DistillationConfig:
-    """Knowledge distillation from a frozen teacher (logits and, optionally, hidden states)."""
-
-    enabled: bool = False
-    """Add a distillation term from `teacher_model_name` (or `teacher_cache`)."""
-    teacher_model_name: str | None = None
-    """Teacher: HF folder, hub id, .gguf file or `smollm2-135m`. Required when enabled without a cache. Its
-    tokenizer must map every token to the same id as the student's (checked at start; a teacher without a
-    tokenizer is refused, since the vocabularies could not be compared)."""
-    teacher_cache: str | None = None
-    """Folder of an offline teacher cache (sparse targets) used instead of running the teacher."""
-    temperature: float = 2.0
-    """Softmax temperature of the divergence (the KD term is scaled by T^2)."""
-    ce_scale: float = 0.5
-    """Weight of the cross-entropy against the labels. The classic blend `alpha * CE + (1 - alpha) * KD` is
-    `ce_scale = alpha`, `kd_scale = 1 - alpha`; the old flag `--distillation.alpha` is still read that way."""
-    kd_scale: float = 0.5
-    """Weight of the distillation divergence (scaled by T^2 inside the term)."""
-    kind: str = "fkl"
-    """Divergence: `fkl` (forward KL), `rkl` (reverse KL), `skl` (lam FKL + (1 - lam) RKL), `skew` (skew KL,
-    KL(p || alpha p + (1 - alpha) q)), `jsd` (generalized JSD), `tvd` (total variation)."""
-    kind_params: dict[str, float] = field(default_factory=dict)
-    """Parameters of the divergence, checked at start: `{lam: 0.5}` for `skl` (in [0, 1]), `{alpha: 0.1}` for `skew`
-    (in [0, 1)), `{beta: 0.5}` for `jsd` (in [0, 1]); the other kinds take none."""
-    fused: bool = True
-    """Chunked loss from hidden states and the LM head weight (never materialises full-vocab logits)."""
-    chunk_size: int = 1024
-    """Tokens per chunk of the fused loss."""
-    hidden_scale: float = 0.0
-    """Weight of the hidden-state loss between loop iterations and teacher layers (0 = off)."""
-    hidden_kind: str = "cosine"
-    """Hidden-state loss: `cosine` or `mse`."""
-    hidden_map: str = "spread"
-    """Which loop states meet which teacher layers: `spread` (iteration i of R -> a teacher layer spread evenly over
-    the span the block replaced; the target of a state then depends on R) or `last` (only the final state, whatever
-    R, against the teacher's state where the coda begins: one target for every depth)."""
-    share_weights: bool = True
-    """Point the student's frozen layers at the teacher's identical tensors (LoRA only): one copy in memory."""
-
-    def validate(self, teacher_model: bool = False) -> None:
-        """Raise `LoopfitError` naming the first nonsensical distillation setting: the checks that need no other part
-        of the run (`TrainConfig.validate` runs them, and so does `loopfit.hf.DistillationTrainer`).
-
-        Args:
-            teacher_model: the caller holds a live teacher model (the HF trainer's `teacher_model=`), which stands
-                for `teacher_model_name`.
-        """
-        named = bool(self.teacher_model_name) or teacher_model
-
-        _choice("distillation.kind", self.kind, DIVERGENCES)
-        _choice("distillation.hidden_kind", self.hidden_kind, HIDDEN_KINDS)
-        _choice("distillation.hidden_map", self.hidden_map, ("spread", "last"))
-        check_count("distillation.chunk_size", self.chunk_size, 1)
-        _check_finite(self, "distillation.")
-        check_number("distillation.temperature", self.temperature, low=0, low_open=True)
-        for name in ("ce_scale", "kd_scale", "hidden_scale"):
-            check_number(f"distillation.{name}", getattr(self, name), low=0)
-        if self.ce_scale == 0 and self.kd_scale == 0:
-            raise LoopfitError("--distillation.ce_scale and --distillation.kd_scale are both 0: the loss would be 0")
-        try:
-            check_kind_params(self.kind, self.kind_params)
-        except ValueError as e:
-            raise LoopfitError(f"--distillation.kind_params: {e}") from None
-        if self.enabled:
-            if not named and self.teacher_cache is None:
-                raise LoopfitError(
-                    "--distillation.enabled=true needs --distillation.teacher_model_name (or teacher_cache)"
-                )
-            if self.teacher_cache and named:
-                raise LoopfitError("give --distillation.teacher_model_name or --distillation.teacher_cache, not both")
-            if self.hidden_scale and self.teacher_cache:
-                raise LoopfitError(
-                    "--distillation.hidden_scale needs a live teacher; a teacher cache holds no hidden states"
-                )
-            if self.hidden_scale and not named:
-                raise LoopfitError("--distillation.hidden_scale needs --distillation.teacher_model_name")
-        elif named or self.teacher_cache or self.hidden_scale:
-            raise LoopfitError("a teacher or hidden_scale is set but --distillation.enabled is false")
-        if self.hidden_map != "spread" and not self.hidden_scale:
-            raise LoopfitError(
-                f"--distillation.hidden_map={self.hidden_map} does nothing without --distillation.hidden_scale"
-            )
 
 
 @dataclass
@@ -332,11 +246,6 @@ class TrainConfig:
         return sum(s.steps for s in self.stages) if self.stages else self.max_steps
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise LoopfitError(f"--{name} must be one of {', '.join(allowed)}, got '{value}'")
-
-
 def _validate(c: TrainConfig) -> None:
     if not c.model_name:
         raise LoopfitError("--model_name is required")
@@ -436,6 +345,14 @@ def _validate(c: TrainConfig) -> None:
     if o.optimizer == "muon" and c.lora.enabled and not c.lora.modules_to_save:
         # LoRA factors are thin (r x d) matrices: orthogonalising them is not what Muon is for.
         raise LoopfitError("--optim_config.optimizer=muon with LoRA trains only thin LoRA factors; use adamw")
+    if d.on_policy.lmbda > 0:
+        if c.parallel == "fsdp":
+            raise LoopfitError("--distillation.on_policy needs whole weights to generate: use --parallel ddp or none")
+        if d.on_policy.max_new_tokens >= c.seq_len:
+            raise LoopfitError(
+                f"--distillation.on_policy.max_new_tokens ({d.on_policy.max_new_tokens}) must be below "
+                f"--seq_len ({c.seq_len}): a prompt and its completion are one row of seq_len tokens"
+            )
     if d.share_weights and d.enabled and not c.lora.enabled and d.teacher_model_name:
         d.share_weights = False  # without LoRA the student's layers change, so nothing can be shared
     if c.wandb:
@@ -443,18 +360,6 @@ def _validate(c: TrainConfig) -> None:
             import wandb  # noqa: F401
         except ImportError:
             raise LoopfitError("--wandb=true needs the 'wandb' package (pip install wandb)") from None
-
-
-def _check_finite(obj, prefix: str = "") -> None:
-    """Refuse NaN or infinity in any float setting (a NaN passes every `<` / `>` range check unnoticed)."""
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        items = value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) else [value]
-        for v in items:
-            if is_dataclass(v):
-                _check_finite(v, f"{prefix}{f.name}.")
-            elif isinstance(v, float) and not math.isfinite(v):
-                raise LoopfitError(f"--{prefix}{f.name} must be a finite number, got {value}")
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -34,6 +34,7 @@ from loopfit.train import checkpoint as ckpt
 from loopfit.train.config import TrainConfig
 from loopfit.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
 from loopfit.train.metrics import MetricsLogger, measure_matmul_peak
+from loopfit.train.on_policy import build_on_policy, on_policy_step
 from loopfit.train.resume import (
     DONE,
     check_same_data,
@@ -156,6 +157,7 @@ def setup(cfg: TrainConfig) -> Run | None:
 
     run = Run(cfg, out, d, device, model, student, teacher, tokenizer, trainable, stream, val_set, depth,
               logger=None, looped=looped, objective=objective, info=info)  # fmt: skip
+    run.on_policy = build_on_policy(run)  # None unless --distillation.on_policy.lmbda > 0
     run.flops_params = flop_params(model, teacher)
     run.peak_flops = measure_matmul_peak(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     resume_step = keep_lines = None
@@ -281,9 +283,14 @@ def _out_of_time(run: Run, deadline: float) -> bool:
 def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
     """One optimizer step over `gradient_accumulation_steps` micro-batches; returns its (rank-reduced) metrics."""
     cfg, d = run.cfg, run.d
-    batches = [
-        {k: v.to(run.device) for k, v in run.stream.next().items()} for _ in range(cfg.gradient_accumulation_steps)
-    ]
+    sampled = on_policy_step(run, num_steps)  # None: an off-policy step (always, without --distillation.on_policy)
+    if sampled is None:
+        objective, extra = run.objective, {}
+        batches = [
+            {k: v.to(run.device) for k, v in run.stream.next().items()} for _ in range(cfg.gradient_accumulation_steps)
+        ]
+    else:
+        batches, objective, extra = sampled
     local_items = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
     num_items = all_reduce_sum(local_items.float(), d).clamp_min(1.0)
     names = Terms.NAMES  # ce, kd, hidden, fixed_point, router_aux
@@ -293,7 +300,7 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1 or not hasattr(run.student, "no_sync")
         with contextlib.nullcontext() if sync else run.student.no_sync(), run.autocast:
-            parts = objective_loss(run.objective, run.student, run.teacher, batch, depth_arg, num_items)
+            parts = objective_loss(objective, run.student, run.teacher, batch, depth_arg, num_items)
         # DDP averages gradients over ranks; the loss is already a share of the global mean, so undo the average.
         (parts.total * d.world_size).backward()
         terms = parts.named()
@@ -319,6 +326,8 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
     kd_on = cfg.distillation.enabled
     m = {"loss": total, "ce_loss": term["ce"], "kd_loss": term["kd"] if kd_on else None,
          "grad_norm": float(grad_norm), "num_items": int(num_items.item()), "skipped": not finite}  # fmt: skip
+    if run.on_policy is not None:
+        m.update(on_policy=sampled is not None, **extra)
     for name in ("hidden", "fixed_point", "router_aux"):  # logged when the objective has them
         if name in present:
             m[f"{name}_loss"] = term[name]

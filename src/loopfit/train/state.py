@@ -57,6 +57,7 @@ class Run:
     info: dict = field(default_factory=dict)
     aside: Path | None = None  # the replaced run folder, kept until this run's first checkpoint (--overwrite)
     saved_step: int | None = None  # step of the newest checkpoint written or restored
+    on_policy: object | None = None  # a `loopfit.train.on_policy.OnPolicy` (that module imports this one)
 
     @property
     def depth_gen(self) -> torch.Generator:
@@ -127,6 +128,8 @@ def restore(run: Run, path: Path, weights: dict, state: dict) -> int | None:
         sch.load_state_dict(s)
     run.stream.load_state_dict(state["data"])
     ckpt.set_rng_state(state["rng"], run.depth_gen)
+    if run.on_policy is not None:
+        run.on_policy.load_state_dict(state.get("on_policy"))
     run.saved_step = run.step
     if run.d.is_main:
         print(f"resumed from {path} at step {run.step}", file=sys.stderr)
@@ -157,6 +160,7 @@ def save_checkpoint(run: Run) -> None:
             "schedulers": [s.state_dict() for s in run.schedulers],
             "data": run.stream.state_dict(),
             "rng": ckpt.rng_state(run.depth_gen),
+            "on_policy": run.on_policy.state_dict() if run.on_policy is not None else None,
             "world_size": run.d.world_size,
         }
         ckpt.save_checkpoint(run.out, run.step, weights, state, run.cfg.keep_last)

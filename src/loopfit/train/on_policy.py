@@ -1,0 +1,250 @@
+"""On-policy distillation in `loopfit train` (`--distillation.on_policy.*`): steps that train on the student's own
+samples, scored by the teacher (GKD, arXiv:2306.13649; on-policy distillation, Thinking Machines, Oct 2025).
+
+The unit is the optimizer step. Each step draws one coin from a seeded generator (saved in checkpoints): with
+probability `lmbda` every micro-batch of the step is made on-policy, otherwise the step is the ordinary off-policy
+one, unchanged (the coin is drawn at every step, so the generator's position depends only on the step). An
+on-policy micro-batch:
+
+1. takes `batch_size` prompts from the training split's prompt/response pairs, through their own seeded, resumable
+   `BatchStream` (packed rows hold several documents and pieces of documents, so prompts cannot be cut out of
+   them; the packed stream advances only on off-policy steps). Prompts are rendered as training renders the pair
+   (chat template through the generation prompt, or `Question: ...\\nAnswer:`); those longer than
+   `seq_len - max_new_tokens` are left out, so a prompt and its completion always fit in one row;
+2. samples their completions in one batched, left-padded `generate` call with the KV cache, in eval mode, at the
+   depth drawn for the step (`n_no_grad + k_grad` iterations), at `temperature` / `top_p` (no top-k), from a seed
+   drawn from the same generator (global RNG streams are forked around it and left untouched);
+3. lays each row out right-padded, `prompt + completion`, with labels on the completion only: its tokens up to and
+   including the first EOS, never the prompt, the padding or what follows the first EOS;
+4. scores it with the run's objective with `on_policy.kind` (reverse KL by default) as the divergence, the KD
+   weight of the run and no CE term (the CE of the student's own samples would teach it to imitate itself): the
+   student runs at the step's `(n_no_grad, k_grad)` with gradients, the teacher scores the same rows.
+
+The teacher is the run's: the source model, no loop, no LoRA, its frozen layers shared with the student
+(`share_teacher_weights`). The generator's state and the prompt stream's position are in every checkpoint, so a
+resumed run samples exactly what an unbroken one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from loopfit.data.chat import prompt_token_ids
+from loopfit.data.dataset import train_documents
+from loopfit.data.packing import IGNORE_INDEX
+from loopfit.data.stream import BatchStream
+from loopfit.errors import LoopfitError
+from loopfit.losses.objective import Objective
+from loopfit.train.config import OnPolicyConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from loopfit.train.state import Run
+
+_SEED_OFFSET = 104_729  # the coin / sampling-seed generator is seeded with `seed + this` (the depth's is + 7919)
+
+
+class _Indices(torch.utils.data.Dataset):
+    """Row i is `{"index": i}`: lets a `BatchStream` (seeded, rank-aware, resumable) walk a list of prompts."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": torch.tensor(i)}
+
+
+def eos_token_ids(tokenizer, model: nn.Module) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS and the model's generation config's (an int or a list)."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)`, both `(B, P)` with `P` the longest prompt, padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module,
+    prompts: list[list[int]],
+    cfg: OnPolicyConfig,
+    seed: int,
+    num_steps: int | None,
+    eos_ids: list[int],
+    pad_id: int,
+    device=None,
+) -> torch.Tensor:
+    """The student's sampled completions of `prompts`, `(B, T)` with `T <= cfg.max_new_tokens` (pad after a row's
+    EOS): one left-padded `generate` call with the KV cache, in eval mode (restored after), at depth `num_steps`
+    (None for a plain model), with the global RNG seeded `seed` inside a fork (the caller's streams stay as they
+    were). `model.generate(...)` with these arguments after `torch.manual_seed(seed)` gives the same tokens.
+    """
+    ids, mask = left_pad(prompts, pad_id, device)
+    kw = {"num_steps": num_steps} if num_steps is not None else {}
+    devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                use_cache=True, **kw,
+            )  # fmt: skip
+    finally:
+        model.train(was_training)
+    return out[:, ids.shape[1] :]
+
+
+def completion_rows(
+    prompts: list[list[int]], completions: torch.Tensor, eos_ids: list[int], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded training rows `prompt + completion`: `input_ids` and unshifted `labels` `(B, L)`, with `L` the
+    longest row; labels are the completion's tokens up to and including its first EOS, -100 elsewhere (prompt,
+    padding, anything after the first EOS)."""
+    comp = completions.cpu()
+    is_eos = torch.isin(comp, torch.tensor(eos_ids, dtype=comp.dtype))
+    # Length of each completion: through the first EOS, or all T tokens when it never ended.
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((len(comp),), comp.shape[1]))
+    length = max(len(p) + int(n) for p, n in zip(prompts, first))
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(prompts), length), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, n) in enumerate(zip(prompts, first.tolist())):
+        input_ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        input_ids[i, len(p) : len(p) + n] = comp[i, :n]
+        labels[i, len(p) : len(p) + n] = comp[i, :n]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def training_prompts(cfg: TrainConfig, tokenizer) -> list[list[int]]:
+    """Token ids of the training split's prompts that fit with their completion in `seq_len`.
+
+    Raises:
+        LoopfitError: the data has no prompt/response pairs, or none of their prompts fits.
+    """
+    try:
+        docs = train_documents(cfg.data, cfg.val_fraction, cfg.seed, cfg.max_documents)
+    except LoopfitError as e:
+        raise LoopfitError(f"--distillation.on_policy needs the data's prompts: {e}") from None
+    pairs = [d for d in docs if d.is_pair]
+    where = cfg.data if cfg.data else "the built-in arithmetic data"
+    if not pairs:
+        raise LoopfitError(f"--distillation.on_policy needs prompts to complete: the training data {where} has no "
+                           "prompt/response pairs (question/answer records), only free text")  # fmt: skip
+    room = cfg.seq_len - cfg.distillation.on_policy.max_new_tokens
+    ids = prompt_token_ids(pairs, tokenizer, chat=cfg.chat, system=cfg.system_prompt)
+    kept = [p for p in ids if 0 < len(p) <= room]
+    if not kept:
+        raise LoopfitError(f"no prompt of {where} fits in --seq_len {cfg.seq_len} with --distillation.on_policy."
+                           f"max_new_tokens {cfg.distillation.on_policy.max_new_tokens} new tokens: the shortest "
+                           f"has {min(len(p) for p in ids)} tokens")  # fmt: skip
+    if len(kept) < len(ids):
+        print(f"on-policy: {len(ids) - len(kept)} of {len(ids)} prompts are longer than seq_len - max_new_tokens "
+              f"({room} tokens) and are left out", file=sys.stderr)  # fmt: skip
+    return kept
+
+
+class OnPolicy:
+    """The on-policy part of a run: the per-step coin, the prompt stream, the sampling and the objective.
+
+    Args:
+        cfg: the on-policy settings. prompts: token ids of the prompts to complete.
+        objective: the run's objective; on-policy micro-batches use a copy with `cfg.kind` and no CE term.
+        batch_size, seed, rank, world_size: as the run's (`rank` also varies the sampling seed per rank).
+        eos_ids, pad_id: ids that end a completion; the padding id.
+    """
+
+    def __init__(self, cfg: OnPolicyConfig, prompts: list[list[int]], objective: Objective, batch_size: int,
+                 seed: int, eos_ids: list[int], pad_id: int, rank: int = 0, world_size: int = 1):  # fmt: skip
+        if len(prompts) < batch_size * world_size:
+            raise LoopfitError(f"only {len(prompts)} prompts for on-policy distillation: fewer than one global batch "
+                               f"({batch_size * world_size})")  # fmt: skip
+        self.cfg, self.prompts, self.eos_ids, self.pad_id, self.rank = cfg, prompts, eos_ids, pad_id, rank
+        self.generator = torch.Generator().manual_seed(seed + _SEED_OFFSET)
+        self.stream = BatchStream(_Indices(len(prompts)), batch_size, seed + _SEED_OFFSET, rank, world_size)
+        weights = dataclasses.replace(objective.weights, ce_scale=0.0, kd_scale=objective.scales[1])
+        self.objective = dataclasses.replace(objective, weights=weights, divergence=cfg.kind,
+                                             divergence_params=dict(cfg.kind_params))  # fmt: skip
+        self.last: dict = {}  # the last on-policy step's `seeds` and prompt `indices` per micro-batch, `num_steps`
+
+    def flip(self) -> bool:
+        """This step's coin: True (on-policy) with probability `lmbda`; one draw per step, whatever `lmbda`."""
+        return bool(torch.rand((), generator=self.generator, dtype=torch.float64) < self.cfg.lmbda)
+
+    def batches(self, model: nn.Module, micro_batches: int, num_steps: int | None, device=None,
+                autocast=contextlib.nullcontext) -> list[dict]:  # fmt: skip
+        """`micro_batches` on-policy micro-batches `{"input_ids", "labels"}` on `device`, sampled by `model` at
+        depth `num_steps` (None for a plain model) under the context `autocast()` (the run's precision)."""
+        self.last = {"seeds": [], "indices": [], "num_steps": num_steps}
+        out = []
+        for _ in range(micro_batches):
+            idx = self.stream.next()["index"].tolist()
+            seed = int(torch.randint(0, 2**62, (), generator=self.generator)) + self.rank
+            prompts = [self.prompts[i] for i in idx]
+            with autocast():
+                comp = sample_completions(model, prompts, self.cfg, seed, num_steps, self.eos_ids, self.pad_id,
+                                          device)  # fmt: skip
+            rows = completion_rows(prompts, comp, self.eos_ids, self.pad_id)
+            out.append({k: v.to(device) for k, v in rows.items()})
+            self.last["seeds"].append(seed)
+            self.last["indices"].append(idx)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "prompts": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            raise LoopfitError("the checkpoint holds no on-policy state: it was written by a run without "
+                               "--distillation.on_policy")  # fmt: skip
+        self.generator.set_state(state["generator"])
+        self.stream.load_state_dict(state["prompts"])
+
+
+def build_on_policy(run: Run) -> OnPolicy | None:
+    """The run's `OnPolicy` from its config, tokenizer and objective; None when `lmbda` is 0 (nothing changes)."""
+    cfg = run.cfg
+    if cfg.distillation.on_policy.lmbda == 0:
+        return None
+    tok = run.tokenizer
+    model = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return OnPolicy(cfg.distillation.on_policy, training_prompts(cfg, tok), run.objective, cfg.batch_size, cfg.seed,
+                    eos_token_ids(tok, model), pad, run.d.rank, run.d.world_size)  # fmt: skip
+
+
+def on_policy_step(run: Run, num_steps: tuple[int, int]) -> tuple[list[dict], Objective, dict] | None:
+    """This step's coin; if on-policy: (its sampled micro-batches, the on-policy objective, metrics), else None.
+
+    Every rank draws the same coin (same generator, same draws) and samples its own share of the prompts.
+    """
+    op = run.on_policy
+    if op is None or not op.flip():
+        return None
+    t0 = time.perf_counter()
+    depth = sum(num_steps) if run.looped else None
+    batches = op.batches(run.model, run.cfg.gradient_accumulation_steps, depth, run.device, lambda: run.autocast)
+    generated = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    return batches, op.objective, {"generated_tokens": generated, "generate_s": time.perf_counter() - t0}

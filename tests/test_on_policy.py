@@ -1,0 +1,293 @@
+"""On-policy distillation in `loopfit train` (`--distillation.on_policy.*`), on tiny models: the completions trained
+on are the student's own samples at the step's depth, the labels cover only them, the loss is the configured
+divergence on them, lmbda = 0 is today's off-policy run exactly, every trainable parameter learns, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_teacher_and_looped_student
+
+from loopfit.errors import LoopfitError
+from loopfit.losses import kd_divergence
+from loopfit.train import DistillationConfig, LoRAConfig, OnPolicyConfig, TrainConfig
+from loopfit.train.on_policy import OnPolicy, completion_rows, left_pad, on_policy_step
+from loopfit.train.recipe import depth_at, fit, setup, train
+from loopfit.train.student import base_model, objective_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EOS, PAD = 2, 0  # the tiny tokenizer's <|im_end|> and <pad>
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = write_teacher_and_looped_student(tmp_path_factory.mktemp("on_policy"))
+    with open(root / "qa.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"question": f"fox {i}{'?' * (i % 4)}", "answer": f"dog {i % 5}."}) + "\n")
+    return root
+
+
+def _cfg(models, tmp_path, on_policy: dict | None = None, **kw) -> TrainConfig:
+    base = dict(
+        model_name=str(models / "looped"),
+        out=str(tmp_path / "run"),
+        data=str(models / "qa.jsonl"),
+        chat=True,
+        assistant_only=True,
+        seq_len=48,
+        batch_size=4,
+        max_steps=3,
+        progress_bar=False,
+        tensorboard=False,
+        lora=LoRAConfig(enabled=True, r=4, modules_to_save=["adapter"]),
+        distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher"),
+                                        on_policy=OnPolicyConfig(**{"max_new_tokens": 8} | (on_policy or {}))),
+    )  # fmt: skip
+    base.update(kw)
+    cfg = TrainConfig(**base)
+    cfg.optim_config.lr = 1e-2
+    return cfg
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_completion_rows_label_only_the_completion_through_its_first_eos():
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    completions = torch.tensor([[11, EOS, PAD, PAD], [12, 13, 14, 15], [EOS, 16, EOS, PAD]])
+    rows = completion_rows(prompts, completions, [EOS], PAD)
+    assert rows["input_ids"].tolist() == [
+        [5, 6, 7, 11, EOS],
+        [8, 12, 13, 14, 15],
+        [9, 10, EOS, PAD, PAD],
+    ]
+    assert rows["labels"].tolist() == [
+        [-100, -100, -100, 11, EOS],
+        [-100, 12, 13, 14, 15],  # never ended: all its tokens
+        [-100, -100, EOS, -100, -100],  # the first EOS is scored, what follows it is not
+    ]
+    ids, mask = left_pad(prompts, PAD)
+    assert ids.tolist() == [[5, 6, 7], [PAD, PAD, 8], [PAD, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+
+
+def test_completions_are_the_students_own_samples_at_the_drawn_depth(models, tmp_path):
+    cfg = _cfg(models, tmp_path, on_policy={"lmbda": 1.0, "temperature": 0.7, "top_p": 0.9})
+    run = setup(cfg)
+    tok = run.tokenizer
+    _, _, num_steps = depth_at(run, 0)
+    batches, objective, extra = on_policy_step(run, num_steps)
+    last = run.on_policy.last
+    assert last["num_steps"] == sum(num_steps) and len(batches) == 1
+    (batch,) = batches
+    rows, labels = batch["input_ids"], batch["labels"]
+    prompts = [run.on_policy.prompts[i] for i in last["indices"][0]]
+    # The prompts are the data's, rendered as training renders them: the chat template through the generation prompt.
+    texts = [tok.decode(p) for p in prompts]
+    assert all(t.startswith("<|im_start|>user\nfox ") and t.endswith("<|im_start|>assistant\n") for t in texts)
+    # What was trained on is what `generate` samples with the same seed and depth (the student in eval mode).
+    model = run.model.eval()
+    ids, mask = left_pad(prompts, PAD)
+    torch.manual_seed(last["seeds"][0])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=8,
+            eos_token_id=[EOS], pad_token_id=PAD, num_steps=sum(num_steps),
+        )  # fmt: skip
+    model.train()
+    generated = out[:, ids.shape[1] :]
+    assert extra["generated_tokens"] == int((labels != -100).sum()) > 0
+    for i, p in enumerate(prompts):
+        n = int((labels[i] != -100).sum())
+        assert rows[i, : len(p)].tolist() == p and (labels[i, : len(p)] == -100).all()
+        completion = generated[i].tolist()
+        expect = completion[: completion.index(EOS) + 1] if EOS in completion else completion
+        assert n == len(expect)
+        assert labels[i, len(p) : len(p) + n].tolist() == expect == rows[i, len(p) : len(p) + n].tolist()
+        assert (labels[i, len(p) + n :] == -100).all() and (rows[i, len(p) + n :] == PAD).all()
+    # A sampling seed of its own: the global RNG is where it was.
+    state = torch.get_rng_state()
+    on_policy_step(run, num_steps)
+    assert torch.equal(state, torch.get_rng_state())
+    run.logger.close()
+
+
+@pytest.mark.parametrize("kind, params", [("rkl", {}), ("jsd", {"beta": 0.3})])
+def test_on_policy_loss_is_the_divergence_on_completion_tokens_only(models, tmp_path, kind, params):
+    cfg = _cfg(models, tmp_path, on_policy={"lmbda": 1.0, "kind": kind, "kind_params": params})
+    cfg.distillation.temperature = 1.5
+    run = setup(cfg)
+    _, _, num_steps = depth_at(run, 0)
+    (batch,), objective, _ = on_policy_step(run, num_steps)
+    labels = batch["labels"]
+    num_items = (labels[:, 1:] != -100).sum().float()
+    parts = objective_loss(objective, run.student, run.teacher, batch, num_steps, num_items)
+    with torch.no_grad():
+        logits = base_model(run.model)(batch["input_ids"], num_steps=num_steps).logits[:, :-1].float()
+        t_logits = run.teacher(batch["input_ids"]).logits[:, :-1].float()
+    y = labels[:, 1:]
+    T = 1.5
+    if kind == "rkl":  # KL(q || p) on the completion positions, x T^2, a mean over them
+        logq, logp = F.log_softmax(logits[y != -100] / T, -1), F.log_softmax(t_logits[y != -100] / T, -1)
+        expect = (logq.exp() * (logq - logp)).sum(-1).mean() * T**2
+    else:
+        expect = kd_divergence(logits, t_logits, y, kind="jsd", beta=0.3, temperature=T)
+    assert objective.scales == (0.0, 0.5)  # no CE on the student's own samples; the run's KD weight (kd_scale)
+    assert math.isclose(float(parts.kd), float(expect), rel_tol=1e-4)
+    assert math.isclose(float(parts.total), 0.5 * float(expect), rel_tol=1e-4)
+    run.logger.close()
+
+
+def test_lmbda_zero_is_the_off_policy_run_exactly(models, tmp_path):
+    """lmbda = 0 (the default) changes nothing; a tiny lmbda builds the whole machinery (prompts, a coin every step)
+    but never flips, and leaves the run as it was too: same losses, same weights."""
+    results = []
+    for name, op in [("off", {}), ("zero", {"lmbda": 0.0, "kind": "jsd"}), ("tiny", {"lmbda": 1e-12})]:
+        cfg = _cfg(models, tmp_path / name, on_policy=op, fixed_num_steps=None, max_steps=3)
+        run = setup(cfg)
+        assert (run.on_policy is None) == (name != "tiny")
+        fit(run)
+        run.logger.close()
+        m = _metrics(tmp_path / name / "run")
+        assert all(not x.get("on_policy", False) for x in m)
+        results.append(([[x[k] for k in ("loss", "ce_loss", "kd_loss", "num_steps")] for x in m],
+                        {n: p.detach().clone() for n, p in run.trainable}))  # fmt: skip
+    (m0, w0), *rest = results
+    for m, w in rest:
+        assert m == m0
+        assert all(torch.equal(w0[n], w[n]) for n in w0)
+
+
+def test_on_policy_training_changes_every_trainable_parameter(models, tmp_path):
+    cfg = _cfg(models, tmp_path, on_policy={"lmbda": 1.0}, max_steps=3, gradient_accumulation_steps=2)
+    run = setup(cfg)
+    before = {n: p.detach().clone() for n, p in run.trainable}
+    fit(run)
+    run.logger.close()
+    m = _metrics(tmp_path / "run")
+    assert all(x["on_policy"] and x["generated_tokens"] > 0 for x in m)
+    assert all(math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]) and x["loss"] > 0 for x in m)
+    assert all(x["num_items"] == x["generated_tokens"] for x in m)  # the loss's tokens are the completions'
+    assert any("lora_" in n for n in before) and any("adapter" in n for n in before)
+    unchanged = [n for n, p in run.trainable if torch.equal(before[n], p.detach())]
+    assert unchanged == []
+
+
+def test_coin_is_seeded_and_drawn_at_every_step():
+    def flips(lmbda, seed):
+        op = OnPolicy(OnPolicyConfig(lmbda=lmbda), [[5]] * 4, _objective(), 2, seed, [EOS], PAD)
+        return [op.flip() for _ in range(2000)]
+
+    half = flips(0.5, 0)
+    assert half == flips(0.5, 0) and half != flips(0.5, 1)
+    assert abs(sum(half) / 2000 - 0.5) < 0.05
+    assert not any(flips(0.0, 0)) and all(flips(1.0, 0))
+    assert [a < 0.3 for a in torch.rand(5, generator=torch.Generator().manual_seed(104_729), dtype=torch.float64)] == (
+        flips(0.3, 0)[:5]
+    )
+
+
+def _objective():
+    from loopfit.losses.objective import Objective, ObjectiveWeights
+
+    return Objective(ObjectiveWeights(ce_scale=0.5, kd_scale=0.5), teacher="live")
+
+
+def test_resume_is_exact(models, tmp_path):
+    """6 steps straight == 4 steps (checkpoint at 2), a kill, a resume: the same coins, samples, losses, weights."""
+    kw = dict(on_policy={"lmbda": 0.5}, fixed_num_steps=None, max_steps=6, save_every=2)
+    straight = _cfg(models, tmp_path / "a", **kw)
+    train(straight)
+    run = setup(_cfg(models, tmp_path / "b", **kw))
+    fit(run, until=4)
+    run.logger.close()
+    train(_cfg(models, tmp_path / "b", resume=True, **kw))
+    a, b = _metrics(tmp_path / "a" / "run"), _metrics(tmp_path / "b" / "run")
+    keys = ("step", "loss", "kd_loss", "num_steps", "grad_norm", "on_policy", "generated_tokens", "num_items")
+    rows = [[x.get(k) for k in keys] for x in a]
+    assert rows == [[x.get(k) for k in keys] for x in b]
+    assert 0 < sum(x["on_policy"] for x in a) < 6  # both kinds of step happened
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "a" / "run" / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "run" / "final" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # A resume refuses on-policy settings that differ from the run's.
+    with pytest.raises(LoopfitError, match="distillation.on_policy.top_p"):
+        setup(_cfg(models, tmp_path / "b", resume=True, **(kw | {"on_policy": {"lmbda": 0.5, "top_p": 0.9}})))
+
+
+@pytest.mark.parametrize(
+    "on_policy, kw, match",
+    [
+        ({"lmbda": 1.5}, {}, "lmbda must be"),
+        ({"lmbda": -0.1}, {}, "lmbda must be"),
+        ({"lmbda": 0.5, "max_new_tokens": 0}, {}, "max_new_tokens must be >= 1"),
+        ({"lmbda": 0.5, "temperature": 0.0}, {}, "on_policy.temperature must be"),
+        ({"lmbda": 0.5, "top_p": 0.0}, {}, "top_p must be"),
+        ({"lmbda": 0.5, "top_p": 1.5}, {}, "top_p must be"),
+        ({"lmbda": 0.5, "kind": "kl"}, {}, "on_policy.kind must be one of"),
+        ({"lmbda": 0.5, "kind": "jsd", "kind_params": {"beta": 2.0}}, {}, "on_policy.kind_params"),
+        ({"lmbda": 0.5, "max_new_tokens": 48}, {}, "must be below --seq_len"),
+        ({"lmbda": 0.5}, {"parallel": "fsdp"}, "use --parallel ddp or none"),
+        ({"lmbda": 0.5}, {"data": "TEXT"}, "no prompt/response pairs"),
+        ({"lmbda": 0.5, "max_new_tokens": 40}, {}, "no prompt of .* fits"),
+    ],
+)
+def test_nonsense_refused_at_start(models, tmp_path, on_policy, kw, match):
+    if kw.get("data") == "TEXT":
+        kw = kw | {"data": str(models / "data.txt"), "chat": False, "assistant_only": False}
+    with pytest.raises(LoopfitError, match=match):
+        setup(_cfg(models, tmp_path, on_policy=on_policy, **kw))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    "dist, match", [({"enabled": False}, "needs a live teacher"), ({"ce_scale": 1.0, "kd_scale": 0.0}, "KD term alone")]
+)
+def test_on_policy_needs_a_teacher_and_a_kd_term(models, tmp_path, dist, match):
+    cfg = _cfg(models, tmp_path, on_policy={"lmbda": 0.5})
+    for k, v in dist.items():
+        setattr(cfg.distillation, k, v)
+    if not cfg.distillation.enabled:
+        cfg.distillation.teacher_model_name = None
+    with pytest.raises(LoopfitError, match=match):
+        cfg.validate()
+
+
+def test_hf_distillation_trainer_refuses_on_policy(models, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from loopfit.hf import DistillationTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True)
+    dcfg = DistillationConfig(enabled=True, on_policy=OnPolicyConfig(lmbda=0.5))
+    with pytest.raises(LoopfitError, match="TRL's GKDTrainer"):
+        DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(models / "looped"), args=args,
+                            teacher_model=AutoModelForCausalLM.from_pretrained(models / "teacher"),
+                            distillation=dcfg)  # fmt: skip
+
+
+def test_plain_student_samples_on_policy(models, tmp_path):
+    """A non-looped student: the same on-policy steps, sampled and trained without a depth."""
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    make_tiny_model("llama", num_layers=2, hidden=32, seed=1).save_pretrained(tmp_path / "plain")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "plain")
+    cfg = _cfg(models, tmp_path, on_policy={"lmbda": 1.0}, model_name=str(tmp_path / "plain"), max_steps=3)
+    cfg.lora.modules_to_save = None
+    run = setup(cfg)
+    before = {n: p.detach().clone() for n, p in run.trainable}
+    fit(run)
+    run.logger.close()
+    m = _metrics(tmp_path / "run")
+    assert run.on_policy.last["num_steps"] is None
+    assert all(x["on_policy"] and x["generated_tokens"] > 0 and math.isfinite(x["loss"]) for x in m)
+    assert [n for n, p in run.trainable if torch.equal(before[n], p.detach())] == []

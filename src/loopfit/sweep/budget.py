@@ -59,7 +59,9 @@ def probe_run(cfg: TrainConfig, folder: Path, steps: int = 3) -> Probe:
         tokens = pc.batch_size * pc.seq_len * pc.gradient_accumulation_steps
         cost = dict(seq_len=pc.seq_len, fixed_point=pc.fixed_point_scale > 0, teacher=run.teacher is not None)
         fp = run.flops_params
-        done = sum(train_flops_per_token(fp, x["num_steps_no_grad"], x["num_steps_grad"], **cost) * tokens
+        every = max(pc.every_depth.k, 1)
+        done = sum(train_flops_per_token(fp, x["num_steps_no_grad"], x["num_steps_grad"], **cost,
+                                         depths=min(every, max(x["num_steps"], 1))) * tokens
                    for x in timed)  # fmt: skip
         seconds = sum(tokens / x["tokens_per_s"] for x in timed)
         depths = sorted({run.depth.final_mean, *cfg.eval_num_steps}) if run.looped else [None]
@@ -68,7 +70,8 @@ def probe_run(cfg: TrainConfig, folder: Path, steps: int = 3) -> Probe:
         validate_s = time.perf_counter() - t1
         # The probe's schedule has the probe's few steps, but its ramps are fractions of training: averaged over
         # its midpoints, a step costs what a step of the planned run costs on average, whatever that run's length.
-        step_flops = training_flops(fp, tokens, run.depth if run.looped else None, 200, **cost)["flops"]
+        step_flops = training_flops(fp, tokens, run.depth if run.looped else None, 200, **cost,
+                                    every_depth=every)["flops"]  # fmt: skip
         return Probe(setup_s, validate_s, done / seconds, step_flops)
     finally:
         run.logger.close()

@@ -1,4 +1,10 @@
-"""Splitting a time budget: a short probe per configuration, expected FLOPs per step over the curriculum."""
+"""Splitting a budget: a short probe per configuration, expected FLOPs per step over the curriculum.
+
+Two kinds (`loopfit sweep --budget_kind`): `minutes` gives each run an equal share of the wall-clock left, so a
+faster configuration trains more FLOPs; `flops` gives every run the same expected training FLOPs (the one count,
+`loopfit.flops.train_flops_per_token`, integrated over the run's `DepthSchedule`), which is how a looped model
+and the static one it came from are compared at equal compute.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +45,21 @@ class Probe:
 def plan_steps(seconds: float, probe: Probe, overhead_s: float, cap: int | None) -> int:
     """Steps that fit in `seconds` after the run's fixed costs (setup, validation, metric); at least 1."""
     steps = max(1, math.floor((seconds - overhead_s) / probe.seconds_per_step))
+    return min(steps, cap) if cap else steps
+
+
+BUDGET_KINDS = ("minutes", "flops")
+
+
+def flops_per_run(seconds: float, probes: list[Probe], overheads: list[float]) -> float:
+    """The training FLOPs F every run gets so that the runs (one probe and fixed cost each) fit in `seconds`:
+    `sum_i (overhead_i + F / flops_per_s_i) = seconds`; 0 when the fixed costs alone exceed it."""
+    return max(0.0, seconds - sum(overheads)) / sum(1.0 / p.flops_per_s for p in probes)
+
+
+def plan_flops_steps(flops: float, probe: Probe, cap: int | None) -> int:
+    """Steps of a run whose expected step costs `probe.step_flops` within a budget of `flops` FLOPs; at least 1."""
+    steps = max(1, math.floor(flops / probe.step_flops))
     return min(steps, cap) if cap else steps
 
 

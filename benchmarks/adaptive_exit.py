@@ -1,11 +1,11 @@
 """Adaptive exit on a looped model: mean iterations, loss change and speed per criterion and threshold (batch 1).
 
-    python -m benchmarks.adaptive_exit --model runs/heal [--data FILE] [--tokens 128] [--max_steps 16]
+    python -m benchmarks.adaptive_exit --model runs/heal [--data FILE] [--tokens 128] [--max_num_steps 16]
     python -m benchmarks.adaptive_exit --model smollm2-135m --layout 4-6-4 --adapter_init average
 
 Scores `--tokens` tokens of held-out text teacher-forced, one token at a time with the KV cache (the decoding
 path), after a `--prefix`-token prompt. Each row: criterion, threshold, mean iterations per token, mean NLL, its
-change against the fixed depth `--max_steps`, and tokens/s.
+change against the fixed depth `--max_num_steps`, and tokens/s.
 Writes benchmarks/results/adaptive_exit_{full,compress}.json.
 """
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--offset", type=float, default=0.9, help="start of the scored text (fraction of the file)")
     ap.add_argument("--prefix", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--max_steps", type=int, default=16)
+    ap.add_argument("--max_num_steps", type=int, default=16)
     ap.add_argument("--cache_mode", default=None, choices=[None, "full", "compress"])
     ap.add_argument("--runs", default=GRID, help="criterion:threshold pairs, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
@@ -55,7 +55,7 @@ def main() -> None:
     rows, base_nll = [], None
     for criterion, thr in runs:
         t0 = time.perf_counter()
-        out = score_adaptive(model, ids, args.prefix, ExitConfig(criterion, thr, max_steps=args.max_steps))
+        out = score_adaptive(model, ids, args.prefix, ExitConfig(criterion, thr, max_num_steps=args.max_num_steps))
         dt = time.perf_counter() - t0
         nll = -sum(out.logprobs) / len(out.logprobs)
         base_nll = nll if base_nll is None else base_nll

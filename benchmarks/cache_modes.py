@@ -49,7 +49,7 @@ def main() -> None:
             nll = []
             with torch.inference_mode():
                 for seq in seqs:
-                    out = score_adaptive(model, seq, args.prefix, ExitConfig(criterion="none", max_steps=depth))
+                    out = score_adaptive(model, seq, args.prefix, ExitConfig(criterion="none", max_num_steps=depth))
                     nll += [-x for x in out.logprobs]
             losses[mode] = sum(nll) / len(nll)
         b = len(model.config.block_layers)

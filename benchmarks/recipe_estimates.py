@@ -424,7 +424,7 @@ def estimate(spec: dict, acts: dict | None) -> dict:
     cur = Curriculum(mean_recurrence=MEAN, backprop_depth=BACKPROP_DEPTH, shape="linear", warmup=WARMUP)
     tf = training_flops(fp, TOKENS, cur)
     at_mean = training_flops(fp, TOKENS, Curriculum(MEAN, BACKPROP_DEPTH, shape="none"))  # the final mean, constant
-    n_end, k_end = at_mean["mean_no_grad_steps"], at_mean["mean_grad_steps"]
+    n_end, k_end = at_mean["mean_num_steps_no_grad"], at_mean["mean_num_steps_grad"]
     n_lora = lora_parameters(looped)
     pl = {c: p[c] + n_lora[c] for c in ("prelude", "block", "adapter", "coda")}
     it = pl["block"] + pl["adapter"]  # one loop iteration
@@ -435,7 +435,7 @@ def estimate(spec: dict, acts: dict | None) -> dict:
         its head (2(N_teacher + VH))."""
         return 6 * (pl["prelude"] + k * it + pl["coda"]) + 2 * n * it + 4 * head + 2 * (n_teacher + src_head)
 
-    step_avg = step_flops(tf["mean_no_grad_steps"], tf["mean_grad_steps"])
+    step_avg = step_flops(tf["mean_num_steps_no_grad"], tf["mean_num_steps_grad"])
     row = {
         "model": spec["name"],
         "hf_id": spec["hf_id"],
@@ -454,8 +454,8 @@ def estimate(spec: dict, acts: dict | None) -> dict:
         # loopfit count's numbers (loopfit.flops.training_flops over the curriculum, and at the final mean)
         "training_flops_per_token_count": tf["flops"] / TOKENS,
         "training_flops_per_token_at_mean": at_mean["flops"] / TOKENS,
-        "expected_steps_avg": {"no_grad": tf["mean_no_grad_steps"], "grad": tf["mean_grad_steps"]},
-        "expected_steps_at_mean": {"no_grad": n_end, "grad": k_end},
+        "expected_num_steps_avg": {"no_grad": tf["mean_num_steps_no_grad"], "grad": tf["mean_num_steps_grad"]},
+        "expected_num_steps_at_mean": {"no_grad": n_end, "grad": k_end},
         "step_flops_per_token_avg": step_avg,
         "step_flops_per_token_at_mean": step_flops(n_end, k_end),
         "inference_flops_per_token": {r: inference_flops_per_token(p, r, head) for r in (1, 2, 4, 8, 16, 32)},

@@ -1,7 +1,7 @@
 """Training throughput of the looped LoRA + KD step on SmolLM2, and MFU against the matmul peak of the same run.
 
 The student is SmolLM2-135M converted to a looped model (4-6-4 by default, identity adapter), LoRA r = 16 on every
-linear layer, distilled from SmolLM2-135M itself (forward KL, T = 2, alpha = 0.5, fused loss) at a fixed depth R
+linear layer, distilled from SmolLM2-135M itself (forward KL, T = 2, CE/KD 0.5, fused loss) at a fixed depth R
 (all iterations with gradient). The run is built by the trainer's own `setup` from a `TrainConfig` and timed through
 the trainer's own `fit` (data loading, forward, loss, backward, clipping, optimizer step: what `loopfit train` runs);
 tokens/s come from the wall time of the timed steps. The reference is a plain HF forward + backward of SmolLM2

@@ -24,7 +24,7 @@ def test_threshold_zero_equals_fixed_depth(cache_mode, criterion, threshold):
     lm = _model(cache_mode)
     ids = _prompt()
     ref = lm.generate(ids, num_steps=R, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
-    out = generate_adaptive(lm, ids, ExitConfig(criterion, threshold, max_steps=R), max_new_tokens=12)
+    out = generate_adaptive(lm, ids, ExitConfig(criterion, threshold, max_num_steps=R), max_new_tokens=12)
     assert out.tokens == ref
     assert out.iterations == [R] * 11
 
@@ -33,23 +33,23 @@ def test_threshold_zero_equals_fixed_depth(cache_mode, criterion, threshold):
 @pytest.mark.parametrize("criterion,threshold", [("kl", 0.5), ("state", 0.5), ("argmax", 1)])
 def test_loose_threshold_uses_fewer_iterations(cache_mode, criterion, threshold):
     lm = _model(cache_mode)
-    out = generate_adaptive(lm, _prompt(), ExitConfig(criterion, threshold, max_steps=R), max_new_tokens=12)
+    out = generate_adaptive(lm, _prompt(), ExitConfig(criterion, threshold, max_num_steps=R), max_new_tokens=12)
     assert len(out.tokens) == 12
     assert all(1 <= n <= R for n in out.iterations)
     assert out.mean_iterations < R
 
 
-def test_min_steps_and_check_every():
+def test_min_num_steps_and_check_every():
     lm = _model("full")
-    out = generate_adaptive(lm, _prompt(), ExitConfig("kl", 10.0, min_steps=3, max_steps=R), max_new_tokens=8)
+    out = generate_adaptive(lm, _prompt(), ExitConfig("kl", 10.0, min_num_steps=3, max_num_steps=R), max_new_tokens=8)
     assert set(out.iterations) == {3}  # the loosest threshold exits at the first allowed check
-    out = generate_adaptive(lm, _prompt(), ExitConfig("kl", 10.0, check_every=2, max_steps=R), max_new_tokens=8)
+    out = generate_adaptive(lm, _prompt(), ExitConfig("kl", 10.0, check_every=2, max_num_steps=R), max_new_tokens=8)
     assert set(out.iterations) == {2}
 
 
 def test_full_cache_fills_skipped_iterations_and_checks_write_no_coda_entries():
     lm = _model("full")
-    dec = AdaptiveDecoder(lm, ExitConfig("kl", 0.5, max_steps=R))
+    dec = AdaptiveDecoder(lm, ExitConfig("kl", 0.5, max_num_steps=R))
     dec.prefill(_prompt())
     used = [dec.step(t)[1] for t in (10, 20, 30, 40)]
     assert min(used) < R
@@ -67,13 +67,13 @@ def test_full_cache_fills_skipped_iterations_and_checks_write_no_coda_entries():
 def test_score_adaptive_fixed_depth_equals_forward():
     lm = _model("full")
     ids = torch.randint(4, 260, (1, 12), generator=torch.Generator().manual_seed(2))
-    out = score_adaptive(lm, ids, 4, ExitConfig("none", max_steps=3))
+    out = score_adaptive(lm, ids, 4, ExitConfig("none", max_num_steps=3))
     with torch.no_grad():
         logp = lm(ids, num_steps=3).logits.log_softmax(-1)[0]
     expected = [logp[t - 1, ids[0, t]].item() for t in range(4, 12)]
     assert out.logprobs == pytest.approx(expected, abs=1e-4)
     assert out.iterations == [3] * 7
-    loose = score_adaptive(lm, ids, 4, ExitConfig("kl", 0.5, max_steps=3))
+    loose = score_adaptive(lm, ids, 4, ExitConfig("kl", 0.5, max_num_steps=3))
     assert loose.mean_iterations < 3 and len(loose.logprobs) == 8
 
 

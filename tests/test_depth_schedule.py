@@ -37,7 +37,7 @@ def test_draws_are_the_trainers_draws():
     for s in range(cfg.max_steps):
         mean = ramp(s, 400, 0.5, "1-sqrt", 6)
         k = ramp(s, 400, 0.25, "linear", 4)
-        old.append(sample_num_steps(mean, k, generator=g, min_steps=2))
+        old.append(sample_num_steps(mean, k, generator=g, min_num_steps=2))
     assert [sched.draw(s) for s in range(cfg.max_steps)] == old
     assert sched.generator.get_state().equal(g.get_state())  # what a checkpoint saves
 
@@ -125,7 +125,7 @@ def test_per_token_count_matches_torch_flop_counter(tiny, num_steps, fixed_point
     model = looped if num_steps is not None else src
     batch, seq = 2, 64
     ids = torch.randint(4, 260, (batch, seq), generator=torch.Generator().manual_seed(0))
-    dc = DistillationConfig(enabled=kd, alpha=0.5)
+    dc = DistillationConfig(enabled=kd)
     # The fused loss accumulates the head's weight gradient in place (`addmm_`), which the counter does not know.
     inplace = {torch.ops.aten.addmm_: lambda _c, a, b, **_: 2 * a[0] * a[1] * b[1]}
     with FlopCounterMode(display=False, custom_mapping=inplace) as counter:

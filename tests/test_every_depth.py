@@ -127,7 +127,8 @@ def _batch(seed=0):
 
 
 def _loss(teacher, student, k, weighting="uniform", num_steps=4, fused=True, alpha=0.3):
-    dcfg = DistillationConfig(enabled=True, teacher_model_name="t", alpha=alpha, temperature=2.0, fused=fused)
+    dcfg = DistillationConfig(enabled=True, teacher_model_name="t", ce_scale=alpha, kd_scale=1 - alpha, temperature=2.0,
+                              fused=fused)  # fmt: skip
     objective = build_objective(dcfg, student, teacher, every_depth=EveryDepthConfig(k, weighting))
     batch, n = _batch()
     return objective_loss(objective, Student(student), teacher, batch, num_steps, n)
@@ -181,7 +182,7 @@ def test_objective_equals_a_hand_written_sum_over_depths(pair, weighting, fused)
 def test_k_one_is_todays_loss_exactly(pair):
     """k = 1 (and k = 0): the loss and gradients of an objective without the option, bit for bit."""
     teacher, student = pair
-    dcfg = DistillationConfig(enabled=True, teacher_model_name="t", alpha=0.3, temperature=2.0)
+    dcfg = DistillationConfig(enabled=True, teacher_model_name="t", ce_scale=0.3, kd_scale=0.7, temperature=2.0)
     batch, n = _batch()
     results = []
     for every in (None, EveryDepthConfig(1), EveryDepthConfig(0, "linear")):
@@ -215,7 +216,7 @@ def test_fewer_iterations_than_k_and_truncated_backprop(pair):
     # one iteration; the earlier depths add gradient to the coda but none to the block.
     block = {n: p.grad.clone() for n, p in student.named_parameters() if ".block." in n or "adapter" in n}
     student.zero_grad()
-    dcfg = DistillationConfig(enabled=True, teacher_model_name="t", alpha=0.3, temperature=2.0)
+    dcfg = DistillationConfig(enabled=True, teacher_model_name="t", ce_scale=0.3, kd_scale=0.7, temperature=2.0)
     batch, n = _batch()
     final_only = objective_loss(build_objective(dcfg, student, teacher), Student(student), teacher, batch, (3, 1), n)
     (final_only.total * depth_weights(3)[-1]).backward()
@@ -241,7 +242,7 @@ def test_flop_count_with_every_depth_matches_torch_flop_counter(num_steps, k):
     model = to_looped(src, layout_from_sizes(6, 1, 2, 2)).train()
     batch, seq = 2, 64
     ids = torch.randint(4, 260, (batch, seq), generator=torch.Generator().manual_seed(0))
-    dc = DistillationConfig(enabled=True, alpha=0.5)
+    dc = DistillationConfig(enabled=True, ce_scale=0.5, kd_scale=0.5)
     objective = build_objective(dc, model, src, every_depth=EveryDepthConfig(k))
     inplace = {torch.ops.aten.addmm_: lambda _c, a, b, **_: 2 * a[0] * a[1] * b[1]}
     with FlopCounterMode(display=False, custom_mapping=inplace) as counter:

@@ -63,7 +63,7 @@ def test_one_lora_kd_step_changes_every_trainable_parameter(family):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     x = _ids(2, 16)
     batch = {"input_ids": x, "labels": x}
-    dcfg = DistillationConfig(enabled=True, alpha=0.5)
+    dcfg = DistillationConfig(enabled=True)
     parts = micro_batch_loss(Student(model), teacher, batch, 2, dcfg, (x[:, 1:] != -100).sum().float())
     parts.total.backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
@@ -99,7 +99,7 @@ def test_training_losses_see_the_family_logits(family):
     hidden, _, head, *_ = Student(student)(x, num_steps=1)
     torch.testing.assert_close(family_logits(hidden, head, student.config), student(x, num_steps=1).logits)
     for fused in (True, False):
-        dcfg = DistillationConfig(enabled=True, alpha=0.5, fused=fused)
+        dcfg = DistillationConfig(enabled=True, fused=fused)
         parts = micro_batch_loss(Student(student), teacher, {"input_ids": x, "labels": x}, 1, dcfg, n)
         torch.testing.assert_close(parts.ce, ref, rtol=1e-5, atol=1e-5)
         assert abs(parts.kd.item()) < 1e-5

@@ -18,9 +18,9 @@ def _ramp_means(t: np.ndarray, max_mean: int, warmup: float, shape: str) -> list
     return [sched.mean_at(x * 1000) for x in t]
 
 
-def _expected_n_k(mean: int, backprop_depth: int, min_steps: int = 1) -> tuple[float, float]:
+def _expected_n_k(mean: int, backprop_depth: int, min_num_steps: int = 1) -> tuple[float, float]:
     """Expected `(n_no_grad, k_grad)` of the sampler at a constant mean, from `DepthSchedule`."""
-    sched = DepthSchedule(1, mean, backprop_depth, min_steps=min_steps)
+    sched = DepthSchedule(1, mean, backprop_depth, min_num_steps=min_num_steps)
     return sched.expected_depth_at(0) - sched.gradient_depth_at(0), sched.gradient_depth_at(0)
 
 
@@ -56,7 +56,7 @@ def test_training_flops_constant_mean_hand_computed():
     out = training_flops(params, 1000, cur)
     # n = 2 no-grad, k = 2 grad: N1 = 10 + 2*100 + 5 = 215, N2 = 2*100 = 200
     assert out["flops"] == pytest.approx(6 * 1000 * 215 + 2 * 1000 * 200)
-    assert (out["mean_no_grad_steps"], out["mean_grad_steps"]) == (2, 2)
+    assert (out["mean_num_steps_no_grad"], out["mean_num_steps_grad"]) == (2, 2)
 
 
 def test_training_flops_linear_curriculum_hand_computed():
@@ -85,9 +85,9 @@ def test_expected_steps_match_the_sampler():
 
 def test_expected_steps_with_a_floor_match_the_sampler():
     g = torch.Generator().manual_seed(1)
-    draws = [sample_num_steps(3, 3, g, min_steps=3) for _ in range(4000)]
+    draws = [sample_num_steps(3, 3, g, min_num_steps=3) for _ in range(4000)]
     assert min(n + k for n, k in draws) == 3 and all(k == 3 for _, k in draws)
-    n, k = _expected_n_k(3, 3, min_steps=3)
+    n, k = _expected_n_k(3, 3, min_num_steps=3)
     assert k == pytest.approx(3.0, abs=1e-6)
     assert n == pytest.approx(np.mean([d[0] for d in draws]), abs=0.1)
     assert n + k > sum(_expected_n_k(3, 3))  # the floor only adds iterations

@@ -35,7 +35,7 @@ def test_distillation_trainer_uses_loopfit_losses(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=3e-3,
                              logging_steps=3, report_to=[], save_strategy="no", use_cpu=True,
                              gradient_accumulation_steps=2)  # fmt: skip
-    dcfg = DistillationConfig(enabled=True, alpha=0.5, temperature=2.0)
+    dcfg = DistillationConfig(enabled=True, temperature=2.0)
     trainer = DistillationTrainer(model=student, args=args, train_dataset=_Rows(), teacher_model=teacher,
                                   distillation=dcfg, num_steps=2)  # fmt: skip
 
@@ -81,7 +81,7 @@ def _one_step(student, teacher, tmp_path, batch, accumulation, accepts):
                              lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
                              train_sampling_strategy="sequential", report_to=[], save_strategy="no", use_cpu=True,
                              seed=0)  # fmt: skip
-    dcfg = DistillationConfig(enabled=True, alpha=0.5)
+    dcfg = DistillationConfig(enabled=True)
     trainer = DistillationTrainer(model=student, args=args, train_dataset=_MaskedRows(n=4), teacher_model=teacher,
                                   distillation=dcfg, num_steps=2)  # fmt: skip
     trainer.train()
@@ -127,7 +127,7 @@ def test_hidden_scale_adds_the_hidden_term(tmp_path):
     inputs["labels"][0, :3] = -100
     losses = {}
     for scale in (0.0, 0.5):
-        dcfg = DistillationConfig(enabled=True, alpha=0.5, hidden_scale=scale)
+        dcfg = DistillationConfig(enabled=True, hidden_scale=scale)
         trainer = DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=_Rows(),
                                       teacher_model=teacher, distillation=dcfg, num_steps=2)  # fmt: skip
         losses[scale] = trainer.compute_loss(student, inputs).item()
@@ -195,7 +195,7 @@ def test_teacher_cache_equals_the_live_teacher(tmp_path):
     info = {"teacher": "tiny", "tokenizer_hash": "-", "data_hash": "-", "vocab_size": 260}
     write_cache(teacher, _MaskedRows(n=4), tmp_path / "cache", CacheSettings(estimator="topk_tail", top_k=260), info,
                 progress=False)  # fmt: skip
-    common = dict(enabled=True, alpha=0.3, temperature=2.0, kind="jsd")
+    common = dict(enabled=True, ce_scale=0.3, kd_scale=0.7, temperature=2.0, kind="jsd")
     live = DistillationTrainer(model=student, args=_args(tmp_path / "a"), train_dataset=_MaskedRows(n=4),
                                teacher_model=teacher, distillation=DistillationConfig(**common),
                                num_steps=2)  # fmt: skip

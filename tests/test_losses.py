@@ -282,12 +282,12 @@ def test_sparse_errors_and_module():
 
 def test_combined_objective():
     ce, kd, hid = torch.tensor(2.0, requires_grad=True), torch.tensor(1.0), torch.tensor(0.5)
-    out = combine_losses(ce, kd, hid, ObjectiveWeights(alpha=0.25, hidden_scale=2.0))
+    out = combine_losses(ce, kd, hid, ObjectiveWeights(ce_scale=0.25, kd_scale=0.75, hidden_scale=2.0))
     assert out["total"].item() == pytest.approx(0.25 * 2 + 0.75 * 1 + 2 * 0.5)
     assert set(out) == {"total", "ce", "kd", "hidden"}
     out["total"].backward()
     assert ce.grad.item() == pytest.approx(0.25)
     out = combine_losses(ce, kd, weights=ObjectiveWeights(ce_scale=1.0, kd_scale=3.0))
     assert out["total"].item() == pytest.approx(5.0) and "hidden" not in out
-    with pytest.raises(ValueError, match="alpha"):
-        ObjectiveWeights(alpha=1.5)
+    with pytest.raises(ValueError, match="kd_scale"):
+        ObjectiveWeights(kd_scale=-0.5)

@@ -44,7 +44,7 @@ def test_soft_capped_student_trains_from_a_cache_through_the_fused_path(family):
     cached = _cached(teacher, batch)
     results = {}
     for name, fused, source in (("cache", True, "cache"), ("live", True, "live"), ("unfused", False, "live")):
-        dcfg = DistillationConfig(enabled=True, alpha=0.4, temperature=2.0, kind="jsd", fused=fused)
+        dcfg = DistillationConfig(enabled=True, ce_scale=0.4, kd_scale=0.6, temperature=2.0, kind="jsd", fused=fused)
         student.zero_grad()
         if source == "cache":
             parts = micro_batch_loss(Student(student), None, cached, 2, dcfg, n, estimator="topk")
@@ -66,8 +66,8 @@ def test_objective_built_once_equals_building_it_per_call():
     """One objective serves every depth and batch; its terms are those `micro_batch_loss` gives (built per call)."""
     teacher = make_tiny_model("llama", num_layers=6, hidden=32)
     student = to_looped(teacher, layout_from_sizes(6, 1, 2, 1), adapter_init="random", state_init="zeros").train()
-    dcfg = DistillationConfig(enabled=True, teacher_model_name="t", alpha=0.3, hidden_scale=0.7, kind="skl",
-                              kind_params={"lam": 0.2})  # fmt: skip
+    dcfg = DistillationConfig(enabled=True, teacher_model_name="t", ce_scale=0.3, kd_scale=0.7, hidden_scale=0.7,
+                              kind="skl", kind_params={"lam": 0.2})  # fmt: skip
     objective = build_objective(dcfg, student, teacher, fixed_point_scale=0.5)
     assert isinstance(objective.hidden_loss, HiddenStateLoss) and objective.block_span == (1, 4)
     for r, seed in ((1, 0), (3, 1)):

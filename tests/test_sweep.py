@@ -58,8 +58,11 @@ def test_grid_parsing(base, tmp_path):
         parse_grid(["lora.r=4", "lora.r=8"])
     # Overrides are typed like `loopfit train` flags, on top of the YAML.
     base_dict = yaml.safe_load((base / "base.yaml").read_text())
-    cfg = load_config(base_dict, {"lora.r": "16", "distillation.alpha": "0.25"})
-    assert cfg.lora.r == 16 and cfg.lora.enabled and cfg.distillation.alpha == 0.25 and cfg.max_steps == 3
+    cfg = load_config(base_dict, {"lora.r": "16", "distillation.kd_scale": "2"})
+    assert cfg.lora.r == 16 and cfg.lora.enabled and cfg.distillation.kd_scale == 2.0 and cfg.max_steps == 3
+    # The old key `distillation.alpha` still works as an axis: it sets both weights.
+    cfg = load_config(base_dict, {"distillation.alpha": "0.25"})
+    assert (cfg.distillation.ce_scale, cfg.distillation.kd_scale) == (0.25, 0.75)
     for bad in ({"lora.rank": "4"}, {"lora.r": "four"}):
         with pytest.raises(LoopfitError, match="bad --grid override"):
             load_config(base_dict, bad)
@@ -67,10 +70,10 @@ def test_grid_parsing(base, tmp_path):
         "distillation.alpha-0.1_model_name-runs_smol-4-6-4"
     )
     runs = build_runs(base_dict, ["distillation.alpha=0.1,0.9", "lora.r=2,8"], tmp_path)
-    assert [(r.cfg.distillation.alpha, r.cfg.lora.r) for r in runs] == [(0.1, 2), (0.1, 8), (0.9, 2), (0.9, 8)]
+    assert [(r.cfg.distillation.ce_scale, r.cfg.lora.r) for r in runs] == [(0.1, 2), (0.1, 8), (0.9, 2), (0.9, 8)]
     assert len({r.cfg.out for r in runs}) == 4
     # Invalid grid points are refused before any training.
-    with pytest.raises(LoopfitError, match="alpha must be in"):
+    with pytest.raises(LoopfitError, match=r"alpha must be a number in \[0, 1\]"):
         build_runs(base_dict, ["distillation.alpha=0.5,1.5"], tmp_path)
 
 
@@ -91,7 +94,8 @@ def test_sweep_grid_runs_skips_and_plots(base, tmp_path, capsys):
         # The metric is the trainer's own final validation at the asked depth (besides the training depth 2).
         assert e["metric"] == done["val_loss"]["3"] and set(done["val_loss"]) == {"2", "3"}
         stored = yaml.safe_load((folder / "config.yaml").read_text())
-        assert stored["distillation"]["alpha"] == float(e["overrides"]["distillation.alpha"])
+        assert stored["distillation"]["ce_scale"] == float(e["overrides"]["distillation.alpha"])
+        assert "alpha" not in stored["distillation"]
         assert stored["lora"]["r"] == int(e["overrides"]["lora.r"])
         assert e["train_seconds"] > 0
     # Different hyper-parameters train differently.

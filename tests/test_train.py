@@ -56,7 +56,7 @@ def test_four_modes_train(models, tmp_path, lora, kd):
         max_steps=30,
         lora=LoRAConfig(enabled=lora, r=4, modules_to_save=["adapter"] if lora else None),
         distillation=DistillationConfig(
-            enabled=kd, teacher_model_name=str(models / "teacher") if kd else None, alpha=0.0
+            enabled=kd, teacher_model_name=str(models / "teacher") if kd else None, ce_scale=0.0, kd_scale=1.0
         ),
     )
     cfg.optim_config.lr = 1e-2 if lora else 3e-3
@@ -69,7 +69,7 @@ def test_four_modes_train(models, tmp_path, lora, kd):
     m = _metrics(tmp_path / "run")
     assert len(m) == 30
     assert m[-1]["loss"] < 0.7 * m[0]["loss"], (m[0]["loss"], m[-1]["loss"])
-    if kd:  # alpha = 0: the loss is the KD term alone
+    if kd:  # ce_scale = 0, kd_scale = 1: the loss is the KD term alone
         assert m[0]["kd_loss"] > 0 and math.isclose(m[0]["loss"], m[0]["kd_loss"], rel_tol=1e-6)
     else:
         assert m[0]["kd_loss"] is None and math.isclose(m[0]["loss"], m[0]["ce_loss"], rel_tol=1e-6)
@@ -428,7 +428,9 @@ def test_offline_teacher_cache_matches_live_teacher(models, tmp_path):
 
 def test_hidden_state_alignment_term(models, tmp_path):
     """`hidden_scale` adds the loop-iteration -> teacher-layer alignment; total = a*CE + (1-a)*KD + s*hidden."""
-    dc = DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher"), hidden_scale=0.5, alpha=0.3)
+    dc = DistillationConfig(
+        enabled=True, teacher_model_name=str(models / "teacher"), hidden_scale=0.5, ce_scale=0.3, kd_scale=0.7
+    )
     train(_cfg(models, tmp_path, max_steps=2, distillation=dc))
     m = _metrics(tmp_path / "run")[0]
     assert m["hidden_loss"] > 0

@@ -87,7 +87,7 @@ def test_convert_eval_generate_raise_no_deprecation(loopfit_deprecations, tmp_pa
     depth_sweep(src, [batch], [1])
     looped.generate(x[:1], num_steps=3, max_new_tokens=4, do_sample=False)
     looped.generate(x[:1], num_steps=3, max_new_tokens=4, do_sample=False, use_cache=False)
-    generate_adaptive(looped, x[:1], ExitConfig("kl", max_steps=4), max_new_tokens=4)
+    generate_adaptive(looped, x[:1], ExitConfig("kl", max_num_steps=4), max_new_tokens=4)
     looped.train()
     looped.generate(x, attention_mask=batch["attention_mask"], max_new_tokens=3, do_sample=True)
     assert loopfit_deprecations == []

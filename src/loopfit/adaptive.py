@@ -1,16 +1,16 @@
 """Adaptive exit: per generated token, stop looping once the recurrence has converged (Huginn, arXiv:2502.05171).
 
-Criteria, checked after iteration `it` when `it >= min_steps` and `it % check_every == 0`:
+Criteria, checked after iteration `it` when `it >= min_num_steps` and `it % check_every == 0`:
 - `kl`: KL(p_prev || p_it) between the next-token distributions of successive checks (the first check compares
   against the uniform distribution) below the threshold (default 1e-3);
 - `state`: relative state change `|s_it - s_(it-1)| / |s_it|` below the threshold (default 0.03);
 - `argmax`: the predicted token unchanged over `threshold` successive checks (default 5);
-- `none`: always run `max_steps` iterations.
+- `none`: always run `max_num_steps` iterations.
 
-The prompt (prefill) always runs `max_steps` iterations. The `kl` and `argmax` checks need the coda and head at
+The prompt (prefill) always runs `max_num_steps` iterations. The `kl` and `argmax` checks need the coda and head at
 every checked iteration: they read the coda's cached keys/values through a throwaway view that writes nothing, so
 only the final state's coda pass enters the cache. In `full` cache mode a token that exits after `u` iterations
-still gives the slots of the skipped iterations `u+1..max_steps` an entry (a copy of iteration `u`'s keys and
+still gives the slots of the skipped iterations `u+1..max_num_steps` an entry (a copy of iteration `u`'s keys and
 values), so that later tokens that loop longer find every position at every iteration; `compress` mode keeps one
 slot per block layer and needs nothing. Decoding is one sequence at a time (the exit is per token).
 """
@@ -38,11 +38,11 @@ class ExitConfig:
     """`kl`, `state`, `argmax` or `none`."""
     threshold: float | None = None
     """Exit threshold (for `argmax`: the number of checks the argmax must stay unchanged); default per criterion."""
-    min_steps: int = 1
+    min_num_steps: int = 1
     """Never exit before this many iterations."""
     check_every: int = 1
     """Check the criterion every this many iterations."""
-    max_steps: int | None = None
+    max_num_steps: int | None = None
     """Iterations of the prompt, and the most per token (default: the model's mean_recurrence)."""
 
     def __post_init__(self):
@@ -53,13 +53,13 @@ class ExitConfig:
         thr = self.threshold
         if thr < 0 or (self.criterion == "argmax" and (thr < 1 or thr != int(thr))):
             raise LoopfitError(f"bad --exit_threshold {thr} for --exit_criterion {self.criterion}")
-        if (self.max_steps is not None and self.max_steps < 1) or self.min_steps < 1 or self.check_every < 1:
-            raise LoopfitError("--num_steps, --min_steps and --check_every must be >= 1")
+        if min(1 if self.max_num_steps is None else self.max_num_steps, self.min_num_steps, self.check_every) < 1:
+            raise LoopfitError("--num_steps, --min_num_steps and --check_every must be >= 1")
 
     def resolved(self, model) -> ExitConfig:
-        """A copy with `max_steps` filled in from the model."""
-        max_steps = self.max_steps if self.max_steps is not None else model.config.mean_recurrence
-        return ExitConfig(self.criterion, self.threshold, self.min_steps, self.check_every, max_steps)
+        """A copy with `max_num_steps` filled in from the model."""
+        max_num_steps = self.max_num_steps if self.max_num_steps is not None else model.config.mean_recurrence
+        return ExitConfig(self.criterion, self.threshold, self.min_num_steps, self.check_every, max_num_steps)
 
 
 class _ReadOnlyCache:
@@ -102,10 +102,10 @@ class AdaptiveDecoder:
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt (1, T) at `max_steps`; returns the last position's logits (1, vocab)."""
+        """Run the prompt (1, T) at `max_num_steps`; returns the last position's logits (1, vocab)."""
         if input_ids.shape[0] != 1:
             raise LoopfitError("adaptive exit decodes one sequence at a time (batch size 1)")
-        out = self.model(input_ids, cache=self.cache, use_cache=True, num_steps=self.exit.max_steps)
+        out = self.model(input_ids, cache=self.cache, use_cache=True, num_steps=self.exit.max_num_steps)
         self.length = input_ids.shape[1]
         return out.logits[:, -1]
 
@@ -125,12 +125,12 @@ class AdaptiveDecoder:
         peek = replace(ctx, cache=_ReadOnlyCache(self.cache))
         prev_logp = None
         stable = 0
-        used = x.max_steps
-        for it in range(x.max_steps):
+        used = x.max_num_steps
+        for it in range(x.max_num_steps):
             s_old = s
             s = dec.iterate(s, e, it, ctx)
             n = it + 1
-            if x.criterion == "none" or n >= x.max_steps or n < x.min_steps or n % x.check_every:
+            if x.criterion == "none" or n >= x.max_num_steps or n < x.min_num_steps or n % x.check_every:
                 continue
             if x.criterion == "state":
                 done = ((s - s_old).norm() / s.norm().clamp_min(1e-12)).item() < x.threshold
@@ -152,7 +152,7 @@ class AdaptiveDecoder:
         if full:
             # Later tokens attend to every iteration's slot: the skipped ones get a copy of the last one's entry.
             last_slots = dec.block_slots(used - 1)
-            for it in range(used, x.max_steps):
+            for it in range(used, x.max_num_steps):
                 for src, dst in zip(last_slots, dec.block_slots(it)):
                     last = self.cache.layers[src]
                     self.cache.update(last.keys[..., -1:, :], last.values[..., -1:, :], dst)
@@ -191,7 +191,7 @@ def generate_adaptive(
 def score_adaptive(model, input_ids: torch.Tensor, prefix_len: int, exit: ExitConfig) -> AdaptiveOutput:
     """Teacher-forced log-probabilities of `input_ids[0, prefix_len:]` with adaptive exit on each token fed.
 
-    The first scored token comes from the prefill (always `max_steps`); each later one from a step whose depth
+    The first scored token comes from the prefill (always `max_num_steps`); each later one from a step whose depth
     the criterion chose. Comparing the mean NLL with `criterion="none"` gives the loss cost of exiting early.
     """
     if not 1 <= prefix_len < input_ids.shape[1]:
@@ -228,6 +228,6 @@ def print_adaptive_generations(
         out = generate_adaptive(model, ids["input_ids"], exit, max_new_tokens, eos, do_sample, temperature)
         text = tokenizer.decode(out.tokens, skip_special_tokens=True)
         print(
-            f"[{exit.criterion}<{exit.threshold:g}, mean {out.mean_iterations:.2f} of {exit.max_steps} iterations] "
+            f"[{exit.criterion}<{exit.threshold:g}, mean {out.mean_iterations:.2f} of {exit.max_num_steps} iterations] "
             f"{p!r} -> {text.strip()!r}"
         )

@@ -17,6 +17,7 @@ from loopfit.generate import generate_command
 from loopfit.gsm8k import gsm8k_command
 from loopfit.pipeline import DemoConfig, demo
 from loopfit.sweep import sweep_command
+from loopfit.train.aliases import normalise_argv
 from loopfit.train.commands import export_command, train_command
 from loopfit.train.config import field_docs
 
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         commands = _commands()
         check_config_files(argv)
+        argv = normalise_argv(argv)  # old flag names (the seeds' --distillation.alpha) read as today's
         # exit_on_error=False: parser errors come back as exceptions, printed below as one line instead of the
         # usage block.
         CLI(commands, args=argv, as_positional=True, fail_untyped=True, exit_on_error=False)

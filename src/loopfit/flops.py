@@ -163,13 +163,13 @@ class Curriculum:
     """Fraction of training over which the mean ramps from 1 to `mean_recurrence`."""
     sampled: bool = True
     """Use the expected depths under the Poisson-lognormal sampler; False: nominal R = mean."""
-    min_steps: int = 1
+    min_num_steps: int = 1
     """Floor of the sampled depth (`--min_num_steps`)."""
 
     def validate(self) -> None:
         if self.shape not in CURRICULA:
             raise LoopfitError(f"curriculum shape must be one of {', '.join(CURRICULA)}, got '{self.shape}'")
-        if self.mean_recurrence < 1 or self.backprop_depth < 1 or self.min_steps < 1:
+        if self.mean_recurrence < 1 or self.backprop_depth < 1 or self.min_num_steps < 1:
             raise LoopfitError("--mean_recurrence, --backprop_depth and --min_num_steps must be >= 1")
         if not 0 <= self.warmup <= 1:
             raise LoopfitError(f"--warmup must be in [0, 1], got {self.warmup}")
@@ -179,7 +179,7 @@ class Curriculum:
         ramp_on = self.shape != "none"
         mean = MeanRecurrenceSchedule(ramp_on, self.warmup, self.shape if ramp_on else "linear", self.mean_recurrence)
         return DepthSchedule(total_steps, math.ceil(self.mean_recurrence), self.backprop_depth, mean,
-                             min_steps=self.min_steps, sampled=self.sampled)  # fmt: skip
+                             min_num_steps=self.min_num_steps, sampled=self.sampled)  # fmt: skip
 
 
 def training_flops(
@@ -197,7 +197,7 @@ def training_flops(
     every depth's k (`DepthSchedule.supervised_depths_at`).
 
     Returns:
-        `{"flops", "mean_no_grad_steps", "mean_grad_steps"}` (the last two averaged over training).
+        `{"flops", "mean_num_steps_no_grad", "mean_num_steps_grad"}` (the last two averaged over training).
 
     Raises:
         LoopfitError: a bad `Curriculum`.
@@ -216,8 +216,8 @@ def training_flops(
     per_token = [train_flops_per_token(params, a, b, seq_len, fixed_point, teacher, c) for a, b, c in zip(n, k, sup)]
     return {
         "flops": float(tokens * np.mean(per_token)),
-        "mean_no_grad_steps": float(n.mean()),
-        "mean_grad_steps": float(k.mean()),
+        "mean_num_steps_no_grad": float(n.mean()),
+        "mean_num_steps_grad": float(k.mean()),
     }
 
 
@@ -328,7 +328,7 @@ def count_command(
         shape=curriculum,
         warmup=warmup,
         sampled=sampled,
-        min_steps=min_num_steps,
+        min_num_steps=min_num_steps,
     )
     cur.validate()
     if tokens <= 0:

@@ -59,7 +59,7 @@ def generate_command(
     seed: int = 0,
     exit_criterion: str = "none",
     exit_threshold: float | None = None,
-    min_steps: int = 1,
+    min_num_steps: int = 1,
     check_every: int = 1,
 ) -> None:
     """Generate text from a (looped or plain) model at a chosen depth.
@@ -77,13 +77,13 @@ def generate_command(
         seed: random seed (sampling, state noise in training mode).
         exit_criterion: adaptive exit per token: `kl`, `state`, `argmax` or `none` (fixed depth; see loopfit.adaptive).
         exit_threshold: exit threshold (default kl 1e-3, state 0.03, argmax 5 stable checks).
-        min_steps: adaptive exit: never stop before this many iterations.
+        min_num_steps: adaptive exit: never stop before this many iterations.
         check_every: adaptive exit: check the criterion every this many iterations.
     """
 
     check_count("num_steps", num_steps)
     check_count("max_new_tokens", max_new_tokens)
-    check_count("min_steps", min_steps)
+    check_count("min_num_steps", min_num_steps)
     check_count("check_every", check_every)
     # Checked whether or not sampling is on: a temperature of 0 or below is never meaningful, and greedy decoding,
     # the usual intent behind "temperature 0", is --do_sample=false.
@@ -96,7 +96,7 @@ def generate_command(
     if exit_criterion != "none":
         from loopfit.adaptive import ExitConfig, print_adaptive_generations
 
-        exit = ExitConfig(exit_criterion, exit_threshold, min_steps, check_every, num_steps)
+        exit = ExitConfig(exit_criterion, exit_threshold, min_num_steps, check_every, num_steps)
     torch.manual_seed(seed)
     tok = load_tokenizer(model)  # before the weights: a missing tokenizer or an empty prompt fails fast
     check_prompts(tok, prompts, chat, system)

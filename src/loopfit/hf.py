@@ -7,11 +7,11 @@ callbacks) stays the Trainer's own. The loss is the one `loopfit train` uses: an
 the same `DistillationConfig`, by the same `build_objective`.
 
     trainer = DistillationTrainer(model=student, args=TrainingArguments(...), train_dataset=ds,
-                                  teacher_model=teacher, distillation=DistillationConfig(enabled=True, alpha=0.5))
+                                  teacher_model=teacher, distillation=DistillationConfig(enabled=True))
 
 Every `DistillationConfig` field is served, or refused at construction with one `LoopfitError`:
 
-- `enabled`, `temperature`, `alpha`, `ce_scale`, `kd_scale`, `kind`, `kind_params`, `fused`, `chunk_size`: as in
+- `enabled`, `temperature`, `ce_scale`, `kd_scale`, `kind`, `kind_params`, `fused`, `chunk_size`: as in
   `loopfit train`, checked by `DistillationConfig.validate`.
 - `teacher_model_name`: loaded when no `teacher_model` object is given (giving both is refused).
 - `teacher_cache`: the cache's targets are added to the training rows (`TeacherTargetsDataset`: row i of the data
@@ -40,7 +40,7 @@ class DistillationTrainer(Trainer):
     Args:
         teacher_model: frozen teacher (put in eval mode, no grad, moved to the training device); None = CE only,
             or the teacher named by `distillation.teacher_model_name` / read from `distillation.teacher_cache`.
-        distillation: divergence, temperature, alpha or ce/kd scales, fused path, hidden-state alignment (a
+        distillation: divergence, temperature, CE and KD weights, fused path, hidden-state alignment (a
             `DistillationConfig`; see the module docstring for what each field does here).
         num_steps: loop depth R (int) or `(n_no_grad, k_grad)` for a looped student; None = the model's default.
         fixed_point_scale: weight of the fixed-point loss of a looped student (as `loopfit train --fixed_point_scale`).

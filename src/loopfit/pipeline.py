@@ -273,7 +273,7 @@ def train_config(
         resume=(run / "config.yaml").exists(),
         lora=LoRAConfig(enabled=True, r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, modules_to_save=["adapter"]),
         distillation=DistillationConfig(
-            enabled=cache is not None, teacher_cache=str(cache) if cache else None, alpha=0.5, temperature=2.0
+            enabled=cache is not None, teacher_cache=str(cache) if cache else None, temperature=2.0
         ),
         mean_recurrence_schedule=MeanRecurrenceSchedule(turn_on=True, warmup=0.5, max_mean_rec=cfg.max_mean_rec),
         optim_config=OptimConfig(lr=cfg.lr),

@@ -1,7 +1,7 @@
-"""Built-in data: seeded, unbounded multi-step arithmetic word problems with worked solutions ending in `#### N`.
+"""Built-in data: seeded, unbounded multi-operation arithmetic word problems with worked solutions ending in `#### N`.
 
 This is the default training data, so the main job runs on a fresh machine with nothing downloaded. The
-solutions follow GSM8K's style (one step a line, `<<a+b=c>>` calculator annotations, final `#### N`), so a
+solutions follow GSM8K's style (one operation a line, `<<a+b=c>>` calculator annotations, final `#### N`), so a
 model trained on them answers in the format that GSM8K scoring reads. Problem `i` of seed `s` depends only on
 `(s, i)`, so any document can be regenerated without producing the ones before it.
 """
@@ -30,12 +30,12 @@ class ArithmeticProblem:
     question: str
     """The problem statement, ending in a question."""
     solution: str
-    """Worked solution, one step a line, the last line `#### N`."""
+    """Worked solution, one operation a line, the last line `#### N`."""
     answer: int
     """The final number."""
 
 
-def _step(rng: random.Random, name: str, item: str, value: int) -> tuple[str, str, int]:
+def _operation(rng: random.Random, name: str, item: str, value: int) -> tuple[str, str, int]:
     """Pick one operation applicable to `value`; return (question sentence, solution line, new value)."""
     ops = ["add", "add_groups", "multiply"]
     if value > 1:
@@ -89,15 +89,15 @@ def _step(rng: random.Random, name: str, item: str, value: int) -> tuple[str, st
     )
 
 
-def arithmetic_problem(seed: int, index: int, min_steps: int = 2, max_steps: int = 5) -> ArithmeticProblem:
+def arithmetic_problem(seed: int, index: int, min_operations: int = 2, max_operations: int = 5) -> ArithmeticProblem:
     """Problem number `index` of the stream with `seed` (a pure function of both)."""
     rng = random.Random(f"loopfit-arithmetic:{seed}:{index}")
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     value = rng.randint(3, 60)
     sentences = [f"{name} has {value} {item}."]
     lines = [f"{name} starts with {value} {item}."]
-    for _ in range(rng.randint(min_steps, max_steps)):
-        sentence, line, value = _step(rng, name, item, value)
+    for _ in range(rng.randint(min_operations, max_operations)):
+        sentence, line, value = _operation(rng, name, item, value)
         sentences.append(sentence)
         lines.append(line)
     sentences.append(f"How many {item} does {name} have now?")

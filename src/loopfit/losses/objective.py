@@ -38,12 +38,11 @@ HIDDEN_MAPS = ("spread", "last")
 class ObjectiveWeights:
     """How the terms are mixed."""
 
-    alpha: float | None = None
-    """Classic blend `alpha * CE + (1 - alpha) * KD`; when set it overrides `ce_scale` and `kd_scale`."""
     ce_scale: float = 1.0
-    """Weight of the cross-entropy against the labels (used when `alpha` is None)."""
+    """Weight of the cross-entropy against the labels (the classic blend `alpha * CE + (1 - alpha) * KD` is
+    `ce_scale = alpha`, `kd_scale = 1 - alpha`)."""
     kd_scale: float = 1.0
-    """Weight of the logit distillation divergence (used when `alpha` is None)."""
+    """Weight of the logit distillation divergence."""
     hidden_scale: float = 0.0
     """Weight of the hidden-state alignment loss."""
     fixed_point_scale: float = 0.0
@@ -52,18 +51,14 @@ class ObjectiveWeights:
     """Weight of an MoE student's load-balancing loss (the source config's `router_aux_loss_coef`)."""
 
     def __post_init__(self):
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        for f in fields(self)[1:]:
+        for f in fields(self):
             value = getattr(self, f.name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{f.name} must be a finite number >= 0, got {value}")
 
     @property
     def scales(self) -> tuple[float, float, float]:
-        """(ce_scale, kd_scale, hidden_scale) after resolving `alpha`."""
-        if self.alpha is not None:
-            return self.alpha, 1.0 - self.alpha, self.hidden_scale
+        """(ce_scale, kd_scale, hidden_scale)."""
         return self.ce_scale, self.kd_scale, self.hidden_scale
 
 
@@ -141,7 +136,7 @@ class Objective:
     """The whole loss of a run, decided once; `objective(...)` scores one micro-batch.
 
     Args:
-        weights: the terms' weights (`alpha` resolved or not).
+        weights: the terms' weights.
         teacher: `live` (the caller runs a teacher and gives its hidden states), `cache` (the batch carries cached
             sparse targets) or None (CE alone; the KD weight is then ignored).
         divergence, divergence_params: the KD divergence (a name or a `Divergence`) and its parameters, checked here.

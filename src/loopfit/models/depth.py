@@ -23,16 +23,16 @@ def parse_num_steps(num_steps) -> tuple[int, int]:
 
 
 def sample_num_steps(
-    mean: float, backprop_depth: int, generator: torch.Generator | None = None, min_steps: int = 1
+    mean: float, backprop_depth: int, generator: torch.Generator | None = None, min_num_steps: int = 1
 ) -> tuple[int, int]:
     """Draw (n_no_grad, k_grad) from the Poisson-lognormal depth sampler of arXiv:2502.05171 / 2511.07384.
 
-    `rate ~ LogNormal(log(mean) - sigma^2 / 2, sigma = 0.5)`, `R = max(Poisson(rate) + 1, min_steps)`; the last
+    `rate ~ LogNormal(log(mean) - sigma^2 / 2, sigma = 0.5)`, `R = max(Poisson(rate) + 1, min_num_steps)`; the last
     `min(k, R)` iterations keep gradients, with `k = min(backprop_depth, mean)`.
     """
     sigma = 0.5
     mu = math.log(max(mean, 1e-6)) - sigma**2 / 2
     rate = torch.exp(mu + sigma * torch.randn((), generator=generator, dtype=torch.float64))
-    r = max(int(torch.poisson(rate.reshape(1), generator=generator).item()) + 1, min_steps)
+    r = max(int(torch.poisson(rate.reshape(1), generator=generator).item()) + 1, min_num_steps)
     k = min(backprop_depth, max(1, math.ceil(mean)), r)
     return r - k, k

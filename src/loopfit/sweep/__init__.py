@@ -204,7 +204,7 @@ SWEEP_FLAGS = {
     "gsm8k_max_new_tokens": (int, 256),
 }
 SWEEP_DOCS = {
-    "grid": "one axis of the grid as `KEY=V1,V2,...`, KEY a training flag (`lora.r`, `distillation.alpha`, "
+    "grid": "one axis of the grid as `KEY=V1,V2,...`, KEY a training flag (`lora.r`, `distillation.ce_scale`, "
     "`model_name`, ...); repeat --grid for more axes: their cartesian product is run.",
     "budget_minutes": "wall-clock budget of the whole sweep: each new run gets an equal share of what is left and "
     "as many steps as fit in it (from a short timing probe). Without it each run trains --max_steps.",
@@ -254,7 +254,7 @@ def sweep(
         raise LoopfitError("--out is required (the sweep folder)")
     grid = [grid] if isinstance(grid, str) else grid
     if not grid:
-        raise LoopfitError("--grid is required, e.g. --grid distillation.alpha=0.1,0.5")
+        raise LoopfitError("--grid is required, e.g. --grid distillation.ce_scale=0.1,0.5")
     if metric not in METRICS:
         raise LoopfitError(f"--metric must be one of {', '.join(METRICS)}, got '{metric}'")
     if budget_minutes is not None and budget_minutes <= 0:
@@ -328,7 +328,7 @@ def _build_signature() -> None:
     args = "\n".join(f"        {name}: {text}" for name, text in docs.items())
     sweep_command.__doc__ = (
         "Run a grid of short heals (one resumable run folder each) and plot a metric against each knob.\n\n"
-        "    `loopfit sweep --config base.yaml --grid distillation.alpha=0.1,0.5 --grid lora.r=4,16 "
+        "    `loopfit sweep --config base.yaml --grid distillation.ce_scale=0.1,0.5 --grid lora.r=4,16 "
         "--budget_minutes 60 --out DIR`: base.yaml is a training config (`loopfit train --print_config`); any "
         "training flag may be given too. Rerunning skips finished runs and resumes interrupted ones. Writes "
         "DIR/sweep.json, DIR/METRIC_vs_KNOB.png per knob, DIR/curves.png and DIR/pareto.png.\n\n"

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from loopfit.errors import LoopfitError
+from loopfit.train.aliases import normalise_train_args
 from loopfit.train.config import TrainConfig
 
 METRICS = ("val_loss", "gsm8k")
 # Keys that leave the cost of a step unchanged: runs differing only in these share one timing probe.
 SPEED_NEUTRAL = re.compile(
     r"^(out|seed|resume|overwrite|max_steps|max_minutes|save_every|keep_last|progress_bar|tensorboard|wandb.*|grad_clip|"
-    r"distillation\.(alpha|temperature|ce_scale|kd_scale)|lora\.lora_alpha|optim_config\.(lr|weight_decay|betas|eps)|"
+    r"distillation\.(temperature|ce_scale|kd_scale)|lora\.lora_alpha|optim_config\.(lr|weight_decay|betas|eps)|"
     r"lr_schedule\..*)$"
 )
 # Keys the sweep sets itself; a resumed run folder may differ from the new config only in these.
@@ -49,7 +50,7 @@ def split_values(text: str) -> list[str]:
 
 
 def parse_grid(grid: list[str]) -> list[tuple[str, list[str]]]:
-    """`['distillation.alpha=0.1,0.5', 'lora.r=4,16']` -> `[(key, values), ...]` (keys unique)."""
+    """`['distillation.ce_scale=0.1,0.5', 'lora.r=4,16']` -> `[(key, values), ...]` (keys unique)."""
     out: list[tuple[str, list[str]]] = []
     for g in grid:
         key, eq, vals = g.partition("=")
@@ -80,6 +81,7 @@ def load_config(base: dict, overrides: dict[str, str]) -> TrainConfig:
     p = _parser()
     args = ["--config", yaml.safe_dump(base)] + [f"--{k}={v}" for k, v in overrides.items()]
     try:
+        args = args[:2] + normalise_train_args(args[2:], note=False)  # a grid over the old `distillation.alpha`
         ns = p.instantiate(p.parse_args(args))
     except Exception as e:  # argparse reports unknown keys and bad values as one message
         msg = " ".join(str(e).split())
@@ -88,7 +90,7 @@ def load_config(base: dict, overrides: dict[str, str]) -> TrainConfig:
 
 
 def run_name(overrides: dict[str, str]) -> str:
-    """Folder name of a grid point, e.g. `distillation.alpha-0.1_lora.r-16`."""
+    """Folder name of a grid point, e.g. `distillation.ce_scale-0.1_lora.r-16`."""
     parts = [f"{k}-{re.sub(r'[^A-Za-z0-9.+-]+', '_', v.strip('/')).strip('_')}" for k, v in overrides.items()]
     return "_".join(parts) or "base"
 

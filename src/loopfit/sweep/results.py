@@ -11,6 +11,7 @@ from loopfit.gsm8k import build_prompt, evaluate_depth, read_problems
 from loopfit.io import write_json
 from loopfit.loading import load_model, load_tokenizer, resolve_model_path
 from loopfit.sweep.grid import SWEEP_SET, SweepRun, flatten
+from loopfit.train.aliases import normalise_config
 from loopfit.train.config import TrainConfig
 from loopfit.train.recipe import config_dict
 from loopfit.train.schedules import DepthSchedule
@@ -102,7 +103,7 @@ def check_same_config(run: SweepRun, stored_yaml: Path) -> dict:
     """The stored config of an existing run folder; refuse to reuse it if the run would differ."""
     import yaml
 
-    stored = yaml.safe_load(stored_yaml.read_text()) or {}
+    stored = normalise_config(yaml.safe_load(stored_yaml.read_text()) or {})
     a, b = flatten(stored), flatten(config_dict(run.cfg))
     for k in sorted(set(a) | set(b)):
         if k.split(".")[0] not in SWEEP_SET and a.get(k) != b.get(k):

@@ -57,12 +57,11 @@ class DistillationConfig:
     """Folder of an offline teacher cache (sparse targets) used instead of running the teacher."""
     temperature: float = 2.0
     """Softmax temperature of the divergence (the KD term is scaled by T^2)."""
-    alpha: float = 0.5
-    """Weight of the CE term; the KD term gets `1 - alpha`. Overridden by `ce_scale`/`kd_scale` when set."""
-    ce_scale: float | None = None
-    """Explicit CE weight (instead of `alpha`)."""
-    kd_scale: float | None = None
-    """Explicit KD weight (instead of `1 - alpha`)."""
+    ce_scale: float = 0.5
+    """Weight of the cross-entropy against the labels. The classic blend `alpha * CE + (1 - alpha) * KD` is
+    `ce_scale = alpha`, `kd_scale = 1 - alpha`; the old flag `--distillation.alpha` is still read that way."""
+    kd_scale: float = 0.5
+    """Weight of the distillation divergence (scaled by T^2 inside the term)."""
     kind: str = "fkl"
     """Divergence: `fkl` (forward KL), `rkl` (reverse KL), `skl` (lam FKL + (1 - lam) RKL), `skew` (skew KL,
     KL(p || alpha p + (1 - alpha) q)), `jsd` (generalized JSD), `tvd` (total variation)."""
@@ -102,7 +101,6 @@ class DistillationConfig:
         check_count("distillation.chunk_size", self.chunk_size, 1)
         _check_finite(self, "distillation.")
         check_number("distillation.temperature", self.temperature, low=0, low_open=True)
-        check_number("distillation.alpha", self.alpha, 0, 1)
         for name in ("ce_scale", "kd_scale", "hidden_scale"):
             check_number(f"distillation.{name}", getattr(self, name), low=0)
         if self.ce_scale == 0 and self.kd_scale == 0:
@@ -204,7 +202,7 @@ class LRSchedule:
     kind: str = "wsd"
     """`wsd` (linear warmup, constant, linear decay at the end), `cosine` (warmup then cosine) or `constant`."""
     warmup_steps: int = 0
-    """Linear warmup steps from 0."""
+    """Optimizer steps of linear warmup from 0."""
     decay_fraction: float = 0.2
     """WSD: fraction of the stage spent decaying at the end."""
     min_lr_ratio: float = 0.0
@@ -260,7 +258,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; the loss is normalised by the global count of valid tokens."""
     max_steps: int = 100
-    """Optimizer steps (the sum of the stages' steps when `stages` is given)."""
+    """Optimizer steps of the run (the sum of the stages' `steps` when `stages` is given)."""
     max_minutes: float | None = None
     """Wall-clock budget of this process's training loop: stop (and save) after the step that crosses it."""
     seed: int = 0
@@ -310,15 +308,15 @@ class TrainConfig:
     nan_policy: str = "stop"
     """On a NaN/inf loss or gradient: `stop` the run, or `skip` the step."""
     log_every: int = 1
-    """Steps between metrics lines."""
+    """Optimizer steps between metrics lines."""
     eval_every: int = 0
-    """Steps between validation passes (0 = only at the end; needs `val_fraction` > 0)."""
+    """Optimizer steps between validation passes (0 = only at the end; needs `val_fraction` > 0)."""
     eval_batches: int = 0
     """Validation batches per pass (0 = the whole validation split; negative is refused)."""
     eval_num_steps: list[int] = field(default_factory=list)
     """Extra depths R at which the final validation runs (the current mean is always included)."""
     save_every: int = 0
-    """Steps between checkpoints (0 = only the final one)."""
+    """Optimizer steps between checkpoints (0 = only the final one)."""
     keep_last: int = 2
     """Checkpoints kept."""
     resume: bool | Literal["auto"] = False

@@ -295,11 +295,11 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
     names = run.objective.term_names  # ce, kd, hidden, fixed_point, router_aux, then ce_R-1, kd_R-1, ...
     sums = torch.zeros(1 + len(names), dtype=torch.float64, device=run.device)  # the total, then each term
     present: set[str] = set()
-    steps_arg = num_steps if run.looped else None
+    depth_arg = num_steps if run.looped else None
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1 or not hasattr(run.student, "no_sync")
         with contextlib.nullcontext() if sync else run.student.no_sync(), run.autocast:
-            parts = objective_loss(run.objective, run.student, run.teacher, batch, steps_arg, num_items)
+            parts = objective_loss(run.objective, run.student, run.teacher, batch, depth_arg, num_items)
         # DDP averages gradients over ranks; the loss is already a share of the global mean, so undo the average.
         (parts.total * d.world_size).backward()
         terms = parts.named()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from loopfit.errors import LoopfitError
 from loopfit.io import MARKER, check_replaceable, install_dir, restore_old, seal, temp_dir_for, verify_dir, write_json
+from loopfit.train.aliases import normalise_config
 from loopfit.train.config import TrainConfig
 from loopfit.train.distributed import Dist
 from loopfit.train.state import Run
@@ -145,6 +146,7 @@ def run_config(out: Path) -> tuple[dict, list]:
             ) from None
     else:
         changes = []
+    saved = normalise_config(saved)  # a run saved before a rename resumes under today's names
     effective = _flat(config_dict(TrainConfig())) | _flat(saved)  # fields added since the run started: defaults
     for c in changes:
         effective.update({k: v[1] for k, v in c.items()})

@@ -50,12 +50,12 @@ def ramp(step: int, total: int, warmup: float, kind: str, max_value: int) -> int
 
 
 @functools.lru_cache(maxsize=4096)
-def _depth_pmf(mean: int, min_steps: int) -> tuple:
-    """`(R values, P(R))` of `loopfit.models.sample_num_steps(mean, ., min_steps=min_steps)`, numpy arrays.
+def _depth_pmf(mean: int, min_num_steps: int) -> tuple:
+    """`(R values, P(R))` of `loopfit.models.sample_num_steps(mean, ., min_num_steps=min_num_steps)`, numpy arrays.
 
     The sampler (arXiv:2511.07384) draws `rate ~ LogNormal(log(mean) - sigma^2 / 2, sigma = 0.5)`,
-    `R = max(Poisson(rate) + 1, min_steps)`; the Poisson pmf is mixed over the log-rate by 64-point Gauss-Hermite
-    quadrature (without a floor E[R] = mean + 1 to ~1e-9).
+    `R = max(Poisson(rate) + 1, min_num_steps)`; the Poisson pmf is mixed over the log-rate by 64-point
+    Gauss-Hermite quadrature (without a floor E[R] = mean + 1 to ~1e-9).
     """
     import numpy as np
 
@@ -67,16 +67,16 @@ def _depth_pmf(mean: int, min_steps: int) -> tuple:
     j = np.arange(0, int(rates.max() * 3 + 50))
     log_pmf = j[None, :] * np.log(rates[:, None]) - rates[:, None] - np.array([math.lgamma(x + 1) for x in j])[None, :]
     pmf = (weights[:, None] * np.exp(log_pmf)).sum(0)  # P(Poisson = j), mixed over the rate
-    return np.maximum(j + 1, min_steps), pmf
+    return np.maximum(j + 1, min_num_steps), pmf
 
 
 @functools.lru_cache(maxsize=4096)
-def _expected_depth(mean: int, backprop_depth: int, min_steps: int) -> tuple[float, float]:
-    """`(E[R], E[k])` under `loopfit.models.sample_num_steps(mean, backprop_depth, min_steps=min_steps)`, where
-    `k = min(backprop_depth, mean, R)` (`_depth_pmf`)."""
+def _expected_depth(mean: int, backprop_depth: int, min_num_steps: int) -> tuple[float, float]:
+    """`(E[R], E[k])` under `loopfit.models.sample_num_steps(mean, backprop_depth, min_num_steps=min_num_steps)`,
+    where `k = min(backprop_depth, mean, R)` (`_depth_pmf`)."""
     import numpy as np
 
-    r, pmf = _depth_pmf(mean, min_steps)
+    r, pmf = _depth_pmf(mean, min_num_steps)
     k = np.minimum(min(backprop_depth, max(1, math.ceil(mean))), r)
     return float((pmf * r).sum()), float((pmf * k).sum())
 
@@ -101,7 +101,7 @@ class DepthSchedule:
     """Ramp of the mean (used when `turn_on`)."""
     backprop_schedule: BackpropDepthSchedule = field(default_factory=BackpropDepthSchedule)
     """Ramp of the backprop depth (used when `turn_on`)."""
-    min_steps: int = 1
+    min_num_steps: int = 1
     """Floor of the sampled depth (`--min_num_steps`)."""
     fixed: int | None = None
     """Train at exactly this depth, all with gradient, no sampling (`--fixed_num_steps`)."""
@@ -125,7 +125,7 @@ class DepthSchedule:
             backprop_depth=cfg.backprop_depth,
             mean_schedule=cfg.mean_recurrence_schedule,
             backprop_schedule=cfg.backprop_depth_schedule,
-            min_steps=cfg.min_num_steps,
+            min_num_steps=cfg.min_num_steps,
             fixed=cfg.fixed_num_steps,
             seed=cfg.seed,
         )
@@ -164,7 +164,7 @@ class DepthSchedule:
         if not self.sampled:
             k = min(k, mean)
             return mean - k, k
-        return sample_num_steps(mean, k, generator=self.generator, min_steps=self.min_steps)
+        return sample_num_steps(mean, k, generator=self.generator, min_num_steps=self.min_num_steps)
 
     def _expected(self, step: float) -> tuple[float, float]:
         if self.fixed:
@@ -172,7 +172,7 @@ class DepthSchedule:
         mean, k = self.mean_at(step), self.backprop_depth_at(step)
         if not self.sampled:
             return float(mean), float(min(k, mean))
-        return _expected_depth(mean, k, self.min_steps)
+        return _expected_depth(mean, k, self.min_num_steps)
 
     def expected_depth_at(self, step: float) -> float:
         """Expected loop iterations `E[n_no_grad + k_grad]` at `step`, over the sampler's draws (analytic)."""
@@ -191,7 +191,7 @@ class DepthSchedule:
         mean = self.mean_at(step)
         if not self.sampled:
             return float(min(k, mean))
-        r, pmf = _depth_pmf(mean, self.min_steps)
+        r, pmf = _depth_pmf(mean, self.min_num_steps)
         return float((pmf * r.clip(max=k)).sum())
 
     def midpoints(self, points: int) -> list[float]:

@@ -212,8 +212,7 @@ def build_objective(
     elif dcfg.enabled and teacher is not None:
         source = "live"
     if source is not None:
-        ce_scale = dcfg.ce_scale if dcfg.ce_scale is not None else dcfg.alpha
-        kd_scale = dcfg.kd_scale if dcfg.kd_scale is not None else 1.0 - dcfg.alpha
+        ce_scale, kd_scale = dcfg.ce_scale, dcfg.kd_scale
     else:
         ce_scale, kd_scale = 1.0, 0.0
     if fixed_point_scale > 0 and not is_looped(base):

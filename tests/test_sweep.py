@@ -11,9 +11,13 @@ from conftest import write_teacher_and_looped_student
 
 from loopfit.cli import main
 from loopfit.errors import LoopfitError
-from loopfit.sweep.budget import Probe, plan_steps
+from loopfit.flops import flop_params, training_flops
+from loopfit.loading import load_model
+from loopfit.sweep.budget import Probe, flops_per_run, plan_flops_steps, plan_steps
 from loopfit.sweep.grid import build_runs, load_config, parse_grid, run_name, split_values
 from loopfit.sweep.plots import pareto_front
+from loopfit.train.schedules import DepthSchedule
+from loopfit.train.student import apply_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,7 +160,6 @@ def test_budget_planning_numbers():
 def test_expected_depths_follow_the_trainer_draws():
     """The expected (n, k) that the budget averages over a curriculum match the mean of the trainer's seeded draws."""
     from loopfit.train import MeanRecurrenceSchedule, TrainConfig
-    from loopfit.train.schedules import DepthSchedule
 
     cfg = TrainConfig(backprop_depth=3, max_steps=2000)
     cfg.mean_recurrence_schedule = MeanRecurrenceSchedule(turn_on=True, warmup=0.5, max_mean_rec=6)
@@ -234,3 +237,102 @@ def test_sweep_gsm8k_metric(base, tmp_path):
     stamp = (out / "lora.r-2" / "sweep_gsm8k.json").stat().st_mtime_ns
     main(argv)  # finished and measured: nothing is generated again
     assert (out / "lora.r-2" / "sweep_gsm8k.json").stat().st_mtime_ns == stamp
+
+
+def _static_vs_looped_base(base, tmp_path):
+    """The base config for a looped-vs-static grid: no recurrence option a plain model refuses (sampled depths)."""
+    cfg = yaml.safe_load((base / "base.yaml").read_text())
+    cfg.pop("fixed_num_steps")
+    cfg["mean_recurrence"] = 6
+    cfg["distillation"] = {"enabled": False}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "base.yaml"
+
+
+def _step_flops(cfg_path, model_name):
+    """Expected training FLOPs of one step, computed here from the one count and the one depth schedule."""
+    base = yaml.safe_load(cfg_path.read_text())
+    cfg = load_config(base, {"model_name": model_name})
+    model = load_model(model_name)
+    looped = model.config.model_type == "looped"
+    model = apply_lora(model, cfg.lora)  # the adapters' weights count too
+    sched = DepthSchedule.from_config(cfg, model.config.mean_recurrence) if looped else None
+    tokens = cfg.batch_size * cfg.seq_len
+    return training_flops(flop_params(model), tokens, sched, 200, seq_len=cfg.seq_len)["flops"]
+
+
+def test_sweep_at_equal_training_flops(base, tmp_path, capsys):
+    """`--budget_kind flops`: the looped student and its static source train the same expected FLOPs (the one FLOP
+    count over the one depth schedule): the cheaper static model takes more steps, and sweep.json says so."""
+    base_yaml = _static_vs_looped_base(base, tmp_path)
+    looped, static = str(base / "looped"), str(base / "teacher")
+    per_step = {looped: _step_flops(base_yaml, looped), static: _step_flops(base_yaml, static)}
+    assert per_step[looped] > 1.3 * per_step[static]
+    budget = 4.5 * per_step[looped]
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", str(base_yaml), "--grid", f"model_name={looped},{static}", "--out", str(out),
+            "--budget_kind", "flops", "--budget_flops", str(budget), "--probe_steps", "1"]  # fmt: skip
+    capsys.readouterr()
+    main(argv)
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["budget_kind"] == "flops" and result["budget_flops_per_run"] == pytest.approx(budget)
+    steps = {}
+    for e in result["runs"]:
+        model = e["overrides"]["model_name"]
+        steps[model] = e["steps"]
+        assert e["steps"] == math.floor(budget / per_step[model])
+        assert e["train_flops"] == pytest.approx(e["steps"] * per_step[model], rel=1e-6)
+        assert budget - per_step[model] < e["train_flops"] <= budget
+    assert steps[looped] == 4 and steps[static] > steps[looped]
+    assert "budget: equal training FLOPs" in capsys.readouterr().out
+    # Sized from minutes instead: every run still gets the same FLOPs (within one step), fixed in budget.json.
+    out2 = tmp_path / "sweep2"
+    main(["sweep", "--config", str(base_yaml), "--grid", f"model_name={looped},{static}", "--out", str(out2),
+          "--budget_kind", "flops", "--budget_minutes", "0.3", "--budget_max_steps", "6",
+          "--probe_steps", "1"])  # fmt: skip
+    result = json.loads((out2 / "sweep.json").read_text())
+    flops = result["budget_flops_per_run"]
+    assert result["budget_kind"] == "flops" and flops > 0
+    assert json.loads((out2 / "budget.json").read_text())["flops_per_run"] == flops
+    for e in result["runs"]:
+        model = e["overrides"]["model_name"]
+        assert e["steps"] == min(6, max(1, math.floor(flops / per_step[model])))
+    # The default kind records itself and each run's FLOPs too.
+    out3 = tmp_path / "sweep3"
+    main(["sweep", "--config", str(base_yaml), "--grid", f"model_name={static}", "--out", str(out3),
+          "--budget_minutes", "0.05", "--budget_max_steps", "2", "--probe_steps", "1"])  # fmt: skip
+    result = json.loads((out3 / "sweep.json").read_text())
+    assert result["budget_kind"] == "minutes"
+    assert result["runs"][0]["train_flops"] == pytest.approx(result["runs"][0]["steps"] * per_step[static], rel=1e-6)
+    # A folder planned with one kind is not resumed with the other.
+    with pytest.raises(SystemExit):
+        main(argv[:-6] + ["--budget_kind", "minutes", "--budget_minutes", "1"])
+    assert "planned with --budget_kind flops" in capsys.readouterr().err
+
+
+def test_budget_kind_errors(base, tmp_path, capsys):
+    cases = [
+        (["--budget_kind", "joules"], "--budget_kind must be one of minutes, flops"),
+        (["--budget_flops", "1e9"], "--budget_flops needs --budget_kind flops"),
+        (["--budget_kind", "flops"], "needs exactly one of --budget_flops"),
+        (["--budget_kind", "flops", "--budget_flops", "1e9", "--budget_minutes", "1"], "needs exactly one of"),
+        (["--budget_kind", "flops", "--budget_flops", "-1"], "--budget_flops must be a finite number > 0"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["sweep", "--config", str(base / "base.yaml"), "--grid", "lora.r=2", "--out", str(tmp_path / "s")]
+                 + args)  # fmt: skip
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_flops_per_run_fits_the_minutes():
+    fast = Probe(1.0, 1.0, flops_per_s=200.0, step_flops=10.0)
+    slow = Probe(1.0, 1.0, flops_per_s=100.0, step_flops=40.0)
+    f = flops_per_run(64.0, [fast, slow], [2.0, 2.0])  # 60 s of training: F / 200 + F / 100 = 60
+    assert f == pytest.approx(4000.0)
+    assert plan_flops_steps(f, fast, None) == 400 and plan_flops_steps(f, slow, None) == 100
+    assert plan_flops_steps(f, slow, 50) == 50 and plan_flops_steps(1.0, slow, None) == 1
+    assert flops_per_run(1.0, [fast], [2.0]) == 0.0

@@ -96,6 +96,7 @@ def train_flops_per_token(
     seq_len: int = 0,
     fixed_point: bool = False,
     teacher: bool = False,
+    depths: float = 1,
 ) -> float:
     """Training FLOPs per token of one step at depth `(n_no_grad, k_grad)`: forward and backward of the student,
     plus the live teacher's forward. The one count behind MFU, the sweep's budget and `loopfit count`.
@@ -107,7 +108,11 @@ def train_flops_per_token(
         N1 = prelude + g·(adapter + block) + coda + head      N2 = n_no_grad·(adapter + block)
         F  = 6·N1 + 2·N2 + seq_len·(12·(A_prelude + g·A_block + A_coda) + 4·n_no_grad·A_block)
              + teacher: 2·(N_teacher + V·H_teacher) + 4·seq_len·A_teacher
+             + (depths - 1)·(6·(coda + head) + 12·seq_len·A_coda)
 
+    The last line is the loss at every depth (`--every_depth.k`): each depth scored besides the final one runs the
+    coda and the head forward and backward once more (counted whole even when its state came from an iteration
+    without gradient, whose backward stops at the coda's input); the teacher's logits are computed once.
     `head` is the LM head's matmul V·H over every token (tied or not). The attention scores (Q·Kᵀ and A·V,
     4·T·A forward per token and layer, A = query heads x head_dim) are counted over the full T x T, as torch's
     flop counter and PaLM's `12·L·H·Q·T` do, neither halved for the causal mask nor cut to a sliding window;
@@ -125,6 +130,8 @@ def train_flops_per_token(
         seq_len: tokens per sequence T for the attention term; 0 leaves it out.
         fixed_point: `--fixed_point_scale > 0`.
         teacher: a live teacher runs (KD without a teacher cache).
+        depths: depths the loss scores, `min(k, R)` of the loss at every depth (an expectation is fine); 1: the
+            final one only.
 
     Returns:
         FLOPs per token.
@@ -137,6 +144,7 @@ def train_flops_per_token(
     f += t * (12 * (p.get("attn_prelude", 0) + g * a_it + p.get("attn_coda", 0)) + 4 * n_no_grad * a_it)
     if teacher:
         f += 2 * (p.get("teacher", 0) + p.get("teacher_head", 0)) + 4 * t * p.get("attn_teacher", 0)
+    f += (depths - 1) * (6 * (p.get("coda", 0) + p.get("head", 0)) + 12 * t * p.get("attn_coda", 0))
     return float(f)
 
 
@@ -182,9 +190,11 @@ def training_flops(
     seq_len: int = 0,
     fixed_point: bool = False,
     teacher: bool = False,
+    every_depth: int = 1,
 ) -> dict:
     """`train_flops_per_token` at the expected depths of `depth`, integrated over `tokens` training tokens (midpoint
-    rule over `points` equal slices of training); `depth=None`: a plain model (no loop).
+    rule over `points` equal slices of training); `depth=None`: a plain model (no loop). `every_depth`: the loss at
+    every depth's k (`DepthSchedule.supervised_depths_at`).
 
     Returns:
         `{"flops", "mean_num_steps_no_grad", "mean_num_steps_grad"}` (the last two averaged over training).
@@ -197,11 +207,13 @@ def training_flops(
         depth = depth.schedule(points)
     if depth is None:
         n = k = np.zeros(1)
+        sup = np.ones(1)
     else:
         steps = depth.midpoints(points)
         k = np.array([depth.gradient_depth_at(s) for s in steps])
         n = np.array([depth.expected_depth_at(s) for s in steps]) - k
-    per_token = [train_flops_per_token(params, a, b, seq_len, fixed_point, teacher) for a, b in zip(n, k)]
+        sup = np.array([depth.supervised_depths_at(s, every_depth) for s in steps])
+    per_token = [train_flops_per_token(params, a, b, seq_len, fixed_point, teacher, c) for a, b, c in zip(n, k, sup)]
     return {
         "flops": float(tokens * np.mean(per_token)),
         "mean_num_steps_no_grad": float(n.mean()),

@@ -100,10 +100,12 @@ class _Spec:
     ce_scale: float
     kd_scale: float
     softcap: float | None = None  # the student's logit soft-cap
+    depth_weights: tuple[float, ...] = (1.0,)  # one per student hidden of a multi-depth call (`losses.depths`)
 
 
-def _chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher | None, spec: _Spec):
-    """Differentiable (ce_sum, kd_sum) of one chunk of float32 student logits `s` (c, V), before any soft-cap."""
+def _chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher | None, spec: _Spec, logp=None):
+    """Differentiable (ce_sum, kd_sum) of one chunk of float32 student logits `s` (c, V), before any soft-cap;
+    `logp`: the dense teacher's tempered log-probabilities of the chunk when already computed (multi-depth calls)."""
     s = softcap(s, spec.softcap)
     ce = F.cross_entropy(s, y, reduction="sum")
     if teacher is None:
@@ -111,7 +113,7 @@ def _chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher | None, sp
     t_ = spec.temperature
     logq = torch.log_softmax(s / t_, dim=-1)
     if teacher.hidden is not None:
-        logp = torch.log_softmax(teacher.logits() / t_, dim=-1)
+        logp = logp if logp is not None else torch.log_softmax(teacher.logits() / t_, dim=-1)
         per_token = spec.div(logq, logp, **spec.params) * t_**2
     else:
         per_token = sparse_per_token(
@@ -205,14 +207,15 @@ def _sparse_support_logprobs(teacher: _Teacher, temp: float) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher, spec: _Spec):
-    """Forward KL against sparse targets (+ CE): sums and the gradient written into `s` (scale 1).
+def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher, spec: _Spec, support=None):
+    """Forward KL against sparse targets (+ CE): sums and the gradient written into `s` (scale 1); `support`: the
+    chunk's `_sparse_support_logprobs` when already computed (multi-depth calls).
 
     With `P` the teacher's distribution over the support spread onto the vocabulary (the tail bucket's mass
     distributed like the student's own mass outside the k ids), `d KD / ds = T * (softmax(s / T) - P)`.
     """
     temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
-    logp_all, ptail_all = _sparse_support_logprobs(teacher, temp)
+    logp_all, ptail_all = support if support is not None else _sparse_support_logprobs(teacher, temp)
     ids_all = teacher.ids.long()
     ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
@@ -245,17 +248,21 @@ def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher
 
 
 class _FusedLinearKD(torch.autograd.Function):
+    """`hidden` is `(D, n, H)`: D student hidden states (depths) scored against the same labels and teacher, the
+    loss `sum_d depth_weights[d] * (ce_scale * ce_d + kd_scale * kd_d)`. Each chunk's teacher logits (or sparse
+    support) are computed once and reused for every depth; D = 1 is the plain fused loss."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, teacher, spec, chunk_size, denom):
-        n, dtype = hidden.shape[0], hidden.dtype
+        depths, n, dtype = hidden.shape[0], hidden.shape[1], hidden.dtype
         # A frozen lm_head (LoRA, the usual case) needs no weight gradient: skipping it saves one of the four
         # logits-sized matmuls and a float32 weight-sized buffer.
         need_w, need_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.zeros_like(hidden)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ce_total = torch.zeros(depths, dtype=torch.float32, device=hidden.device)
+        kd_total = torch.zeros(depths, dtype=torch.float32, device=hidden.device)
         dense_teacher = teacher is not None and teacher.hidden is not None
         # Forward KL (and CE alone) has its own in-place kernels, dense and sparse: its gradient T (q - p) is
         # linear in the teacher's probabilities, so a sparse target needs only its support.
@@ -264,44 +271,54 @@ class _FusedLinearKD(torch.autograd.Function):
         w_scale = None
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
-            h, y = hidden[rows], labels[rows]
-            s = F.linear(h, weight, bias)  # kept in the input dtype; upcast per row block or below
+            y = labels[rows]
             t_chunk = teacher.chunk(rows) if teacher is not None else None
-            if autograd:
-                with torch.enable_grad():
-                    s_ = s.detach().float().requires_grad_()
-                    ce, kd = _chunk_losses(s_, y, t_chunk, spec)
-                    loss = spec.ce_scale * ce + (spec.kd_scale * kd if kd is not None else 0.0)
-                    (g,) = torch.autograd.grad(loss, s_)
-                ce, kd, scale = ce.detach(), (kd.detach() if kd is not None else None), 1.0
-            elif t_chunk is not None and not dense_teacher:
-                ce, kd, scale = _closed_form_sparse_grad(s, y, t_chunk, spec)
-                g = s
-            else:
-                t_logits = None
-                if t_chunk is not None:
-                    t_logits = F.linear(t_chunk.hidden, t_chunk.weight, t_chunk.bias)
-                    if t_chunk.softcap is not None:  # in float32: tanh in bf16 would round the teacher's logits
-                        t_logits = softcap(t_logits.float(), t_chunk.softcap)
-                grad_fn = _closed_form_grad if fkl else _closed_form_divergence_grad
-                ce, kd, scale = grad_fn(s, y, t_logits, spec)
-                del t_logits
-                g = s
-            w_scale = w_scale if w_scale is not None else scale  # the same for every chunk of one call
-            del s
-            ce_total += ce
-            if kd is not None:
-                kd_total += kd
-            if grad_b is not None:
-                grad_b += g.sum(0, dtype=torch.float32)
-            g = g.to(dtype)
-            torch.mm(g, weight, out=grad_h[rows])
-            grad_h[rows] *= scale / denom
-            if grad_w is not None and dtype == torch.float32:
-                grad_w.addmm_(g.t(), h)
-            elif grad_w is not None:
-                grad_w += g.t() @ h
-            del g
+            # The teacher side of the chunk, once for every depth.
+            t_logits = logp = support = None
+            if t_chunk is not None and autograd and dense_teacher and depths > 1:
+                logp = torch.log_softmax(t_chunk.logits() / spec.temperature, dim=-1)
+            elif t_chunk is not None and not autograd and not dense_teacher:
+                support = _sparse_support_logprobs(t_chunk, spec.temperature)
+            elif t_chunk is not None and not autograd:
+                t_logits = F.linear(t_chunk.hidden, t_chunk.weight, t_chunk.bias)
+                if t_chunk.softcap is not None:  # in float32: tanh in bf16 would round the teacher's logits
+                    t_logits = softcap(t_logits.float(), t_chunk.softcap)
+            for d, w_d in enumerate(spec.depth_weights):
+                h = hidden[d, rows]
+                s = F.linear(h, weight, bias)  # kept in the input dtype; upcast per row block or below
+                if autograd:
+                    with torch.enable_grad():
+                        s_ = s.detach().float().requires_grad_()
+                        ce, kd = _chunk_losses(s_, y, t_chunk, spec, logp)
+                        loss = spec.ce_scale * ce + (spec.kd_scale * kd if kd is not None else 0.0)
+                        (g,) = torch.autograd.grad(loss, s_)
+                    ce, kd, scale = ce.detach(), (kd.detach() if kd is not None else None), 1.0
+                elif support is not None:
+                    ce, kd, scale = _closed_form_sparse_grad(s, y, t_chunk, spec, support)
+                    g = s
+                else:
+                    # The kernels overwrite the teacher's logits in place: every depth but the last reads a copy.
+                    t = t_logits.clone() if t_logits is not None and d < depths - 1 else t_logits
+                    grad_fn = _closed_form_grad if fkl else _closed_form_divergence_grad
+                    ce, kd, scale = grad_fn(s, y, t, spec)
+                    del t
+                    g = s
+                w_scale = w_scale if w_scale is not None else scale  # the same for every chunk of one call
+                del s
+                ce_total[d] += ce
+                if kd is not None:
+                    kd_total[d] += kd
+                if grad_b is not None:
+                    grad_b.add_(g.sum(0, dtype=torch.float32), alpha=w_d)
+                g = g.to(dtype)
+                torch.mm(g, weight, out=grad_h[d, rows])
+                grad_h[d, rows] *= scale * w_d / denom
+                if grad_w is not None and dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h, alpha=w_d)
+                elif grad_w is not None:
+                    grad_w.add_(g.t() @ h, alpha=w_d)
+                del g
+            del t_logits
         if w_scale is not None:
             for grad in (grad_w, grad_b):
                 if grad is not None:
@@ -311,7 +328,9 @@ class _FusedLinearKD(torch.autograd.Function):
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ce_total /= denom
         kd_total /= denom
-        total = spec.ce_scale * ce_total + (spec.kd_scale * kd_total if teacher is not None else 0.0)
+        per_depth = spec.ce_scale * ce_total + (spec.kd_scale * kd_total if teacher is not None else 0.0)
+        weights = torch.tensor(spec.depth_weights, dtype=torch.float32, device=hidden.device)
+        total = per_depth[0] if depths == 1 else (weights * per_depth).sum()  # D = 1: exactly the plain loss
         ctx.mark_non_differentiable(ce_total, kd_total)
         return total, ce_total, kd_total
 
@@ -435,8 +454,9 @@ def fused_kd_loss(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     denom = float(num_items) if num_items is not None else float(max(n_valid, 1))
-    total, ce, kd = _FusedLinearKD.apply(hidden, lm_head_weight, lm_head_bias, y, teacher, spec, chunk_size, denom)
-    return KDLossOutput(total=total, ce=ce, kd=kd if teacher is not None else None)
+    total, ce, kd = _FusedLinearKD.apply(hidden[None], lm_head_weight, lm_head_bias, y, teacher, spec, chunk_size,
+                                         denom)  # fmt: skip
+    return KDLossOutput(total=total, ce=ce[0], kd=kd[0] if teacher is not None else None)
 
 
 def chunked_kd_loss(

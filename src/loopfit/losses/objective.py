@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopfit.losses.depths import DEPTH_WEIGHTINGS, depth_weights, fused_depth_loss
 from loopfit.losses.divergences import Divergence, get_divergence, kd_divergence
 from loopfit.losses.estimators import Estimator, get_estimator
 from loopfit.losses.fused import fused_kd_loss, softcap
@@ -119,12 +120,15 @@ class Terms:
     hidden: torch.Tensor | None = None
     fixed_point: torch.Tensor | None = None
     router_aux: torch.Tensor | None = None
+    depths: dict[str, torch.Tensor] = field(default_factory=dict)
+    """With the loss at every depth: `ce_R-j` / `kd_R-j`, the CE / KD after iteration R - j (j >= 1; `ce` and `kd`
+    are the final depth's)."""
 
     NAMES = ("ce", "kd", "hidden", "fixed_point", "router_aux")
 
     def named(self) -> dict[str, torch.Tensor]:
-        """The detached terms that are on, by name."""
-        return {n: getattr(self, n) for n in self.NAMES if getattr(self, n) is not None}
+        """The detached terms that are on, by name (the per-depth ones after the others)."""
+        return {n: getattr(self, n) for n in self.NAMES if getattr(self, n) is not None} | self.depths
 
 
 @dataclass
@@ -146,6 +150,9 @@ class Objective:
         student_logits, teacher_logits: each model's `LogitTransform`.
         fused: CE + KD fused with the lm_head in chunks (`fused_kd_loss`); otherwise full logits (reference).
         chunk_size: tokens per chunk of the fused loss.
+        every_depth: CE / KD on the coda's output after each of the last `every_depth` loop iterations (the caller
+            gives the earlier ones as `depth_hidden`); 1: the final depth only.
+        depth_weighting: how those depths are weighted (`loopfit.losses.depths`: `uniform` or `linear`).
     """
 
     weights: ObjectiveWeights = field(default_factory=ObjectiveWeights)
@@ -161,6 +168,8 @@ class Objective:
     teacher_logits: LogitTransform = field(default_factory=LogitTransform)
     fused: bool = True
     chunk_size: int = 1024
+    every_depth: int = 1
+    depth_weighting: str = "uniform"
 
     def __post_init__(self):
         if self.teacher not in (None, *TEACHER_SOURCES):
@@ -181,6 +190,11 @@ class Objective:
             raise ValueError("hidden-state alignment needs block_span: a looped student (states per loop iteration)")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.every_depth < 1:
+            raise ValueError(f"every_depth must be >= 1, got {self.every_depth}")
+        if self.depth_weighting not in DEPTH_WEIGHTINGS:
+            raise ValueError(f"depth_weighting must be one of {', '.join(DEPTH_WEIGHTINGS)}, got "
+                             f"{self.depth_weighting!r}")  # fmt: skip
 
     @property
     def scales(self) -> tuple[float, float]:
@@ -200,6 +214,13 @@ class Objective:
         n = 1 if self.hidden_map == "last" else num_states
         return loop_layer_map(n, self.block_span)
 
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """Every term this objective can report (`Terms.named`'s keys at the deepest), in a fixed order."""
+        kinds = ("ce", "kd") if self.teacher is not None else ("ce",)
+        extra = [f"{t}_R-{j}" for j in range(1, self.every_depth) for t in kinds]
+        return (*Terms.NAMES, *extra)
+
     def __call__(
         self,
         labels: torch.Tensor,
@@ -214,6 +235,7 @@ class Objective:
         states: Sequence[torch.Tensor] | None = None,
         residual: torch.Tensor | None = None,
         router_aux: torch.Tensor | None = None,
+        depth_hidden: Sequence[torch.Tensor] = (),
     ) -> Terms:
         """Score one micro-batch.
 
@@ -227,21 +249,39 @@ class Objective:
                 `(B, S)`, aligned with `hidden` (position j holds the distribution after token j).
             states: the student's loop states `(B, S, H)` (hidden term). residual: `(B, S)` fixed-point residual.
             router_aux: 0-dim load-balancing loss, a mean over this micro-batch's tokens.
+            depth_hidden: the coda's normed output `(B, S, H)` after the iterations before the last, shallowest
+                first, at most `every_depth - 1` of them (fewer when the loop ran fewer iterations): scored with
+                `hidden` under `depth_weights(1 + len(depth_hidden), depth_weighting)`.
         """
         ce_scale, kd_scale = self.scales
-        h = self.student_logits.hidden(hidden[:, :-1]).reshape(-1, hidden.shape[-1])
+        if len(depth_hidden) >= self.every_depth:
+            raise ValueError(f"{len(depth_hidden)} earlier depths given to an objective over {self.every_depth}")
+        hs = [self.student_logits.hidden(x[:, :-1]).reshape(-1, hidden.shape[-1]) for x in (*depth_hidden, hidden)]
         y = labels[:, 1:].reshape(-1)
         scored = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # (B, S): the token losses' positions
         teacher = self._teacher_inputs(teacher_hidden, teacher_weight, teacher_targets)
-        if self.fused:
+        weights = depth_weights(len(hs), self.depth_weighting)
+        if self.fused and len(hs) == 1:
             out = fused_kd_loss(
-                h, head_weight, y, **teacher, kind=self.divergence, temperature=self.temperature, ce_scale=ce_scale,
+                hs[0], head_weight, y, **teacher, kind=self.divergence, temperature=self.temperature, ce_scale=ce_scale,
                 kd_scale=kd_scale, chunk_size=self.chunk_size, num_items=num_items,
                 logit_softcap=self.student_logits.softcap, **self.divergence_params,
             )  # fmt: skip
             terms = Terms(out.total, out.ce, out.kd)
+        elif self.fused:
+            out = fused_depth_loss(
+                hs, weights, head_weight, y, **teacher, kind=self.divergence, temperature=self.temperature,
+                ce_scale=ce_scale, kd_scale=kd_scale, chunk_size=self.chunk_size, num_items=num_items,
+                logit_softcap=self.student_logits.softcap, **self.divergence_params,
+            )  # fmt: skip
+            kd = out.kd if out.kd is not None else [None] * len(hs)
+            terms = Terms(out.total, out.ce[-1], kd[-1])
+            terms.depths = self._depth_terms(list(out.ce), list(kd))
         else:
-            terms = self._unfused(h, head_weight, y, teacher, num_items, ce_scale, kd_scale)
+            each = [self._unfused(h, head_weight, y, teacher, num_items, ce_scale, kd_scale) for h in hs]
+            total = each[-1].total if len(hs) == 1 else sum(w * t.total for w, t in zip(weights, each))
+            terms = Terms(total, each[-1].ce, each[-1].kd)
+            terms.depths = self._depth_terms([t.ce for t in each], [t.kd for t in each])
         if self.hidden_loss is not None:
             align = self.states_to_align(states)
             targets = [teacher_states[i] for i in self.teacher_layers(len(states))]
@@ -259,6 +299,16 @@ class Objective:
             terms.total = terms.total + self.weights.router_aux_scale * value
             terms.router_aux = value.detach()
         return terms
+
+    @staticmethod
+    def _depth_terms(ce: list, kd: list) -> dict[str, torch.Tensor]:
+        """`{ce_R-j, kd_R-j}` for the depths before the last (lists shallowest first, the final depth last)."""
+        out = {}
+        for j in range(len(ce) - 1, 0, -1):
+            out[f"ce_R-{j}"] = ce[-1 - j].detach()
+            if kd[-1 - j] is not None:
+                out[f"kd_R-{j}"] = kd[-1 - j].detach()
+        return out
 
     def _teacher_inputs(self, teacher_hidden, teacher_weight, teacher_targets) -> dict:
         """The teacher side of `fused_kd_loss`, shifted like the student's (position t predicts token t + 1)."""

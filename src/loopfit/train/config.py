@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from loopfit.errors import LoopfitError, check_count, check_number
+from loopfit.losses.depths import DEPTH_WEIGHTINGS
 from loopfit.train.distillation_config import DistillationConfig, OnPolicyConfig, _check_finite, _choice  # noqa: F401
 
 OPTIMIZERS = ("adamw", "muon", "ellis_adam")
@@ -41,6 +42,20 @@ class LoRAConfig:
     module-name suffixes, or a regex matched against full module names."""
     modules_to_save: list[str] | None = None
     """Modules trained fully instead of through LoRA, e.g. `[adapter]` for the loop adapter."""
+
+
+@dataclass
+class EveryDepthConfig:
+    """Loss at every depth: CE / KD also on the coda's output after each of the last `k` loop iterations, through the
+    fused loss (the teacher's logits computed once per token chunk for all of them). Weighting and its sources:
+    `loopfit.losses.depths`."""
+
+    k: int = 1
+    """Depths supervised: the final one and the k - 1 before it (fewer when a step runs fewer iterations). 1 (or 0):
+    the final depth only, today's loss. Each extra depth costs one more coda + head forward and backward."""
+    weighting: str = "uniform"
+    """`uniform` (each supervised depth 1/k) or `linear` (the j-th from the shallowest j / (1 + ... + k), the final
+    depth weighing most); the weights sum to 1."""
 
 
 @dataclass
@@ -185,6 +200,8 @@ class TrainConfig:
     """LoRA settings."""
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     """Distillation settings."""
+    every_depth: EveryDepthConfig = field(default_factory=EveryDepthConfig)
+    """Loss at every depth (a looped student only)."""
     optim_config: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer settings."""
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
@@ -275,6 +292,8 @@ def _validate(c: TrainConfig) -> None:
     for name, v in positive.items():
         check_count(name, v, 2 if name == "seq_len" else 1)
     check_count("max_documents", c.max_documents)
+    check_count("every_depth.k", c.every_depth.k, 0)
+    _choice("every_depth.weighting", c.every_depth.weighting, DEPTH_WEIGHTINGS)
     for name in ("log_every", "eval_every", "eval_batches", "save_every"):
         check_count(name, getattr(c, name), 0)  # 0 is each one's documented "off" / "all" value
     _check_finite(c)

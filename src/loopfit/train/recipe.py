@@ -29,7 +29,6 @@ from loopfit.errors import LoopfitError
 from loopfit.flops import flop_params, train_flops_per_token
 from loopfit.io import atomic_dir, remove_leftovers, write_json
 from loopfit.loading import load_model, load_tokenizer
-from loopfit.losses.objective import Terms
 from loopfit.train import checkpoint as ckpt
 from loopfit.train.config import TrainConfig
 from loopfit.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
@@ -117,7 +116,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     if teacher is not None:
         teacher.to(device)
     objective = build_objective(dc, model, teacher, cache_estimator=cache.estimator if cache is not None else None,
-                                fixed_point_scale=cfg.fixed_point_scale)  # fmt: skip
+                                fixed_point_scale=cfg.fixed_point_scale, every_depth=cfg.every_depth)  # fmt: skip
     hidden_loss = objective.hidden_loss  # its projections (if any) train with the student
     if not any(p.requires_grad for p in model.parameters()):
         raise LoopfitError("nothing to train: the student has no trainable parameters")
@@ -240,8 +239,9 @@ def fit(run: Run, until: int | None = None) -> None:
         dt = time.perf_counter() - t0
         tokens = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * d.world_size
         n, kg = num_steps
+        depths = min(max(cfg.every_depth.k, 1), max(n + kg, 1))  # the loss at every depth's scored depths
         flops_tok = train_flops_per_token(run.flops_params, n, kg, cfg.seq_len, cfg.fixed_point_scale > 0,
-                                          teacher=run.teacher is not None)  # fmt: skip
+                                          teacher=run.teacher is not None, depths=depths)  # fmt: skip
         run.step += 1
         metrics.update(
             step=run.step,
@@ -293,7 +293,7 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
         batches, objective, extra = sampled
     local_items = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
     num_items = all_reduce_sum(local_items.float(), d).clamp_min(1.0)
-    names = Terms.NAMES  # ce, kd, hidden, fixed_point, router_aux
+    names = run.objective.term_names  # ce, kd, hidden, fixed_point, router_aux, then ce_R-1, kd_R-1, ...
     sums = torch.zeros(1 + len(names), dtype=torch.float64, device=run.device)  # the total, then each term
     present: set[str] = set()
     depth_arg = num_steps if run.looped else None
@@ -328,7 +328,7 @@ def train_step(run: Run, num_steps: tuple[int, int], params: list) -> dict:
          "grad_norm": float(grad_norm), "num_items": int(num_items.item()), "skipped": not finite}  # fmt: skip
     if run.on_policy is not None:
         m.update(on_policy=sampled is not None, **extra)
-    for name in ("hidden", "fixed_point", "router_aux"):  # logged when the objective has them
+    for name in names[2:]:  # logged when the objective has them (a per-depth term: when the step ran that deep)
         if name in present:
             m[f"{name}_loss"] = term[name]
     return m

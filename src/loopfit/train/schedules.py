@@ -52,12 +52,12 @@ def ramp(step: int, total: int, warmup: float, kind: str, max_value: int) -> int
 
 
 @functools.lru_cache(maxsize=4096)
-def _expected_depth(mean: int, backprop_depth: int, min_num_steps: int) -> tuple[float, float]:
-    """`(E[R], E[k])` under `loopfit.models.sample_num_steps(mean, backprop_depth, min_num_steps=min_num_steps)`.
+def _depth_pmf(mean: int, min_num_steps: int) -> tuple:
+    """`(R values, P(R))` of `loopfit.models.sample_num_steps(mean, ., min_num_steps=min_num_steps)`, numpy arrays.
 
     The sampler (arXiv:2511.07384) draws `rate ~ LogNormal(log(mean) - sigma^2 / 2, sigma = 0.5)`,
-    `R = max(Poisson(rate) + 1, min_num_steps)`, `k = min(backprop_depth, mean, R)`; the Poisson pmf is mixed over the
-    log-rate by 64-point Gauss-Hermite quadrature (without a floor E[R] = mean + 1 to ~1e-9).
+    `R = max(Poisson(rate) + 1, min_num_steps)`; the Poisson pmf is mixed over the log-rate by 64-point
+    Gauss-Hermite quadrature (without a floor E[R] = mean + 1 to ~1e-9).
     """
     sigma = 0.5
     mu = math.log(max(mean, 1e-6)) - sigma**2 / 2
@@ -67,7 +67,14 @@ def _expected_depth(mean: int, backprop_depth: int, min_num_steps: int) -> tuple
     j = np.arange(0, int(rates.max() * 3 + 50))
     log_pmf = j[None, :] * np.log(rates[:, None]) - rates[:, None] - np.array([math.lgamma(x + 1) for x in j])[None, :]
     pmf = (weights[:, None] * np.exp(log_pmf)).sum(0)  # P(Poisson = j), mixed over the rate
-    r = np.maximum(j + 1, min_num_steps)
+    return np.maximum(j + 1, min_num_steps), pmf
+
+
+@functools.lru_cache(maxsize=4096)
+def _expected_depth(mean: int, backprop_depth: int, min_num_steps: int) -> tuple[float, float]:
+    """`(E[R], E[k])` under `loopfit.models.sample_num_steps(mean, backprop_depth, min_num_steps=min_num_steps)`,
+    where `k = min(backprop_depth, mean, R)` (`_depth_pmf`)."""
+    r, pmf = _depth_pmf(mean, min_num_steps)
     k = np.minimum(min(backprop_depth, max(1, math.ceil(mean))), r)
     return float((pmf * r).sum()), float((pmf * k).sum())
 
@@ -171,6 +178,17 @@ class DepthSchedule:
         """Expected iterations with gradient `E[k_grad]` at `step` (analytic); the fixed-point loss's extra
         iteration is not one of them (`loopfit.flops.train_flops_per_token` adds it)."""
         return self._expected(step)[1]
+
+    def supervised_depths_at(self, step: float, every_depth: int) -> float:
+        """Expected depths the loss at every depth scores at `step`, `E[min(every_depth, R)]` (analytic)."""
+        k = max(every_depth, 1)
+        if self.fixed:
+            return float(min(k, self.fixed))
+        mean = self.mean_at(step)
+        if not self.sampled:
+            return float(min(k, mean))
+        r, pmf = _depth_pmf(mean, self.min_num_steps)
+        return float((pmf * r.clip(max=k)).sum())
 
     def midpoints(self, points: int) -> list[float]:
         """The (fractional) steps at the middles of `points` equal slices of training: integrating a quantity of

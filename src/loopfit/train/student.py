@@ -15,7 +15,7 @@ from loopfit.errors import LoopfitError
 from loopfit.losses import HiddenStateLoss
 from loopfit.losses.objective import LogitTransform, Objective, ObjectiveWeights, Terms
 from loopfit.models.families import FAMILIES
-from loopfit.train.config import DistillationConfig, LoRAConfig
+from loopfit.train.config import DistillationConfig, EveryDepthConfig, LoRAConfig
 
 
 def is_looped(model: nn.Module) -> bool:
@@ -90,25 +90,38 @@ class Student(nn.Module):
         self.hidden_loss = hidden_loss  # held here so DDP also averages its projection's gradients
         self.looped = is_looped(base_model(model))
 
-    def forward(self, input_ids, num_steps=None, output_states: bool = False, fixed_point: bool = False):
+    def forward(self, input_ids, num_steps=None, output_states: bool = False, fixed_point: bool = False,
+                every_depth: int = 1):  # fmt: skip
         """(final normed hidden state, loop states or None, LM head weight, fixed-point residual or None, MoE
-        load-balancing loss or None).
+        load-balancing loss or None, earlier depths' normed hidden states).
 
         The head weight is returned from inside `forward` because under FSDP2 parameters are only gathered
         (unsharded) around a forward call; the fused loss then uses it outside the module. With `fixed_point`
-        the last element is `||f(s_R) - s_R||^2 / ||s_R||^2` per position, `(batch, seq)` float32: `f` is one more
+        the fourth element is `||f(s_R) - s_R||^2 / ||s_R||^2` per position, `(batch, seq)` float32: `f` is one more
         loop iteration, the norm in the denominator is detached so the loss cannot shrink by inflating the state.
+        With `every_depth` = k > 1 the last element holds the coda's normed output (`run_coda`) on the states after
+        iterations R - k + 1 .. R - 1 (those that exist), shallowest first; otherwise `()`.
         """
         base = base_model(self.model)
         if not self.looped:
-            return base.base_model(input_ids).last_hidden_state, None, self.head_weight(), None, None
-        out = base(input_ids, num_steps=num_steps, return_hidden=True, output_states=output_states or fixed_point,
+            return base.base_model(input_ids).last_hidden_state, None, self.head_weight(), None, None, ()
+        keep = output_states or fixed_point or every_depth > 1
+        out = base(input_ids, num_steps=num_steps, return_hidden=True, output_states=keep,
                    output_next_state=fixed_point)  # fmt: skip
         residual = None
         if fixed_point:
             s, s_next = out.states[-1].float(), out.next_state.float()
             residual = (s_next - s).pow(2).sum(-1) / s.detach().pow(2).sum(-1).clamp_min(1e-6)
-        return out.logits, out.states if output_states else None, self.head_weight(), residual, out.aux_loss
+        depths = ()
+        if every_depth > 1:
+            # The loop's own context (masks, rotary) for the coda, as `forward` built it: no padding mask or cache
+            # in training, positions 0..S-1; the embeddings only give it their shape and dtype.
+            dec = base.model
+            with torch.no_grad():
+                ctx = dec.prepare(dec.embed(input_ids))
+            depths = tuple(dec.run_coda(s, ctx) for s in out.states[-every_depth:-1])
+        states = out.states if output_states else None
+        return out.logits, states, self.head_weight(), residual, out.aux_loss, depths
 
     def head_weight(self) -> torch.Tensor:
         return base_model(self.model).get_output_embeddings().weight
@@ -170,6 +183,7 @@ def build_objective(
     fixed_point_scale: float = 0.0,
     hidden_loss: nn.Module | None = None,
     block_span: tuple[int, int] | None = None,
+    every_depth: EveryDepthConfig | None = None,
 ) -> Objective:
     """The run's whole loss, decided once from the distillation settings and the models (`loopfit train`'s setup and
     `loopfit.hf.DistillationTrainer` both build it here).
@@ -181,12 +195,16 @@ def build_objective(
         fixed_point_scale: weight of the fixed-point residual (a looped student's).
         hidden_loss, block_span: an alignment loss already built (its projections trained elsewhere) and the span
             its loop replaced; by default built here from `dcfg.hidden_scale`, the model's widths and layout.
+        every_depth: the loss at every depth (`--every_depth.k`, `.weighting`); default: the final depth only.
 
     Raises:
         LoopfitError: a setting the models cannot serve (alignment without a looped student or a live teacher, or a
-            fixed-point term on a plain model).
+            fixed-point term or the loss at every depth on a plain model).
     """
+    every_depth = every_depth or EveryDepthConfig()
     base = base_model(model)
+    if every_depth.k > 1 and not is_looped(base):
+        raise LoopfitError("--every_depth.k > 1 needs a looped student (a plain model has one depth)")
     source = None
     if dcfg.enabled and cache_estimator is not None:
         source = "cache"
@@ -225,7 +243,8 @@ def build_objective(
             hidden_loss=hidden_loss, hidden_map=dcfg.hidden_map, block_span=block_span,
             student_logits=LogitTransform(*logit_transform(base.config)),
             teacher_logits=LogitTransform(*logit_transform(teacher.config)) if source == "live" else LogitTransform(),
-            fused=dcfg.fused, chunk_size=dcfg.chunk_size,
+            fused=dcfg.fused, chunk_size=dcfg.chunk_size, every_depth=max(every_depth.k, 1),
+            depth_weighting=every_depth.weighting,
         )  # fmt: skip
     except ValueError as e:
         raise LoopfitError(f"--distillation: {e}") from None
@@ -245,8 +264,12 @@ def objective_loss(
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     align = objective.hidden_loss is not None
-    hidden, states, head_weight, residual, aux_loss = student(
-        input_ids, num_steps=num_steps, output_states=align, fixed_point=objective.weights.fixed_point_scale > 0
+    hidden, states, head_weight, residual, aux_loss, depths = student(
+        input_ids,
+        num_steps=num_steps,
+        output_states=align,
+        fixed_point=objective.weights.fixed_point_scale > 0,
+        every_depth=objective.every_depth,
     )
     kw = {}
     if objective.teacher == "live":
@@ -261,7 +284,7 @@ def objective_loss(
                                "(teacher_ids): wrap the data in loopfit.cache.TeacherTargetsDataset")  # fmt: skip
         kw = dict(teacher_targets={k: v for k, v in batch.items() if k.startswith("teacher_")})
     return objective(labels, hidden, head_weight, num_items, states=states, residual=residual, router_aux=aux_loss,
-                     **kw)  # fmt: skip
+                     depth_hidden=depths, **kw)  # fmt: skip
 
 
 def micro_batch_loss(

@@ -2,6 +2,8 @@
 
 analyze -> convert -> plan -> cache the teacher -> the teacher samples held-out text -> heal (LoRA + KD under the
 curriculum) -> loss at every depth of teacher, converted and healed models -> generate at two depths -> report.md.
+With `--baseline static` the static pruned model (no loop) is also healed, with the same recipe for the same training
+FLOPs or minutes as the looped heal (`baseline`), and scored beside it.
 Each stage writes into the run folder and is skipped when its output already exists, so an interrupted demo picks
 up where it stopped.
 
@@ -13,13 +15,15 @@ come second and are labelled in-format: the student's CE term trained on that fo
 a student below the teacher there says nothing about healing.
 
 Modules: `config` (`DemoConfig`, `Plan`, the held-out prompts), `stages` (one function per stage, each on library
-functions), `heldout` (the scored sets), `progress` (banners, bars, stage times), `report` (`report.md`, plots).
+functions), `baseline` (the optional static baseline's stages), `heldout` (the scored sets), `progress` (banners,
+bars, stage times), `report` (`report.md`, plots).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from loopfit.pipeline.baseline import check_baseline, static_heal, static_model, static_plan
 from loopfit.pipeline.config import DemoConfig, Plan
 from loopfit.pipeline.heldout import (
     HeldOut,
@@ -39,6 +43,7 @@ __all__ = ["DemoConfig", "Plan", "demo"]
 def demo(cfg: DemoConfig) -> Path:
     """Run every stage of the demo into `cfg.out` (skipping those already done) and return the path of `report.md`.
     Raises `LoopfitError` for bad settings or a missing `--val_data` before any stage runs."""
+    check_baseline(cfg, Path(cfg.out))
     out, teacher, tokenizer = setup(cfg)
     # --val_data is read now, so that a wrong path fails before the analysis and the healing, not after them.
     user = user_batches(cfg, tokenizer) if cfg.val_data is not None else None
@@ -50,14 +55,19 @@ def demo(cfg: DemoConfig) -> Path:
     cache = cache_teacher(cfg, out, p.max_documents, p.val_fraction)
     texts = teacher_texts(cfg, out, teacher, tokenizer)
     healed = heal(cfg, out, converted, cache, p)
+    static, baseline = None, None
+    if cfg.baseline == "static":  # off by default: the static pruned model healed at equal FLOPs or minutes
+        folder = static_model(cfg, out, teacher, tokenizer, layers)
+        bp = static_plan(cfg, out, converted, folder, cache, p)
+        static, baseline = static_heal(cfg, out, folder, cache, p, bp)
     sets = [HeldOut("teacher_text", "the teacher's own text", texts_source(texts), text_batches(texts, cfg.batch_size))]
     if user is not None:
         sets.append(HeldOut("val_data", f"your --val_data `{cfg.val_data}`", cfg.val_data, user))
     in_format = val_batches(packed.val, cfg.eval_rows, cfg.batch_size)
     source = f"{cfg.data or 'arithmetic'}:{p.max_documents}:{p.val_fraction}:{cfg.eval_rows}:{cfg.seed}"
     sets.append(HeldOut("in_format", in_format_label(cfg), source, in_format))
-    result = evaluate(cfg, out, teacher, converted, healed, sets)
+    result = evaluate(cfg, out, teacher, converted, healed, sets, static)
     rows = samples(cfg, out, healed, tokenizer)
-    path = report(cfg, out, layers, suggested, p, result, rows)
+    path = report(cfg, out, layers, suggested, p, result, rows, baseline)
     print(f"\nwrote {path}")
     return path

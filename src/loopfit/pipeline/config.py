@@ -59,6 +59,13 @@ class DemoConfig:
     converted and healed models: its first `eval_rows x seq_len` tokens, cut into `seq_len` chunks."""
     seed: int = 0
     """Seeds data order and split, depth sampling and the cache's draws."""
+    baseline: str | None = None
+    """`static`: also heal the static pruned model (the layout's layers once, no loop) with the same recipe and
+    score it beside the looped one. Off by default: it adds a heal about as long as the looped one."""
+    baseline_budget: str | None = None
+    """With `--baseline static`, what the static heal gets as much of as the looped heal achieved: `flops` (the
+    default: its training FLOPs, `loopfit.flops.train_flops_per_token` summed over its steps' drawn depths) or
+    `minutes` (its training step time, the static steps planned from a 3-step probe)."""
 
 
 # Plain-text openings of many kinds, none of them arithmetic word problems or chat: the teacher continues each, so

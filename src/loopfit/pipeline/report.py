@@ -23,6 +23,8 @@ def plot_losses(result: dict, path: Path) -> None:
     for ax, s in zip(axes[0], sets.values()):
         ax.plot(result["depths"], s["converted"], "o-", color="C7", label="converted")
         ax.plot(result["depths"], s["healed"], "o-", color="C0", label="healed")
+        if "static" in s:
+            ax.axhline(s["static"][0], color="C2", ls=":", label=f"static, healed {s['static'][0]:.3f}")
         ax.axhline(s["teacher"], color="C3", ls="--", label=f"teacher {s['teacher']:.3f}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("recurrence depth R")
@@ -95,14 +97,46 @@ def _table(result: dict) -> list[str]:
             "| | converted (the pruned model) | " + " | ".join(f"{x:.3f}" for x in s["converted"]) + " |",
             "| | **healed** | " + " | ".join(f"**{x:.3f}**" for x in s["healed"]) + " |",
         ]
+        if "static" in s:  # the --baseline static row: no loop, so one value at every R
+            lines.append("| | static, healed (no loop) | " + " | ".join(f"{x:.3f}" for x in s["static"]) + " |")
         if key != "in_format":
             closed = [_closed(c, h, s["teacher"]) for c, h in zip(s["converted"], s["healed"])]
             lines.append("| | teacher gap closed | " + " | ".join(map(_pct, closed)) + " |")
     return lines
 
 
-def report(cfg: DemoConfig, out: Path, layers: str, suggested: str, p: Plan, result: dict, rows: list[dict]) -> Path:
-    """`report.md`: the teacher-referenced losses first, the in-format ones second and labelled so, then samples."""
+BUDGET_WORDS = {"flops": "equal training FLOPs", "minutes": "equal training minutes"}
+
+
+def _baseline_words(baseline: dict, t: dict, at: int, depth: int) -> str:
+    """The `--baseline static` paragraph: the budget kind, both runs' training FLOPs and minutes, which model won."""
+    lo, st = baseline["looped"], baseline["static"]
+    looped, static = t["healed"][at], t["static"][at]
+    verdict = (f"the loop is better by {static - looped:.3f}" if looped < static
+               else f"the static model is better by {looped - static:.3f}")  # fmt: skip
+    return (
+        f"Static baseline at **{BUDGET_WORDS[baseline['kind']]}** (`--baseline_budget {baseline['kind']}`, matched "
+        f"to what the looped heal {baseline['basis']}, not its plan: its depths are random draws and a time guard can "
+        f"stop it early): looped heal {lo['steps']} steps, {lo['flops']:.3g} training FLOPs, "
+        f"{lo['seconds'] / 60:.2f} min; static heal (the same layers once, no loop, same recipe) {st['steps']} steps, "
+        f"{st['flops']:.3g} training FLOPs, {st['seconds'] / 60:.2f} min (step time; FLOPs by "
+        f"`loopfit.flops.train_flops_per_token`). On the teacher's text at R = {depth} the looped model reaches "
+        f"{looped:.3f} and the static one {static:.3f}: {verdict}."
+    )
+
+
+def report(
+    cfg: DemoConfig,
+    out: Path,
+    layers: str,
+    suggested: str,
+    p: Plan,
+    result: dict,
+    rows: list[dict],
+    baseline: dict | None = None,
+) -> Path:
+    """`report.md`: the teacher-referenced losses first, the in-format ones second and labelled so, then samples;
+    `baseline` (`baseline.json` of `--baseline static`) adds the static model's comparison."""
     plot_training(out / "heal", out / "training.png")
     d, sets = result["depths"], result["sets"]
     at = min(range(len(d)), key=lambda i: abs(d[i] - cfg.max_mean_rec))  # the training depth, or the nearest scored
@@ -139,6 +173,8 @@ def report(cfg: DemoConfig, out: Path, layers: str, suggested: str, p: Plan, res
             else ""
         ),
     ]
+    if baseline is not None and "static" in t:
+        lines += ["", _baseline_words(baseline, t, at, d[at])]
     if "val_data" in sets:
         v = sets["val_data"]
         lines += [

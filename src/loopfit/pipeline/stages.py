@@ -201,44 +201,46 @@ def _sweep(model, batches: list[dict], depths: list[int], bar) -> dict:
     return {"loss": [s / tokens for s in sums], "tokens": tokens}
 
 
-def evaluate(cfg: DemoConfig, out: Path, teacher, converted: Path, healed: Path, sets: list[HeldOut]) -> dict:
-    """Loss (nats/token) of the teacher, the converted and the healed model on every held-out set, the looped ones at
-    each depth of `cfg.depths`. Saved as `depths.json`: `{"depths", "sets": {key: {"label", "source", "tokens",
-    "teacher", "converted": [per depth], "healed": [per depth]}}}`; a resumed demo scores only new or changed sets."""
+def evaluate(
+    cfg: DemoConfig, out: Path, teacher, converted: Path, healed: Path, sets: list[HeldOut], static: Path | None = None
+) -> dict:
+    """Loss (nats/token) of the teacher, the converted and the healed model (and, given `static`, the healed static
+    baseline) on every held-out set, the looped ones at each depth of `cfg.depths`. Saved as `depths.json`:
+    `{"depths", "sets": {key: {"label", "source", "tokens", "teacher", "converted": [per depth], "healed": [per
+    depth], "static": [per depth]}}}`; a resumed demo scores only the models missing on new or changed sets."""
 
     path = out / "depths.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     if result.get("depths") != cfg.depths or "sets" not in result:
         result = {"depths": cfg.depths, "sets": {}}
-    todo = [h for h in sets if result["sets"].get(h.key, {}).get("source") != h.source]
+    for h in sets:  # a set made from other data is scored again by every model
+        if result["sets"].get(h.key, {}).get("source") != h.source:
+            result["sets"][h.key] = {"label": h.label, "source": h.source}
+    result["sets"] = {h.key: result["sets"][h.key] for h in sets}  # in the order given; sets no longer scored go
+    # The converted model's identity adapter makes every iteration compute block(e): its loss is the same at every
+    # R (tests/test_models.py checks the equality), so it is scored once, at R = 1, and that value stands for every
+    # depth; this keeps the whole demo inside 20 minutes on 2 cores. A static model has no loop: one value too.
+    models = [
+        ("teacher", lambda: teacher, [1]),
+        ("converted", lambda: load_model(converted), [1]),
+        ("healed", lambda: load_model(healed), cfg.depths),
+    ] + ([("static", lambda: load_model(static), [1])] if static is not None else [])
+    todo = [(m, [h for h in sets if m[0] not in result["sets"][h.key]]) for m in models]
+    todo = [(m, hs) for m, hs in todo if hs]
     if todo:
-        t0 = start_stage(
-            f"7/8 loss at depths {cfg.depths} of teacher, converted and healed models on "
-            + ", ".join(h.key for h in todo)
-        )
-        scores = {h.key: {"label": h.label, "source": h.source} for h in todo}
-        # The converted model's identity adapter makes every iteration compute block(e): its loss is the same at
-        # every R (tests/test_models.py checks the equality), so it is scored once, at R = 1, and that value stands
-        # for every depth; this keeps the whole demo inside 20 minutes on 2 cores.
-        models = (
-            ("teacher", lambda: teacher, [1]),
-            ("converted", lambda: load_model(converted), [1]),
-            ("healed", lambda: load_model(healed), cfg.depths),
-        )
-        with progress_bar(len(models) * sum(len(h.batches) for h in todo), "loss", "batch") as bar:
-            for name, load, depths in models:
+        names = ", ".join(h.key for h in sets if any(h is x for _, hs in todo for x in hs))
+        t0 = start_stage(f"7/8 loss at depths {cfg.depths} of {', '.join(m[0] for m, _ in todo)} on {names}")
+        with progress_bar(sum(len(h.batches) for _, hs in todo for h in hs), "loss", "batch") as bar:
+            for (name, load, depths), hs in todo:
                 model = load().eval()
-                for h in todo:
+                for h in hs:
                     t1 = time.perf_counter()
                     r = _sweep(model, h.batches, depths, bar)
-                    scores[h.key][name] = {"teacher": r["loss"][0], "converted": r["loss"][:1] * len(cfg.depths)}.get(
-                        name, r["loss"]
-                    )
-                    scores[h.key]["tokens"] = r["tokens"]
+                    loss = r["loss"] if len(depths) > 1 else r["loss"] * len(cfg.depths)  # one value: every R
+                    loss = loss[0] if name == "teacher" else loss
+                    result["sets"][h.key].update({name: loss, "tokens": r["tokens"]})
                     losses = "  ".join(f"R={d}: {x:.3f}" for d, x in zip(depths, r["loss"]))
                     bar.write(f"    {name:<9}  {h.key:<12}  {losses}  ({time.perf_counter() - t1:.0f} s)")
-        result["sets"].update(scores)
-        result["sets"] = {h.key: result["sets"][h.key] for h in sets}
         write_json(path, result)
         plot_losses(result, out / "loss-vs-depth.png")
         end_stage(t0, out, "evaluate")

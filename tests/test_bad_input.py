@@ -245,6 +245,12 @@ CASES = {
     "gsm8k-data-random-bytes": ("gsm8k {w}/looped --data {w}/random.jsonl", "random.jsonl: the bytes at offset 0"),
     "gsm8k-outputs-read-only": ("gsm8k {w}/looped --data {w}/gsm8k.jsonl --outputs {w}/readonly/o.jsonl",
                                 "not writable", R),
+    # --- demo (refused before the run folder exists or the model loads)
+    "demo-baseline-unknown": ("demo --out {w}/d --model {w}/teacher --baseline dynamic", "--baseline takes `static`"),
+    "demo-baseline-budget-alone": ("demo --out {w}/d --model {w}/teacher --baseline_budget flops",
+                                   "--baseline_budget needs --baseline static"),
+    "demo-baseline-budget-kind": ("demo --out {w}/d --model {w}/teacher --baseline static --baseline_budget tokens",
+                                  "--baseline_budget must be one of minutes, flops"),
     # --- no command at all
     "unknown-command": ("trian --model_name x", "invalid choice: 'trian'"),
 }  # fmt: skip

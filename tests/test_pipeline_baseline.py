@@ -68,7 +68,7 @@ def test_demo_static_baseline_at_equal_flops_then_minutes(tiny_source_dir, tmp_p
         assert lc[key] == sc[key], key
     assert lc["distillation"] == sc["distillation"] and lc["optim_config"] == sc["optim_config"]
     assert sc["lora"]["r"] == lc["lora"]["r"] and not sc["mean_recurrence_schedule"]["turn_on"]
-    assert (out / "static-healed" / "config.json").exists()
+    assert (out / "static-healed" / "config.json").exists() and sc["max_minutes"] is None  # no guard: exact FLOPs
 
     # Scored on the same held-out sets, one value at every depth; the report has the row and names the budget kind.
     sets = json.loads((out / "depths.json").read_text())["sets"]
@@ -103,7 +103,12 @@ def test_demo_static_baseline_at_equal_flops_then_minutes(tiny_source_dir, tmp_p
     seconds = sum(tokens / m["tokens_per_s"] for m in looped)
     assert summary["kind"] == "minutes" and summary["looped"]["seconds"] == pytest.approx(seconds, rel=1e-9)
     plan = json.loads((out / "baseline-plan.json").read_text())
-    assert plan["steps"] == max(1, math.floor(seconds / plan["seconds_per_step"])) == summary["static"]["steps"]
+    assert plan["steps"] == max(1, math.floor(seconds / plan["seconds_per_step"]))
+    # Its time guard (1.5 x the looped step time) may stop it early on a loaded machine; the summary says what ran.
+    assert 1 <= summary["static"]["steps"] == len(_steps(out / "static-heal")) <= plan["steps"]
+    static_cfg = yaml.safe_load((out / "static-heal" / "config.yaml").read_text())
+    assert static_cfg["max_steps"] == plan["steps"]
+    assert static_cfg["max_minutes"] == pytest.approx(max(0.2 * 1.2, 1.5 * seconds / 60))
     after = json.loads((out / "depths.json").read_text())["sets"]
     assert after["teacher_text"]["healed"] == before["teacher_text"]["healed"]  # not scored again
     assert "at **equal training minutes** (`--baseline_budget minutes`" in (out / "report.md").read_text()

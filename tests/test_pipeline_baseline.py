@@ -85,6 +85,9 @@ def test_demo_static_baseline_at_equal_flops_then_minutes(tiny_source_dir, tmp_p
     # A rerun skips every stage; changing the budget kind of a planned folder is refused before anything is written.
     main(_args(out, tiny_source_dir, "--baseline", "static"))
     assert "=== baseline" not in capsys.readouterr().out
+    main(_args(out, tiny_source_dir))  # the same folder without --baseline: the report shows no static model
+    plain = (out / "report.md").read_text()
+    assert "static, healed" not in plain and "Static baseline" not in plain and "=== " in capsys.readouterr().out
     with pytest.raises(LoopfitError, match="planned its static baseline with --baseline_budget flops"):
         demo(DemoConfig(out=str(out), model=str(tiny_source_dir), baseline="static", baseline_budget="minutes"))
 

@@ -1,7 +1,7 @@
 """Starting loss of a relaxed (RRT) conversion, before any training: rank and block init against the teacher.
 
     python -m benchmarks.relaxed_start [--model smollm2-135m] [--layout 4:6:4] [--ranks 0,8,16,64,full]
-        [--inits layers,0,average] [--rows 32] [--seq_len 256] [--depths 1,2,3,4,6]
+        [--inits layers,0,average] [--rows 32] [--seq_len 256] [--depths 1,2,3,4,6] [--skip_reference]
 
 The held-out text is the last 10% of the bytes of tiny-shakespeare, cut into `rows` chunks of `seq_len` tokens
 (`loopfit.evaluate.chunk_tokens`); the loss at each depth comes from `loopfit.evaluate.depth_sweep`, the function
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--seq_len", type=int, default=256)
     ap.add_argument("--depths", default="1,2,3,4,6")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip_reference", action="store_true", help="skip the teacher and today's conversion")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model)
@@ -54,8 +55,9 @@ def main() -> None:
         rows.append(row | {"tokens": res["tokens"], "seconds": round(time.perf_counter() - t, 1)})
         print(row, flush=True)
 
-    run("teacher", source)
-    run("today (identity adapter)", to_looped(source, layout))
+    if not args.skip_reference:
+        run("teacher", source)
+        run("today (identity adapter)", to_looped(source, layout))
     for init in args.inits.split(","):
         init = int(init) if init.isdigit() else init
         for rank in args.ranks.split(","):

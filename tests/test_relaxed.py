@@ -9,17 +9,23 @@ checkpointing) and round-trip through safetensors, PEFT adapters and remote code
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import TEXT, make_tiny_model, make_tiny_tokenizer
+from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from loopfit.cli import main
 from loopfit.convert import Layout, to_looped, to_static
 from loopfit.errors import LoopfitError
 from loopfit.models.relaxed import relaxation_groups, svd_factors
-from loopfit.train.config import DistillationConfig, LoRAConfig
+from loopfit.train.commands import export_command
+from loopfit.train.config import DistillationConfig, LoRAConfig, TrainConfig
+from loopfit.train.recipe import train
 from loopfit.train.student import Student, apply_lora, micro_batch_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,8 +197,6 @@ def test_lora_step_trains_the_deltas_and_checkpointing_gives_the_same_gradients(
 
 
 def test_save_load_and_peft_round_trip(tmp_path):
-    from peft import PeftModel
-
     src = make_tiny_model("qwen3", num_layers=10)
     looped = to_looped(src, LAYOUT, relaxation_rank=4).eval()
     looped.save_pretrained(tmp_path / "m")
@@ -219,9 +223,6 @@ def test_save_load_and_peft_round_trip(tmp_path):
 
 
 def test_cli_convert_relaxed_with_remote_code(tmp_path, capsys):
-    import subprocess
-    import sys
-
     src = make_tiny_model("llama", num_layers=10)
     src.save_pretrained(tmp_path / "src")
     make_tiny_tokenizer().save_pretrained(tmp_path / "src")
@@ -253,3 +254,26 @@ def test_refusals():
         to_looped(smol, LAYOUT, relaxation_rank=4)
     with pytest.raises(LoopfitError, match="adapter_init state"):
         to_looped(make_tiny_model("llama", num_layers=10), LAYOUT, relaxation_rank=4, adapter_init="random")
+
+
+def test_loopfit_train_trains_the_deltas_and_export_keeps_them(tmp_path):
+    """`loopfit train` (LoRA on) changes the relaxed deltas; `loopfit export` merges the LoRA and keeps the deltas as
+    modules, equal to the trained ones."""
+    src = make_tiny_model("llama", num_layers=10)
+    looped = to_looped(src, LAYOUT, relaxation_rank=4)
+    looped.save_pretrained(tmp_path / "looped")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "looped")
+    (tmp_path / "data.txt").write_text(TEXT)
+    cfg = TrainConfig(model_name=str(tmp_path / "looped"), out=str(tmp_path / "run"), data=str(tmp_path / "data.txt"),
+                      seq_len=32, batch_size=2, max_steps=2, progress_bar=False, tensorboard=False, fixed_num_steps=5,
+                      lora=LoRAConfig(enabled=True, r=4), val_fraction=0.2, eval_num_steps=[4])  # fmt: skip
+    train(cfg)
+    adapter = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+    key = "base_model.model.model.relaxation.deltas.0__self_attn__q_proj.up"
+    assert key in adapter and not torch.allclose(
+        adapter[key], looped.model.relaxation.deltas["0__self_attn__q_proj"].up
+    )
+    export_command(str(tmp_path / "run"), str(tmp_path / "exported"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    torch.testing.assert_close(exported.model.relaxation.deltas["0__self_attn__q_proj"].up, adapter[key])
+    assert not any("lora" in k for k in exported.state_dict())

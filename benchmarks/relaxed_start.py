@@ -1,12 +1,12 @@
 """Starting loss of a relaxed (RRT) conversion, before any training: rank and block init against the teacher.
 
     python -m benchmarks.relaxed_start [--model smollm2-135m] [--layout 4:6:4] [--ranks 0,8,16,64,full]
-        [--inits layers,0,average] [--rows 32] [--seq_len 256] [--depths 1,2,3,4,6] [--skip_reference]
+        [--inits layers,0,average] [--rows 32] [--seq_len 256] [--depths 1,2,3,4,6] [--skip_reference] [--name NAME]
 
 The held-out text is the last 10% of the bytes of tiny-shakespeare, cut into `rows` chunks of `seq_len` tokens
 (`loopfit.evaluate.chunk_tokens`); the loss at each depth comes from `loopfit.evaluate.depth_sweep`, the function
 behind `loopfit eval`. Rows: the teacher, today's conversion (identity adapter: the pruned model at every R), and
-`to_looped(..., relaxation_rank=r, block_init=i)` for every rank and init. Writes benchmarks/results/relaxed_start.json.
+`to_looped(..., relaxation_rank=r, block_init=i)` for every rank and init. Writes benchmarks/results/NAME.json.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--depths", default="1,2,3,4,6")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip_reference", action="store_true", help="skip the teacher and today's conversion")
+    ap.add_argument("--name", default="relaxed_start", help="results file benchmarks/results/NAME.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model)
@@ -68,7 +69,7 @@ def main() -> None:
             run(f"rank {rank}, block {init} (L = {len(groups)}, {n / 1e6:.2f} M delta params)", model)
             del model
     meta = {"args": vars(args), "layout": str(layout), "groups": groups, "machine": machine()}
-    report("relaxed_start", rows, meta)
+    report(args.name, rows, meta)
 
 
 if __name__ == "__main__":

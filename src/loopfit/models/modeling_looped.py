@@ -48,7 +48,7 @@ class LoopedPreTrainedModel(PreTrainedModel):
             return
         if isinstance(module, (LowRankDeltas, VectorTable)):
             for p in module.parameters(recurse=False) if isinstance(module, LowRankDeltas) else module.table.values():
-                init.zeros_(p)  # set by conversion (`Relaxation.init_from`) or loaded; zero = no relaxation
+                init.zeros_(p)  # placeholders: conversion (`Relaxation.init_from`) or loading sets them
             return
         super()._init_weights(module)
         if isinstance(module, LoopAdapter):

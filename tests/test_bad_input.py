@@ -191,6 +191,24 @@ CASES = {
     "convert-layers-range": ("convert {w}/teacher --out {w}/c --layers 0:1-9:5", "out of range"),
     "convert-mean-recurrence-zero": ("convert {w}/teacher --out {w}/c --layers 0:1-4:5 --mean_recurrence 0",
                                      "--mean_recurrence must be >= 1"),
+    "convert-relaxation-rank-word": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank most",
+                                     "--relaxation_rank must be an integer >= 0 or 'full', got 'most'"),
+    "convert-relaxation-rank-negative": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank=-2",
+                                         "--relaxation_rank must be an integer >= 0 or 'full', got -2"),
+    "convert-block-init-word": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                                "--block_init median", "--block_init must be layers, average or a group number"),
+    "convert-block-init-group": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                                 "--block_init 2", "--block_init 2: there are 2 groups (0-1)"),
+    "convert-block-init-alone": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --block_init average",
+                                 "--block_init and --relaxation_align need --relaxation_rank"),
+    "convert-relaxation-align": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                                 "--relaxation_align middle", "--relaxation_align must be one of end, start"),
+    "convert-relaxation-static": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                                  "--static true", "--relaxation_rank needs a looped model"),
+    "convert-relaxation-adapter": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                                   "--adapter_init random", "it needs --adapter_init state --state_init embed"),
+    "convert-relaxation-block-outside": ("convert {w}/teacher --out {w}/c --layers 0,3:1-2:5 --relaxation_rank 4",
+                                         "relaxation needs the block inside the middle layers 4-4"),
     # --- eval
     "eval-data-random-bytes": ("eval {w}/looped --data {w}/random.jsonl", "random.jsonl: the bytes at offset 0"),
     "eval-data-binary-text": ("eval {w}/looped --data {w}/binary.txt", "binary.txt: NUL byte at offset 16"),

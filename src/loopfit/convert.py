@@ -16,6 +16,7 @@ from loopfit.layout import Layout, _format_indices, layout_from_sizes, parse_lay
 from loopfit.loading import load_config, load_model, load_tokenizer, resolve_model_path
 from loopfit.models import LoopedConfig, LoopedForCausalLM
 from loopfit.models.families import FAMILIES, family_of
+from loopfit.models.relaxed import ALIGNS, RANK_FULL, check_groups_match, check_relaxable, relaxation_groups
 from loopfit.publish import set_default_depth, write_model_card, write_remote_code
 
 
@@ -29,19 +30,97 @@ def _check_architecture(config) -> None:
         )
 
 
+def parse_relaxation(rank: str | int | None, block_init: str, align: str) -> tuple[int | str | None, str | int]:
+    """`(rank, block_init)` from the command-line spellings: rank an int >= 0, `full` or None (not relaxed);
+    block init `layers`, `average` or a group number. Raises `LoopfitError` naming the flag."""
+    if rank is not None and str(rank) != RANK_FULL:
+        try:
+            rank = int(rank)
+        except ValueError:
+            raise LoopfitError(f"--relaxation_rank must be an integer >= 0 or 'full', got '{rank}'") from None
+        if rank < 0:
+            raise LoopfitError(f"--relaxation_rank must be an integer >= 0 or 'full', got {rank}")
+    if align not in ALIGNS:
+        raise LoopfitError(f"--relaxation_align must be one of {', '.join(ALIGNS)}, got '{align}'")
+    block_init = str(block_init)
+    if block_init not in ("layers", "average"):
+        if not block_init.isdigit():
+            raise LoopfitError(f"--block_init must be layers, average or a group number, got '{block_init}'")
+        block_init = int(block_init)
+    if rank is None and (block_init != "layers" or align != "end"):
+        raise LoopfitError("--block_init and --relaxation_align need --relaxation_rank")
+    return rank, block_init
+
+
+def _check_state_passing(adapter_init: str | None, state_init: str | None) -> None:
+    """A relaxed loop computes `s_{i+1} = block_i(s_i)` from `s_0` = prelude output: adapter `state`, state `embed`."""
+    if (adapter_init or "state", state_init or "embed") != ("state", "embed"):
+        raise LoopfitError("--relaxation_rank passes the state on: it needs --adapter_init state --state_init embed")
+
+
+def relaxation_plan(layout: Layout, base_config, align: str = "end", block_init: str | int = "layers") -> list:
+    """The groups of source layers the loop iterations stand for (models/relaxed.py: `relaxation_groups`), checked
+    against the block and `block_init`. Raises `LoopfitError`."""
+    try:
+        groups, _ = relaxation_groups(layout.prelude, layout.block, layout.coda, base_config.num_hidden_layers, align)
+        check_groups_match(base_config, layout.block, groups)
+        with torch.device("meta"):  # only the parameter names and shapes are read
+            check_relaxable(family_of(base_config).decoder_layer(base_config, layout.block[0]))
+    except ValueError as e:
+        raise LoopfitError(str(e)) from None
+    if isinstance(block_init, int) and not block_init < len(groups):
+        raise LoopfitError(f"--block_init {block_init}: there are {len(groups)} groups (0-{len(groups) - 1})")
+    return groups
+
+
+def _block_state(source, family, layout: Layout, groups: list, block_init: str | int) -> dict:
+    """The shared block's weights: the block's own source layers, one group's, or the groups' average."""
+    layers = family.layers(source)
+    if block_init == "average":
+        out = {}
+        for j in range(len(layout.block)):
+            states = [layers[g[j]].state_dict() for g in groups]
+            for k, v in states[0].items():
+                out[f"model.block.{j}.{k}"] = torch.stack([st[k].float() for st in states]).mean(0).to(v.dtype)
+        return out
+    indices = layout.block if block_init == "layers" else groups[block_init]
+    return {f"model.block.{j}.{k}": v for j, i in enumerate(indices) for k, v in layers[i].state_dict().items()}
+
+
 def to_looped(
     source: PreTrainedModel,
     layout: Layout,
-    adapter_init: str = "identity",
-    state_init: str = "normal",
-    mean_recurrence: int = 4,
+    adapter_init: str | None = None,
+    state_init: str | None = None,
+    mean_recurrence: int | None = None,
     untie_embeddings: bool = False,
+    relaxation_rank: int | str | None = None,
+    block_init: str | int = "layers",
+    relaxation_align: str = "end",
     **config_kwargs,
 ) -> LoopedForCausalLM:
-    """Build a `LoopedForCausalLM` whose layers are copies of `source`'s layers named in `layout`."""
+    """Build a `LoopedForCausalLM` whose layers are copies of `source`'s layers named in `layout`.
+
+    Defaults: adapter `identity`, state `normal`, R = 4. With `relaxation_rank` (an int >= 0 or `full`) the loop
+    becomes a relaxed recursion (models/relaxed.py): iteration i stands for group i of the middle layers, the state
+    is passed through (adapter `state` `[I | 0]`, state `embed`: `s_{i+1} = block_i(s_i)`, `s_0` = prelude output),
+    the block is initialised from `block_init` (`layers`: the block's own source layers; `average`: the groups'
+    average; an int: that group), each iteration gets a rank-r SVD delta on every linear layer and its own norm
+    vectors (none at rank 0), and R defaults to L. Raises `LoopfitError` for a layout or option that cannot work.
+    """
     base = copy.deepcopy(source.config)
     _check_architecture(base)
     validate_layout(layout, base.num_hidden_layers)
+    groups = None
+    if relaxation_rank is not None:
+        groups = relaxation_plan(layout, base, relaxation_align, block_init)
+        _check_state_passing(adapter_init, state_init)
+        adapter_init, state_init = "state", "embed"
+        config_kwargs |= dict(
+            relaxation_rank=relaxation_rank, relaxation_groups=groups, relaxation_block_init=str(block_init)
+        )
+        mean_recurrence = mean_recurrence or len(groups)
+    adapter_init, state_init, mean_recurrence = adapter_init or "identity", state_init or "normal", mean_recurrence or 4
     for attr in ("quantization_config", "_name_or_path"):
         if hasattr(base, attr):
             delattr(base, attr)
@@ -64,15 +143,21 @@ def to_looped(
     family = family_of(base)
     state = {"model.embed_tokens.weight": family.embedding(source).weight}
     state |= {f"model.norm.{k}": v for k, v in family.final_norm(source).state_dict().items()}
-    for part, indices in (("prelude", layout.prelude), ("block", layout.block), ("coda", layout.coda)):
+    for part, indices in (("prelude", layout.prelude), ("coda", layout.coda)):
         for j, i in enumerate(indices):
             for k, v in family.layers(source)[i].state_dict().items():
                 state[f"model.{part}.{j}.{k}"] = v
+    state |= _block_state(source, family, layout, groups or [], "layers" if groups is None else block_init)
     state["lm_head.weight"] = source.get_output_embeddings().weight
     missing, unexpected = model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
-    missing = [k for k in missing if not k.startswith("model.adapter.") and "rotary_emb" not in k]
+    missing = [
+        k for k in missing if not k.startswith(("model.adapter.", "model.relaxation.")) and "rotary_emb" not in k
+    ]
     if missing or unexpected:
         raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
+    if model.model.relaxation is not None:
+        src_layers = family.layers(source)
+        model.model.relaxation.init_from(model.model.block, [[src_layers[i] for i in g] for g in groups])
     if tie:
         model.tie_weights()
     model.generation_config = copy.deepcopy(source.generation_config)
@@ -109,11 +194,14 @@ def convert_command(
     prelude: int | None = None,
     block: int | None = None,
     coda: int | None = None,
-    adapter_init: str = "identity",
-    state_init: str = "normal",
-    mean_recurrence: int = 4,
+    adapter_init: str | None = None,
+    state_init: str | None = None,
+    mean_recurrence: int | None = None,
     cache_mode: str = "full",
     untie_embeddings: bool = False,
+    relaxation_rank: str | None = None,
+    block_init: str = "layers",
+    relaxation_align: str = "end",
     static: bool = False,
     analysis_data: str | None = None,
     analysis_samples: int = 64,
@@ -130,11 +218,25 @@ def convert_command(
         prelude: with --block/--coda: the first `prelude` layers form the prelude (the paper's a-b-c naming).
         block: the `block` layers just before the coda form the recurrent block.
         coda: the last `coda` layers form the coda.
-        adapter_init: `identity` ([0 | I]: reproduces the pruned model at any depth), `random` or `average`.
-        state_init: initial recurrent state: `normal`, `zeros` or `embed`.
-        mean_recurrence: default number of loop iterations when none is given.
+        adapter_init: `identity` ([0 | I]: reproduces the pruned model at any depth; the default), `random`,
+            `average` or `state` ([I | 0]: the block sees only the state; the default with --relaxation_rank).
+        state_init: initial recurrent state: `normal` (the default), `zeros` or `embed` (the prelude output; the
+            default with --relaxation_rank).
+        mean_recurrence: default number of loop iterations when none is given (default 4; L with
+            --relaxation_rank).
         cache_mode: KV cache: `full` (exact, memory linear in depth) or `compress` (constant memory).
         untie_embeddings: give the LM head its own copy of a tied embedding matrix.
+        relaxation_rank: start from the teacher (Relaxed Recursive Transformers, arXiv:2410.20672): iteration i
+            stands for group i of the middle layers (between prelude and coda, cut into groups as long as the
+            block), the state is passed on (s_{i+1} = block_i(s_i), s_0 = prelude output) and every block linear
+            layer gets a per-iteration delta of this rank, initialised from the truncated SVD of (group layer -
+            block layer), plus per-iteration norm vectors: an integer, `full` (exact: at R = L the source without
+            the uncovered layers) or 0 (no deltas: one shared block). Iterations beyond L reuse the last delta.
+        block_init: the shared block's weights with --relaxation_rank: `layers` (the block's own layers from
+            --layers / --block), `average` (the groups' average) or a group number 0..L-1.
+        relaxation_align: with --relaxation_rank: `end` (groups end at the coda; the middle layers that fit no
+            group, just after the prelude, are dropped) or `start` (groups start after the prelude; those just
+            before the coda are dropped).
         static: write the kept layers as a plain, non-looped model of the source architecture instead.
         analysis_data: calibration data for `--layers auto` (default: built-in data).
         analysis_samples: number of calibration samples for `--layers auto`.
@@ -150,14 +252,21 @@ def convert_command(
     if (layers is None) == (block is None):
         raise LoopfitError("give either --layers or --prelude/--block/--coda")
     for name, value, allowed in (
-        ("adapter_init", adapter_init, ("identity", "random", "average")),
+        ("adapter_init", adapter_init, ("identity", "random", "average", "state")),
         ("state_init", state_init, ("normal", "zeros", "embed")),
         ("cache_mode", cache_mode, ("full", "compress")),
     ):
-        if value not in allowed:
+        if value is not None and value not in allowed:
             raise LoopfitError(f"--{name} must be one of {', '.join(allowed)}, got '{value}'")
-    if mean_recurrence < 1:
+    if mean_recurrence is not None and mean_recurrence < 1:
         raise LoopfitError(f"--mean_recurrence must be >= 1, got {mean_recurrence}")
+    relaxation_rank, block_init = parse_relaxation(relaxation_rank, block_init, relaxation_align)
+    if relaxation_rank is not None and (static or layers == "auto"):
+        raise LoopfitError(
+            "--relaxation_rank needs a looped model from an explicit layout (not --static, --layers auto)"
+        )
+    if relaxation_rank is not None:
+        _check_state_passing(adapter_init, state_init)
     if os.path.exists(out) and not overwrite:
         raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
     if layers == "auto" and analysis_samples < 1:
@@ -172,6 +281,8 @@ def convert_command(
     n = config.num_hidden_layers
     if layers != "auto":  # validate before the (slow) weight load
         layout = parse_layout(layers, n) if layers is not None else layout_from_sizes(n, prelude or 0, block, coda or 0)
+        if relaxation_rank is not None:
+            relaxation_plan(layout, config, relaxation_align, block_init)
     tokenizer = load_tokenizer(path)  # also before the weights: the output needs it
     source = load_model(path)
     if layers == "auto":
@@ -195,6 +306,9 @@ def convert_command(
             mean_recurrence=mean_recurrence,
             untie_embeddings=untie_embeddings,
             cache_mode=cache_mode,
+            relaxation_rank=relaxation_rank,
+            block_init=block_init,
+            relaxation_align=relaxation_align,
         )
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if remote_code and not static:
@@ -202,7 +316,15 @@ def convert_command(
         result.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_model_card(tmp, result, source=model, remote_code=remote_code and not static)
-    kind = "static" if static else f"looped (R defaults to {mean_recurrence})"
+    kind = "static" if static else f"looped (R defaults to {result.config.mean_recurrence})"
     print(
         f"wrote {kind} model to {out}: layers {layout} of {n}; dropped {_format_indices(layout.dropped(n)) or 'none'}"
     )
+    if relaxation_rank is not None:
+        groups = result.config.relaxation_groups
+        covered = set(layout.prelude + layout.coda + sum(groups, []))
+        print(
+            f"relaxed (rank {relaxation_rank}, block {block_init}): iterations 0-{len(groups) - 1} stand for "
+            f"{'; '.join(_format_indices(g) for g in groups)}; at R = {len(groups)} the source without "
+            f"{_format_indices([i for i in range(n) if i not in covered]) or 'no layer'}"
+        )

@@ -23,7 +23,7 @@ from loopfit.models.families import family_of
 from loopfit.train.config import MeanRecurrenceSchedule
 from loopfit.train.schedules import DepthSchedule
 
-COMPONENTS = ("embeddings", "prelude", "adapter", "block", "coda", "final_norm", "head")
+COMPONENTS = ("embeddings", "prelude", "adapter", "block", "relaxation", "coda", "final_norm", "head")
 CURRICULA = ("linear", "1-sqrt", "none")
 
 
@@ -34,12 +34,13 @@ def _modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     if base.config.model_type == "looped":
         dec = base.model
         parts = {"prelude": [dec.prelude], "adapter": [dec.adapter], "block": [dec.block], "coda": [dec.coda]}
+        parts["relaxation"] = [dec.relaxation] if dec.relaxation is not None else []  # per-iteration deltas
         return {"embeddings": [dec.embed_tokens], **parts, "final_norm": [dec.norm], "head": head}
     try:
         family = family_of(base.config)
     except ValueError as e:
         raise LoopfitError(str(e)) from None
-    parts = {"prelude": [family.layers(base)], "adapter": [], "block": [], "coda": []}
+    parts = {"prelude": [family.layers(base)], "adapter": [], "block": [], "relaxation": [], "coda": []}
     return {"embeddings": [family.embedding(base)], **parts, "final_norm": [family.final_norm(base)], "head": head}
 
 
@@ -59,6 +60,11 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     if rest:
         raise LoopfitError(f"{rest} parameters belong to no known component of this model")
     counts["total"] = sum(counts[c] for c in COMPONENTS)
+    # A relaxed loop runs one of its L deltas per iteration: what one iteration adds to the block's weights.
+    base = getattr(model, "get_base_model", lambda: model)()
+    counts["relaxation_per_iteration"] = counts["relaxation"] // max(
+        getattr(getattr(base, "model", None), "num_relaxed", 0), 1
+    )
     return counts
 
 
@@ -80,6 +86,7 @@ def flop_params(model: nn.Module, teacher: nn.Module | None = None) -> dict[str,
     (its decoder layers), `teacher_head` and `attn_teacher`."""
     p = count_parameters(model)
     out = {c: p[c] for c in ("prelude", "adapter", "block", "coda")} | {"head": head_matmul_params(model)}
+    out["block"] += p["relaxation_per_iteration"]
     out |= {f"attn_{c}": w for c, w in attention_widths(model).items()}
     if teacher is not None:
         t = count_parameters(teacher)
@@ -223,7 +230,8 @@ def training_flops(
 
 def inference_flops_per_token(params: dict[str, int], depth: int, head_matmul: int) -> float:
     """Forward FLOPs per token at depth R (weights only): `2·(prelude + R·(adapter + block) + coda + head)`."""
-    return 2.0 * (params["prelude"] + depth * (params["adapter"] + params["block"]) + params["coda"] + head_matmul)
+    block = params["block"] + params.get("relaxation_per_iteration", 0)
+    return 2.0 * (params["prelude"] + depth * (params["adapter"] + block) + params["coda"] + head_matmul)
 
 
 def head_matmul_params(model: nn.Module) -> int:

@@ -18,7 +18,15 @@ import yaml
 import loopfit.models as _models
 
 # The looped model's code, in dependency order; each imports only torch, transformers and the files before it.
-REMOTE_CODE_FILES = ("families.py", "configuration_looped.py", "depth.py", "outputs.py", "modeling_looped.py")
+REMOTE_CODE_FILES = (
+    "families.py",
+    "configuration_looped.py",
+    "depth.py",
+    "outputs.py",
+    "layers.py",
+    "relaxed.py",
+    "modeling_looped.py",
+)
 AUTO_MAP = {
     "AutoConfig": "configuration_looped.LoopedConfig",
     "AutoModel": "modeling_looped.LoopedModel",
@@ -98,6 +106,14 @@ def model_card(model, source: str, run: str | Path | None = None, remote_code: b
             "(`generation_config.json` carries `num_steps`).",
             "",
         ]
+        if c.relaxation_rank != 0:
+            groups = "; ".join(f"{i}: {_fmt(g)}" for i, g in enumerate(c.relaxation_groups))
+            lines += [
+                f"Relaxed recursion (arXiv:2410.20672): the block (initialised `{c.relaxation_block_init}`) carries a "
+                f"rank-`{c.relaxation_rank}` delta per iteration on every linear layer and its own norm vectors; "
+                f"iteration i stands for source layers {groups} (later iterations reuse the last one's).",
+                "",
+            ]
     lines += _healing(run) if run is not None else ["Not healed: this is the model as converted.", ""]
     load = ", trust_remote_code=True" if remote_code else ""
     prefix = "" if remote_code or not looped else "import loopfit  # registers the looped model type\n"

@@ -9,7 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 from loopfit.models.families import SUPPORTED_ARCHITECTURES  # noqa: F401  (re-exported)
 
 STATE_INITS = ("normal", "zeros", "embed")
-ADAPTER_INITS = ("identity", "random", "average")
+ADAPTER_INITS = ("identity", "random", "average", "state")
 CACHE_MODES = ("full", "compress")
 
 
@@ -27,11 +27,19 @@ class LoopedConfig(PretrainedConfig):
         state_init_std: standard deviation of the `normal` state initialisation.
         adapter_init: `identity` (weights `[0 | I]`: the first R iterations all compute `block(e)`, so a converted
             model reproduces the pruned source model at any R), `random` (truncated normal, as arXiv:2511.07384),
-            or `average` (`[I/2 | I/2]`).
+            `average` (`[I/2 | I/2]`), or `state` (`[I | 0]`: the block sees the state alone; with `state_init`
+            `embed` iteration i computes `s_{i+1} = block_i(s_i)` from `s_0` = the prelude output, the relaxed
+            recursion's state passing).
         adapter_init_std: standard deviation of the `random` adapter initialisation.
         cache_mode: `full` (one KV entry per iteration and block layer; cached decoding equals uncached) or
             `compress` (one entry per block layer, overwritten each iteration; constant memory in R).
         seed: seeds the `normal` state initialisation in eval mode (per position, so results are deterministic).
+        relaxation_rank: per-iteration low-rank deltas on every block linear layer (models/relaxed.py): 0 for none
+            (one shared block), an int rank, or `full` (exact deltas).
+        relaxation_groups: the source layers each iteration stands for (L lists as long as the block); needed when
+            `relaxation_rank` is not 0. Iterations from L on use the last group's deltas.
+        relaxation_block_init: how the shared block was initialised (`layers`, `average` or a group number); a
+            record for model cards, not read by the model.
     """
 
     model_type = "looped"
@@ -54,6 +62,9 @@ class LoopedConfig(PretrainedConfig):
         adapter_init_std: float = 0.014,
         cache_mode: str = "full",
         seed: int = 0,
+        relaxation_rank: int | str = 0,
+        relaxation_groups: list[list[int]] | None = None,
+        relaxation_block_init: str | None = None,
         **kwargs,
     ):
         if isinstance(base_config, dict):
@@ -74,6 +85,9 @@ class LoopedConfig(PretrainedConfig):
         self.adapter_init_std = float(adapter_init_std)
         self.cache_mode = cache_mode
         self.seed = int(seed)
+        self.relaxation_rank = relaxation_rank if relaxation_rank == "full" else int(relaxation_rank)
+        self.relaxation_groups = [list(g) for g in relaxation_groups or []]
+        self.relaxation_block_init = relaxation_block_init
         # Distinct decoder layers held; the KV cache has more slots than this (one per iteration and block layer).
         self.num_hidden_layers = len(self.prelude_layers) + len(self.block_layers) + len(self.coda_layers)
         kwargs.pop("num_hidden_layers", None)
@@ -107,6 +121,13 @@ class LoopedConfig(PretrainedConfig):
         dup = sorted({i for i in used if used.count(i) > 1})
         if dup:
             raise ValueError(f"layer indices {dup} appear more than once in the layout")
+        if self.relaxation_rank != "full" and self.relaxation_rank < 0:
+            raise ValueError(f"relaxation_rank must be >= 0 or 'full', got {self.relaxation_rank}")
+        if self.relaxation_rank != 0 and not self.relaxation_groups:
+            raise ValueError("relaxation_rank needs relaxation_groups (the source layers of each iteration)")
+        for g in self.relaxation_groups:
+            if len(g) != len(self.block_layers) or not all(0 <= i < n for i in g):
+                raise ValueError(f"relaxation group {g} must hold {len(self.block_layers)} source layers in 0-{n - 1}")
 
     # The source's logit transform, read through: tools that apply `lm_head` to the backbone's output themselves
     # (TRL's DistillationTrainer, its fused LM head) read these from the model's config, as on the source model.

@@ -7,7 +7,6 @@ classes, built from the source config kept in `LoopedConfig.base_config`; nothin
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 from torch import nn
@@ -19,64 +18,11 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from loopfit.models.configuration_looped import LoopedConfig
 from loopfit.models.depth import parse_num_steps, sample_num_steps
 from loopfit.models.families import decoder_layer_class_names, family_of
+from loopfit.models.layers import _MASK_CACHE_KW, LoopAdapter, _CacheSlot, _pop_cache, attention_types
 from loopfit.models.outputs import CACHE_FIELD, LoopContext, LoopedCausalLMOutput, LoopedModelOutput
+from loopfit.models.relaxed import LowRankDeltas, Relaxation, RelaxHook, RestoreIteration, VectorTable
 
 _NOISE_BLOCK = 256  # positions per seeded block of eval-mode state noise
-
-# transformers 5.24 renamed the KV-cache argument of the mask builders and the output field from `past_key_values`
-# to `cache`; older releases in our range only know the old name. Resolved once, from the installed version's API.
-_MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-ATTENTION_TYPES = ("full_attention", "sliding_attention")
-
-
-def attention_types(base_config) -> list[str]:
-    """The attention type of every source layer: `full_attention` or `sliding_attention`.
-
-    Read from the config's per-layer `layer_types` where it has them (Qwen2, Qwen3, ...); otherwise one
-    `sliding_window` for all layers (Mistral) makes every layer sliding. Raises `ValueError` for another type
-    (e.g. chunked or linear attention), which the loop does not support.
-    """
-    n = base_config.num_hidden_layers
-    types = getattr(base_config, "layer_types", None)
-    if types:
-        types = list(types)
-    elif getattr(base_config, "sliding_window", None) is not None and getattr(base_config, "use_sliding_window", True):
-        types = ["sliding_attention"] * n
-    else:
-        types = ["full_attention"] * n
-    bad = sorted(set(types) - set(ATTENTION_TYPES))
-    if bad:
-        raise ValueError(f"attention type(s) {bad} of the source model are not supported; supported: {ATTENTION_TYPES}")
-    return types
-
-
-class LoopAdapter(nn.Linear):
-    """`Linear(2h -> h)` that merges the recurrent state with the prelude output: input is `concat[s, e]`."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__(2 * hidden_size, hidden_size, bias=False)
-
-
-class _CacheSlot:
-    """Routes a decoder layer's KV-cache writes to slot `slot` of a shared cache.
-
-    The same layer module runs once per loop iteration, and its attention writes to `self.layer_idx`; this view
-    gives each (iteration, layer) pair its own slot (full mode) or makes later iterations overwrite the entries the
-    first one wrote for the current tokens (compress mode).
-    """
-
-    def __init__(self, cache: Cache, slot: int, overwrite: bool):
-        self.cache, self.slot, self.overwrite = cache, slot, overwrite
-
-    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        if self.overwrite:
-            layer = self.cache.layers[self.slot]
-            q = key_states.shape[-2]
-            layer.keys, layer.values = layer.keys[..., :-q, :], layer.values[..., :-q, :]
-        return self.cache.update(key_states, value_states, self.slot, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.cache, name)
 
 
 class LoopedPreTrainedModel(PreTrainedModel):
@@ -100,24 +46,31 @@ class LoopedPreTrainedModel(PreTrainedModel):
             for name, buf in fresh.named_buffers():
                 init.copy_(module.get_buffer(name), buf)
             return
+        if isinstance(module, (LowRankDeltas, VectorTable)):
+            for p in module.parameters(recurse=False) if isinstance(module, LowRankDeltas) else module.table.values():
+                init.zeros_(p)  # placeholders: conversion (`Relaxation.init_from`) or loading sets them
+            return
         super()._init_weights(module)
         if isinstance(module, LoopAdapter):
             h = module.out_features
             if self.config.adapter_init == "identity":
                 init.copy_(module.weight, torch.cat([torch.zeros(h, h), torch.eye(h)], dim=1))
+            elif self.config.adapter_init == "state":
+                init.copy_(module.weight, torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1))
             elif self.config.adapter_init == "average":
                 init.copy_(module.weight, torch.cat([torch.eye(h), torch.eye(h)], dim=1) / 2)
             else:
                 std = self.config.adapter_init_std
                 init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
 
-
-def _pop_cache(cache, kwargs: dict):
-    """The KV cache, passed as `cache` (transformers >= 5.24) or `past_key_values` (older releases)."""
-    old = kwargs.pop("past_key_values", None)
-    if cache is not None and old is not None and old is not cache:
-        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
-    return cache if cache is not None else old
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        if gradient_checkpointing_func is not None:
+            kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable, **kwargs)
+        for m in self.modules():
+            if getattr(m, "relaxation", None) is not None and enable:
+                for layer in m.block:  # the iteration index must be the same in the backward recomputation
+                    layer._gradient_checkpointing_func = RestoreIteration(m, layer._gradient_checkpointing_func)
 
 
 class LoopedModel(LoopedPreTrainedModel):
@@ -150,6 +103,14 @@ class LoopedModel(LoopedPreTrainedModel):
         self.rotary_emb = family.build_rotary(base)
         self.gradient_checkpointing = False
         self._noise_cache: dict[tuple, torch.Tensor] = {}
+        # Relaxed recursion (models/relaxed.py): per-iteration deltas, reached through `loop_iteration`.
+        self.loop_iteration: int | None = None
+        self.num_relaxed = len(config.relaxation_groups)
+        self.relaxation = None
+        if config.relaxation_rank != 0:
+            self.relaxation = Relaxation(self.block, self.num_relaxed, config.relaxation_rank)
+            for key, module in Relaxation.targets(self.block):
+                module.register_forward_hook(RelaxHook(self, key))
         self.post_init()
 
     def get_input_embeddings(self):
@@ -253,16 +214,21 @@ class LoopedModel(LoopedPreTrainedModel):
         return x
 
     def iterate(self, s: torch.Tensor, e: torch.Tensor, i: int, ctx: LoopContext, write_cache: bool = True):
-        """Loop iteration i (0-based): `block(adapter(concat[s, e]))`, all `(batch, seq, hidden)`.
+        """Loop iteration i (0-based): `block_i(adapter(concat[s, e]))`, all `(batch, seq, hidden)`.
 
         The block's layers read and write the cache slots `block_slots(i)`; with `write_cache=False` they use no
-        cache (the fixed-point residual's extra iteration).
+        cache (the fixed-point residual's extra iteration). A relaxed model's block carries iteration
+        `min(i, L - 1)`'s deltas (models/relaxed.py); otherwise `block_i` is the one shared block.
         """
         x = self.adapter(torch.cat([s, e], dim=-1))
         slots = self.block_slots(i) if write_cache else [None] * len(self.block)
         overwrite = i > 0 and self.config.cache_mode == "compress"
-        for layer, src, slot in zip(self.block, self.config.block_layers, slots):
-            x = self._layer(layer, src, x, ctx, slot, overwrite)
+        prev, self.loop_iteration = self.loop_iteration, i
+        try:
+            for layer, src, slot in zip(self.block, self.config.block_layers, slots):
+                x = self._layer(layer, src, x, ctx, slot, overwrite)
+        finally:
+            self.loop_iteration = prev
         return x
 
     def run_coda(self, s: torch.Tensor, ctx: LoopContext, hidden: list | None = None) -> torch.Tensor:

@@ -23,14 +23,19 @@ def is_looped(model: nn.Module) -> bool:
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Wrap `model` in PEFT LoRA; `modules_to_save` are trained fully (and kept out of the LoRA targets)."""
+    """Wrap `model` in PEFT LoRA; `modules_to_save` (and a relaxed loop's `relaxation`) are trained fully (and kept
+    out of the LoRA targets)."""
+    save = list(cfg.modules_to_save or [])
+    if getattr(getattr(model, "model", None), "relaxation", None) is not None and "relaxation" not in save:
+        # A relaxed loop's per-iteration deltas (models/relaxed.py) are no PEFT adapter: trained and saved whole.
+        save.append("relaxation")
     lc = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules,
-        modules_to_save=cfg.modules_to_save,
-        exclude_modules=cfg.modules_to_save or None,
+        modules_to_save=save or None,
+        exclude_modules=save or None,
         task_type="CAUSAL_LM",
     )
     try:

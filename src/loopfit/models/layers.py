@@ -1,0 +1,73 @@
+"""Pieces of the looped model below the loop itself: source attention types, the loop adapter, the KV-cache slot
+view and the cache-argument name of the installed transformers."""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+
+# transformers 5.24 renamed the KV-cache argument of the mask builders and the output field from `past_key_values`
+# to `cache`; older releases in our range only know the old name. Resolved once, from the installed version's API.
+_MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+
+
+def attention_types(base_config) -> list[str]:
+    """The attention type of every source layer: `full_attention` or `sliding_attention`.
+
+    Read from the config's per-layer `layer_types` where it has them (Qwen2, Qwen3, ...); otherwise one
+    `sliding_window` for all layers (Mistral) makes every layer sliding. Raises `ValueError` for another type
+    (e.g. chunked or linear attention), which the loop does not support.
+    """
+    n = base_config.num_hidden_layers
+    types = getattr(base_config, "layer_types", None)
+    if types:
+        types = list(types)
+    elif getattr(base_config, "sliding_window", None) is not None and getattr(base_config, "use_sliding_window", True):
+        types = ["sliding_attention"] * n
+    else:
+        types = ["full_attention"] * n
+    bad = sorted(set(types) - set(ATTENTION_TYPES))
+    if bad:
+        raise ValueError(f"attention type(s) {bad} of the source model are not supported; supported: {ATTENTION_TYPES}")
+    return types
+
+
+class LoopAdapter(nn.Linear):
+    """`Linear(2h -> h)` that merges the recurrent state with the prelude output: input is `concat[s, e]`."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(2 * hidden_size, hidden_size, bias=False)
+
+
+class _CacheSlot:
+    """Routes a decoder layer's KV-cache writes to slot `slot` of a shared cache.
+
+    The same layer module runs once per loop iteration, and its attention writes to `self.layer_idx`; this view
+    gives each (iteration, layer) pair its own slot (full mode) or makes later iterations overwrite the entries the
+    first one wrote for the current tokens (compress mode).
+    """
+
+    def __init__(self, cache: Cache, slot: int, overwrite: bool):
+        self.cache, self.slot, self.overwrite = cache, slot, overwrite
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        if self.overwrite:
+            layer = self.cache.layers[self.slot]
+            q = key_states.shape[-2]
+            layer.keys, layer.values = layer.keys[..., :-q, :], layer.values[..., :-q, :]
+        return self.cache.update(key_states, value_states, self.slot, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+def _pop_cache(cache, kwargs: dict):
+    """The KV cache, passed as `cache` (transformers >= 5.24) or `past_key_values` (older releases)."""
+    old = kwargs.pop("past_key_values", None)
+    if cache is not None and old is not None and old is not cache:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else old

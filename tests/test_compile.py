@@ -178,7 +178,15 @@ def test_generate_flag(models, capsys):
     eager = capsys.readouterr().out
     main(["generate", str(models / "looped"), "--prompt", "12*7", "--max_new_tokens", "3", "--num_steps", "3",
           "--compile=true"])  # fmt: skip
-    assert capsys.readouterr().out == eager and eager.startswith("[R=3] '12*7' -> ")
+    out, err = capsys.readouterr()
+    assert out == eager and eager.startswith("[R=3] '12*7' -> ") and "warning" not in err
+    # Adaptive exit runs the same compiled layers through `iterate` (one token at a time, a depth per token).
+    adaptive = ["--exit_criterion", "kl", "--exit_threshold", "1e-4", "--num_steps", "6"]
+    main(["generate", str(models / "looped"), "--prompt", "12*7", "--max_new_tokens", "3", *adaptive])
+    eager = capsys.readouterr().out
+    main(["generate", str(models / "looped"), "--prompt", "12*7", "--max_new_tokens", "3", *adaptive,
+          "--compile=true"])  # fmt: skip
+    assert capsys.readouterr().out == eager and "12*7" in eager
     with pytest.raises(SystemExit) as e:
         main(["generate", str(models / "teacher"), "--max_new_tokens", "2", "--compile=true"])
     assert e.value.code == 2

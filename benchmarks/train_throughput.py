@@ -17,7 +17,7 @@ LoRA's own matmuls (r = 16) are left out (< 2% of the step). The MFU denominator
 
     python -m benchmarks.train_throughput                          # fp32 and bf16, batch 4 x 256, R = 4
     python -m benchmarks.train_throughput --device cuda --batch_size 8 --seq_len 1024
-    python -m benchmarks.train_throughput --compile --warmup 2            # adds the torch.compile row
+    python -m benchmarks.train_throughput --compile                       # adds the torch.compile row
 """
 
 from __future__ import annotations

@@ -33,18 +33,20 @@ _MARK = "_loopfit_compiled"
 # Dynamo settings for the compiled layers' calls only (patched around each call, not process-wide): layer indices
 # as symbolic ints, and room for the graph variants that training and decoding need (train / eval, grad / no grad,
 # with / without a cache, prefill / one-token step) on the code objects that every layer of a family shares.
-_DYNAMO_SETTINGS = {"allow_unspec_int_on_nn_module": True, "recompile_limit": 64}
+_RECOMPILE_LIMIT = 64
 
 
 class _CompiledForward:
-    """A layer's forward compiled with `torch.compile(**options)`; every call runs under `_DYNAMO_SETTINGS`."""
+    """A layer's forward compiled with `torch.compile(**options)`; every call runs under the loop's dynamo settings."""
 
     def __init__(self, forward, options: dict):
         self.eager = forward
         self.compiled = torch.compile(forward, **options)
+        limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)  # never below a limit the user raised
+        self.settings = {"allow_unspec_int_on_nn_module": True, "recompile_limit": limit}
 
     def __call__(self, *args, **kwargs):
-        with torch._dynamo.config.patch(**_DYNAMO_SETTINGS):
+        with torch._dynamo.config.patch(**self.settings):
             return self.compiled(*args, **kwargs)
 
 

@@ -17,6 +17,7 @@ LoRA's own matmuls (r = 16) are left out (< 2% of the step). The MFU denominator
 
     python -m benchmarks.train_throughput                          # fp32 and bf16, batch 4 x 256, R = 4
     python -m benchmarks.train_throughput --device cuda --batch_size 8 --seq_len 1024
+    python -m benchmarks.train_throughput --compile                       # adds the torch.compile row
 """
 
 from __future__ import annotations
@@ -55,18 +56,21 @@ def convert_student(root: Path, layout: str, source: str) -> str:
     return str(path)
 
 
-def looped_step(student: str, root: Path, args, precision: str) -> dict:
-    """Time `args.steps` steps (after `args.warmup`) of the trainer's fit on the looped LoRA + KD run."""
+def looped_step(student: str, root: Path, args, precision: str, compile: bool = False) -> dict:
+    """Time `args.steps` steps (after `args.warmup`) of the trainer's fit on the looped LoRA + KD run; with `compile`
+    the trainer's `--compile=true` (the warmup steps pay the compilation, the timed ones run the compiled graphs)."""
     from loopfit.flops import count_parameters, head_matmul_params
     from loopfit.train import DistillationConfig, LoRAConfig, TrainConfig
     from loopfit.train.recipe import fit, setup
 
+    name = f"run-{precision}" + ("-compiled" if compile else "")
     cfg = TrainConfig(
-        model_name=student, out=str(root / f"run-{precision}"), data=args.data, seq_len=args.seq_len,
+        model_name=student, out=str(root / name), data=args.data, seq_len=args.seq_len,
         batch_size=args.batch_size, max_steps=args.warmup + args.steps, fixed_num_steps=args.depth,
         lora=LoRAConfig(enabled=True, r=16, lora_alpha=32),
-        distillation=DistillationConfig(enabled=True, teacher_model_name=args.source, temperature=2.0, alpha=0.5),
-        precision=precision, device=args.device, progress_bar=False, tensorboard=False, overwrite=True,
+        distillation=DistillationConfig(enabled=True, teacher_model_name=args.source, temperature=2.0, ce_scale=0.5,
+                                        kd_scale=0.5),
+        precision=precision, compile=compile, device=args.device, progress_bar=False, tensorboard=False, overwrite=True,
         max_documents=args.max_documents,
     )  # fmt: skip
     run = setup(cfg)
@@ -89,7 +93,7 @@ def looped_step(student: str, root: Path, args, precision: str) -> dict:
     tokens = args.batch_size * args.seq_len * args.steps
     tps = tokens / seconds
     return {
-        "system": f"loopfit looped LoRA+KD (R={r})",
+        "system": f"loopfit looped LoRA+KD (R={r}){', compiled' if compile else ''}",
         "precision": precision,
         "tokens_per_s": tps,
         "step_s": seconds / args.steps,
@@ -157,6 +161,7 @@ def main() -> None:
     ap.add_argument("--max_documents", type=int, default=None, help="tokenize only this many documents of --data")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--skip_reference", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="add a row for the looped step with --compile=true")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_throughput[_cuda].json)")
     args = ap.parse_args()
     if args.threads:
@@ -166,6 +171,8 @@ def main() -> None:
         student = convert_student(Path(tmp), args.layout, args.source)
         for precision in args.precisions:
             rows.append(looped_step(student, Path(tmp), args, precision))
+            if args.compile:
+                rows.append(looped_step(student, Path(tmp), args, precision, compile=True))
             if not args.skip_reference:
                 rows.append(reference_step(args, precision))
     meta = {

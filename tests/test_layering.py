@@ -25,6 +25,8 @@ LAZY_OK = {
     "kneed": "the layer analysis' knee finder only; ~1.5 s to import",
     "datasets": "HF dataset sources only; ~1 s to import",
     "pyarrow": "Parquet sources only",
+    "torch._inductor": "--compile only: importing inductor costs seconds; a run without --compile never needs it",
+    "torch.utils._triton": "--compile on CUDA only (private helper, checked where the device is known)",
 }
 
 

@@ -8,6 +8,7 @@ from loopfit.adaptive import ExitConfig, print_adaptive_generations
 from loopfit.data.chat import format_prompt  # noqa: F401  (re-exported)
 from loopfit.errors import LoopfitError, check_count, check_number
 from loopfit.loading import load_model, load_tokenizer
+from loopfit.models.compiled import compile_loop
 
 
 @torch.inference_mode()
@@ -62,6 +63,7 @@ def generate_command(
     exit_threshold: float | None = None,
     min_num_steps: int = 1,
     check_every: int = 1,
+    compile: bool = False,
 ) -> None:
     """Generate text from a (looped or plain) model at a chosen depth.
 
@@ -80,6 +82,8 @@ def generate_command(
         exit_threshold: exit threshold (default kl 1e-3, state 0.03, argmax 5 stable checks).
         min_num_steps: adaptive exit: never stop before this many iterations.
         check_every: adaptive exit: check the criterion every this many iterations.
+        compile: `torch.compile` the loop's decoder layers (looped models; `loopfit.models.compiled`): same tokens
+            as eager, the first tokens pay the compilation; without a working compiler it warns and runs eager.
     """
 
     check_count("num_steps", num_steps)
@@ -104,6 +108,10 @@ def generate_command(
         if lm.config.model_type != "looped":
             raise LoopfitError(f"--cache_mode applies to looped models only; {model} is a plain model")
         lm.config.cache_mode = cache_mode
+    if compile:
+        if lm.config.model_type != "looped":
+            raise LoopfitError(f"--compile compiles the loop; {model} is a plain model")
+        compile_loop(lm)
     if exit is not None:
         return print_adaptive_generations(lm, tok, prompts, exit, max_new_tokens, chat, system, do_sample, temperature)
     depth = num_steps if num_steps is not None else getattr(lm.config, "mean_recurrence", None)

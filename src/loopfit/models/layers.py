@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
@@ -54,6 +55,9 @@ class _CacheSlot:
     def __init__(self, cache: Cache, slot: int, overwrite: bool):
         self.cache, self.slot, self.overwrite = cache, slot, overwrite
 
+    # Under torch.compile (`loopfit.models.compiled`) the write is a graph break run eagerly: the slot number is then
+    # no guard, and one graph serves every (iteration, layer) slot instead of one compilation per slot.
+    @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
         if self.overwrite:
             layer = self.cache.layers[self.slot]

@@ -217,6 +217,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them (less memory, ~1/3 more
     compute): HF's `gradient_checkpointing_enable`, non-reentrant."""
+    compile: bool = False
+    """`torch.compile` the student's loop (looped students only): each decoder layer compiled once and reused by
+    every iteration and depth (`loopfit.models.compiled`); equal to eager within float rounding. The first steps
+    pay the compilation; without a working compiler (inductor on CPU needs a C++ compiler) it warns and runs eager."""
     device: str = "auto"
     """`auto` (cuda if available), `cpu` or `cuda`."""
     nan_policy: str = "stop"

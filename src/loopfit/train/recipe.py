@@ -29,6 +29,7 @@ from loopfit.errors import LoopfitError
 from loopfit.flops import flop_params, train_flops_per_token
 from loopfit.io import atomic_dir, remove_leftovers, write_json
 from loopfit.loading import load_model, load_tokenizer
+from loopfit.models.compiled import compile_loop
 from loopfit.train import checkpoint as ckpt
 from loopfit.train.config import TrainConfig
 from loopfit.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
@@ -89,6 +90,8 @@ def setup(cfg: TrainConfig) -> Run | None:
         cfg.fixed_num_steps or cfg.mean_recurrence_schedule.turn_on or cfg.backprop_depth_schedule.turn_on
     ):
         raise LoopfitError(f"{cfg.model_name} is not a looped model: recurrence options do not apply to it")
+    if cfg.compile and not looped:
+        raise LoopfitError(f"--compile compiles the loop; {cfg.model_name} is a plain model")
     teacher = None
     dc = cfg.distillation
     cache = None
@@ -113,6 +116,8 @@ def setup(cfg: TrainConfig) -> Run | None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
+    if cfg.compile:
+        compile_loop(model)  # the loop's decoder layers, in place (or a one-line warning and eager)
     if teacher is not None:
         teacher.to(device)
     objective = build_objective(dc, model, teacher, cache_estimator=cache.estimator if cache is not None else None,

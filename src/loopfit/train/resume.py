@@ -49,6 +49,7 @@ RESUME_MAY_CHANGE = {
     "eval_num_steps": "extra depths of the final validation",
     "nan_policy": "what to do after a non-finite step (recovering a run that stopped on one)",
     "gradient_checkpointing": "recomputation instead of storage: the same gradients",
+    "compile": "compiled kernels of the same step: equal to eager within float rounding (tests/test_compile.py)",
     "distillation.chunk_size": "chunking of the fused loss: the same loss",
     # Layout: free as long as the sequences per optimizer step (batch_size x ranks x accumulation) stay the same,
     # which `_compare_with_run` checks separately (a 2-rank run may resume on 1 rank with twice the batch).

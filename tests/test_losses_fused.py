@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from loopfit.losses import (
     FusedKDLoss,
     chunked_kd_loss,
     fused_kd_loss,
+    get_divergence,
     kd_divergence,
     sparse_kd_divergence,
 )
@@ -245,3 +247,32 @@ def test_errors_and_module():
     want = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind="rkl", temperature=2.0,
                          ce_scale=0.5, kd_scale=0.5)  # fmt: skip
     torch.testing.assert_close(got.total, want.total)
+
+
+def test_row_blocks_run_on_one_thread_and_restore_the_count():
+    """The CPU row-block kernels drop to one intra-op thread (see `chunk_grad._one_thread_on_cpu`) and give the
+    caller's thread count back, also when the kernel fails."""
+    h, w, _, th, tw, labels = make(seed=10)
+    rkl = get_divergence("rkl")
+    seen, fail = set(), []
+
+    def recording(*args, **kw):
+        seen.add(torch.get_num_threads())
+        if fail:
+            raise RuntimeError("boom")
+        return rkl.grad(*args, **kw)
+
+    div = dataclasses.replace(rkl, grad=recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind=div, chunk_size=64)
+        want, _, _ = reference(h, w, None, labels, th, tw, kind="rkl")
+        torch.testing.assert_close(out.total, want, rtol=1e-5, atol=1e-5)
+        assert seen == {1} and torch.get_num_threads() == 2
+        fail.append(True)
+        with pytest.raises(RuntimeError, match="boom"):
+            fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind=div, chunk_size=64)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -12,12 +12,13 @@ the teacher side, and returns `(ce_sum, kd_sum, scale)` with the chunk's gradien
 - `chunk_losses`: the differentiable losses, for per-chunk autograd (a divergence without a closed form, the other
   divergences against sparse targets, a soft-capped student) and for `chunked_kd_loss`.
 
-On CPU rows are processed in small blocks so that the float32 temporaries of a block stay in cache; on
-accelerators a block is the whole chunk (each op is a kernel launch).
+On CPU rows are processed in small blocks so that the float32 temporaries of a block stay in cache, on one thread
+(`_one_thread_on_cpu`); on accelerators a block is the whole chunk (each op is a kernel launch).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,8 @@ from loopfit.losses.divergences import _LOG_FLOOR, Divergence
 from loopfit.losses.estimators import Estimator
 from loopfit.losses.sparse import sparse_per_token
 
-# Rows per elementwise block on CPU. Each softmax reads and writes one float32 row (192 KiB at V = 49152) per
-# thread; a block's five buffers stay within the caches at this size, and the per-op overhead is amortised.
+# Rows per elementwise block on CPU: each op reads and writes a few 8 x V float32 buffers (1.5 MiB at V = 49152),
+# within the caches, and the ~20 ops of a block amortise their dispatch. Measured best of 1, 2, 4, 8 (one thread).
 _ROW_BLOCK = 8
 # Logits of -inf (tokens the teacher never predicts) are clamped to this before the softmax: the probability is
 # still exactly 0, and `0 * logit` stays 0 in the dot products that give the KD value (no NaN from 0 * -inf).
@@ -97,6 +98,29 @@ class Workspace:
         return buf[:rows]
 
 
+def _one_thread_on_cpu(kernel):
+    """Run a row-block kernel with one intra-op thread on CPU (the thread count restored after).
+
+    An op on a few rows is too small to split: split across threads, each of the ~20 ops of a block ends in a
+    barrier that waits for every thread, and on a busy machine a descheduled thread makes each barrier cost a
+    scheduler time slice (measured under load at N = 1024: 3.75x the matmul floor with two threads, 1.70x with
+    one). The matmuls between the chunks keep every thread.
+    """
+
+    @functools.wraps(kernel)
+    def run(s: torch.Tensor, *args, **kwargs):
+        threads = torch.get_num_threads()
+        if s.device.type != "cpu" or threads == 1:
+            return kernel(s, *args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return kernel(s, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
 def row_block(s: torch.Tensor) -> int:
     """Rows per elementwise block: cache-sized on CPU; the whole chunk on accelerators, where each op is a kernel
     launch and small blocks would leave the device idle."""
@@ -122,6 +146,7 @@ def _softmax_lse(x: torch.Tensor, out: torch.Tensor, x_max: torch.Tensor) -> tor
     return x_max - out.amax(-1).log()
 
 
+@_one_thread_on_cpu
 @torch.no_grad()
 def fkl_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, spec: Spec, ws: Workspace):
     """CE (+ forward KL against dense teacher logits `t`, same shape as `s`) of a chunk: sums, gradient into `s`.
@@ -174,6 +199,7 @@ def fkl_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, spec: Spe
     return ce_sum, (kd_sum * temp**2 if t is not None else None), scale
 
 
+@_one_thread_on_cpu
 @torch.no_grad()
 def divergence_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor, spec: Spec, ws: Workspace):
     """CE + a divergence with a closed-form gradient (`Divergence.grad`) against dense teacher logits `t`: sums and
@@ -210,6 +236,7 @@ def _sparse_support_logprobs(teacher: Teacher, temp: float) -> tuple[torch.Tenso
     return logp.clamp(min=_LOG_FLOOR), (tail.clamp(min=_LOG_FLOOR) if tail is not None else None)
 
 
+@_one_thread_on_cpu
 @torch.no_grad()
 def sparse_fkl_grad(s: torch.Tensor, y: torch.Tensor, teacher: Teacher, spec: Spec):
     """Forward KL against sparse targets (+ CE): sums and the gradient written into `s` (scale 1).

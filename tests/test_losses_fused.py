@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from loopfit.losses import (
     FusedKDLoss,
     chunked_kd_loss,
     fused_kd_loss,
+    get_divergence,
     kd_divergence,
     sparse_kd_divergence,
 )
@@ -183,6 +185,53 @@ def test_bf16_inputs():
     torch.testing.assert_close(gw.float(), rw.float(), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize(
+    "kind,temp,ce_scale,kd_scale,teacher",
+    [
+        ("fkl", 1.0, 0.7, 1.3, "dense"),
+        ("fkl", 2.0, 0.5, 1.5, "dense"),
+        ("fkl", 2.0, 0.0, 1.0, "dense"),
+        ("fkl", 1.0, 1.0, 0.0, "none"),
+        ("fkl", 1.5, 1.0, 1.0, "minus_inf"),
+        ("jsd", 2.0, 0.6, 1.4, "dense"),
+    ],
+)
+def test_bf16_against_fp32_autograd_at_a_large_vocabulary(kind, temp, ce_scale, kd_scale, teacher):
+    """bf16 logits (as the matmuls give them) over V = 3000 in row blocks and chunks: the fused loss and its bf16
+    gradients against fp32 autograd on the same bf16 logits, at the tolerances of the bf16 case above."""
+    g = torch.Generator().manual_seed(11)
+    n, hs, v = 37, 32, 3000
+    h = torch.randn(n, hs, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(v, hs, generator=g) * 0.6).bfloat16().requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.5).bfloat16().requires_grad_()
+    th = torch.randn(n, hs, generator=g).bfloat16()
+    tw = (torch.randn(v, hs, generator=g) * 0.6).bfloat16()
+    tb = torch.zeros(v, dtype=torch.bfloat16)
+    if teacher == "minus_inf":
+        tb[:50] = -math.inf
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[3, 17]] = -100
+    kw = dict(kind=kind, temperature=temp, ce_scale=ce_scale, kd_scale=kd_scale, beta=0.3)
+    t_kw = dict(teacher_hidden=th, teacher_weight=tw, teacher_bias=tb) if teacher != "none" else {}
+    out = fused_kd_loss(h, w, labels, lm_head_bias=b, chunk_size=16, **t_kw, **kw)
+    logits = F.linear(h, w, b).float()  # the bf16 products, upcast: the reference differs only after the matmuls
+    valid = labels != -100
+    want = ce_scale * F.cross_entropy(logits, labels, ignore_index=-100)
+    if teacher != "none":
+        t_logits = F.linear(th, tw, tb).float()
+        want = want + kd_scale * kd_divergence(logits, t_logits, labels, kind=kind, temperature=temp, beta=0.3)
+    # Everything after the matmuls is float32 on both sides: the loss agrees to float32 rounding.
+    torch.testing.assert_close(out.total, want, rtol=1e-5, atol=1e-6)
+    assert int(valid.sum()) == 35
+    for got, ref in zip(grads(out.total, h, w, b), grads(want, h, w, b)):
+        assert got.dtype == torch.bfloat16
+        # bf16 gradients: a bf16 rounding or two (2^-9 each) apart, measured against the gradient's own size (an
+        # absolute tolerance would pass anything at this vocabulary, where every entry is below 0.12).
+        err = (got.float() - ref.float()).norm() / ref.float().norm()
+        assert err < 1e-2, err
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
+
+
 def test_errors_and_module():
     h, w, _, th, tw, labels = make(seed=7)
     with pytest.raises(ValueError, match="share the vocabulary"):
@@ -198,3 +247,32 @@ def test_errors_and_module():
     want = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind="rkl", temperature=2.0,
                          ce_scale=0.5, kd_scale=0.5)  # fmt: skip
     torch.testing.assert_close(got.total, want.total)
+
+
+def test_row_blocks_run_on_one_thread_and_restore_the_count():
+    """The CPU row-block kernels drop to one intra-op thread (see `chunk_grad._one_thread_on_cpu`) and give the
+    caller's thread count back, also when the kernel fails."""
+    h, w, _, th, tw, labels = make(seed=10)
+    rkl = get_divergence("rkl")
+    seen, fail = set(), []
+
+    def recording(*args, **kw):
+        seen.add(torch.get_num_threads())
+        if fail:
+            raise RuntimeError("boom")
+        return rkl.grad(*args, **kw)
+
+    div = dataclasses.replace(rkl, grad=recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind=div, chunk_size=64)
+        want, _, _ = reference(h, w, None, labels, th, tw, kind="rkl")
+        torch.testing.assert_close(out.total, want, rtol=1e-5, atol=1e-5)
+        assert seen == {1} and torch.get_num_threads() == 2
+        fail.append(True)
+        with pytest.raises(RuntimeError, match="boom"):
+            fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind=div, chunk_size=64)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

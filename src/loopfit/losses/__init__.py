@@ -2,6 +2,7 @@
 registry), dense and sparse logit divergences, a fused CE + KD over the lm_head that never materialises the logits,
 hidden-state alignment, and the combined objective."""
 
+from loopfit.losses.chunk_grad import softcap
 from loopfit.losses.divergences import (
     DIVERGENCE_REGISTRY,
     DIVERGENCES,
@@ -13,7 +14,7 @@ from loopfit.losses.divergences import (
     kd_divergence,
 )
 from loopfit.losses.estimators import ESTIMATOR_REGISTRY, ESTIMATORS, Estimator, get_estimator
-from loopfit.losses.fused import FusedKDLoss, KDLossOutput, chunked_kd_loss, fused_kd_loss, softcap
+from loopfit.losses.fused import FusedKDLoss, KDLossOutput, chunked_kd_loss, fused_kd_loss
 from loopfit.losses.hidden import HIDDEN_KINDS, HiddenStateLoss, loop_layer_map
 from loopfit.losses.objective import LogitTransform, Objective, ObjectiveWeights, Terms, combine_losses
 from loopfit.losses.sparse import SparseKDLoss, sparse_kd_divergence, tail_from_logprobs

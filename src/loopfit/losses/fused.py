@@ -7,13 +7,15 @@ Two exact implementations:
   into the chunk's gradient for the hidden states and the accumulated gradient for the lm_head weight, and frees the
   chunk (Liger's scheme). Backward only scales the stored gradients. Each logits matmul runs once, so the cost is
   the matmul floor (two logits products, two gradient products) plus a few elementwise passes per chunk; the
-  extra memory is one float32 weight-sized gradient plus two `(chunk, V)` logits buffers in the input dtype.
-  Every divergence with a closed-form gradient (`Divergence.grad`: all the built-ins) against a dense teacher, and
-  forward KL against any sparse estimator, uses it in place, row block by row block: each block is upcast to
-  float32, processed while it sits in cache, and its gradient written back over the logits. Everything else takes
-  the chunk's gradient with autograd on the chunk alone (exact too, a few more passes and float32 buffers): a
-  divergence without a closed form, the other divergences against sparse targets, and a student whose logits are
-  soft-capped (`c * tanh(logits / c)`, Gemma 2 / 3), whose cap is differentiated by autograd with the rest.
+  extra memory is one float32 weight-sized gradient (and, below float32, one weight-sized product buffer), two
+  `(chunk, V)` logits buffers in the input dtype and five float32 row blocks. Every divergence with a closed-form
+  gradient (`Divergence.grad`: all the built-ins) against a dense teacher, and forward KL against any sparse
+  estimator, computes its gradient in place (`losses.chunk_grad`), row block by row block: each block is upcast to
+  float32, processed while it sits in cache, and its gradient written back over the logits; forward KL (the
+  common case) in three softmax passes per row. Everything else takes the chunk's gradient with autograd on the
+  chunk alone (exact too, a few more passes and float32 buffers): a divergence without a closed form, the other
+  divergences against sparse targets, and a student whose logits are soft-capped (`c * tanh(logits / c)`,
+  Gemma 2 / 3), whose cap is differentiated by autograd with the rest.
 - `chunked_kd_loss`: per-chunk activation checkpointing (TRL's newer scheme). Same memory class, but the
   student logits matmul runs again in backward; kept as a reference and for the benchmark.
 
@@ -30,25 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from loopfit.losses.divergences import _LOG_FLOOR, FKL, Divergence, resolve_kind
+from loopfit.losses.chunk_grad import (
+    Spec,
+    Teacher,
+    Workspace,
+    chunk_losses,
+    divergence_grad,
+    fkl_grad,
+    sparse_fkl_grad,
+    sparse_support_logprobs,
+)
+from loopfit.losses.divergences import FKL, Divergence, resolve_kind
 from loopfit.losses.estimators import Estimator, get_estimator
-from loopfit.losses.sparse import check_sparse, sparse_per_token
-
-_ROW_BLOCK = 4  # rows per elementwise block in the closed-form path on CPU: a few 4 x V float32 buffers stay in L2
-
-
-def _row_block(s: torch.Tensor) -> int:
-    """Rows per elementwise block: cache-sized on CPU; the whole chunk on accelerators, where each op is a kernel
-    launch and small blocks would leave the device idle."""
-    return _ROW_BLOCK if s.device.type == "cpu" else max(s.shape[0], 1)
-
-
-def _blocks(s: torch.Tensor, y: torch.Tensor):
-    """Yield `(rows, s_block, labels (b, 1), float32 s_block)` over the row blocks of `s`."""
-    blk = _row_block(s)
-    for i in range(0, s.shape[0], blk):
-        s_blk = s[i : i + blk]
-        yield slice(i, i + blk), s_blk, y[i : i + blk, None], s_blk.float()
+from loopfit.losses.sparse import check_sparse
 
 
 @dataclass
@@ -61,190 +57,6 @@ class KDLossOutput:
     """Cross-entropy of the student against the labels (detached)."""
     kd: torch.Tensor | None
     """Distillation divergence (detached), None when no teacher was given."""
-
-
-@dataclass
-class _Teacher:
-    """The teacher side of one fused call: dense (hidden + weight) or sparse (ids + values)."""
-
-    hidden: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    ids: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    tail: torch.Tensor | None = None
-    estimator: Estimator | None = None
-    softcap: float | None = None
-
-    def chunk(self, rows: torch.Tensor) -> _Teacher:
-        take = lambda x: None if x is None else x[rows]  # noqa: E731
-        if self.hidden is not None:
-            return _Teacher(hidden=take(self.hidden), weight=self.weight, bias=self.bias, softcap=self.softcap)
-        return _Teacher(ids=take(self.ids), values=take(self.values), tail=take(self.tail), estimator=self.estimator)
-
-    def logits(self) -> torch.Tensor:
-        """The dense teacher's float32 logits, soft-capped where the teacher's family caps them."""
-        return softcap(F.linear(self.hidden, self.weight, self.bias).float(), self.softcap)
-
-
-def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """`cap * tanh(logits / cap)` (Gemma 2's final logit soft-cap, arXiv:2408.00118), or `logits` when `cap` is None."""
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-@dataclass
-class _Spec:
-    div: Divergence  # resolved: at the parameters given (e.g. JSD at beta = 0 is FKL itself)
-    params: dict
-    temperature: float
-    ce_scale: float
-    kd_scale: float
-    softcap: float | None = None  # the student's logit soft-cap
-    depth_weights: tuple[float, ...] = (1.0,)  # one per student hidden of a multi-depth call (`losses.depths`)
-
-
-def _chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher | None, spec: _Spec, logp=None):
-    """Differentiable (ce_sum, kd_sum) of one chunk of float32 student logits `s` (c, V), before any soft-cap;
-    `logp`: the dense teacher's tempered log-probabilities of the chunk when already computed (multi-depth calls)."""
-    s = softcap(s, spec.softcap)
-    ce = F.cross_entropy(s, y, reduction="sum")
-    if teacher is None:
-        return ce, None
-    t_ = spec.temperature
-    logq = torch.log_softmax(s / t_, dim=-1)
-    if teacher.hidden is not None:
-        logp = logp if logp is not None else torch.log_softmax(teacher.logits() / t_, dim=-1)
-        per_token = spec.div(logq, logp, **spec.params) * t_**2
-    else:
-        per_token = sparse_per_token(
-            logq, teacher.ids, teacher.values, spec.div, teacher.estimator, t_, teacher.tail, **spec.params
-        )
-    return ce, per_token.sum()
-
-
-@torch.no_grad()
-def _closed_form_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, spec: _Spec):
-    """Forward KL (+ CE) sums, and `d(ce_scale*ce + kd_scale*kd)/ds / scale` written into `s` in place.
-
-    Returns `(ce_sum, kd_sum, scale)`; the caller multiplies the (much smaller) matmul results by `scale` instead
-    of the `(c, V)` gradient. `t` (teacher logits, same shape) is overwritten too. Rows are processed in small
-    blocks so that the elementwise passes per row hit cache instead of memory; each row-wise softmax is one fused
-    kernel.
-    """
-    temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
-    ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
-    kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
-    scale = a_ce + a_kd if (t is not None and temp == 1.0) else 1.0
-    # Half-precision logits are upcast block by block (in cache), and the gradient written back in place.
-    for rows, s_blk, yb, sb in _blocks(s, y):
-        if t is None:
-            logq = torch.log_softmax(sb, -1)
-            ce_sum -= logq.gather(-1, yb).sum()
-            torch.exp(logq, out=sb)
-            sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -1.0)).mul_(a_ce)
-            if sb is not s_blk:
-                s_blk.copy_(sb)
-            continue
-        tb = t[rows].float()
-        if temp != 1.0:
-            logq1 = torch.log_softmax(sb, -1)
-            ce_sum -= logq1.gather(-1, yb).sum()
-            q1 = logq1.exp_()  # softmax(s), for the CE gradient
-            logq = torch.log_softmax(sb.div_(temp), -1)
-            logp = torch.log_softmax(tb.div_(temp), -1)
-        else:
-            logq = torch.log_softmax(sb, -1)
-            ce_sum -= logq.gather(-1, yb).sum()
-            logp = torch.log_softmax(tb, -1)
-        p = logp.exp()
-        # 0 * (-inf - -inf) is NaN exactly where p == 0; those terms are 0, so nansum is the right sum.
-        kd_sum += torch.nansum(torch.sub(logp, logq, out=tb).mul_(p))
-        torch.exp(logq, out=sb)
-        if temp != 1.0:
-            # a_ce * (softmax(s) - onehot) + a_kd * T * (softmax(s / T) - p)
-            sb.sub_(p).mul_(a_kd * temp).add_(q1, alpha=a_ce)
-            sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -a_ce))
-        else:
-            # (a_ce + a_kd) * [q - a_kd / (a_ce + a_kd) * p - a_ce / (a_ce + a_kd) * onehot]
-            sb.sub_(p, alpha=a_kd / scale)
-            sb.scatter_add_(-1, yb, sb.new_full(yb.shape, -a_ce / scale))
-        if sb is not s_blk:
-            s_blk.copy_(sb)
-    return ce_sum, kd_sum * temp**2, scale
-
-
-@torch.no_grad()
-def _closed_form_divergence_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor, spec: _Spec):
-    """CE + a divergence with a closed-form gradient (`Divergence.grad`) against dense teacher logits `t`: sums and
-    the gradient written into `s`.
-
-    Same contract as `_closed_form_grad` (scale 1). Row blocks keep the float32 temporaries (a few `4 x V`
-    buffers) in cache, so the memory is that of the logits alone, where autograd would keep several `(c, V)`
-    float32 tensors per chunk. With `z = s / T`, `d (T^2 D) / ds = T * d D / dz`.
-    """
-    temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
-    ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
-    kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
-    for rows, s_blk, yb, sb in _blocks(s, y):
-        logq1 = torch.log_softmax(sb, -1)
-        ce_sum -= logq1.gather(-1, yb).sum()
-        logq = (torch.log_softmax(sb / temp, -1) if temp != 1.0 else logq1).clamp(min=_LOG_FLOOR)
-        logp = torch.log_softmax(t[rows].float() / temp, -1).clamp(min=_LOG_FLOOR)
-        q, p = logq.exp(), logp.exp()
-        value, g = spec.div.grad(logq, q, logp, p, **spec.params)
-        kd_sum += value.sum()
-        g.mul_(a_kd * temp).add_(logq1.exp_(), alpha=a_ce)
-        g.scatter_add_(-1, yb, g.new_full(yb.shape, -a_ce))
-        s_blk.copy_(g)
-    return ce_sum, kd_sum * temp**2, 1.0
-
-
-@torch.no_grad()
-def _sparse_support_logprobs(teacher: _Teacher, temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Teacher log-probabilities over the k ids `(c, k)` (floored where absent) and the tail bucket `(c,)` or None."""
-    logp, tail = teacher.estimator.teacher_logprobs(teacher.values.float(), teacher.tail, temp)
-    return logp.clamp(min=_LOG_FLOOR), (tail.clamp(min=_LOG_FLOOR) if tail is not None else None)
-
-
-@torch.no_grad()
-def _closed_form_sparse_grad(s: torch.Tensor, y: torch.Tensor, teacher: _Teacher, spec: _Spec, support=None):
-    """Forward KL against sparse targets (+ CE): sums and the gradient written into `s` (scale 1); `support`: the
-    chunk's `_sparse_support_logprobs` when already computed (multi-depth calls).
-
-    With `P` the teacher's distribution over the support spread onto the vocabulary (the tail bucket's mass
-    distributed like the student's own mass outside the k ids), `d KD / ds = T * (softmax(s / T) - P)`.
-    """
-    temp, a_ce, a_kd = spec.temperature, spec.ce_scale, spec.kd_scale
-    logp_all, ptail_all = support if support is not None else _sparse_support_logprobs(teacher, temp)
-    ids_all = teacher.ids.long()
-    ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
-    kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
-    for rows, s_blk, yb, sb in _blocks(s, y):
-        ids, logp = ids_all[rows], logp_all[rows]
-        logq1 = torch.log_softmax(sb, -1)
-        ce_sum -= logq1.gather(-1, yb).sum()
-        logq = torch.log_softmax(sb.div_(temp), -1) if temp != 1.0 else logq1
-        lq = logq.gather(-1, ids).clamp(min=_LOG_FLOOR)
-        p = logp.exp()
-        kd_sum += (p * (logp - lq)).sum()
-        if ptail_all is not None:
-            lq_tail = logq.scatter(-1, ids, _LOG_FLOOR).logsumexp(-1).clamp(min=_LOG_FLOOR)
-            lp_tail = ptail_all[rows]
-            p_tail = lp_tail.exp()
-            kd_sum += (p_tail * (lp_tail - lq_tail)).sum()
-            # Outside the support: q_j - p_tail * q_j / q_tail; the ratio is <= 1 there (clamped for the ids,
-            # which are overwritten below), so no overflow when the student's tail is empty.
-            share = (logq - lq_tail[:, None]).clamp_(max=0.0).exp_().mul_(p_tail[:, None])
-        g = torch.exp(logq, out=sb)  # softmax(s / T); logq is not read after this
-        if ptail_all is not None:
-            g.sub_(share)
-            g.scatter_(-1, ids, lq.exp())
-        g.scatter_add_(-1, ids, -p)
-        g.mul_(a_kd * temp).add_(logq1.exp_(), alpha=a_ce)  # + a_ce * softmax(s)
-        g.scatter_add_(-1, yb, g.new_full(yb.shape, -a_ce))
-        if sb is not s_blk:
-            s_blk.copy_(sb)
-    return ce_sum, kd_sum * temp**2, 1.0
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -268,40 +80,50 @@ class _FusedLinearKD(torch.autograd.Function):
         # linear in the teacher's probabilities, so a sparse target needs only its support.
         fkl = teacher is None or spec.div is FKL
         autograd = spec.softcap is not None or not (fkl or (dense_teacher and spec.div.grad is not None))
+        # Buffers reused by every chunk: the logits (the gradient is written over them), the float32 row-block
+        # temporaries, and the bf16 weight-gradient product (a fresh weight-sized tensor per chunk would cost page
+        # faults each time).
+        rows_max = min(chunk_size, n)
+        s_buf = hidden.new_empty(rows_max, weight.shape[0])
+        t_buf = teacher.hidden.new_empty(rows_max, weight.shape[0]) if dense_teacher else None
+        gw_buf = torch.empty_like(weight) if grad_w is not None and dtype != torch.float32 else None
+        ws = Workspace(s_buf)
         w_scale = None
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             y = labels[rows]
+            c = y.shape[0]
             t_chunk = teacher.chunk(rows) if teacher is not None else None
-            # The teacher side of the chunk, once for every depth.
+            # The teacher side of the chunk, once for every depth (the kernels read `t_logits` without writing it).
             t_logits = logp = support = None
             if t_chunk is not None and autograd and dense_teacher and depths > 1:
-                logp = torch.log_softmax(t_chunk.logits() / spec.temperature, dim=-1)
+                logp = torch.log_softmax(t_chunk.logits().float() / spec.temperature, dim=-1)
             elif t_chunk is not None and not autograd and not dense_teacher:
-                support = _sparse_support_logprobs(t_chunk, spec.temperature)
+                support = sparse_support_logprobs(t_chunk, spec.temperature)
             elif t_chunk is not None and not autograd:
-                t_logits = F.linear(t_chunk.hidden, t_chunk.weight, t_chunk.bias)
-                if t_chunk.softcap is not None:  # in float32: tanh in bf16 would round the teacher's logits
-                    t_logits = softcap(t_logits.float(), t_chunk.softcap)
+                t_logits = t_chunk.logits(out=t_buf[:c])
             for d, w_d in enumerate(spec.depth_weights):
                 h = hidden[d, rows]
-                s = F.linear(h, weight, bias)  # kept in the input dtype; upcast per row block or below
+                s = s_buf[:c]
+                if bias is None:  # kept in the input dtype; upcast per row block
+                    torch.mm(h, weight.t(), out=s)
+                else:
+                    torch.addmm(bias, h, weight.t(), out=s)
                 if autograd:
                     with torch.enable_grad():
                         s_ = s.detach().float().requires_grad_()
-                        ce, kd = _chunk_losses(s_, y, t_chunk, spec, logp)
+                        ce, kd = chunk_losses(s_, y, t_chunk, spec, logp)
                         loss = spec.ce_scale * ce + (spec.kd_scale * kd if kd is not None else 0.0)
                         (g,) = torch.autograd.grad(loss, s_)
                     ce, kd, scale = ce.detach(), (kd.detach() if kd is not None else None), 1.0
                 elif support is not None:
-                    ce, kd, scale = _closed_form_sparse_grad(s, y, t_chunk, spec, support)
+                    ce, kd, scale = sparse_fkl_grad(s, y, t_chunk, spec, support)
+                    g = s
+                elif fkl:
+                    ce, kd, scale = fkl_grad(s, y, t_logits, spec, ws)
                     g = s
                 else:
-                    # The kernels overwrite the teacher's logits in place: every depth but the last reads a copy.
-                    t = t_logits.clone() if t_logits is not None and d < depths - 1 else t_logits
-                    grad_fn = _closed_form_grad if fkl else _closed_form_divergence_grad
-                    ce, kd, scale = grad_fn(s, y, t, spec)
-                    del t
+                    ce, kd, scale = divergence_grad(s, y, t_logits, spec, ws)
                     g = s
                 w_scale = w_scale if w_scale is not None else scale  # the same for every chunk of one call
                 del s
@@ -316,9 +138,9 @@ class _FusedLinearKD(torch.autograd.Function):
                 if grad_w is not None and dtype == torch.float32:
                     grad_w.addmm_(g.t(), h, alpha=w_d)
                 elif grad_w is not None:
-                    grad_w.add_(g.t() @ h, alpha=w_d)
+                    grad_w.add_(torch.mm(g.t(), h, out=gw_buf), alpha=w_d)
                 del g
-            del t_logits
+            del t_logits, logp, support
         if w_scale is not None:
             for grad in (grad_w, grad_b):
                 if grad is not None:
@@ -382,7 +204,7 @@ def _prepare(
             )
         th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[valid]
         tb = teacher_bias.detach() if teacher_bias is not None else None
-        teacher = _Teacher(hidden=th, weight=teacher_weight.detach(), bias=tb, softcap=teacher_logit_softcap)
+        teacher = Teacher(hidden=th, weight=teacher_weight.detach(), bias=tb, softcap=teacher_logit_softcap)
     elif teacher_ids is not None or teacher_values is not None:
         if teacher_ids is None or teacher_values is None:
             raise ValueError("sparse teacher targets need both teacher_ids and teacher_values")
@@ -392,11 +214,11 @@ def _prepare(
             raise ValueError(f"teacher ids {tuple(teacher_ids.shape)} do not line up with labels {tuple(labels.shape)}")
         k = teacher_ids.shape[-1]
         tail = teacher_tail.reshape(-1)[valid] if teacher_tail is not None else None
-        teacher = _Teacher(
+        teacher = Teacher(
             ids=teacher_ids.reshape(-1, k)[valid], values=teacher_values.reshape(-1, k)[valid],
             tail=tail, estimator=est,
         )  # fmt: skip
-    spec = _Spec(div, params, temperature, ce_scale, kd_scale, logit_softcap)
+    spec = Spec(div, params, temperature, ce_scale, kd_scale, logit_softcap)
     return hidden, y, teacher, spec, int(y.shape[0])
 
 
@@ -493,7 +315,7 @@ def chunked_kd_loss(
     denom = float(num_items) if num_items is not None else float(max(n_valid, 1))
 
     def run(h, w, b, rows, teacher_chunk):
-        ce, kd = _chunk_losses(F.linear(h, w, b).float(), y[rows], teacher_chunk, spec)
+        ce, kd = chunk_losses(F.linear(h, w, b).float(), y[rows], teacher_chunk, spec)
         return ce, (kd if kd is not None else ce.new_zeros(()))
 
     ce = hidden.new_zeros((), dtype=torch.float32)

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopfit.losses.chunk_grad import softcap
 from loopfit.losses.depths import DEPTH_WEIGHTINGS, depth_weights, fused_depth_loss
 from loopfit.losses.divergences import Divergence, get_divergence, kd_divergence
 from loopfit.losses.estimators import Estimator, get_estimator
-from loopfit.losses.fused import fused_kd_loss, softcap
+from loopfit.losses.fused import fused_kd_loss
 from loopfit.losses.hidden import loop_layer_map
 from loopfit.losses.sparse import sparse_kd_divergence
 

@@ -51,7 +51,7 @@ def test_full_cache_fills_skipped_iterations_and_checks_write_no_coda_entries():
     lm = _model("full")
     dec = AdaptiveDecoder(lm, ExitConfig("kl", 0.5, max_num_steps=R))
     dec.prefill(_prompt())
-    used = [dec.step(t)[1] for t in (10, 20, 30, 40)]
+    used = [int(dec.step(torch.tensor([t]))[1]) for t in (10, 20, 30, 40)]
     assert min(used) < R
     p, b, q = 1, 2, 1
     lengths = [layer.keys.shape[-2] for layer in dec.cache.layers]
@@ -82,8 +82,8 @@ def test_bad_exit_config_is_a_clear_error():
         ExitConfig("entropy")
     with pytest.raises(LoopfitError, match="exit_threshold"):
         ExitConfig("argmax", 0.5)
-    with pytest.raises(LoopfitError, match="one sequence"):
-        AdaptiveDecoder(_model("full"), ExitConfig()).prefill(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(LoopfitError, match="one prompt"):
+        generate_adaptive(_model("full"), torch.zeros(2, 3, dtype=torch.long), ExitConfig())
 
 
 def test_generate_command_with_exit(tmp_path, capsys):

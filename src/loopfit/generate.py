@@ -64,6 +64,7 @@ def generate_command(
     min_num_steps: int = 1,
     check_every: int = 1,
     compile: bool = False,
+    batch_size: int | None = None,
 ) -> None:
     """Generate text from a (looped or plain) model at a chosen depth.
 
@@ -84,12 +85,15 @@ def generate_command(
         check_every: adaptive exit: check the criterion every this many iterations.
         compile: `torch.compile` the loop's decoder layers (looped models; `loopfit.models.compiled`): same tokens
             as eager, the first tokens pay the compilation; without a working compiler it warns and runs eager.
+        batch_size: prompts decoded together (left-padded), at fixed depth or with adaptive exit (each row of the
+            batch then stops iterating at its own exit); default: all prompts in one batch.
     """
 
     check_count("num_steps", num_steps)
     check_count("max_new_tokens", max_new_tokens)
     check_count("min_num_steps", min_num_steps)
     check_count("check_every", check_every)
+    check_count("batch_size", batch_size)
     # Checked whether or not sampling is on: a temperature of 0 or below is never meaningful, and greedy decoding,
     # the usual intent behind "temperature 0", is --do_sample=false.
     check_number("temperature", temperature, low=0, low_open=True)
@@ -113,13 +117,17 @@ def generate_command(
             raise LoopfitError(f"--compile compiles the loop; {model} is a plain model")
         compile_loop(lm)
     if exit is not None:
-        return print_adaptive_generations(lm, tok, prompts, exit, max_new_tokens, chat, system, do_sample, temperature)
+        return print_adaptive_generations(
+            lm, tok, prompts, exit, max_new_tokens, chat, system, do_sample, temperature, batch_size
+        )
     depth = num_steps if num_steps is not None else getattr(lm.config, "mean_recurrence", None)
-    for p, text in zip(
-        prompts, generate_text(lm, tok, prompts, num_steps, max_new_tokens, chat, system, do_sample, temperature)
-    ):
-        label = f"[R={depth}] " if lm.config.model_type == "looped" else ""
-        print(f"{label}{p!r} -> {text.strip()!r}")
+    size = batch_size or len(prompts)
+    for i in range(0, len(prompts), size):
+        chunk = prompts[i : i + size]
+        texts = generate_text(lm, tok, chunk, num_steps, max_new_tokens, chat, system, do_sample, temperature)
+        for p, text in zip(chunk, texts):
+            label = f"[R={depth}] " if lm.config.model_type == "looped" else ""
+            print(f"{label}{p!r} -> {text.strip()!r}")
 
 
 def check_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None = None) -> None:

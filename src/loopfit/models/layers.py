@@ -59,7 +59,9 @@ class _CacheSlot:
     # no guard, and one graph serves every (iteration, layer) slot instead of one compilation per slot.
     @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        if self.overwrite:
+        # A view that stages the current tokens' entries itself (adaptive decoding's `_StagedCache`, flag
+        # `stages_entries`) replaces them on each write: there is nothing of the cache to cut.
+        if self.overwrite and not getattr(self.cache, "stages_entries", False):
             layer = self.cache.layers[self.slot]
             q = key_states.shape[-2]
             layer.keys, layer.values = layer.keys[..., :-q, :], layer.values[..., :-q, :]

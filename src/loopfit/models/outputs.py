@@ -32,6 +32,28 @@ class LoopContext:
     cache: Cache | None = None
     layer_kwargs: dict = field(default_factory=dict)
 
+    def select_rows(self, rows: torch.Tensor, cache=None) -> LoopContext:
+        """The context of batch rows `rows` (1-D index) only, reading and writing `cache`.
+
+        Masks, rotary pairs and positions are indexed along the batch; one with a batch dimension of 1 is shared by
+        every row and kept. Raises `ValueError` for a mask that is not a tensor (e.g. flex attention's BlockMask).
+        """
+
+        def pick(t):
+            if t is None:
+                return t
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"cannot select batch rows of a {type(t).__name__} attention mask")
+            return t if t.shape[0] == 1 else t.index_select(0, rows)
+
+        rotary = self.position_embeddings
+        if isinstance(rotary, dict):
+            rotary = {k: tuple(pick(t) for t in pair) for k, pair in rotary.items()}
+        else:
+            rotary = tuple(pick(t) for t in rotary)
+        masks = {k: pick(m) for k, m in self.masks.items()}
+        return LoopContext(masks, rotary, pick(self.position_ids), cache, self.layer_kwargs)
+
 
 @dataclass
 class LoopedModelOutput(BaseModelOutputWithPast):

@@ -5,6 +5,8 @@ Criteria, checked after iteration `it` when `it >= min_num_steps` and `it % chec
   against the uniform distribution) below the threshold (default 1e-3);
 - `state`: relative state change `|s_it - s_(it-1)| / |s_it|` below the threshold (default 0.03);
 - `argmax`: the predicted token unchanged over `threshold` successive checks (default 5);
+- `gate`: the model's learned exit gate (`loopfit.models.exit_gate`): its cumulative exit probability reaches the
+  threshold q in [0, 1] (default 0.5; Ouro's Q-exit, arXiv:2510.25741); the gate is read after every iteration;
 - `none`: always run `max_num_steps` iterations.
 
 The prompt (prefill) always runs `max_num_steps` iterations. The `kl` and `argmax` checks need the coda and head at
@@ -25,9 +27,10 @@ from transformers.cache_utils import DynamicCache
 
 from loopfit.data.chat import format_prompt
 from loopfit.errors import LoopfitError
+from loopfit.models.exit_gate import gate_exit
 
-CRITERIA = ("kl", "state", "argmax", "none")
-DEFAULT_THRESHOLDS = {"kl": 1e-3, "state": 0.03, "argmax": 5, "none": 0.0}
+CRITERIA = ("kl", "state", "argmax", "gate", "none")
+DEFAULT_THRESHOLDS = {"kl": 1e-3, "state": 0.03, "argmax": 5, "gate": 0.5, "none": 0.0}
 
 
 @dataclass
@@ -35,7 +38,7 @@ class ExitConfig:
     """When to stop looping for a token."""
 
     criterion: str = "kl"
-    """`kl`, `state`, `argmax` or `none`."""
+    """`kl`, `state`, `argmax`, `gate` or `none`."""
     threshold: float | None = None
     """Exit threshold (for `argmax`: the number of checks the argmax must stay unchanged); default per criterion."""
     min_num_steps: int = 1
@@ -51,7 +54,8 @@ class ExitConfig:
         if self.threshold is None:
             self.threshold = DEFAULT_THRESHOLDS[self.criterion]
         thr = self.threshold
-        if thr < 0 or (self.criterion == "argmax" and (thr < 1 or thr != int(thr))):
+        bad = (self.criterion == "argmax" and (thr < 1 or thr != int(thr))) or (self.criterion == "gate" and thr > 1)
+        if thr < 0 or bad:
             raise LoopfitError(f"bad --exit_threshold {thr} for --exit_criterion {self.criterion}")
         if min(1 if self.max_num_steps is None else self.max_num_steps, self.min_num_steps, self.check_every) < 1:
             raise LoopfitError("--num_steps, --min_num_steps and --check_every must be >= 1")
@@ -96,6 +100,8 @@ class AdaptiveDecoder:
     def __init__(self, model, exit: ExitConfig):
         if model.config.model_type != "looped":
             raise LoopfitError("adaptive exit needs a looped model")
+        if exit.criterion == "gate" and model.model.exit_gate is None:
+            raise LoopfitError("--exit_criterion gate needs a model with an exit gate (train one: --exit_gate.train)")
         self.model, self.exit = model.eval(), exit.resolved(model)
         self.cache = DynamicCache()
         self.length = 0
@@ -123,16 +129,20 @@ class AdaptiveDecoder:
         e = dec.run_prelude(x_emb, ctx)
         s = dec.initial_state(e, pos)
         peek = replace(ctx, cache=_ReadOnlyCache(self.cache))
-        prev_logp = None
+        prev_logp = survival = None
         stable = 0
         used = x.max_num_steps
         for it in range(x.max_num_steps):
             s_old = s
             s = dec.iterate(s, e, it, ctx)
             n = it + 1
+            if x.criterion == "gate":  # every iteration's hazard enters the survival, checked or not
+                gate_done, survival = gate_exit(dec.exit_gate, s, survival, x.threshold)
             if x.criterion == "none" or n >= x.max_num_steps or n < x.min_num_steps or n % x.check_every:
                 continue
-            if x.criterion == "state":
+            if x.criterion == "gate":
+                done = bool(gate_done.all())
+            elif x.criterion == "state":
                 done = ((s - s_old).norm() / s.norm().clamp_min(1e-12)).item() < x.threshold
             else:
                 logp = self._coda_logits(s, peek).log_softmax(-1)

@@ -23,7 +23,7 @@ from loopfit.models.families import family_of
 from loopfit.train.config import MeanRecurrenceSchedule
 from loopfit.train.schedules import DepthSchedule
 
-COMPONENTS = ("embeddings", "prelude", "adapter", "block", "relaxation", "coda", "final_norm", "head")
+COMPONENTS = ("embeddings", "prelude", "adapter", "block", "relaxation", "coda", "final_norm", "head", "exit_gate")
 CURRICULA = ("linear", "1-sqrt", "none")
 
 
@@ -35,13 +35,16 @@ def _modules(model: nn.Module) -> dict[str, list[nn.Module]]:
         dec = base.model
         parts = {"prelude": [dec.prelude], "adapter": [dec.adapter], "block": [dec.block], "coda": [dec.coda]}
         parts["relaxation"] = [dec.relaxation] if dec.relaxation is not None else []  # per-iteration deltas
-        return {"embeddings": [dec.embed_tokens], **parts, "final_norm": [dec.norm], "head": head}
+        # The exit gate (models/exit_gate.py) is counted but left out of the FLOPs: H (or H·width) MACs an iteration.
+        gate = [dec.exit_gate] if dec.exit_gate is not None else []
+        return {"embeddings": [dec.embed_tokens], **parts, "final_norm": [dec.norm], "head": head, "exit_gate": gate}
     try:
         family = family_of(base.config)
     except ValueError as e:
         raise LoopfitError(str(e)) from None
     parts = {"prelude": [family.layers(base)], "adapter": [], "block": [], "relaxation": [], "coda": []}
-    return {"embeddings": [family.embedding(base)], **parts, "final_norm": [family.final_norm(base)], "head": head}
+    return {"embeddings": [family.embedding(base)], **parts, "final_norm": [family.final_norm(base)], "head": head,
+            "exit_gate": []}  # fmt: skip
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

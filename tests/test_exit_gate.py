@@ -184,6 +184,30 @@ def test_objective_equals_a_hand_computation_from_per_depth_losses(pair, kd):
     student.zero_grad()
 
 
+@pytest.mark.parametrize("kd", [False, True])
+def test_gate_stage_flop_count_matches_torch_flop_counter(kd):
+    """One micro-step of the gate's stage, counted by torch's flop counter, within 3% of the forward-only count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from loopfit.flops import flop_params, train_flops_per_token
+
+    src = make_tiny_model("llama", num_layers=6, hidden=64, attn_implementation="eager")
+    model = to_looped(src, layout_from_sizes(6, 1, 2, 2)).train()
+    exit_gate_stage(model)
+    batch, seq, r = 2, 64, 3
+    ids = torch.randint(4, 260, (batch, seq), generator=torch.Generator().manual_seed(0))
+    dc = DistillationConfig(enabled=kd, ce_scale=0.5, kd_scale=0.5)
+    objective = build_objective(dc, model, src if kd else None, exit_gate=ExitGateConfig(train=True))
+    inplace = {torch.ops.aten.addmm_: lambda _c, a, b, **_: 2 * a[0] * a[1] * b[1]}
+    with FlopCounterMode(display=False, custom_mapping=inplace) as counter:
+        parts = objective_loss(objective, Student(model), src if kd else None, {"input_ids": ids, "labels": ids}, r,
+                               torch.tensor(float(batch * (seq - 1))))  # fmt: skip
+        parts.total.backward()
+    p = flop_params(model, src if kd else None)
+    want = train_flops_per_token(p, 0, r, seq, teacher=kd, depths=r, forward_only=True)
+    assert counter.get_total_flops() == pytest.approx(want * batch * seq, rel=0.03)
+
+
 # ------------------------------------------------------------------------------------------------ training
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

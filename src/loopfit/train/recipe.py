@@ -251,7 +251,8 @@ def fit(run: Run, until: int | None = None) -> None:
         scored = n + kg if cfg.exit_gate.train else cfg.every_depth.k  # the gate's stage scores every depth
         depths = min(max(scored, 1), max(n + kg, 1))  # the loss at every depth's scored depths
         flops_tok = train_flops_per_token(run.flops_params, n, kg, cfg.seq_len, cfg.fixed_point_scale > 0,
-                                          teacher=run.teacher is not None, depths=depths)  # fmt: skip
+                                          teacher=run.teacher is not None, depths=depths,
+                                          forward_only=cfg.exit_gate.train)  # fmt: skip
         run.step += 1
         metrics.update(
             step=run.step,

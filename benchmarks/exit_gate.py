@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--max_num_steps", type=int, default=4)
     ap.add_argument("--tolerance", type=float, default=0.005, help="relative NLL increase counted as equal loss")
     ap.add_argument("--criteria", default=",".join(GRIDS), help="comma-separated subset of " + ",".join(GRIDS))
+    ap.add_argument("--grid", default="", help="thresholds replacing the default grids, e.g. 'gate:0.5,0.9 kl:1e-2'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="exit_gate", help="results file name")
     args = ap.parse_args()
@@ -53,8 +54,9 @@ def main() -> None:
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][: args.prefix + args.tokens]])
     score_adaptive(model, ids[:, : args.prefix + 8], args.prefix, ExitConfig("none", max_num_steps=1))  # warm-up
     R = args.max_num_steps
+    grids = dict(GRIDS) | {c: tuple(map(float, t.split(","))) for c, t in (g.split(":") for g in args.grid.split())}
     runs = [("fixed", r, ExitConfig("none", max_num_steps=r)) for r in range(1, R + 1)]
-    runs += [(c, t, ExitConfig(c, t, max_num_steps=R)) for c in args.criteria.split(",") for t in GRIDS[c]]
+    runs += [(c, t, ExitConfig(c, t, max_num_steps=R)) for c in args.criteria.split(",") for t in grids[c]]
     rows = []
     for criterion, thr, exit in runs:
         t0 = time.perf_counter()

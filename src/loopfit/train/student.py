@@ -303,7 +303,7 @@ def objective_loss(
         output_states=align,
         fixed_point=objective.weights.fixed_point_scale > 0,
         every_depth=objective.every_depth,
-        exit_gate=objective.exit_gate_entropy is not None,
+        **({"exit_gate": True} if objective.exit_gate_entropy is not None else {}),  # only then: older stubs lack it
     )
     kw = {}
     if objective.teacher == "live":

@@ -11,10 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TEXT, make_tiny_model, make_tiny_tokenizer, write_teacher_and_looped_student
+from torch.utils.flop_counter import FlopCounterMode
 
 from loopfit.adaptive import AdaptiveDecoder, ExitConfig, generate_adaptive, score_adaptive
+from loopfit.cli import main
 from loopfit.convert import Layout, layout_from_sizes, to_looped
 from loopfit.errors import LoopfitError
+from loopfit.flops import count_parameters, flop_params, train_flops_per_token
 from loopfit.loading import load_model
 from loopfit.losses.depths import depth_token_losses, exit_gate_loss, fused_depth_loss
 from loopfit.models.exit_gate import ExitGate, exit_log_probs, gate_exit
@@ -187,10 +190,6 @@ def test_objective_equals_a_hand_computation_from_per_depth_losses(pair, kd):
 @pytest.mark.parametrize("kd", [False, True])
 def test_gate_stage_flop_count_matches_torch_flop_counter(kd):
     """One micro-step of the gate's stage, counted by torch's flop counter, within 3% of the forward-only count."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from loopfit.flops import flop_params, train_flops_per_token
-
     src = make_tiny_model("llama", num_layers=6, hidden=64, attn_implementation="eager")
     model = to_looped(src, layout_from_sizes(6, 1, 2, 2)).train()
     exit_gate_stage(model)
@@ -318,6 +317,9 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(back.model.exit_gate(s), lm.model.exit_gate(s))
     plain = to_looped(make_tiny_model("llama", num_layers=4, hidden=32), Layout([0], [1, 2], [3]))
     assert plain.model.exit_gate is None and "exit_gate" not in json.dumps(list(plain.state_dict()))
+    counts = count_parameters(back)  # `loopfit count`: the gate is a component of its own (H weights + 1 bias)
+    assert counts["exit_gate"] == 33 and counts["total"] == sum(p.numel() for p in back.parameters())
+    assert count_parameters(plain)["exit_gate"] == 0
 
 
 R = 5
@@ -389,8 +391,6 @@ def test_gate_criterion_refusals():
     ],
 )
 def test_cli_bad_flags_are_one_line(models, capsys, args, expected):
-    from loopfit.cli import main
-
     with pytest.raises(SystemExit) as e:
         main(["generate", str(models / "looped"), "--max_new_tokens", "2", *args])
     err = capsys.readouterr().err.strip().splitlines()
@@ -398,8 +398,6 @@ def test_cli_bad_flags_are_one_line(models, capsys, args, expected):
 
 
 def test_cli_train_refuses_gate_with_lora(models, tmp_path, capsys):
-    from loopfit.cli import main
-
     with pytest.raises(SystemExit) as e:
         main(["train", "--model_name", str(models / "looped"), "--out", str(tmp_path / "r"),
               "--data", str(models / "data.txt"), "--exit_gate.train=true", "--lora.enabled=true"])  # fmt: skip

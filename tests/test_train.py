@@ -487,7 +487,7 @@ def test_fixed_point_term(models, tmp_path):
         model.model.adapter.weight.add_(0.3 * torch.randn_like(model.model.adapter.weight))
     model.save_pretrained(folder)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    _, _, _, residual, _, _ = Student(model)(ids, num_steps=3, fixed_point=True)
+    _, _, _, residual, *_ = Student(model)(ids, num_steps=3, fixed_point=True)
     s3 = model.model(ids, num_steps=3, output_states=True).states[-1]
     s4 = model.model(ids, num_steps=4, output_states=True).states[-1]
     torch.testing.assert_close(residual, (s4 - s3).pow(2).sum(-1) / s3.pow(2).sum(-1))
@@ -551,7 +551,7 @@ class _Planted(torch.nn.Module):
 
     def forward(self, input_ids, num_steps=None, output_states=False, fixed_point=False, every_depth=1):
         hidden, _, head_weight, *_ = self.inner(input_ids, num_steps=num_steps)
-        return hidden, self.states, head_weight, self.residual, None, ()
+        return hidden, self.states, head_weight, self.residual, None, (), None
 
 
 def _aux_terms(labels, value):

@@ -5,6 +5,8 @@ Criteria, checked after iteration `it` when `it >= min_num_steps` and `it % chec
   against the uniform distribution) below the threshold (default 1e-3);
 - `state`: relative state change `|s_it - s_(it-1)| / |s_it|` below the threshold (default 0.03);
 - `argmax`: the predicted token unchanged over `threshold` successive checks (default 5);
+- `gate`: the model's learned exit gate (`loopfit.models.exit_gate`): its cumulative exit probability reaches the
+  threshold q in [0, 1] (default 0.5; Ouro's Q-exit, arXiv:2510.25741); the gate is read after every iteration;
 - `none`: always run `max_num_steps` iterations.
 
 The prompt (prefill) always runs `max_num_steps` iterations. Sequences are decoded in batches (left padding, an
@@ -28,9 +30,10 @@ from transformers.cache_utils import DynamicCache
 
 from loopfit.data.chat import format_prompt
 from loopfit.errors import LoopfitError
+from loopfit.models.exit_gate import gate_exit
 
-CRITERIA = ("kl", "state", "argmax", "none")
-DEFAULT_THRESHOLDS = {"kl": 1e-3, "state": 0.03, "argmax": 5, "none": 0.0}
+CRITERIA = ("kl", "state", "argmax", "gate", "none")
+DEFAULT_THRESHOLDS = {"kl": 1e-3, "state": 0.03, "argmax": 5, "gate": 0.5, "none": 0.0}
 
 
 @dataclass
@@ -38,7 +41,7 @@ class ExitConfig:
     """When to stop looping for a token."""
 
     criterion: str = "kl"
-    """`kl`, `state`, `argmax` or `none`."""
+    """`kl`, `state`, `argmax`, `gate` or `none`."""
     threshold: float | None = None
     """Exit threshold (for `argmax`: the number of checks the argmax must stay unchanged); default per criterion."""
     min_num_steps: int = 1
@@ -54,7 +57,8 @@ class ExitConfig:
         if self.threshold is None:
             self.threshold = DEFAULT_THRESHOLDS[self.criterion]
         thr = self.threshold
-        if thr < 0 or (self.criterion == "argmax" and (thr < 1 or thr != int(thr))):
+        bad = (self.criterion == "argmax" and (thr < 1 or thr != int(thr))) or (self.criterion == "gate" and thr > 1)
+        if thr < 0 or bad:
             raise LoopfitError(f"bad --exit_threshold {thr} for --exit_criterion {self.criterion}")
         if min(1 if self.max_num_steps is None else self.max_num_steps, self.min_num_steps, self.check_every) < 1:
             raise LoopfitError("--num_steps, --min_num_steps and --check_every must be >= 1")
@@ -177,6 +181,8 @@ class AdaptiveDecoder:
     def __init__(self, model, exit: ExitConfig):
         if model.config.model_type != "looped":
             raise LoopfitError("adaptive exit needs a looped model")
+        if exit.criterion == "gate" and model.model.exit_gate is None:
+            raise LoopfitError("--exit_criterion gate needs a model with an exit gate (train one: --exit_gate.train)")
         self.model, self.exit = model.eval(), exit.resolved(model)
         self.cache = DynamicCache()
         self.mask: torch.Tensor | None = None  # (batch, past) 0/1, left padding
@@ -231,16 +237,19 @@ class AdaptiveDecoder:
         s_out, logits = torch.empty_like(s), None
         have = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
         active, sub, e_act = torch.arange(batch, device=tokens.device), ctx, e
+        survival = None  # gate: (active,) log survival of each row still iterating
         for it in range(R):
             if full and it:
                 staged.carry(dec.block_slots(it - 1), dec.block_slots(it))  # for rows that stopped before it
             staged.rows = None if len(active) == batch else active
             s_old, s = s, dec.iterate(s, e_act, it, sub)
             n = it + 1
+            if x.criterion == "gate":  # every iteration's hazard enters the survival, checked or not
+                gate_done, survival = gate_exit(dec.exit_gate, s, survival, x.threshold)
             if x.criterion == "none" or n >= R or n < x.min_num_steps or n % x.check_every:
                 continue
             step_logits = self._coda_logits(s, sub) if x.criterion in ("kl", "argmax") else None
-            done = check(active, s, s_old, step_logits)
+            done = gate_done if x.criterion == "gate" else check(active, s, s_old, step_logits)
             if not bool(done.any()):
                 continue
             rows = active[done]
@@ -249,6 +258,7 @@ class AdaptiveDecoder:
                 logits = step_logits.new_empty(batch, step_logits.shape[-1]) if logits is None else logits
                 logits[rows], have[rows] = step_logits[done], True
             active, s, e_act = active[~done], s[~done], e_act[~done]
+            survival = survival[~done] if survival is not None else None
             if not len(active):
                 break
             sub = ctx.select_rows(active, staged)

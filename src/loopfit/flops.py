@@ -23,7 +23,7 @@ from loopfit.models.families import family_of
 from loopfit.train.config import MeanRecurrenceSchedule
 from loopfit.train.schedules import DepthSchedule
 
-COMPONENTS = ("embeddings", "prelude", "adapter", "block", "relaxation", "coda", "final_norm", "head")
+COMPONENTS = ("embeddings", "prelude", "adapter", "block", "relaxation", "coda", "final_norm", "head", "exit_gate")
 CURRICULA = ("linear", "1-sqrt", "none")
 
 
@@ -35,13 +35,16 @@ def _modules(model: nn.Module) -> dict[str, list[nn.Module]]:
         dec = base.model
         parts = {"prelude": [dec.prelude], "adapter": [dec.adapter], "block": [dec.block], "coda": [dec.coda]}
         parts["relaxation"] = [dec.relaxation] if dec.relaxation is not None else []  # per-iteration deltas
-        return {"embeddings": [dec.embed_tokens], **parts, "final_norm": [dec.norm], "head": head}
+        # The exit gate (models/exit_gate.py) is counted but left out of the FLOPs: H (or H·width) MACs an iteration.
+        gate = [dec.exit_gate] if dec.exit_gate is not None else []
+        return {"embeddings": [dec.embed_tokens], **parts, "final_norm": [dec.norm], "head": head, "exit_gate": gate}
     try:
         family = family_of(base.config)
     except ValueError as e:
         raise LoopfitError(str(e)) from None
     parts = {"prelude": [family.layers(base)], "adapter": [], "block": [], "relaxation": [], "coda": []}
-    return {"embeddings": [family.embedding(base)], **parts, "final_norm": [family.final_norm(base)], "head": head}
+    return {"embeddings": [family.embedding(base)], **parts, "final_norm": [family.final_norm(base)], "head": head,
+            "exit_gate": []}  # fmt: skip
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -104,6 +107,7 @@ def train_flops_per_token(
     fixed_point: bool = False,
     teacher: bool = False,
     depths: float = 1,
+    forward_only: bool = False,
 ) -> float:
     """Training FLOPs per token of one step at depth `(n_no_grad, k_grad)`: forward and backward of the student,
     plus the live teacher's forward. The one count behind MFU, the sweep's budget and `loopfit count`.
@@ -139,11 +143,21 @@ def train_flops_per_token(
         teacher: a live teacher runs (KD without a teacher cache).
         depths: depths the loss scores, `min(k, R)` of the loss at every depth (an expectation is fine); 1: the
             final one only.
+        forward_only: the exit gate's stage (`--exit_gate.train`): the model is frozen and runs forward only, all
+            `n_no_grad + k_grad` iterations and the coda + head at each of `depths` (the 2·N and 4·T·A terms alone;
+            the gate's own H FLOPs per iteration are left out).
 
     Returns:
         FLOPs per token.
     """
     t = seq_len
+    if forward_only:
+        r, it = n_no_grad + k_grad, p.get("adapter", 0) + p.get("block", 0)
+        coda = 2 * (p.get("coda", 0) + p.get("head", 0)) + 4 * t * p.get("attn_coda", 0)
+        f = 2 * (p.get("prelude", 0) + r * it) + 4 * t * (p.get("attn_prelude", 0) + r * p.get("attn_block", 0))
+        f += depths * coda + (2 * (p.get("teacher", 0) + p.get("teacher_head", 0)) + 4 * t * p.get("attn_teacher", 0)
+                              if teacher else 0)  # fmt: skip
+        return float(f)
     g = k_grad + (1 if fixed_point else 0)
     it, a_it = p.get("adapter", 0) + p.get("block", 0), p.get("attn_block", 0)
     n1 = p.get("prelude", 0) + g * it + p.get("coda", 0) + p.get("head", 0)

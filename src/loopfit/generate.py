@@ -79,8 +79,10 @@ def generate_command(
         temperature: sampling temperature.
         cache_mode: override the KV cache mode of a looped model: `full` or `compress`.
         seed: random seed (sampling, state noise in training mode).
-        exit_criterion: adaptive exit per token: `kl`, `state`, `argmax` or `none` (fixed depth; see loopfit.adaptive).
-        exit_threshold: exit threshold (default kl 1e-3, state 0.03, argmax 5 stable checks).
+        exit_criterion: adaptive exit per token: `kl`, `state`, `argmax`, `gate` (the model's learned exit gate) or
+            `none` (fixed depth; see loopfit.adaptive).
+        exit_threshold: exit threshold (default kl 1e-3, state 0.03, argmax 5 stable checks, gate 0.5: the gate's
+            cumulative exit probability, in [0, 1]).
         min_num_steps: adaptive exit: never stop before this many iterations.
         check_every: adaptive exit: check the criterion every this many iterations.
         compile: `torch.compile` the loop's decoder layers (looped models; `loopfit.models.compiled`): same tokens

@@ -25,6 +25,7 @@ REMOTE_CODE_FILES = (
     "outputs.py",
     "layers.py",
     "relaxed.py",
+    "exit_gate.py",
     "modeling_looped.py",
 )
 AUTO_MAP = {

@@ -279,11 +279,12 @@ def sparse_fkl_grad(s: torch.Tensor, y: torch.Tensor, teacher: Teacher, spec: Sp
     return ce_sum, kd_sum * temp**2, 1.0
 
 
-def chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: Teacher | None, spec: Spec, logp=None):
+def chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: Teacher | None, spec: Spec, logp=None, reduce=True):
     """Differentiable (ce_sum, kd_sum) of one chunk of float32 student logits `s` (c, V), before any soft-cap;
-    `logp`: the dense teacher's tempered log-probabilities of the chunk when already computed (multi-depth calls)."""
+    `logp`: the dense teacher's tempered log-probabilities of the chunk when already computed (multi-depth calls).
+    `reduce=False`: the per-token values `(c,)` instead of their sums (the exit gate's per-depth token losses)."""
     s = softcap(s, spec.softcap)
-    ce = F.cross_entropy(s, y, reduction="sum")
+    ce = F.cross_entropy(s, y, reduction="sum" if reduce else "none")
     if teacher is None:
         return ce, None
     t_ = spec.temperature
@@ -295,4 +296,4 @@ def chunk_losses(s: torch.Tensor, y: torch.Tensor, teacher: Teacher | None, spec
         per_token = sparse_per_token(
             logq, teacher.ids, teacher.values, spec.div, teacher.estimator, t_, teacher.tail, **spec.params
         )
-    return ce, per_token.sum()
+    return ce, (per_token.sum() if reduce else per_token)

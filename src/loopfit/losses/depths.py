@@ -14,6 +14,10 @@ exactly):
 The states after iterations run without gradient (truncated backprop) are supervised too: the loss is the same
 function whatever `backprop_depth` is, and their terms train the coda and head (and whatever follows the state),
 while the block gets gradient only through the iterations that keep it, as for the final depth.
+
+The exit gate's stage (`exit_gate_loss`, Ouro arXiv:2510.25741) replaces the fixed weights by a per-token exit
+distribution `p` over the R iterations: `sum_i p(i) L_i - beta * H(p)`. It needs each token's loss at every depth,
+`depth_token_losses` (no gradient: the model is frozen in that stage, only `p` is trained).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from loopfit.losses.chunk_grad import chunk_losses
 from loopfit.losses.divergences import Divergence
 from loopfit.losses.estimators import Estimator
 from loopfit.losses.fused import _FusedLinearKD, _prepare
@@ -121,3 +127,96 @@ def fused_depth_loss(
     denom = float(num_items) if num_items is not None else float(max(n_valid, 1))
     total, ce, kd = _FusedLinearKD.apply(hidden, lm_head_weight, lm_head_bias, y, teacher, spec, chunk_size, denom)
     return DepthLossOutput(total=total, ce=ce, kd=kd if teacher is not None else None)
+
+
+@torch.no_grad()
+def depth_token_losses(
+    student_hiddens: Sequence[torch.Tensor],
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_values: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
+    estimator: str | Estimator | None = None,
+    kind: str | Divergence = "fkl",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+    lm_head_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    logit_softcap: float | None = None,
+    teacher_logit_softcap: float | None = None,
+    **kind_params: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each valid token's CE and KD at each of D depths, without gradient: the fused path's chunks, per token.
+
+    As `fused_depth_loss`, token chunk by token chunk the teacher's log-probabilities are computed once and every
+    depth scored against them, so no `(tokens, V)` tensor exists; the per-token values are those whose sums
+    `fused_depth_loss` returns (`chunk_grad.chunk_losses`, unreduced).
+
+    Args: as `fused_depth_loss` (no weights, scales or `num_items`: nothing is summed).
+
+    Returns:
+        `(ce, kd)`: `(D, n)` float32 over the n tokens whose label is not `ignore_index` (in order); `kd` None
+        without a teacher.
+
+    Raises:
+        ValueError: no hidden state, shapes that differ, and whatever `fused_kd_loss` refuses.
+    """
+    if not student_hiddens:
+        raise ValueError("give at least one student hidden state")
+    if any(h.shape != student_hiddens[-1].shape for h in student_hiddens):
+        raise ValueError(f"the hidden states' shapes differ: {[tuple(h.shape) for h in student_hiddens]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _, y, teacher, spec, n = _prepare(
+        student_hiddens[-1], lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
+        teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
+        1.0, 1.0, logit_softcap, teacher_logit_softcap,
+    )  # fmt: skip
+    valid = (labels != ignore_index).reshape(-1)
+    hsize = student_hiddens[-1].shape[-1]
+    hidden = [h.reshape(-1, hsize)[valid] for h in student_hiddens]
+    ce = torch.empty(len(hidden), n, dtype=torch.float32, device=hidden[0].device)
+    kd = torch.empty_like(ce) if teacher is not None else None
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(start + chunk_size, n))
+        t_chunk = teacher.chunk(rows) if teacher is not None else None
+        logp = None
+        if t_chunk is not None and t_chunk.hidden is not None:
+            logp = torch.log_softmax(t_chunk.logits().float() / spec.temperature, dim=-1)
+        for d, h in enumerate(hidden):
+            s = F.linear(h[rows], lm_head_weight, lm_head_bias).float()
+            ce[d, rows], kd_d = chunk_losses(s, y[rows], t_chunk, spec, logp, reduce=False)
+            if kd is not None:
+                kd[d, rows] = kd_d
+    return ce, kd
+
+
+def exit_gate_loss(
+    log_p: torch.Tensor, token_losses: torch.Tensor, entropy_scale: float, num_items: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exit gate's objective (Ouro, arXiv:2510.25741): `sum_t [sum_i p_t(i) L_t,i - beta * H(p_t)] / num_items`.
+
+    Args:
+        log_p: `(n, D)` log exit distribution of n tokens over D iterations (`models.exit_gate.exit_log_probs`),
+            differentiable. token_losses: `(n, D)` each token's loss after each iteration (constants).
+        entropy_scale: beta >= 0. The entropy `H(p) = -sum_i p(i) log p(i)` (nats, at most log D) keeps the gate
+            from collapsing onto one depth early in training (without it the optimum puts all mass on each token's
+            best depth, which the gate cannot yet tell); larger beta, a flatter exit distribution.
+        num_items: what the sums are divided by (the step's global count of scored tokens).
+
+    Returns:
+        `(total, entropy)`: 0-dim differentiable objective, and the detached entropy term `sum_t H(p_t) / num_items`.
+    """
+    if log_p.shape != token_losses.shape:
+        raise ValueError(f"exit log-probabilities {tuple(log_p.shape)} and token losses "
+                         f"{tuple(token_losses.shape)} differ in shape")  # fmt: skip
+    p = log_p.exp()
+    expected = (p * token_losses.detach()).sum()
+    entropy = -(p * log_p).sum()
+    total = (expected - entropy_scale * entropy) / num_items
+    return total, (entropy / num_items).detach()

@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopfit.losses.chunk_grad import softcap
-from loopfit.losses.depths import DEPTH_WEIGHTINGS, depth_weights, fused_depth_loss
+from loopfit.losses.depths import (
+    DEPTH_WEIGHTINGS,
+    depth_token_losses,
+    depth_weights,
+    exit_gate_loss,
+    fused_depth_loss,
+)
 from loopfit.losses.divergences import Divergence, get_divergence, kd_divergence
 from loopfit.losses.estimators import Estimator, get_estimator
 from loopfit.losses.fused import fused_kd_loss
@@ -154,6 +160,10 @@ class Objective:
         every_depth: CE / KD on the coda's output after each of the last `every_depth` loop iterations (the caller
             gives the earlier ones as `depth_hidden`); 1: the final depth only.
         depth_weighting: how those depths are weighted (`loopfit.losses.depths`: `uniform` or `linear`).
+        exit_gate_entropy: None, or the exit gate's stage with this entropy weight beta: the loss is
+            `exit_gate_loss` over every depth the caller gives (`depth_hidden` + `hidden`) under the exit distribution
+            `exit_log_probs`, `ce` / `kd` report their expectations under it, and `exit_entropy` / `exit_depth` the
+            distribution's entropy and mean exit iteration. Hidden, fixed-point and router terms do not apply.
     """
 
     weights: ObjectiveWeights = field(default_factory=ObjectiveWeights)
@@ -171,6 +181,7 @@ class Objective:
     chunk_size: int = 1024
     every_depth: int = 1
     depth_weighting: str = "uniform"
+    exit_gate_entropy: float | None = None
 
     def __post_init__(self):
         if self.teacher not in (None, *TEACHER_SOURCES):
@@ -193,6 +204,9 @@ class Objective:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.every_depth < 1:
             raise ValueError(f"every_depth must be >= 1, got {self.every_depth}")
+        if self.exit_gate_entropy is not None and not (self.exit_gate_entropy >= 0 and math.isfinite(
+                self.exit_gate_entropy)):  # fmt: skip
+            raise ValueError(f"exit_gate_entropy must be a finite number >= 0, got {self.exit_gate_entropy}")
         if self.depth_weighting not in DEPTH_WEIGHTINGS:
             raise ValueError(f"depth_weighting must be one of {', '.join(DEPTH_WEIGHTINGS)}, got "
                              f"{self.depth_weighting!r}")  # fmt: skip
@@ -219,6 +233,8 @@ class Objective:
     def term_names(self) -> tuple[str, ...]:
         """Every term this objective can report (`Terms.named`'s keys at the deepest), in a fixed order."""
         kinds = ("ce", "kd") if self.teacher is not None else ("ce",)
+        if self.exit_gate_entropy is not None:
+            return (*Terms.NAMES, "exit_entropy", "exit_depth")
         extra = [f"{t}_R-{j}" for j in range(1, self.every_depth) for t in kinds]
         return (*Terms.NAMES, *extra)
 
@@ -237,6 +253,7 @@ class Objective:
         residual: torch.Tensor | None = None,
         router_aux: torch.Tensor | None = None,
         depth_hidden: Sequence[torch.Tensor] = (),
+        exit_log_probs: torch.Tensor | None = None,
     ) -> Terms:
         """Score one micro-batch.
 
@@ -253,8 +270,15 @@ class Objective:
             depth_hidden: the coda's normed output `(B, S, H)` after the iterations before the last, shallowest
                 first, at most `every_depth - 1` of them (fewer when the loop ran fewer iterations): scored with
                 `hidden` under `depth_weights(1 + len(depth_hidden), depth_weighting)`.
+            exit_log_probs: the exit gate's stage: `(B, S, D)` log exit distribution over the D depths given
+                (`depth_hidden` then `hidden`), differentiable.
         """
         ce_scale, kd_scale = self.scales
+        if self.exit_gate_entropy is not None:
+            teacher = self._teacher_inputs(teacher_hidden, teacher_weight, teacher_targets)
+            return self._exit_gate_terms(
+                labels, [*depth_hidden, hidden], head_weight, num_items, exit_log_probs, teacher
+            )
         if len(depth_hidden) >= self.every_depth:
             raise ValueError(f"{len(depth_hidden)} earlier depths given to an objective over {self.every_depth}")
         hs = [self.student_logits.hidden(x[:, :-1]).reshape(-1, hidden.shape[-1]) for x in (*depth_hidden, hidden)]
@@ -299,6 +323,26 @@ class Objective:
             value = router_aux * scored.sum() / num_items
             terms.total = terms.total + self.weights.router_aux_scale * value
             terms.router_aux = value.detach()
+        return terms
+
+    def _exit_gate_terms(self, labels, hiddens, head_weight, num_items, exit_log_probs, teacher) -> Terms:
+        """The exit gate's stage: each token's loss at every depth (no gradient) under the gate's exit distribution."""
+        if exit_log_probs is None or exit_log_probs.shape[-1] != len(hiddens):
+            raise ValueError(f"the exit gate's stage needs the exit distribution over the {len(hiddens)} depths given")
+        ce_scale, kd_scale = self.scales
+        hs = [self.student_logits.hidden(x[:, :-1]).reshape(-1, x.shape[-1]) for x in hiddens]
+        y = labels[:, 1:].reshape(-1)
+        ce, kd = depth_token_losses(
+            hs, head_weight, y, **teacher, kind=self.divergence, temperature=self.temperature,
+            chunk_size=self.chunk_size, logit_softcap=self.student_logits.softcap, **self.divergence_params,
+        )  # fmt: skip
+        log_p = exit_log_probs[:, :-1].reshape(-1, len(hs))[y != -100]  # (n, D): the scored positions, in order
+        losses = ce_scale * ce + (kd_scale * kd if kd is not None else 0.0)
+        total, entropy = exit_gate_loss(log_p, losses.t(), self.exit_gate_entropy, num_items)
+        p = log_p.detach().exp()
+        depth = torch.arange(1, p.shape[-1] + 1, dtype=p.dtype, device=p.device)
+        terms = Terms(total, (p * ce.t()).sum() / num_items, (p * kd.t()).sum() / num_items if kd is not None else None)
+        terms.depths = {"exit_entropy": entropy, "exit_depth": (p @ depth).sum() / num_items}
         return terms
 
     @staticmethod

@@ -40,6 +40,9 @@ class LoopedConfig(PretrainedConfig):
             `relaxation_rank` is not 0. Iterations from L on use the last group's deltas.
         relaxation_block_init: how the shared block was initialised (`layers`, `average` or a group number); a
             record for model cards, not read by the model.
+        exit_gate: the model carries a learned exit gate (`model.exit_gate`, models/exit_gate.py) for
+            `--exit_criterion gate`; off by default (no gate, nothing changes).
+        exit_gate_width: the gate's hidden width (0: a linear gate on the normalised state).
     """
 
     model_type = "looped"
@@ -65,6 +68,8 @@ class LoopedConfig(PretrainedConfig):
         relaxation_rank: int | str = 0,
         relaxation_groups: list[list[int]] | None = None,
         relaxation_block_init: str | None = None,
+        exit_gate: bool = False,
+        exit_gate_width: int = 0,
         **kwargs,
     ):
         if isinstance(base_config, dict):
@@ -88,6 +93,8 @@ class LoopedConfig(PretrainedConfig):
         self.relaxation_rank = relaxation_rank if relaxation_rank == "full" else int(relaxation_rank)
         self.relaxation_groups = [list(g) for g in relaxation_groups or []]
         self.relaxation_block_init = relaxation_block_init
+        self.exit_gate = bool(exit_gate)
+        self.exit_gate_width = int(exit_gate_width)
         # Distinct decoder layers held; the KV cache has more slots than this (one per iteration and block layer).
         self.num_hidden_layers = len(self.prelude_layers) + len(self.block_layers) + len(self.coda_layers)
         kwargs.pop("num_hidden_layers", None)
@@ -107,6 +114,8 @@ class LoopedConfig(PretrainedConfig):
             raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {self.cache_mode!r}")
         if self.mean_recurrence < 1:
             raise ValueError(f"mean_recurrence must be >= 1, got {self.mean_recurrence}")
+        if self.exit_gate_width < 0:
+            raise ValueError(f"exit_gate_width must be >= 0, got {self.exit_gate_width}")
         if self.backprop_depth < 1:
             raise ValueError(f"backprop_depth must be >= 1, got {self.backprop_depth}")
         n = getattr(self.base_config, "num_hidden_layers", 0) or 0

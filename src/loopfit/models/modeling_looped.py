@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from loopfit.models.configuration_looped import LoopedConfig
 from loopfit.models.depth import parse_num_steps, sample_num_steps
+from loopfit.models.exit_gate import ExitGate
 from loopfit.models.families import decoder_layer_class_names, family_of
 from loopfit.models.layers import _MASK_CACHE_KW, LoopAdapter, _CacheSlot, _pop_cache, attention_types
 from loopfit.models.outputs import CACHE_FIELD, LoopContext, LoopedCausalLMOutput, LoopedModelOutput
@@ -39,13 +40,14 @@ class LoopedPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         if "RotaryEmbedding" in type(module).__name__:
-            # Rotary buffers are computed, not loaded, and only the source family's own init knows them all (e.g.
-            # Gemma 3's per-layer-type frequencies; transformers' generic init knows a single `inv_freq`): copy them
-            # from a freshly built rotary of the same config.
+            # Rotary buffers are computed, not loaded, and only the source family's own init knows them all (Gemma 3's
+            # per-layer-type frequencies; transformers' knows one `inv_freq`): copy a fresh rotary's of the config.
             fresh = family_of(self.config.base_config).build_rotary(self.config.base_config)
             for name, buf in fresh.named_buffers():
                 init.copy_(module.get_buffer(name), buf)
             return
+        if isinstance(module, ExitGate):
+            return module.reset_parameters()
         if isinstance(module, (LowRankDeltas, VectorTable)):
             for p in module.parameters(recurse=False) if isinstance(module, LowRankDeltas) else module.table.values():
                 init.zeros_(p)  # placeholders: conversion (`Relaxation.init_from`) or loading sets them
@@ -101,8 +103,8 @@ class LoopedModel(LoopedPreTrainedModel):
         self.coda = nn.ModuleList(layer_cls(base, i) for i in config.coda_layers)
         self.norm = family.build_norm(base)
         self.rotary_emb = family.build_rotary(base)
-        self.gradient_checkpointing = False
-        self._noise_cache: dict[tuple, torch.Tensor] = {}
+        self.exit_gate = ExitGate.from_config(config)  # None unless the config asks for one (models/exit_gate.py)
+        self.gradient_checkpointing, self._noise_cache = False, {}
         # Relaxed recursion (models/relaxed.py): per-iteration deltas, reached through `loop_iteration`.
         self.loop_iteration: int | None = None
         self.num_relaxed = len(config.relaxation_groups)

@@ -59,6 +59,24 @@ class EveryDepthConfig:
 
 
 @dataclass
+class ExitGateConfig:
+    """The exit gate's stage (Ouro, arXiv:2510.25741): train only a looped model's exit gate
+    (`loopfit.models.exit_gate`, added when the model has none), everything else frozen, on
+    `sum_i p(i) L_i - entropy_scale * H(p)` per token, with `L_i` the CE / KD after iteration i (coda + head on every
+    state) and `p` the gate's exit distribution over the step's R iterations (train at the depth inference will cap:
+    `--fixed_num_steps`)."""
+
+    train: bool = False
+    """Run the gate's stage (needs a looped student, no LoRA, no hidden / fixed-point terms or every-depth loss)."""
+    width: int = 0
+    """Hidden width of a new gate: 0 for a linear gate on the (RMS-normalised) state, else a SiLU MLP. A model that
+    already has a gate keeps its own."""
+    entropy_scale: float = 0.05
+    """beta of the entropy bonus (nats per token; the entropy is at most log R): larger keeps the exit distribution
+    flatter; 0 lets it collapse onto each token's best depth as the gate sees it."""
+
+
+@dataclass
 class MeanRecurrenceSchedule:
     """Curriculum of the mean loop depth: ramps from 1 to `max_mean_rec` over a warmup fraction of training."""
 
@@ -202,6 +220,8 @@ class TrainConfig:
     """Distillation settings."""
     every_depth: EveryDepthConfig = field(default_factory=EveryDepthConfig)
     """Loss at every depth (a looped student only)."""
+    exit_gate: ExitGateConfig = field(default_factory=ExitGateConfig)
+    """The exit gate's training stage (a looped student only; everything but the gate frozen)."""
     optim_config: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer settings."""
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
@@ -378,11 +398,31 @@ def _validate(c: TrainConfig) -> None:
             )
     if d.share_weights and d.enabled and not c.lora.enabled and d.teacher_model_name:
         d.share_weights = False  # without LoRA the student's layers change, so nothing can be shared
+    _validate_exit_gate(c)
     if c.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise LoopfitError("--wandb=true needs the 'wandb' package (pip install wandb)") from None
+
+
+def _validate_exit_gate(c: TrainConfig) -> None:
+    g = c.exit_gate
+    check_count("exit_gate.width", g.width, 0)
+    check_number("exit_gate.entropy_scale", g.entropy_scale, low=0)
+    if not g.train:
+        return
+    clash = {
+        "--lora.enabled=true": c.lora.enabled,
+        "--every_depth.k > 1": c.every_depth.k > 1,
+        "--fixed_point_scale > 0": c.fixed_point_scale > 0,
+        "--distillation.hidden_scale > 0": c.distillation.enabled and c.distillation.hidden_scale > 0,
+        "--distillation.on_policy": c.distillation.on_policy.lmbda > 0,
+    }
+    bad = [name for name, on in clash.items() if on]
+    if bad:
+        raise LoopfitError(f"--exit_gate.train=true trains the gate alone (every other weight frozen, every depth "
+                           f"scored); it cannot be combined with {', '.join(bad)}")  # fmt: skip
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -51,6 +51,7 @@ from loopfit.train.student import (
     apply_lora,
     base_model,
     build_objective,
+    exit_gate_stage,
     family_logits,
     objective_loss,
     share_teacher_weights,
@@ -106,7 +107,9 @@ def setup(cfg: TrainConfig) -> Run | None:
         tv, sv = teacher.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
         if tv != sv:
             raise LoopfitError(f"teacher vocabulary ({tv}) differs from the student's ({sv}); KD needs the same one")
-    if cfg.lora.enabled:
+    if cfg.exit_gate.train:
+        exit_gate_stage(model, cfg.exit_gate.width)  # the gate alone trains (added if the model has none)
+    elif cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     else:
         model.requires_grad_(True)
@@ -121,7 +124,8 @@ def setup(cfg: TrainConfig) -> Run | None:
     if teacher is not None:
         teacher.to(device)
     objective = build_objective(dc, model, teacher, cache_estimator=cache.estimator if cache is not None else None,
-                                fixed_point_scale=cfg.fixed_point_scale, every_depth=cfg.every_depth)  # fmt: skip
+                                fixed_point_scale=cfg.fixed_point_scale, every_depth=cfg.every_depth,
+                                exit_gate=cfg.exit_gate)  # fmt: skip
     hidden_loss = objective.hidden_loss  # its projections (if any) train with the student
     if not any(p.requires_grad for p in model.parameters()):
         raise LoopfitError("nothing to train: the student has no trainable parameters")
@@ -244,9 +248,11 @@ def fit(run: Run, until: int | None = None) -> None:
         dt = time.perf_counter() - t0
         tokens = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * d.world_size
         n, kg = num_steps
-        depths = min(max(cfg.every_depth.k, 1), max(n + kg, 1))  # the loss at every depth's scored depths
+        scored = n + kg if cfg.exit_gate.train else cfg.every_depth.k  # the gate's stage scores every depth
+        depths = min(max(scored, 1), max(n + kg, 1))  # the loss at every depth's scored depths
         flops_tok = train_flops_per_token(run.flops_params, n, kg, cfg.seq_len, cfg.fixed_point_scale > 0,
-                                          teacher=run.teacher is not None, depths=depths)  # fmt: skip
+                                          teacher=run.teacher is not None, depths=depths,
+                                          forward_only=cfg.exit_gate.train)  # fmt: skip
         run.step += 1
         metrics.update(
             step=run.step,

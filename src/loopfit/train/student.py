@@ -14,8 +14,9 @@ from torch import nn
 from loopfit.errors import LoopfitError
 from loopfit.losses import HiddenStateLoss
 from loopfit.losses.objective import LogitTransform, Objective, ObjectiveWeights, Terms
+from loopfit.models.exit_gate import ExitGate, exit_log_probs
 from loopfit.models.families import FAMILIES
-from loopfit.train.config import DistillationConfig, EveryDepthConfig, LoRAConfig
+from loopfit.train.config import DistillationConfig, EveryDepthConfig, ExitGateConfig, LoRAConfig
 
 
 def is_looped(model: nn.Module) -> bool:
@@ -42,6 +43,24 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         return get_peft_model(model, lc)
     except ValueError as e:
         raise LoopfitError(f"cannot apply LoRA: {str(e).splitlines()[0]}") from None
+
+
+def exit_gate_stage(model: nn.Module, width: int = 0) -> ExitGate:
+    """Prepare a looped model for the exit gate's stage: give it a gate if it has none (`width` 0: linear; the config
+    then says `exit_gate: true`, so the saved folder carries it), freeze everything else. Returns the gate.
+
+    Raises:
+        LoopfitError: a plain (not looped) model.
+    """
+    if not is_looped(model):
+        raise LoopfitError("--exit_gate.train needs a looped student (the gate reads the loop's state)")
+    dec = model.model
+    if dec.exit_gate is None:
+        c = model.config
+        c.exit_gate, c.exit_gate_width = True, width
+        dec.exit_gate = ExitGate.from_config(c).to(model.device)
+    model.requires_grad_(False)
+    return dec.exit_gate.requires_grad_(True)
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -96,28 +115,33 @@ class Student(nn.Module):
         self.looped = is_looped(base_model(model))
 
     def forward(self, input_ids, num_steps=None, output_states: bool = False, fixed_point: bool = False,
-                every_depth: int = 1):  # fmt: skip
+                every_depth: int = 1, exit_gate: bool = False):  # fmt: skip
         """(final normed hidden state, loop states or None, LM head weight, fixed-point residual or None, MoE
-        load-balancing loss or None, earlier depths' normed hidden states).
+        load-balancing loss or None, earlier depths' normed hidden states, exit log-probabilities or None).
 
         The head weight is returned from inside `forward` because under FSDP2 parameters are only gathered
         (unsharded) around a forward call; the fused loss then uses it outside the module. With `fixed_point`
         the fourth element is `||f(s_R) - s_R||^2 / ||s_R||^2` per position, `(batch, seq)` float32: `f` is one more
         loop iteration, the norm in the denominator is detached so the loss cannot shrink by inflating the state.
         With `every_depth` = k > 1 the last element holds the coda's normed output (`run_coda`) on the states after
-        iterations R - k + 1 .. R - 1 (those that exist), shallowest first; otherwise `()`.
+        iterations R - k + 1 .. R - 1 (those that exist), shallowest first; otherwise `()`. With `exit_gate` (the
+        gate's stage) every depth's (k = R) and the last element is the gate's `(batch, seq, R)` log exit
+        distribution (`models.exit_gate.exit_log_probs`), computed here so that DDP sees the gate used in forward.
         """
         base = base_model(self.model)
         if not self.looped:
-            return base.base_model(input_ids).last_hidden_state, None, self.head_weight(), None, None, ()
-        keep = output_states or fixed_point or every_depth > 1
+            return base.base_model(input_ids).last_hidden_state, None, self.head_weight(), None, None, (), None
+        keep = output_states or fixed_point or every_depth > 1 or exit_gate
         out = base(input_ids, num_steps=num_steps, return_hidden=True, output_states=keep,
                    output_next_state=fixed_point)  # fmt: skip
         residual = None
         if fixed_point:
             s, s_next = out.states[-1].float(), out.next_state.float()
             residual = (s_next - s).pow(2).sum(-1) / s.detach().pow(2).sum(-1).clamp_min(1e-6)
-        depths = ()
+        depths, log_p = (), None
+        if exit_gate:
+            every_depth = len(out.states)
+            log_p = exit_log_probs(torch.stack([base.model.exit_gate(s.detach()) for s in out.states], dim=-1))
         if every_depth > 1:
             # The loop's own context (masks, rotary) for the coda, as `forward` built it: no padding mask or cache
             # in training, positions 0..S-1; the embeddings only give it their shape and dtype.
@@ -126,7 +150,7 @@ class Student(nn.Module):
                 ctx = dec.prepare(dec.embed(input_ids))
             depths = tuple(dec.run_coda(s, ctx) for s in out.states[-every_depth:-1])
         states = out.states if output_states else None
-        return out.logits, states, self.head_weight(), residual, out.aux_loss, depths
+        return out.logits, states, self.head_weight(), residual, out.aux_loss, depths, log_p
 
     def head_weight(self) -> torch.Tensor:
         return base_model(self.model).get_output_embeddings().weight
@@ -189,6 +213,7 @@ def build_objective(
     hidden_loss: nn.Module | None = None,
     block_span: tuple[int, int] | None = None,
     every_depth: EveryDepthConfig | None = None,
+    exit_gate: ExitGateConfig | None = None,
 ) -> Objective:
     """The run's whole loss, decided once from the distillation settings and the models (`loopfit train`'s setup and
     `loopfit.hf.DistillationTrainer` both build it here).
@@ -201,6 +226,8 @@ def build_objective(
         hidden_loss, block_span: an alignment loss already built (its projections trained elsewhere) and the span
             its loop replaced; by default built here from `dcfg.hidden_scale`, the model's widths and layout.
         every_depth: the loss at every depth (`--every_depth.k`, `.weighting`); default: the final depth only.
+        exit_gate: with `.train`, the exit gate's stage (`Objective.exit_gate_entropy`); the model must already be
+            prepared by `exit_gate_stage`.
 
     Raises:
         LoopfitError: a setting the models cannot serve (alignment without a looped student or a live teacher, or a
@@ -250,6 +277,7 @@ def build_objective(
             teacher_logits=LogitTransform(*logit_transform(teacher.config)) if source == "live" else LogitTransform(),
             fused=dcfg.fused, chunk_size=dcfg.chunk_size, every_depth=max(every_depth.k, 1),
             depth_weighting=every_depth.weighting,
+            exit_gate_entropy=exit_gate.entropy_scale if exit_gate is not None and exit_gate.train else None,
         )  # fmt: skip
     except ValueError as e:
         raise LoopfitError(f"--distillation: {e}") from None
@@ -269,12 +297,13 @@ def objective_loss(
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     align = objective.hidden_loss is not None
-    hidden, states, head_weight, residual, aux_loss, depths = student(
+    hidden, states, head_weight, residual, aux_loss, depths, log_p = student(
         input_ids,
         num_steps=num_steps,
         output_states=align,
         fixed_point=objective.weights.fixed_point_scale > 0,
         every_depth=objective.every_depth,
+        **({"exit_gate": True} if objective.exit_gate_entropy is not None else {}),  # only then: older stubs lack it
     )
     kw = {}
     if objective.teacher == "live":
@@ -289,7 +318,7 @@ def objective_loss(
                                "(teacher_ids): wrap the data in loopfit.cache.TeacherTargetsDataset")  # fmt: skip
         kw = dict(teacher_targets={k: v for k, v in batch.items() if k.startswith("teacher_")})
     return objective(labels, hidden, head_weight, num_items, states=states, residual=residual, router_aux=aux_loss,
-                     depth_hidden=depths, **kw)  # fmt: skip
+                     depth_hidden=depths, exit_log_probs=log_p, **kw)  # fmt: skip
 
 
 def micro_batch_loss(

@@ -64,6 +64,29 @@ class DepthLossOutput:
     """`(D,)` float32 distillation divergence at each depth (detached), None without a teacher."""
 
 
+def _prepare_depths(
+    student_hiddens, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
+    teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
+    ce_scale, kd_scale, logit_softcap, teacher_logit_softcap, chunk_size,
+):  # fmt: skip
+    """`fused.py`'s `_prepare` for D hidden states of the same positions: validates them and the chunk size, and
+    returns (D valid-token hidden states `(n, H)`, labels, teacher, spec, n)."""
+    if not student_hiddens:
+        raise ValueError("give at least one student hidden state")
+    if any(h.shape != student_hiddens[-1].shape for h in student_hiddens):
+        raise ValueError(f"the hidden states' shapes differ: {[tuple(h.shape) for h in student_hiddens]}")
+    _, y, teacher, spec, n = _prepare(
+        student_hiddens[-1], lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
+        teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
+        ce_scale, kd_scale, logit_softcap, teacher_logit_softcap,
+    )  # fmt: skip
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    valid = (labels != ignore_index).reshape(-1)
+    hsize = student_hiddens[-1].shape[-1]
+    return [h.reshape(-1, hsize)[valid] for h in student_hiddens], y, teacher, spec, n
+
+
 def fused_depth_loss(
     student_hiddens: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -107,23 +130,15 @@ def fused_depth_loss(
         ValueError: no hidden state, a count of weights other than D, a negative weight, shapes that differ, and
             whatever `fused_kd_loss` refuses.
     """
-    if not student_hiddens:
-        raise ValueError("give at least one student hidden state")
     if len(weights) != len(student_hiddens) or any(not w >= 0 for w in weights):
         raise ValueError(f"need one weight >= 0 per hidden state ({len(student_hiddens)}), got {list(weights)}")
-    if any(h.shape != student_hiddens[-1].shape for h in student_hiddens):
-        raise ValueError(f"the hidden states' shapes differ: {[tuple(h.shape) for h in student_hiddens]}")
-    _, y, teacher, spec, n_valid = _prepare(
-        student_hiddens[-1], lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
+    hidden, y, teacher, spec, n_valid = _prepare_depths(
+        student_hiddens, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
         teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
-        ce_scale, kd_scale, logit_softcap, teacher_logit_softcap,
+        ce_scale, kd_scale, logit_softcap, teacher_logit_softcap, chunk_size,
     )  # fmt: skip
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    hidden = torch.stack(hidden)
     spec.depth_weights = tuple(float(w) for w in weights)
-    valid = (labels != ignore_index).reshape(-1)
-    hsize = student_hiddens[-1].shape[-1]
-    hidden = torch.stack([h.reshape(-1, hsize)[valid] for h in student_hiddens])
     denom = float(num_items) if num_items is not None else float(max(n_valid, 1))
     total, ce, kd = _FusedLinearKD.apply(hidden, lm_head_weight, lm_head_bias, y, teacher, spec, chunk_size, denom)
     return DepthLossOutput(total=total, ce=ce, kd=kd if teacher is not None else None)
@@ -166,20 +181,11 @@ def depth_token_losses(
     Raises:
         ValueError: no hidden state, shapes that differ, and whatever `fused_kd_loss` refuses.
     """
-    if not student_hiddens:
-        raise ValueError("give at least one student hidden state")
-    if any(h.shape != student_hiddens[-1].shape for h in student_hiddens):
-        raise ValueError(f"the hidden states' shapes differ: {[tuple(h.shape) for h in student_hiddens]}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    _, y, teacher, spec, n = _prepare(
-        student_hiddens[-1], lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
+    hidden, y, teacher, spec, n = _prepare_depths(
+        student_hiddens, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
         teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
-        1.0, 1.0, logit_softcap, teacher_logit_softcap,
+        1.0, 1.0, logit_softcap, teacher_logit_softcap, chunk_size,
     )  # fmt: skip
-    valid = (labels != ignore_index).reshape(-1)
-    hsize = student_hiddens[-1].shape[-1]
-    hidden = [h.reshape(-1, hsize)[valid] for h in student_hiddens]
     ce = torch.empty(len(hidden), n, dtype=torch.float32, device=hidden[0].device)
     kd = torch.empty_like(ce) if teacher is not None else None
     for start in range(0, n, chunk_size):

@@ -29,6 +29,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from loopfit.data.chat import format_prompt
+from loopfit.data.packing import left_pad
 from loopfit.errors import LoopfitError
 from loopfit.models.exit_gate import gate_exit
 
@@ -160,16 +161,6 @@ class AdaptiveOutput:
         return sum(self.iterations) / max(1, len(self.iterations))
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> left-padded `input_ids` and 0/1 `attention_mask`, both `(batch, longest)` long tensors."""
-    if not sequences or not all(sequences):
-        raise LoopfitError("adaptive decoding needs at least one sequence and no empty one")
-    width = max(len(q) for q in sequences)
-    ids = torch.tensor([[pad_token_id] * (width - len(q)) + list(q) for q in sequences], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in sequences], dtype=torch.long)
-    return ids, mask
-
-
 class AdaptiveDecoder:
     """Step-by-step decoding of a batch of sequences with a per-row, per-token adaptive loop depth.
 
@@ -299,6 +290,8 @@ def generate_adaptive_batch(
     A row that produces an EOS token, or reaches `max_new_tokens`, leaves the batch. Greedy decoding gives each
     sequence the tokens and depths it gets alone (up to float rounding of padded vs unpadded attention).
     """
+    if not prompts or not all(prompts):
+        raise LoopfitError("adaptive decoding needs at least one sequence and no empty one")
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     ids, mask = left_pad(prompts, pad_token_id)
     decoder = AdaptiveDecoder(model, exit)

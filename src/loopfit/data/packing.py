@@ -151,3 +151,16 @@ def data_hash(*datasets: PackedDataset) -> str:
         for a in (r.input_ids, r.labels, r.num_tokens) + ((r.position_ids,) if ds.with_position_ids else ()):
             h.update(np.ascontiguousarray(a, dtype="<i4").tobytes())
     return h.hexdigest()[:16]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> `(input_ids, attention_mask)`, both `(B, P)` long tensors with P the longest, padded on the
+    left (generation's layout: every row's last token in the last column); an empty list gives an all-pad row."""
+    width = max(len(q) for q in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, q in enumerate(sequences):
+        if q:
+            ids[i, width - len(q) :] = torch.tensor(q)
+            mask[i, width - len(q) :] = 1
+    return ids.to(device), mask.to(device)

@@ -38,7 +38,7 @@ from torch import nn
 
 from loopfit.data.chat import prompt_token_ids
 from loopfit.data.dataset import train_documents
-from loopfit.data.packing import IGNORE_INDEX
+from loopfit.data.packing import IGNORE_INDEX, left_pad
 from loopfit.data.stream import BatchStream
 from loopfit.errors import LoopfitError
 from loopfit.losses.objective import Objective
@@ -70,18 +70,6 @@ def eos_token_ids(tokenizer, model: nn.Module) -> list[int]:
     extra = getattr(gen, "eos_token_id", None)
     ids += extra if isinstance(extra, (list, tuple)) else [extra]
     return sorted({int(i) for i in ids if i is not None})
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(input_ids, attention_mask)`, both `(B, P)` with `P` the longest prompt, padded on the left."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()

@@ -81,8 +81,6 @@ class _StagedCache:
     never scattered into the cache until the step ends, so the cache is appended to once per slot per token.
     """
 
-    stages_entries = True  # models/layers.py: no cut of the cache for compress mode's overwrite
-
     def __init__(self, cache: DynamicCache, batch: int):
         self.cache, self.batch, self.rows = cache, batch, None
         self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -100,6 +98,9 @@ class _StagedCache:
             )
             self.staged[layer_idx] = (k.index_copy(0, self.rows, key_states), v.index_copy(0, self.rows, value_states))
         return torch.cat([past_k, key_states], dim=-2), torch.cat([past_v, value_states], dim=-2)
+
+    # Compress mode's overwrite (models/layers.py): a write already replaces the staged entry of the current token.
+    replace_current = update
 
     def carry(self, src: list[int], dst: list[int]) -> None:
         """Stage slots `src`'s entries in slots `dst` (rows that iterate further overwrite theirs)."""

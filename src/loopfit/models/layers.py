@@ -4,6 +4,7 @@ view and the cache-argument name of the installed transformers."""
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import torch
 from torch import nn
@@ -59,16 +60,23 @@ class _CacheSlot:
     # no guard, and one graph serves every (iteration, layer) slot instead of one compilation per slot.
     @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        # A view that stages the current tokens' entries itself (adaptive decoding's `_StagedCache`, flag
-        # `stages_entries`) replaces them on each write: there is nothing of the cache to cut.
-        if self.overwrite and not getattr(self.cache, "stages_entries", False):
-            layer = self.cache.layers[self.slot]
-            q = key_states.shape[-2]
-            layer.keys, layer.values = layer.keys[..., :-q, :], layer.values[..., :-q, :]
+        if self.overwrite:
+            # A cache that stages the current tokens' entries itself (adaptive decoding's `_StagedCache`) says how
+            # to replace them; a plain cache has them appended at its end, to be cut.
+            replace = getattr(self.cache, "replace_current", None) or partial(_replace_current, self.cache)
+            return replace(key_states, value_states, self.slot, *args, **kwargs)
         return self.cache.update(key_states, value_states, self.slot, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.cache, name)
+
+
+def _replace_current(cache: Cache, key_states, value_states, slot: int, *args, **kwargs):
+    """Replace slot `slot`'s entries for the current `key_states.shape[-2]` tokens (the last ones) of `cache`."""
+    layer = cache.layers[slot]
+    q = key_states.shape[-2]
+    layer.keys, layer.values = layer.keys[..., :-q, :], layer.values[..., :-q, :]
+    return cache.update(key_states, value_states, slot, *args, **kwargs)
 
 
 def _pop_cache(cache, kwargs: dict):

@@ -366,7 +366,7 @@ def score_adaptive(model, input_ids: torch.Tensor, prefix_len: int, exit: ExitCo
     return score_adaptive_batch(model, input_ids, prefix_len, exit)[0]
 
 
-def print_adaptive_generations(
+def adaptive_generation_lines(
     model,
     tokenizer,
     prompts: list[str],
@@ -376,22 +376,17 @@ def print_adaptive_generations(
     system: str | None,
     do_sample: bool,
     temperature: float,
-    batch_size: int | None = None,
-) -> None:
-    """`loopfit generate --exit_criterion ...`: decode the prompts `batch_size` at a time (default: all in one batch)
-    and print the iterations each used."""
+) -> list[str]:
+    """`loopfit generate --exit_criterion ...` for one batch of prompts: each prompt's continuation and the mean
+    iterations it used, one line per prompt (the command chunks the prompts by `--batch_size`)."""
     eos = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     exit = exit.resolved(model)
-    size = batch_size or len(prompts)
-    for i in range(0, len(prompts), size):
-        chunk = prompts[i : i + size]
-        texts = [format_prompt(tokenizer, p, chat, system) for p in chunk]
-        ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
-        outs = generate_adaptive_batch(model, ids, exit, max_new_tokens, eos, do_sample, temperature, pad)
-        for p, out in zip(chunk, outs):
-            text = tokenizer.decode(out.tokens, skip_special_tokens=True)
-            print(
-                f"[{exit.criterion}<{exit.threshold:g}, mean {out.mean_iterations:.2f} of {exit.max_num_steps} "
-                f"iterations] {p!r} -> {text.strip()!r}"
-            )
+    texts = [format_prompt(tokenizer, p, chat, system) for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    outs = generate_adaptive_batch(model, ids, exit, max_new_tokens, eos, do_sample, temperature, pad)
+    return [
+        f"[{exit.criterion}<{exit.threshold:g}, mean {out.mean_iterations:.2f} of {exit.max_num_steps} "
+        f"iterations] {p!r} -> {tokenizer.decode(out.tokens, skip_special_tokens=True).strip()!r}"
+        for p, out in zip(prompts, outs)
+    ]

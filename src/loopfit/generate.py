@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loopfit.adaptive import ExitConfig, print_adaptive_generations
+from loopfit.adaptive import ExitConfig, adaptive_generation_lines
 from loopfit.data.chat import format_prompt  # noqa: F401  (re-exported)
 from loopfit.errors import LoopfitError, check_count, check_number
 from loopfit.loading import load_model, load_tokenizer
@@ -118,18 +118,19 @@ def generate_command(
         if lm.config.model_type != "looped":
             raise LoopfitError(f"--compile compiles the loop; {model} is a plain model")
         compile_loop(lm)
-    if exit is not None:
-        return print_adaptive_generations(
-            lm, tok, prompts, exit, max_new_tokens, chat, system, do_sample, temperature, batch_size
-        )
     depth = num_steps if num_steps is not None else getattr(lm.config, "mean_recurrence", None)
+    label = f"[R={depth}] " if lm.config.model_type == "looped" else ""
     size = batch_size or len(prompts)
     for i in range(0, len(prompts), size):
         chunk = prompts[i : i + size]
-        texts = generate_text(lm, tok, chunk, num_steps, max_new_tokens, chat, system, do_sample, temperature)
-        for p, text in zip(chunk, texts):
-            label = f"[R={depth}] " if lm.config.model_type == "looped" else ""
-            print(f"{label}{p!r} -> {text.strip()!r}")
+        if exit is not None:
+            lines = adaptive_generation_lines(
+                lm, tok, chunk, exit, max_new_tokens, chat, system, do_sample, temperature
+            )
+        else:
+            texts = generate_text(lm, tok, chunk, num_steps, max_new_tokens, chat, system, do_sample, temperature)
+            lines = [f"{label}{p!r} -> {text.strip()!r}" for p, text in zip(chunk, texts)]
+        print("\n".join(lines))
 
 
 def check_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None = None) -> None:

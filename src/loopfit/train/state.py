@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,9 +94,12 @@ def enter_stage(run: Run, step: int) -> None:
     rules = cfg.stages[i].param_groups if cfg.stages else cfg.param_groups
     run.optimizers = build_optimizers(run.trainable, cfg.optim_config, rules)
     run.schedulers = [lr_scheduler(o, length, cfg.lr_schedule) for o in run.optimizers]
-    for _ in range(step - start):  # position the schedule inside the stage (on resume)
-        for s in run.schedulers:
-            s.step()
+    with warnings.catch_warnings():
+        # Positioning the schedule inside the stage (on resume) steps it before any optimizer step, by design.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        for _ in range(step - start):
+            for s in run.schedulers:
+                s.step()
     run.stage = i
 
 

@@ -652,3 +652,26 @@ def test_teacher_forward_reads_the_residual_stream_of_the_layers_asked_for():
         teacher_forward(teacher, ids, [6])
     with pytest.raises(LoopfitError, match="decoder layers"):
         teacher_forward(torch.nn.Module(), ids, [0])
+
+
+def test_cli_mixes_several_data_sources_and_resumes(models, tmp_path):
+    """`loopfit train --data a:w --data b:w` mixes by token share (as `loopfit prepare` does), records both sources
+    in the run's data manifest, and the finished run resumes from the same command (the list is compared as is)."""
+    from loopfit.cli import main
+
+    (tmp_path / "b.txt").write_text("\n\n".join(p[::-1] for p in TEXT.split("\n\n")))
+    out = tmp_path / "run"
+    argv = ["train", "--model_name", str(models / "looped"), "--out", str(out), "--seq_len", "32",
+            "--batch_size", "2", "--max_steps", "2", "--fixed_num_steps", "2", "--progress_bar", "false",
+            "--tensorboard", "false", "--data", f"{models / 'data.txt'}:0.5",
+            "--data", f"{tmp_path / 'b.txt'}:0.5"]  # fmt: skip
+    main(argv)
+    sources = json.loads((out / "data_manifest.json").read_text())["sources"]
+    assert [(s["spec"], s["weight"]) for s in sources] == [
+        (str(models / "data.txt"), 0.5),
+        (str(tmp_path / "b.txt"), 0.5),
+    ]
+    assert all(s["train_tokens_used"] > 0 for s in sources)
+    assert len(_metrics(out)) == 2
+    main([*argv, "--resume", "true"])  # finished: the same sources resume (and change nothing)
+    assert len(_metrics(out)) == 2

@@ -169,8 +169,9 @@ class TrainConfig:
     """Student: a looped model folder (from `loopfit convert`) or any plain HF causal LM (ordinary KD)."""
     out: str | None = None
     """Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/."""
-    data: str | None = None
-    """Training data (file, folder or dataset; see `loopfit.data`); default: built-in arithmetic problems."""
+    data: str | list[str] | None = None
+    """Training data (file, folder or dataset; see `loopfit.data`); several sources mix by token share:
+    `--data a.txt:0.5 --data b.jsonl:0.5`. Default: built-in arithmetic problems."""
     chat: bool = False
     """Format records with the tokenizer's chat template."""
     assistant_only: bool = False

@@ -47,15 +47,15 @@ def loopfit(*args: str) -> None:
         raise SystemExit(f"loopfit {args[0]} failed:\n{tail}")
 
 
-def split_gsm8k(path: str, heldout: int, out_dir: Path) -> tuple[Path, Path]:
-    """Write the records before the last `heldout` (training) and the last `heldout` ones to `out_dir`."""
+def training_records(path: str, heldout: int, out_dir: Path) -> Path:
+    """Write the records before the last `heldout` to `out_dir` (the held-out ones are read from `path` itself, as
+    `heal_yardsticks.gsm8k_batches` reads them)."""
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     if heldout >= len(lines):
         raise SystemExit(f"--heldout {heldout} leaves no training records in {path} ({len(lines)} records)")
-    train, held = out_dir / "gsm8k_train.jsonl", out_dir / "gsm8k_heldout.jsonl"
+    train = out_dir / "gsm8k_train.jsonl"
     train.write_text("\n".join(lines[:-heldout]) + "\n")
-    held.write_text("\n".join(lines[-heldout:]) + "\n")
-    return train, held
+    return train
 
 
 def train_arm(args, student: Path, data: Path, lmbda: float, seed: int, out: Path) -> None:
@@ -74,15 +74,15 @@ def train_arm(args, student: Path, data: Path, lmbda: float, seed: int, out: Pat
     )  # fmt: skip
 
 
-def evaluate_run(args, merged: Path, held: Path) -> dict:
+def evaluate_run(args, merged: Path) -> dict:
     tok = load_tokenizer(str(merged))
     model = load_model(str(merged)).eval()
     depths = [args.depth, 2 * args.depth]
     row = {}
-    loss = depth_sweep(model, gsm8k_batches(str(held), tok, args.heldout, 8), depths)
+    loss = depth_sweep(model, gsm8k_batches(args.gsm8k, tok, args.heldout, 8), depths)
     for d, x in zip(loss["depths"], loss["loss"]):
         row[f"loss_R{d}"] = round(x, 4)
-    problems = read_problems(str(held))
+    problems = read_problems(args.gsm8k)[-args.heldout :]
     prompts = [build_prompt(tok, p.question, [], True, None) for p in problems]
     for d in depths:
         summary, _ = evaluate_depth(model, tok, problems, prompts, d, args.eval_new_tokens, 8, True)
@@ -115,7 +115,7 @@ def main() -> None:
     if not (student / "config.json").is_file():
         loopfit("convert", args.teacher, "--out", str(student), "--prelude", "4", "--block", "6", "--coda", "4",
                 "--state_init", "zeros")  # fmt: skip
-    train, held = split_gsm8k(args.gsm8k, args.heldout, out_dir)
+    train = training_records(args.gsm8k, args.heldout, out_dir)
     arms = [(a.split("=")[0], float(a.split("=")[1])) for a in args.arms.split(",")]
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -127,7 +127,7 @@ def main() -> None:
             if not (merged / "config.json").is_file():
                 loopfit("export", str(run), "--out", str(merged))
             row = {"arm": label, "lmbda": lmbda, "seed": seed, "steps": max(m.get("step", 0) for m in metrics)}
-            row.update(evaluate_run(args, merged, held))
+            row.update(evaluate_run(args, merged))
             rows.append(row)
             print(row, flush=True)
     for label, _ in arms:

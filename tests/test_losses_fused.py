@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from loopfit.losses import (
     kd_divergence,
     sparse_kd_divergence,
 )
+from loopfit.losses.chunk_grad import Spec, Workspace, divergence_grad, fkl_grad
+from loopfit.losses.divergences import resolve_kind
 
 N, H, HT, V = 23, 16, 24, 40
 
@@ -250,14 +253,15 @@ def test_errors_and_module():
 
 
 def test_row_blocks_run_on_one_thread_and_restore_the_count():
-    """The CPU row-block kernels drop to one intra-op thread (see `chunk_grad._one_thread_on_cpu`) and give the
-    caller's thread count back, also when the kernel fails."""
+    """The CPU row-block kernels run each part of a chunk's rows on its own Python thread with one intra-op thread
+    (see `chunk_grad._rows_over_threads`) and give the caller's thread count back, also when the kernel fails."""
     h, w, _, th, tw, labels = make(seed=10)
     rkl = get_divergence("rkl")
-    seen, fail = set(), []
+    seen, callers, fail = set(), set(), []
 
     def recording(*args, **kw):
         seen.add(torch.get_num_threads())
+        callers.add(threading.get_ident())
         if fail:
             raise RuntimeError("boom")
         return rkl.grad(*args, **kw)
@@ -270,9 +274,48 @@ def test_row_blocks_run_on_one_thread_and_restore_the_count():
         want, _, _ = reference(h, w, None, labels, th, tw, kind="rkl")
         torch.testing.assert_close(out.total, want, rtol=1e-5, atol=1e-5)
         assert seen == {1} and torch.get_num_threads() == 2
+        assert len(callers) == 2  # 19 valid rows = 3 blocks of 8: two parts, the caller's thread and a worker
         fail.append(True)
         with pytest.raises(RuntimeError, match="boom"):
             fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind=div, chunk_size=64)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_split_over_threads_equal_one_thread(kind, dtype):
+    """Rows split over 2 and 3 threads: the kernel writes the one-thread gradient exactly (each row's arithmetic is
+    the same) and the same sums up to their order; through the fused loss, the same losses and gradients. 100 rows
+    in chunks of 40 leave short last parts."""
+    g = torch.Generator().manual_seed(3)
+    n, v = 100, 300
+    h = torch.randn(n, H, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v, H, generator=g) * 0.5).to(dtype).requires_grad_()
+    th, tw = torch.randn(n, HT, generator=g).to(dtype), (torch.randn(v, HT, generator=g) * 0.5).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    s0, t = (torch.randn(n, v, generator=g) * 3).to(dtype), (torch.randn(n, v, generator=g) * 3).to(dtype)
+    div, params = resolve_kind(kind, {})
+    spec = Spec(div=div, params=params, temperature=2.0, ce_scale=0.5, kd_scale=0.5)
+    kernel = fkl_grad if kind == "fkl" else divergence_grad
+    before, results, kernels = torch.get_num_threads(), {}, {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            s = s0.clone()
+            kernels[threads] = (s, *kernel(s, labels, t, spec, Workspace(s)))
+            out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind=kind, temperature=2.0,
+                                chunk_size=40)  # fmt: skip
+            results[threads] = (out.total.detach(), out.kd, *grads(out.total, h, w))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+    for threads in (2, 3):
+        s, ce, kd, scale = kernels[threads]
+        assert torch.equal(s, kernels[1][0]) and scale == kernels[1][3]
+        torch.testing.assert_close(ce, kernels[1][1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(kd, kernels[1][2], rtol=1e-6, atol=1e-6)
+        for got, want in zip(results[threads], results[1]):
+            torch.testing.assert_close(got, want, **tol)

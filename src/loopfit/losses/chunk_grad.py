@@ -12,13 +12,17 @@ the teacher side, and returns `(ce_sum, kd_sum, scale)` with the chunk's gradien
 - `chunk_losses`: the differentiable losses, for per-chunk autograd (a divergence without a closed form, the other
   divergences against sparse targets, a soft-capped student) and for `chunked_kd_loss`.
 
-On CPU rows are processed in small blocks so that the float32 temporaries of a block stay in cache, on one thread
-(`_one_thread_on_cpu`); on accelerators a block is the whole chunk (each op is a kernel launch).
+On CPU rows are processed in small blocks so that the float32 temporaries of a block stay in cache, each op on one
+intra-op thread, with a chunk's rows split into one part per thread run side by side (`_rows_over_threads`; the
+sparse kernel keeps one part, `_one_thread_on_cpu`); on accelerators a block is the whole chunk (each op is a kernel
+launch).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +94,11 @@ class Workspace:
     page faults, per block)."""
 
     def __init__(self, like: torch.Tensor):
-        self.like, self.bufs = like, {}
+        self.like, self.bufs, self.parts = like, {}, {}
+
+    def part(self, k: int) -> Workspace:
+        """The workspace of the k-th part of a chunk processed on several threads (`_rows_over_threads`)."""
+        return self.parts.setdefault(k, Workspace(self.like))
 
     def get(self, name: str, rows: int) -> torch.Tensor:
         buf = self.bufs.get(name)
@@ -122,6 +130,61 @@ def _one_thread_on_cpu(kernel):
     return run
 
 
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's worker threads, made again when more are needed or after a fork (a forked child has the pool
+    object but not its threads). Torch's own OpenMP threads do not survive a fork either: a child that runs ops on
+    more than one thread hangs with or without this pool, so DataLoader workers run on one (and never get here)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+        _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="loopfit-rows"))
+    return _POOL[2]
+
+
+def _on_one_thread(kernel, *args):
+    torch.set_num_threads(1)  # this worker's intra-op threads (the caller restores the global count after)
+    return kernel(*args)
+
+
+def _rows_over_threads(kernel):
+    """Run a dense row-block kernel `(s, y, t, spec, ws) -> (ce_sum, kd_sum | None, scale)` on CPU with its rows
+    split into one contiguous part per intra-op thread, each part on its own Python thread with one intra-op thread
+    (torch releases the GIL inside ops), and the parts' sums added.
+
+    Where one op spread over the threads waits at a barrier per op (`_one_thread_on_cpu`), the parts here meet
+    once per chunk, so the elementwise passes, which set the time in bf16, use every core. Each part has its own
+    `Workspace`; the rows of `s` they write are disjoint. One thread, an accelerator or a chunk of one row block:
+    the kernel as it is.
+    """
+
+    @functools.wraps(kernel)
+    def run(s, y, t, spec, ws):
+        threads, blk = torch.get_num_threads(), row_block(s)
+        blocks = -(-s.shape[0] // blk)
+        if s.device.type != "cpu" or threads == 1 or blocks < 2:
+            return _one_thread_on_cpu(kernel)(s, y, t, spec, ws)
+        per = -(-blocks // min(threads, blocks)) * blk
+        bounds = [(a, min(a + per, s.shape[0])) for a in range(0, s.shape[0], per)]
+        part = lambda a, b, w: (s[a:b], y[a:b], None if t is None else t[a:b], spec, w)  # noqa: E731
+        torch.set_num_threads(1)
+        futures = []
+        try:
+            pool = _worker_pool(len(bounds) - 1)
+            for k, (a, b) in enumerate(bounds[1:], 1):
+                futures.append(pool.submit(_on_one_thread, kernel, *part(a, b, ws.part(k))))
+            results = [kernel(*part(*bounds[0], ws))] + [f.result() for f in futures]
+        finally:
+            wait(futures)  # no worker still writing `s` once this returns or raises
+            torch.set_num_threads(threads)
+        ce = sum(r[0] for r in results)
+        kd = None if results[0][1] is None else sum(r[1] for r in results)
+        return ce, kd, results[0][2]
+
+    return run
+
+
 def row_block(s: torch.Tensor) -> int:
     """Rows per elementwise block: cache-sized on CPU; the whole chunk on accelerators, where each op is a kernel
     launch and small blocks would leave the device idle."""
@@ -147,7 +210,7 @@ def _softmax_lse(x: torch.Tensor, out: torch.Tensor, x_max: torch.Tensor) -> tor
     return x_max - out.amax(-1).log()
 
 
-@_one_thread_on_cpu
+@_rows_over_threads
 @torch.no_grad()
 def fkl_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, spec: Spec, ws: Workspace):
     """CE (+ forward KL against dense teacher logits `t`, same shape as `s`) of a chunk: sums, gradient into `s`.
@@ -200,7 +263,7 @@ def fkl_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, spec: Spe
     return ce_sum, (kd_sum * temp**2 if t is not None else None), scale
 
 
-@_one_thread_on_cpu
+@_rows_over_threads
 @torch.no_grad()
 def divergence_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor, spec: Spec, ws: Workspace):
     """CE + a divergence with a closed-form gradient (`Divergence.grad`) against dense teacher logits `t`: sums and

@@ -7,6 +7,7 @@ safetensors copy in a cache folder, so the second load takes under a second inst
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -45,9 +46,21 @@ def smollm2_gguf() -> Path:
     raise LoopfitError(f"no .gguf file found inside the installed '{SMOLLM2_PACKAGE}' package")
 
 
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes; memoised per (path, size, mtime), so a process hashes each GGUF once."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
+    # Keyed on the file's bytes, not its path: the same GGUF installed in two venvs (scripts/test.sh's locked and
+    # newest passes, a user's second venv) shares one ~0.5 GB copy instead of writing one each.
     st = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = _file_digest(str(gguf.resolve()), st.st_size, st.st_mtime_ns)[:12]
     return cache_root() / f"{gguf.stem}-{key}"
 
 

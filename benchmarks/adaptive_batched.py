@@ -12,7 +12,7 @@ shallower fixed depths `--fixed_depths` (`none@d`, with their loss). Each row: t
 (generated tokens over wall-clock, prefill included; best of `--repeats` interleaved rounds), mean iterations per
 token, and the mean over decoding steps of the batch's deepest row (what a batch that runs to its deepest member
 would pay).
-Writes benchmarks/results/adaptive_batched.json.
+Writes benchmarks/results/NAME.json (`--name`, default adaptive_batched).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _generate(model, prompts, x: ExitConfig | None, new_tokens: int, num_steps: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="/tmp/mj/repo/runs/demo/healed", help="a looped model folder")
+    ap.add_argument("--model", default="runs/demo/healed", help="a looped model folder (default: the main job's)")
     ap.add_argument("--data", default="../shared/data/text/tinyshakespeare.txt")
     ap.add_argument("--offset", type=float, default=0.9, help="start of the held-out text (fraction of the file)")
     ap.add_argument("--max_num_steps", type=int, nargs="+", default=[4, 8])
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--batch1_prompts", type=int, default=4, help="prompts decoded one at a time for batch 1")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved timing rounds; the best of each is kept")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="adaptive_batched", help="writes benchmarks/results/NAME.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model).eval()
@@ -123,9 +124,8 @@ def main() -> None:
                                  speedup_vs_fixed=tps[criterion] / fixed_tps, mean_iterations=best[criterion][1],
                                  batch_deepest=best[criterion][2]))  # fmt: skip
                 print(rows[-1], flush=True)
-    meta = dict(vars(args), cache_mode=model.config.cache_mode, layout=model.config.layout,
-                losses=losses, note="taken on a loaded shared 2-core CPU machine")  # fmt: skip
-    report("adaptive_batched", rows, meta)
+    meta = dict(vars(args), cache_mode=model.config.cache_mode, layout=model.config.layout, losses=losses)
+    report(args.name, rows, meta)  # the machine's load average goes into meta with the rest
 
 
 if __name__ == "__main__":

@@ -675,3 +675,26 @@ def test_cli_mixes_several_data_sources_and_resumes(models, tmp_path):
     assert len(_metrics(out)) == 2
     main([*argv, "--resume", "true"])  # finished: the same sources resume (and change nothing)
     assert len(_metrics(out)) == 2
+
+
+def test_bf16_slower_than_fp32_on_this_cpu_is_said_at_start(models, tmp_path, capsys, monkeypatch):
+    """Where bf16 matmuls are emulated (an AVX2-only CPU), `--precision bf16` says so once at start."""
+    from loopfit.train import metrics
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(metrics, "_PEAKS", {("cpu", torch.bfloat16): 5e9, ("cpu", torch.float32): 40e9})
+    assert "run at 5.0 GFLOP/s against 40.0 in float32" in metrics.slow_bf16_warning(cpu)
+    assert "8.0x faster" in metrics.slow_bf16_warning(cpu)
+    assert metrics.slow_bf16_warning(torch.device("cuda")) is None
+    run = setup(_cfg(models, tmp_path, precision="bf16", max_steps=1))
+    run.logger.close()
+    assert capsys.readouterr().err.count("loopfit: warning: bf16 matmuls on this CPU") == 1
+    # A CPU with native bf16 (as fast as float32 or faster), or an fp32 run: nothing said.
+    monkeypatch.setattr(metrics, "_PEAKS", {("cpu", torch.bfloat16): 80e9, ("cpu", torch.float32): 40e9})
+    assert metrics.slow_bf16_warning(cpu) is None
+    run = setup(_cfg(models, tmp_path, precision="bf16", max_steps=1, overwrite=True))
+    run.logger.close()
+    monkeypatch.setattr(metrics, "_PEAKS", {("cpu", torch.bfloat16): 5e9, ("cpu", torch.float32): 40e9})
+    run = setup(_cfg(models, tmp_path, max_steps=1, overwrite=True))
+    run.logger.close()
+    assert "bf16 matmuls" not in capsys.readouterr().err

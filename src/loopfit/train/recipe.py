@@ -33,7 +33,7 @@ from loopfit.models.compiled import compile_loop
 from loopfit.train import checkpoint as ckpt
 from loopfit.train.config import TrainConfig
 from loopfit.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
-from loopfit.train.metrics import MetricsLogger, measure_matmul_peak
+from loopfit.train.metrics import MetricsLogger, measure_matmul_peak, slow_bf16_warning
 from loopfit.train.on_policy import build_on_policy, on_policy_step
 from loopfit.train.resume import (
     DONE,
@@ -168,6 +168,8 @@ def setup(cfg: TrainConfig) -> Run | None:
     run.on_policy = build_on_policy(run)  # None unless --distillation.on_policy.lmbda > 0
     run.flops_params = flop_params(model, teacher)
     run.peak_flops = measure_matmul_peak(device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+    if cfg.precision == "bf16" and d.is_main and (warning := slow_bf16_warning(device)):
+        print(warning, file=sys.stderr)
     resume_step = keep_lines = None
     if mode == "resume":
         if found is not None:

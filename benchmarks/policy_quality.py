@@ -12,7 +12,8 @@
 - Arms (`--arms label=lmbda,...`): `off` = lmbda 0 (KD + CE on the dataset's answers, `distillation.kind` fkl), `on`
   = lmbda 1 (every step on the student's own completions, `--max_new_tokens` sampled at temperature 1, per-token
   reverse KL, the documented default). Each run is `loopfit train` with `--max_minutes M` (equal wall-clock; run
-  on a quiet machine, one run at a time) and the same seed, optimizer (AdamW lr 1e-3, WSD) and precision (bf16).
+  on a quiet machine, one run at a time) and the same seed, optimizer (AdamW lr 1e-3, WSD) and precision
+  (`--precision`, default bf16).
 - Evaluation on the held-out problems at R and 2R: the answer loss (nats/token, `loopfit.evaluate.depth_sweep` on the
   answer tokens and end-of-turn token) and greedy accuracy (`loopfit.gsm8k.evaluate_depth`, zero-shot chat, flexible
   and strict extraction, `--eval_new_tokens` new tokens).
@@ -69,8 +70,8 @@ def train_arm(args, student: Path, data: Path, lmbda: float, seed: int, out: Pat
         "--distillation.enabled", "true", "--distillation.teacher_model_name", args.teacher,
         "--distillation.on_policy.lmbda", str(lmbda), "--distillation.on_policy.max_new_tokens",
         str(args.max_new_tokens), "--optim_config.lr", "1e-3", "--lr_schedule.kind", "wsd",
-        "--lr_schedule.warmup_steps", "10", "--precision", "bf16", "--tensorboard", "false", "--save_every", "0",
-        "--overwrite", "true", "--out", str(out),
+        "--lr_schedule.warmup_steps", "10", "--precision", args.precision, "--tensorboard", "false",
+        "--save_every", "0", "--overwrite", "true", "--out", str(out),
     )  # fmt: skip
 
 
@@ -105,6 +106,12 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=128, help="on-policy completion length")
     ap.add_argument("--eval_new_tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--precision",
+        default="bf16",
+        choices=("bf16", "fp32"),
+        help="of every run (fp32 on a CPU without native bf16: `loopfit train` warns there)",
+    )
     ap.add_argument("--out_dir", default="runs/policy_quality")
     ap.add_argument("--name", default="policy_quality")
     args = ap.parse_args()

@@ -14,7 +14,8 @@ Rows:
   trl_gkd   `trl.experimental.gkd.GKDTrainer`, lmbda 1, seq_kd off, its ChatML collator on the same records;
             gradient checkpointing off (`--trl_gradient_checkpointing`: on, TRL's default, which also turns its KV
             cache off while sampling).
-Columns: `tokens_per_s` = (generated + trained tokens) / timed seconds, where generated = completion tokens through
+Columns: `generate_s` = the seconds of a step spent sampling the completions (`generate`, both systems);
+`tokens_per_s` = (generated + trained tokens) / timed seconds, where generated = completion tokens through
 the first EOS, trained = prompt + completion tokens of the rows the loss step runs (padding excluded); `peak_rss_gib`
 = the child process's peak resident memory (`resource.getrusage(...).ru_maxrss`, whole process: models, data,
 optimizer, activations); `train_peak_rss_gib` the same after the kernel's peak mark was reset before the first
@@ -87,7 +88,7 @@ def worker_loopfit(args) -> dict:
     )  # fmt: skip
     cfg.optim_config.lr = LR
     run = recipe.setup(cfg)
-    counts = {"generated": 0, "trained": 0}
+    counts = {"generated": 0, "trained": 0, "generate_s": 0.0}
     step = recipe.on_policy_step
 
     def counting(run_, num_steps):
@@ -95,6 +96,7 @@ def worker_loopfit(args) -> dict:
         if out is not None and counting.timed:
             counts["generated"] += out[2]["generated_tokens"]
             counts["trained"] += sum(_row_tokens(b["labels"]) for b in out[0])
+            counts["generate_s"] += out[2]["generate_s"]
         return out
 
     counting.timed = False
@@ -126,7 +128,7 @@ def worker_trl(args) -> dict:
     student.model.default_num_steps = lambda: depth  # one fixed depth, as loopfit's --fixed_num_steps
     convs = chat_records(args.data, args.prompts)
     times: list[float] = []
-    counts = {"generated": 0, "trained": 0}
+    counts = {"generated": 0, "trained": 0, "generate_s": 0.0}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -153,10 +155,14 @@ def worker_trl(args) -> dict:
     generate = trainer.generate_on_policy_outputs
 
     def counting(model, inputs, generation_config):
+        _sync(trainer.args.device)
+        t0 = time.perf_counter()
         ids, mask, labels = generate(model, inputs, generation_config)
+        _sync(trainer.args.device)
         if len(times) >= args.warmup:  # the step being run is a timed one
             counts["generated"] += int((labels != -100).sum())
             counts["trained"] += int(mask.sum())
+            counts["generate_s"] += time.perf_counter() - t0
         return ids, mask, labels
 
     trainer.generate_on_policy_outputs = counting
@@ -243,9 +249,9 @@ def main() -> None:
             continue
         tokens = r["generated"] + r["trained"]
         rows.append({"system": system, "tokens_per_s": tokens / r["seconds"], "step_s": r["seconds"] / args.steps,
-                     "generated": r["generated"], "trained": r["trained"], "peak_rss_gib": r["peak_rss_gib"],
-                     "train_peak_rss_gib": r["train_peak_rss_gib"], **{k: r[k] for k in ("peak_cuda_gib",
-                     "gradient_checkpointing") if k in r}})  # fmt: skip
+                     "generate_s": r["generate_s"] / args.steps, "generated": r["generated"], "trained": r["trained"],
+                     "peak_rss_gib": r["peak_rss_gib"], "train_peak_rss_gib": r["train_peak_rss_gib"],
+                     **{k: r[k] for k in ("peak_cuda_gib", "gradient_checkpointing") if k in r}})  # fmt: skip
     meta = {k: getattr(args, k) for k in ("batch", "steps", "warmup", "max_new_tokens", "seq_len", "depth", "device",
                                           "bf16", "prompts", "data", "trl_gradient_checkpointing")}  # fmt: skip
     meta |= {"student": "SmolLM2-135M 4-6-4 loop (0-3:20-25:26-29), LoRA r16 all-linear", "lmbda": 1.0,

@@ -4,6 +4,7 @@ divergence on them, lmbda = 0 is today's off-policy run exactly, every trainable
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -291,3 +292,82 @@ def test_plain_student_samples_on_policy(models, tmp_path):
     assert run.on_policy.last["num_steps"] is None
     assert all(x["on_policy"] and x["generated_tokens"] > 0 and math.isfinite(x["loss"]) for x in m)
     assert [n for n, p in run.trainable if torch.equal(before[n], p.detach())] == []
+
+
+def _perturb_lora(model, seed: int = 0) -> None:
+    """Give every LoRA B a random value (it starts at zero, where merged and unmerged agree trivially)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_merged_lora_computes_the_same_function_with_one_matmul_and_leaves_the_weights_untouched(models, tmp_path):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from loopfit.train.student import lora_merged
+
+    run = setup(_cfg(models, tmp_path, on_policy={"lmbda": 1.0}))
+    model = run.model.eval()
+    _perturb_lora(model)
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    lora_layers = [m for m in model.modules() if type(m) is LoraLinear]
+    calls = []
+    hooks = [m.lora_A["default"].register_forward_hook(lambda *a: calls.append(1)) for m in lora_layers]
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        want = model(input_ids=ids, num_steps=3).logits
+        assert calls, "the unmerged forward runs the adapters"
+        calls.clear()
+        with lora_merged(model) as n:
+            got = model(input_ids=ids, num_steps=3).logits
+            assert not calls, "merged: the adapters' matmuls are not run"
+        after = model(input_ids=ids, num_steps=3).logits
+    assert n == len(lora_layers) > 0
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    with torch.no_grad(), model.disable_adapter():
+        assert (model(input_ids=ids, num_steps=3).logits - want).abs().max() > 1e-3  # the update matters here
+    assert torch.equal(after, want)
+
+    def unchanged():
+        # The very same parameters, bit for bit (an in-place merge and unmerge would round the base weights).
+        for name, p in model.named_parameters():
+            assert p is before[name][0] and torch.equal(p, before[name][1]), name
+        assert not any(m.merged for m in lora_layers)
+
+    unchanged()
+    # Restored after an exception too; a model with its adapters disabled merges nothing.
+    with pytest.raises(RuntimeError, match="boom"), lora_merged(model):
+        raise RuntimeError("boom")
+    unchanged()
+    with model.disable_adapter(), lora_merged(model) as n:
+        assert n == 0
+    for h in hooks:
+        h.remove()
+    run.logger.close()
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_on_policy_samples_from_the_merged_or_the_unmerged_adapters(models, tmp_path, merge):
+    from loopfit.train.student import lora_merged
+
+    run = setup(_cfg(models, tmp_path, on_policy={"lmbda": 1.0, "merge_lora": merge, "max_new_tokens": 12}))
+    _perturb_lora(run.model)
+    _, _, num_steps = depth_at(run, 0)
+    (batch,), _, _ = on_policy_step(run, num_steps)
+    last = run.on_policy.last
+    prompts = [run.on_policy.prompts[i] for i in last["indices"][0]]
+    ids, mask = left_pad(prompts, PAD)
+    model = run.model.eval()
+    torch.manual_seed(last["seeds"][0])
+    with torch.no_grad(), lora_merged(model) if merge else contextlib.nullcontext():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+            max_new_tokens=12, eos_token_id=[EOS], pad_token_id=PAD, num_steps=sum(num_steps),
+        )  # fmt: skip
+    generated = out[:, ids.shape[1] :]
+    for i, p in enumerate(prompts):
+        n = int((batch["labels"][i] != -100).sum())
+        assert batch["input_ids"][i, len(p) : len(p) + n].tolist() == generated[i, :n].tolist()
+    run.logger.close()

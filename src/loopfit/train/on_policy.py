@@ -13,7 +13,8 @@ on-policy micro-batch:
    `seq_len - max_new_tokens` are left out, so a prompt and its completion always fit in one row;
 2. samples their completions in one batched, left-padded `generate` call with the KV cache, in eval mode, at the
    depth drawn for the step (`n_no_grad + k_grad` iterations), at `temperature` / `top_p` (no top-k), from a seed
-   drawn from the same generator (global RNG streams are forked around it and left untouched);
+   drawn from the same generator (global RNG streams are forked around it and left untouched); with `merge_lora`
+   (the default) each LoRA layer samples as one matmul with its update added to a copy of its weight;
 3. lays each row out right-padded, `prompt + completion`, with labels on the completion only: its tokens up to and
    including the first EOS, never the prompt, the padding or what follows the first EOS;
 4. scores it with the run's objective with `on_policy.kind` (reverse KL by default) as the divergence, the KD
@@ -43,6 +44,7 @@ from loopfit.data.stream import BatchStream
 from loopfit.errors import LoopfitError
 from loopfit.losses.objective import Objective
 from loopfit.train.config import OnPolicyConfig, TrainConfig
+from loopfit.train.student import lora_merged
 
 if TYPE_CHECKING:
     from loopfit.train.state import Run
@@ -187,18 +189,21 @@ class OnPolicy:
         depth `num_steps` (None for a plain model) under the context `autocast()` (the run's precision)."""
         self.last = {"seeds": [], "indices": [], "num_steps": num_steps}
         out = []
-        for _ in range(micro_batches):
-            idx = self.stream.next()["index"].tolist()
-            seed = int(torch.randint(0, 2**62, (), generator=self.generator)) + self.rank
-            prompts = [self.prompts[i] for i in idx]
-            with autocast():
-                comp = sample_completions(model, prompts, self.cfg, seed, num_steps, self.eos_ids, self.pad_id,
-                                          device)  # fmt: skip
-            rows = completion_rows(prompts, comp, self.eos_ids, self.pad_id)
-            out.append({k: v.to(device) for k, v in rows.items()})
-            self.last["seeds"].append(seed)
-            self.last["indices"].append(idx)
+        with lora_merged(model) if self.cfg.merge_lora else contextlib.nullcontext():
+            for _ in range(micro_batches):
+                out.append(self._micro_batch(model, num_steps, device, autocast))
         return out
+
+    def _micro_batch(self, model, num_steps, device, autocast) -> dict:
+        idx = self.stream.next()["index"].tolist()
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator)) + self.rank
+        prompts = [self.prompts[i] for i in idx]
+        with autocast():
+            comp = sample_completions(model, prompts, self.cfg, seed, num_steps, self.eos_ids, self.pad_id, device)
+        rows = completion_rows(prompts, comp, self.eos_ids, self.pad_id)
+        self.last["seeds"].append(seed)
+        self.last["indices"].append(idx)
+        return {k: v.to(device) for k, v in rows.items()}
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "prompts": self.stream.state_dict()}

@@ -11,9 +11,12 @@
   reads a copy of the records before them written under `--out_dir` (never into the repository).
 - Arms (`--arms label=lmbda,...`): `off` = lmbda 0 (KD + CE on the dataset's answers, `distillation.kind` fkl), `on`
   = lmbda 1 (every step on the student's own completions, `--max_new_tokens` sampled at temperature 1, per-token
-  reverse KL, the documented default). Each run is `loopfit train` with `--max_minutes M` (equal wall-clock; run
-  on a quiet machine, one run at a time) and the same seed, optimizer (AdamW lr 1e-3, WSD) and precision
-  (`--precision`, default bf16).
+  reverse KL, the documented default). A two-stage arm `label=a>b` (e.g. `offmix=0>0.5`, as GKD and on-policy
+  distillation start on-policy after supervised training) trains half the minutes at lmbda a, exports that run
+  (LoRA merged), and trains the other half at lmbda b from the export with a fresh LoRA, adapter trained on and a
+  fresh optimizer and schedule; its `steps` is the two stages' sum. Each run is `loopfit train` with
+  `--max_minutes M` (equal wall-clock; run on a quiet machine, one run at a time) and the same seed, optimizer
+  (AdamW lr 1e-3, WSD) and precision (`--precision`, default bf16).
 - Evaluation on the held-out problems at R and 2R: the answer loss (nats/token, `loopfit.evaluate.depth_sweep` on the
   answer tokens and end-of-turn token) and greedy accuracy (`loopfit.gsm8k.evaluate_depth`, zero-shot chat, flexible
   and strict extraction, `--eval_new_tokens` new tokens).
@@ -59,13 +62,26 @@ def training_records(path: str, heldout: int, out_dir: Path) -> Path:
     return train
 
 
-def train_arm(args, student: Path, data: Path, lmbda: float, seed: int, out: Path) -> None:
+def train_arm(args, student: Path, data: Path, lmbdas: list[float], seed: int, out: Path) -> list[Path]:
+    """Train one arm (one stage per lmbda, `--minutes` split evenly); returns the stages' run folders."""
+    runs = [out] if len(lmbdas) == 1 else [out.with_name(f"{out.name}-stage{i + 1}") for i in range(len(lmbdas))]
+    start = student
+    for i, (lmbda, run) in enumerate(zip(lmbdas, runs)):
+        if i:
+            start = run.with_name(runs[i - 1].name + "-merged")
+            if not (start / "config.json").is_file():
+                loopfit("export", str(runs[i - 1]), "--out", str(start))
+        train_stage(args, start, data, lmbda, seed, run, args.minutes / len(lmbdas))
+    return runs
+
+
+def train_stage(args, student: Path, data: Path, lmbda: float, seed: int, out: Path, minutes: float) -> None:
     if (out / "done.json").is_file():
         return
     loopfit(
         "train", "--model_name", str(student), "--data", str(data), "--chat", "true", "--assistant_only", "true",
         "--seq_len", str(args.seq_len), "--batch_size", str(args.batch_size), "--seed", str(seed),
-        "--max_minutes", str(args.minutes), "--max_steps", "1000000", "--fixed_num_steps", str(args.depth),
+        "--max_minutes", str(minutes), "--max_steps", "1000000", "--fixed_num_steps", str(args.depth),
         "--lora.enabled", "true", "--lora.r", "16", "--lora.lora_alpha", "32", "--lora.modules_to_save", "[adapter]",
         "--distillation.enabled", "true", "--distillation.teacher_model_name", args.teacher,
         "--distillation.on_policy.lmbda", str(lmbda), "--distillation.on_policy.max_new_tokens",
@@ -123,17 +139,20 @@ def main() -> None:
         loopfit("convert", args.teacher, "--out", str(student), "--prelude", "4", "--block", "6", "--coda", "4",
                 "--state_init", "zeros")  # fmt: skip
     train = training_records(args.gsm8k, args.heldout, out_dir)
-    arms = [(a.split("=")[0], float(a.split("=")[1])) for a in args.arms.split(",")]
+    arms = [(a.split("=")[0], [float(x) for x in a.split("=")[1].split(">")]) for a in args.arms.split(",")]
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for label, lmbda in arms:
             run = out_dir / f"{label}-s{seed}"
-            train_arm(args, student, train, lmbda, seed, run)
-            metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            merged = out_dir / f"{label}-s{seed}-merged"
+            runs = train_arm(args, student, train, lmbda, seed, run)
+            steps = 0
+            for r in runs:
+                metrics = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if line.strip()]
+                steps += max(m.get("step", 0) for m in metrics)
+            merged = runs[-1].with_name(runs[-1].name + "-merged")
             if not (merged / "config.json").is_file():
-                loopfit("export", str(run), "--out", str(merged))
-            row = {"arm": label, "lmbda": lmbda, "seed": seed, "steps": max(m.get("step", 0) for m in metrics)}
+                loopfit("export", str(runs[-1]), "--out", str(merged))
+            row = {"arm": label, "lmbda": lmbda[0] if len(lmbda) == 1 else lmbda, "seed": seed, "steps": steps}
             row.update(evaluate_run(args, merged))
             rows.append(row)
             print(row, flush=True)

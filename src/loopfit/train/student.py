@@ -73,12 +73,13 @@ def lora_merged(model: nn.Module) -> Iterator[int]:
                     continue
                 base = m.get_base_layer()
                 names = [a for a in m.active_adapters if a in m.lora_A]
-                if not names or type(base) is not nn.Linear or any(a in m.lora_variant for a in names):
+                if (not names or type(base) is not nn.Linear or m.fan_in_fan_out
+                        or any(a in m.lora_variant for a in names)):  # fmt: skip
                     continue
-                weight = base.weight
-                merged = weight.detach().clone()
-                for a in names:
-                    merged += m.get_delta_weight(a).to(merged.dtype)
+                weight = merged = base.weight
+                for a in names:  # W + s * B @ A (PEFT's vanilla delta), one new tensor per layer
+                    b, a_ = m.lora_B[a].weight, m.lora_A[a].weight
+                    merged = torch.addmm(merged, b.to(merged.dtype), a_.to(merged.dtype), alpha=m.scaling[a])
                 base.weight = nn.Parameter(merged, requires_grad=False)
                 m.merged_adapters = list(names)  # PEFT's forward then runs the base layer alone
                 swapped.append((m, base, weight))

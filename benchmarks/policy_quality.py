@@ -14,7 +14,9 @@
   reverse KL, the documented default). A two-stage arm `label=a>b` (e.g. `offmix=0>0.5`, as GKD and on-policy
   distillation start on-policy after supervised training) trains half the minutes at lmbda a, exports that run
   (LoRA merged), and trains the other half at lmbda b from the export with a fresh LoRA, adapter trained on and a
-  fresh optimizer and schedule; its `steps` is the two stages' sum. Each run is `loopfit train` with
+  fresh optimizer and schedule; its `steps` is the two stages' sum. A one-run arm `label=b@N` (e.g.
+  `offmix=0.5@35`) trains at lmbda b with `--distillation.on_policy.start_step N`: steps 1..N off-policy, then the
+  mix, with one LoRA, optimizer and schedule. Each run is `loopfit train` with
   `--max_minutes M` (equal wall-clock; run on a quiet machine, one run at a time) and the same seed, optimizer
   (AdamW lr 1e-3, WSD) and precision (`--precision`, default bf16).
 - Evaluation on the held-out problems at R and 2R: the answer loss (nats/token, `loopfit.evaluate.depth_sweep` on the
@@ -62,8 +64,9 @@ def training_records(path: str, heldout: int, out_dir: Path) -> Path:
     return train
 
 
-def train_arm(args, student: Path, data: Path, lmbdas: list[float], seed: int, out: Path) -> list[Path]:
-    """Train one arm (one stage per lmbda, `--minutes` split evenly); returns the stages' run folders."""
+def train_arm(args, student: Path, data: Path, lmbdas: list[str], seed: int, out: Path) -> list[Path]:
+    """Train one arm (one stage per lmbda spec `b` or `b@N`, `--minutes` split evenly); returns the stages' run
+    folders."""
     runs = [out] if len(lmbdas) == 1 else [out.with_name(f"{out.name}-stage{i + 1}") for i in range(len(lmbdas))]
     start = student
     for i, (lmbda, run) in enumerate(zip(lmbdas, runs)):
@@ -75,9 +78,10 @@ def train_arm(args, student: Path, data: Path, lmbdas: list[float], seed: int, o
     return runs
 
 
-def train_stage(args, student: Path, data: Path, lmbda: float, seed: int, out: Path, minutes: float) -> None:
+def train_stage(args, student: Path, data: Path, lmbda: str, seed: int, out: Path, minutes: float) -> None:
     if (out / "done.json").is_file():
         return
+    lmbda, _, start_step = lmbda.partition("@")
     loopfit(
         "train", "--model_name", str(student), "--data", str(data), "--chat", "true", "--assistant_only", "true",
         "--seq_len", str(args.seq_len), "--batch_size", str(args.batch_size), "--seed", str(seed),
@@ -85,7 +89,8 @@ def train_stage(args, student: Path, data: Path, lmbda: float, seed: int, out: P
         "--lora.enabled", "true", "--lora.r", "16", "--lora.lora_alpha", "32", "--lora.modules_to_save", "[adapter]",
         "--distillation.enabled", "true", "--distillation.teacher_model_name", args.teacher,
         "--distillation.on_policy.lmbda", str(lmbda), "--distillation.on_policy.max_new_tokens",
-        str(args.max_new_tokens), "--optim_config.lr", "1e-3", "--lr_schedule.kind", "wsd",
+        str(args.max_new_tokens), "--distillation.on_policy.start_step", start_step or "0", "--optim_config.lr",
+        "1e-3", "--lr_schedule.kind", "wsd",
         "--lr_schedule.warmup_steps", "10", "--precision", args.precision, "--tensorboard", "false",
         "--save_every", "0", "--overwrite", "true", "--out", str(out),
     )  # fmt: skip
@@ -139,7 +144,7 @@ def main() -> None:
         loopfit("convert", args.teacher, "--out", str(student), "--prelude", "4", "--block", "6", "--coda", "4",
                 "--state_init", "zeros")  # fmt: skip
     train = training_records(args.gsm8k, args.heldout, out_dir)
-    arms = [(a.split("=")[0], [float(x) for x in a.split("=")[1].split(">")]) for a in args.arms.split(",")]
+    arms = [(a.split("=")[0], a.split("=")[1].split(">")) for a in args.arms.split(",")]
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for label, lmbda in arms:
@@ -152,7 +157,9 @@ def main() -> None:
             merged = runs[-1].with_name(runs[-1].name + "-merged")
             if not (merged / "config.json").is_file():
                 loopfit("export", str(runs[-1]), "--out", str(merged))
-            row = {"arm": label, "lmbda": lmbda[0] if len(lmbda) == 1 else lmbda, "seed": seed, "steps": steps}
+            spec = ">".join(lmbda)
+            row = {"arm": label, "lmbda": float(spec) if spec.replace(".", "").isdigit() else spec, "seed": seed,
+                   "steps": steps}  # fmt: skip
             row.update(evaluate_run(args, merged))
             rows.append(row)
             print(row, flush=True)

@@ -181,6 +181,26 @@ def test_on_policy_training_changes_every_trainable_parameter(models, tmp_path):
     assert unchanged == []
 
 
+def test_start_step_keeps_the_first_steps_off_policy_and_the_coin_where_it_would_be(models, tmp_path):
+    """start_step 2: steps 1-2 are the off-policy run's exactly; the coins of steps 1-2 were still drawn, so step 3's
+    sampling seed is the generator's draw after three coins (an on-policy step draws its seeds from it too)."""
+    seen = {}
+    for name, op in [("off", {}), ("late", {"lmbda": 1.0, "start_step": 2}), ("now", {"lmbda": 1.0})]:
+        run = setup(_cfg(models, tmp_path / name, on_policy=op, max_steps=3))
+        fit(run, until=2)
+        m2 = _metrics(tmp_path / name / "run")
+        fit(run)
+        run.logger.close()
+        m = _metrics(tmp_path / name / "run")
+        seen[name] = ([x.get("on_policy", False) for x in m], [x["loss"] for x in m2],
+                      run.on_policy.last if run.on_policy else None)  # fmt: skip
+    assert seen["late"][0] == [False, False, True] and seen["now"][0] == [True, True, True]
+    assert seen["late"][1] == seen["off"][1][:2]  # the first two steps: off-policy, as the run without it
+    g = torch.Generator().manual_seed(run.cfg.seed + 104_729)
+    coins = torch.rand(3, generator=g, dtype=torch.float64)
+    assert (coins < 1.0).all() and seen["late"][2]["seeds"] == [int(torch.randint(0, 2**62, (), generator=g))]
+
+
 def test_coin_is_seeded_and_drawn_at_every_step():
     def flips(lmbda, seed):
         op = OnPolicy(OnPolicyConfig(lmbda=lmbda), [[5]] * 4, _objective(), 2, seed, [EOS], PAD)
@@ -240,6 +260,8 @@ def test_resume_is_exact(models, tmp_path):
         ({"lmbda": 0.5}, {"parallel": "fsdp"}, "use --parallel ddp or none"),
         ({"lmbda": 0.5}, {"data": "TEXT"}, "no prompt/response pairs"),
         ({"lmbda": 0.5, "max_new_tokens": 40}, {}, "no prompt of .* fits"),
+        ({"lmbda": 0.5, "start_step": -1}, {}, "start_step must be >= 0"),
+        ({"lmbda": 0.5, "start_step": 3}, {"max_steps": 3}, "start_step .* must be below the run's 3 steps"),
     ],
 )
 def test_nonsense_refused_at_start(models, tmp_path, on_policy, kw, match):

@@ -397,6 +397,11 @@ def _validate(c: TrainConfig) -> None:
                 f"--distillation.on_policy.max_new_tokens ({d.on_policy.max_new_tokens}) must be below "
                 f"--seq_len ({c.seq_len}): a prompt and its completion are one row of seq_len tokens"
             )
+        if d.on_policy.start_step >= c.total_steps:
+            raise LoopfitError(
+                f"--distillation.on_policy.start_step ({d.on_policy.start_step}) must be below the run's "
+                f"{c.total_steps} steps: no step would be on-policy"
+            )
     if d.share_weights and d.enabled and not c.lora.enabled and d.teacher_model_name:
         d.share_weights = False  # without LoRA the student's layers change, so nothing can be shared
     _validate_exit_gate(c)

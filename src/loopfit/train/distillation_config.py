@@ -39,6 +39,11 @@ class OnPolicyConfig:
     lmbda: float = 0.0
     """Probability that an optimizer step is on-policy, drawn per step from a seeded generator saved in checkpoints
     (0 = off, the data's own completions only; 1 = every step). On needs prompt/response data and a live teacher."""
+    start_step: int = 0
+    """Optimizer steps before the first on-policy one: steps `1..start_step` are off-policy whatever the coin (it is
+    still drawn, so the generator's position depends only on the step). GKD and on-policy distillation start from a
+    student that already writes answers; this does the supervised part and the mix in one run, with one optimizer,
+    one LoRA and one lr schedule, where two runs would restart all three."""
     max_new_tokens: int = 128
     """Tokens the student samples per prompt (fewer where it emits EOS); prompt + completion fit in `seq_len`."""
     temperature: float = 1.0
@@ -60,6 +65,7 @@ class OnPolicyConfig:
         _check_finite(self, "distillation.on_policy.")
         check_number("distillation.on_policy.lmbda", self.lmbda, 0, 1)
         check_count("distillation.on_policy.max_new_tokens", self.max_new_tokens, 1)
+        check_count("distillation.on_policy.start_step", self.start_step, 0)
         check_number("distillation.on_policy.temperature", self.temperature, low=0, low_open=True)
         check_number("distillation.on_policy.top_p", self.top_p, 0, 1, low_open=True)
         _choice("distillation.on_policy.kind", self.kind, DIVERGENCES)

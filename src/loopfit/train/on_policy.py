@@ -3,8 +3,9 @@ samples, scored by the teacher (GKD, arXiv:2306.13649; on-policy distillation, T
 
 The unit is the optimizer step. Each step draws one coin from a seeded generator (saved in checkpoints): with
 probability `lmbda` every micro-batch of the step is made on-policy, otherwise the step is the ordinary off-policy
-one, unchanged (the coin is drawn at every step, so the generator's position depends only on the step). An
-on-policy micro-batch:
+one, unchanged (the coin is drawn at every step, so the generator's position depends only on the step). The first
+`start_step` steps are off-policy whatever their coin (supervised first, then the mix, in one run). An on-policy
+micro-batch:
 
 1. takes `batch_size` prompts from the training split's prompt/response pairs, through their own seeded, resumable
    `BatchStream` (packed rows hold several documents and pieces of documents, so prompts cannot be cut out of
@@ -234,7 +235,10 @@ def on_policy_step(run: Run, num_steps: tuple[int, int]) -> tuple[list[dict], Ob
     Every rank draws the same coin (same generator, same draws) and samples its own share of the prompts.
     """
     op = run.on_policy
-    if op is None or not op.flip():
+    if op is None:
+        return None
+    coin = op.flip()  # drawn at every step, also before `start_step`
+    if not coin or run.step < op.cfg.start_step:
         return None
     t0 = time.perf_counter()
     depth = sum(num_steps) if run.looped else None

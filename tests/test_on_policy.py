@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_teacher_and_looped_student
+from peft.tuners.lora import Linear as LoraLinear
 
 from loopfit.errors import LoopfitError
 from loopfit.losses import kd_divergence
 from loopfit.train import DistillationConfig, LoRAConfig, OnPolicyConfig, TrainConfig
 from loopfit.train.on_policy import OnPolicy, completion_rows, left_pad, on_policy_step
 from loopfit.train.recipe import depth_at, fit, setup, train
-from loopfit.train.student import base_model, objective_loss
+from loopfit.train.student import base_model, lora_merged, objective_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -326,10 +327,6 @@ def _perturb_lora(model, seed: int = 0) -> None:
 
 
 def test_merged_lora_computes_the_same_function_with_one_matmul_and_leaves_the_weights_untouched(models, tmp_path):
-    from peft.tuners.lora import Linear as LoraLinear
-
-    from loopfit.train.student import lora_merged
-
     run = setup(_cfg(models, tmp_path, on_policy={"lmbda": 1.0}))
     model = run.model.eval()
     _perturb_lora(model)
@@ -372,8 +369,6 @@ def test_merged_lora_computes_the_same_function_with_one_matmul_and_leaves_the_w
 
 @pytest.mark.parametrize("merge", [True, False])
 def test_on_policy_samples_from_the_merged_or_the_unmerged_adapters(models, tmp_path, merge):
-    from loopfit.train.student import lora_merged
-
     run = setup(_cfg(models, tmp_path, on_policy={"lmbda": 1.0, "merge_lora": merge, "max_new_tokens": 12}))
     _perturb_lora(run.model)
     _, _, num_steps = depth_at(run, 0)

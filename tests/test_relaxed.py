@@ -26,7 +26,7 @@ from loopfit.models.relaxed import relaxation_groups, svd_factors
 from loopfit.train.commands import export_command
 from loopfit.train.config import DistillationConfig, LoRAConfig, TrainConfig
 from loopfit.train.recipe import train
-from loopfit.train.student import Student, apply_lora, micro_batch_loss
+from loopfit.train.student import Student, apply_lora, lora_merged, micro_batch_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -282,8 +282,6 @@ def test_loopfit_train_trains_the_deltas_and_export_keeps_them(tmp_path):
 def test_merged_lora_keeps_the_per_iteration_deltas():
     """`lora_merged` (on-policy sampling) swaps the block linears' weights: the relaxation's hooks still add each
     iteration's delta, so the merged model computes what the unmerged one does, at every depth."""
-    from loopfit.train.student import lora_merged
-
     looped = to_looped(make_tiny_model("llama", num_layers=10), LAYOUT, relaxation_rank=4)
     model = apply_lora(looped, LoRAConfig(enabled=True, r=4)).eval()
     g = torch.Generator().manual_seed(0)

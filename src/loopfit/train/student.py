@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from loopfit.errors import LoopfitError
@@ -63,8 +64,6 @@ def lora_merged(model: nn.Module) -> Iterator[int]:
     already merged are left as they are. Everything is restored on exit, also after an exception. No gradients:
     for inference only.
     """
-    from peft.tuners.lora import Linear as LoraLinear
-
     swapped = []
     try:
         with torch.no_grad():

@@ -71,11 +71,17 @@ def train_arm(args, student: Path, data: Path, lmbdas: list[str], seed: int, out
     start = student
     for i, (lmbda, run) in enumerate(zip(lmbdas, runs)):
         if i:
-            start = run.with_name(runs[i - 1].name + "-merged")
-            if not (start / "config.json").is_file():
-                loopfit("export", str(runs[i - 1]), "--out", str(start))
+            start = exported(runs[i - 1])
         train_stage(args, start, data, lmbda, seed, run, args.minutes / len(lmbdas))
     return runs
+
+
+def exported(run: Path) -> Path:
+    """`run`'s export with the LoRA merged, `<run>-merged`, written once."""
+    merged = run.with_name(run.name + "-merged")
+    if not (merged / "config.json").is_file():
+        loopfit("export", str(run), "--out", str(merged))
+    return merged
 
 
 def train_stage(args, student: Path, data: Path, lmbda: str, seed: int, out: Path, minutes: float) -> None:
@@ -154,9 +160,7 @@ def main() -> None:
             for r in runs:
                 metrics = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if line.strip()]
                 steps += max(m.get("step", 0) for m in metrics)
-            merged = runs[-1].with_name(runs[-1].name + "-merged")
-            if not (merged / "config.json").is_file():
-                loopfit("export", str(runs[-1]), "--out", str(merged))
+            merged = exported(runs[-1])
             spec = ">".join(lmbda)
             row = {"arm": label, "lmbda": float(spec) if spec.replace(".", "").isdigit() else spec, "seed": seed,
                    "steps": steps}  # fmt: skip

@@ -16,6 +16,7 @@ from peft.tuners.lora import Linear as LoraLinear
 
 from loopfit.errors import LoopfitError
 from loopfit.losses import kd_divergence
+from loopfit.models.prepacked import prepacked_linears
 from loopfit.train import DistillationConfig, LoRAConfig, OnPolicyConfig, TrainConfig
 from loopfit.train.on_policy import OnPolicy, completion_rows, left_pad, on_policy_step
 from loopfit.train.recipe import depth_at, fit, setup, train
@@ -367,9 +368,10 @@ def test_merged_lora_computes_the_same_function_with_one_matmul_and_leaves_the_w
     run.logger.close()
 
 
-@pytest.mark.parametrize("merge", [True, False])
-def test_on_policy_samples_from_the_merged_or_the_unmerged_adapters(models, tmp_path, merge):
-    run = setup(_cfg(models, tmp_path, on_policy={"lmbda": 1.0, "merge_lora": merge, "max_new_tokens": 12}))
+@pytest.mark.parametrize(("merge", "prepack"), [(True, True), (True, False), (False, True), (False, False)])
+def test_on_policy_samples_from_the_merged_or_the_unmerged_adapters(models, tmp_path, merge, prepack):
+    on_policy = {"lmbda": 1.0, "merge_lora": merge, "prepack": prepack, "max_new_tokens": 12}
+    run = setup(_cfg(models, tmp_path, on_policy=on_policy))
     _perturb_lora(run.model)
     _, _, num_steps = depth_at(run, 0)
     (batch,), _, _ = on_policy_step(run, num_steps)
@@ -378,11 +380,17 @@ def test_on_policy_samples_from_the_merged_or_the_unmerged_adapters(models, tmp_
     ids, mask = left_pad(prompts, PAD)
     model = run.model.eval()
     torch.manual_seed(last["seeds"][0])
-    with torch.no_grad(), lora_merged(model) if merge else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        if merge:
+            stack.enter_context(lora_merged(model))
+        if prepack:  # same packing as the sampler's; its forwards must have run
+            packed = stack.enter_context(prepacked_linears(model, len(prompts)))
         out = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
             max_new_tokens=12, eos_token_id=[EOS], pad_token_id=PAD, num_steps=sum(num_steps),
         )  # fmt: skip
+        assert not prepack or sum(p.calls for p in packed) > 0
     generated = out[:, ids.shape[1] :]
     for i, p in enumerate(prompts):
         n = int((batch["labels"][i] != -100).sum())

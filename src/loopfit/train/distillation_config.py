@@ -59,6 +59,11 @@ class OnPolicyConfig:
     """Sample with each LoRA layer's update added to a temporary copy of its weight (`train.student.lora_merged`):
     one matmul per layer instead of three, ~15% less sampling time on CPU; the same model up to float rounding.
     False samples through the unmerged adapters."""
+    prepack: bool = True
+    """On CPU in fp32, sample with every linear layer's weight reordered once per sampling call into oneDNN's layout
+    for the batch (`models.prepacked.prepacked_linears`): 1.5x faster decoding at batch 4 on a 2-core AVX2 CPU, the
+    same model up to float rounding, one packed copy of the weights while sampling. Does nothing on GPU or under
+    bf16 autocast. False samples with PyTorch's default matmul."""
 
     def validate(self) -> None:
         """Raise `LoopfitError` for a setting out of its range."""

@@ -44,6 +44,7 @@ from loopfit.data.packing import IGNORE_INDEX, left_pad
 from loopfit.data.stream import BatchStream
 from loopfit.errors import LoopfitError
 from loopfit.losses.objective import Objective
+from loopfit.models.prepacked import prepacked_linears
 from loopfit.train.config import OnPolicyConfig, TrainConfig
 from loopfit.train.student import lora_merged
 
@@ -173,6 +174,7 @@ class OnPolicy:
             raise LoopfitError(f"only {len(prompts)} prompts for on-policy distillation: fewer than one global batch "
                                f"({batch_size * world_size})")  # fmt: skip
         self.cfg, self.prompts, self.eos_ids, self.pad_id, self.rank = cfg, prompts, eos_ids, pad_id, rank
+        self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed + _SEED_OFFSET)
         self.stream = BatchStream(_Indices(len(prompts)), batch_size, seed + _SEED_OFFSET, rank, world_size)
         weights = dataclasses.replace(objective.weights, ce_scale=0.0, kd_scale=objective.scales[1])
@@ -190,7 +192,13 @@ class OnPolicy:
         depth `num_steps` (None for a plain model) under the context `autocast()` (the run's precision)."""
         self.last = {"seeds": [], "indices": [], "num_steps": num_steps}
         out = []
-        with lora_merged(model) if self.cfg.merge_lora else contextlib.nullcontext():
+        with autocast():
+            fp32 = not torch.is_autocast_enabled("cpu")  # packing is for fp32 matmuls; under autocast it is waste
+        with contextlib.ExitStack() as stack:
+            if self.cfg.merge_lora:
+                stack.enter_context(lora_merged(model))
+            if self.cfg.prepack and fp32:  # after the merge: packs the merged weights
+                stack.enter_context(prepacked_linears(model, self.batch_size))
             for _ in range(micro_batches):
                 out.append(self._micro_batch(model, num_steps, device, autocast))
         return out

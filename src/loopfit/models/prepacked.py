@@ -1,0 +1,94 @@
+"""Linear layers with their weights prepacked for oneDNN, for decoding on CPU.
+
+Decoding multiplies a few rows (the batch) by every weight of the model at each new token, and on CPU the default
+fp32 `linear` (MKL's GEMM on a row-major `[out, in]` weight) reads weights slowly at that shape: on a 2-core AVX2
+EPYC, the 4-6-4 SmolLM2 loop's layer weights, streamed at batch 4, went through at 8.3 GB/s, against 16.3 GB/s
+once each weight was reordered into oneDNN's blocked layout for that batch size; the 49152 x 576 head took 18.2 ms
+against 5.1 ms. Sampling 128 tokens per prompt then ran 1.5x faster (127 -> 84 ms per token step), same tokens.
+
+`prepacked_linears` reorders each eligible weight once on entry and routes the layer's forward through the packed
+copy while nothing needs a gradient; it is the same pair of ops PyTorch's inductor uses when it freezes a CPU model
+(`torch.ops.mkldnn._reorder_linear_weight`, `torch.ops.mkldnn._linear_pointwise`; see
+`torch/_inductor/fx_passes/mkldnn_fusion.py`), without compiling anything and without the weights becoming
+constants: the packing is redone on every entry (one pass over the weights), so the weights may change between
+two blocks, as they do between the on-policy sampling calls of a training run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def prepack_available() -> bool:
+    """Whether this PyTorch build has oneDNN (mkldnn) with the linear prepacking ops."""
+    mkldnn = torch.ops.mkldnn
+    return bool(torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+                and hasattr(mkldnn, "_linear_pointwise"))  # fmt: skip
+
+
+class _PackedForward:
+    """The forward of one `nn.Linear` inside `prepacked_linears`: the packed weight when it may be used (no
+    gradient wanted, no CPU autocast, an fp32 CPU input, the layer's weight and bias the very tensors packed and not
+    written since), the layer's own forward otherwise, so the function never differs from `nn.Linear`'s beyond
+    float rounding. `calls` counts the packed calls."""
+
+    def __init__(self, module: nn.Linear, batch_size: int):
+        self.module, self.weight, self.bias = module, module.weight, module.bias
+        self.versions = self._versions(module.weight, module.bias)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_size)
+        self.calls = 0
+
+    @staticmethod
+    def _versions(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
+        return weight._version, -1 if bias is None else bias._version
+
+    def usable(self, x: torch.Tensor) -> bool:
+        m = self.module
+        return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and x.device.type == "cpu" and x.dtype == torch.float32
+                and m.weight is self.weight and m.bias is self.bias
+                and self._versions(m.weight, m.bias) == self.versions)  # fmt: skip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.usable(x):
+            return nn.Linear.forward(self.module, x)
+        self.calls += 1
+        bias = None if self.bias is None else self.bias.detach()
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def prepacked_linears(model: nn.Module, batch_size: int) -> Iterator[list[_PackedForward]]:
+    """Within the block, every fp32 CPU `nn.Linear` of `model` (exactly that class: subclasses and quantized layers
+    are left alone) computes through a copy of its weight prepacked for oneDNN at `batch_size` rows (a hint for the
+    layout: other row counts, such as a prompt's prefill, still compute correctly); yields the packed forwards
+    (`len` = layers packed; each one's `calls`). Outside PyTorch builds with oneDNN, it packs nothing.
+
+    The model computes the same function up to float rounding (different summation order), so a sampled token can
+    differ where two tokens nearly tie. Inference only: while gradients are enabled, under CPU autocast, for inputs
+    that are not fp32 on CPU, or once a layer's weight or bias has been replaced or written in place, a layer runs
+    its own forward. Costs one packed copy of each weight while the block runs (~315 MB for SmolLM2's 4-6-4 loop
+    with its tied head, in fp32). Each layer's forward is restored on exit, also after an exception.
+
+    Raises:
+        ValueError: `batch_size` below 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    packed: list[_PackedForward] = []
+    try:
+        if prepack_available():
+            with torch.no_grad():
+                for m in model.modules():
+                    if (type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+                            and "forward" not in m.__dict__):  # fmt: skip
+                        packed.append(_PackedForward(m, batch_size))
+                        m.forward = packed[-1]  # an instance attribute: nn.Module.__call__ finds it first
+        yield packed
+    finally:
+        for p in packed:
+            del p.module.forward

@@ -1,0 +1,101 @@
+"""`loopfit.models.prepacked`: linear layers through oneDNN-prepacked weights compute the same function as PyTorch's
+default (fp32 rounding apart), generate the same greedy tokens, fall back to their own forward wherever the packed
+copy could be stale or the wrong precision, and are restored on exit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from torch import nn
+
+from loopfit.convert import layout_from_sizes, to_looped
+from loopfit.models.prepacked import prepack_available, prepacked_linears
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not prepack_available(), reason="this PyTorch build has no oneDNN linear prepacking"),
+]
+
+
+@pytest.fixture(scope="module")
+def looped():
+    return to_looped(make_tiny_model("llama", num_layers=6, hidden=32), layout_from_sizes(6, 1, 2, 1)).eval()
+
+
+def _linears(model) -> list[nn.Linear]:
+    return [m for m in model.modules() if type(m) is nn.Linear]
+
+
+def _restored(model) -> bool:
+    return not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_packed_forward_equals_the_default_and_every_linear_layer_runs_packed(looped):
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        want = looped(input_ids=ids, num_steps=3).logits
+        with prepacked_linears(looped, batch_size=4) as packed:  # prefill rows (24) differ from the hint: still exact
+            got = looped(input_ids=ids, num_steps=3).logits
+    assert len(packed) == len(_linears(looped)) > 0
+    assert all(p.calls > 0 for p in packed)  # every layer went through the packed weight, none fell back
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert _restored(looped)
+
+
+def test_greedy_generation_with_the_cache_gives_the_same_tokens(looped):
+    ids = torch.randint(3, 200, (3, 7))
+    kw = dict(max_new_tokens=10, do_sample=False, num_steps=3, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        want = looped.generate(input_ids=ids, **kw)
+        with prepacked_linears(looped, batch_size=3) as packed:
+            got = looped.generate(input_ids=ids, **kw)
+    assert torch.equal(got, want)
+    assert sum(p.calls for p in packed) > 0
+
+
+def test_falls_back_wherever_the_packed_copy_must_not_be_used():
+    model = make_tiny_model("llama", num_layers=2, hidden=32)
+    lin = model.lm_head
+    x = torch.randn(4, 32)
+    with prepacked_linears(model, batch_size=4) as packed:
+        (head,) = [p for p in packed if p.module is lin]
+        # Gradients enabled: the layer's own forward, exactly, and the graph reaches the weight.
+        y = lin(x)
+        assert head.calls == 0 and y.requires_grad and torch.equal(y, nn.functional.linear(x, lin.weight))
+        with torch.no_grad():
+            lin(x)
+            assert head.calls == 1
+            # Under CPU autocast, and for a bf16 input: the layer's own forward.
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert lin(x).dtype == torch.bfloat16
+            lin(x.bfloat16().float())
+            assert head.calls == 2
+            with pytest.raises(RuntimeError):  # the default forward's error for a bf16 input on an fp32 weight
+                lin(x.bfloat16())
+            assert head.calls == 2
+            # The weight written in place (the tied embedding too): the packed copy is stale, so it is not used.
+            lin.weight.mul_(2.0)
+            assert torch.equal(lin(x), nn.functional.linear(x, lin.weight)) and head.calls == 2
+        # The weight replaced by another tensor: not used either.
+        other = make_tiny_model("llama", num_layers=2, hidden=32, seed=1)
+        layer = model.model.layers[0].mlp.down_proj
+        (down,) = [p for p in packed if p.module is layer]
+        layer.weight = other.model.layers[0].mlp.down_proj.weight
+        with torch.no_grad():
+            z = torch.randn(4, 64)
+            assert torch.equal(layer(z), nn.functional.linear(z, layer.weight)) and down.calls == 0
+    assert _restored(model)
+
+
+def test_restored_after_an_exception_nested_blocks_pack_once_and_bf16_is_left_alone(looped):
+    with pytest.raises(RuntimeError, match="boom"), prepacked_linears(looped, 2):
+        raise RuntimeError("boom")
+    assert _restored(looped)
+    with prepacked_linears(looped, 2) as outer, prepacked_linears(looped, 2) as inner:
+        assert len(outer) > 0 and inner == []
+    assert _restored(looped)
+    with prepacked_linears(make_tiny_model("llama", num_layers=2).bfloat16(), 2) as packed:
+        assert packed == []
+    with pytest.raises(ValueError, match="batch_size"), prepacked_linears(looped, 0):
+        pass

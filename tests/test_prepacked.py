@@ -99,3 +99,40 @@ def test_restored_after_an_exception_nested_blocks_pack_once_and_bf16_is_left_al
         assert packed == []
     with pytest.raises(ValueError, match="batch_size"), prepacked_linears(looped, 0):
         pass
+
+
+def test_generate_command_with_prepack_prints_the_same_text(tmp_path, looped, capsys):
+    from conftest import make_tiny_tokenizer
+
+    from loopfit.cli import main
+
+    looped.save_pretrained(tmp_path / "m")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "m")
+    base = ["generate", str(tmp_path / "m"), "--prompt", "12*7", "--prompt", "the fox", "--max_new_tokens", "6",
+            "--num_steps", "3"]  # fmt: skip
+    for extra in ([], ["--exit_criterion", "argmax", "--exit_threshold", "2"]):  # fixed depth and adaptive exit
+        main([*base, *extra])
+        want = capsys.readouterr().out
+        main([*base, *extra, "--prepack=true"])
+        out, err = capsys.readouterr()
+        assert out == want and "12*7" in out and "warning" not in err
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--prepack=true", "--compile=true"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "loopfit: error: --prepack and --compile: choose one (the compiled layers would not see the packed weights)"
+    )
+
+
+def test_generate_command_says_when_prepack_packs_nothing(tmp_path, looped, capsys, monkeypatch):
+    from conftest import make_tiny_tokenizer
+
+    from loopfit.cli import main
+    from loopfit.models import prepacked
+
+    looped.save_pretrained(tmp_path / "m")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(prepacked, "prepack_available", lambda: False)  # a PyTorch build without oneDNN
+    main(["generate", str(tmp_path / "m"), "--prompt", "hi", "--max_new_tokens", "2", "--prepack=true"])
+    out, err = capsys.readouterr()
+    assert "'hi' -> " in out and "loopfit: warning: --prepack: nothing to pack" in err

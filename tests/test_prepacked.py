@@ -24,7 +24,7 @@ def looped():
 
 
 def _linears(model) -> list[nn.Linear]:
-    return [m for m in model.modules() if type(m) is nn.Linear]
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
 def _restored(model) -> bool:
@@ -38,6 +38,7 @@ def test_packed_forward_equals_the_default_and_every_linear_layer_runs_packed(lo
         with prepacked_linears(looped, batch_size=4) as packed:  # prefill rows (24) differ from the hint: still exact
             got = looped(input_ids=ids, num_steps=3).logits
     assert len(packed) == len(_linears(looped)) > 0
+    assert any(p.module is looped.model.adapter for p in packed)  # a subclass with nn.Linear's forward is packed
     assert all(p.calls > 0 for p in packed)  # every layer went through the packed weight, none fell back
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert _restored(looped)
@@ -97,6 +98,13 @@ def test_restored_after_an_exception_nested_blocks_pack_once_and_bf16_is_left_al
     assert _restored(looped)
     with prepacked_linears(make_tiny_model("llama", num_layers=2).bfloat16(), 2) as packed:
         assert packed == []
+
+    class OwnForward(nn.Linear):  # e.g. a quantized layer: its weight is not what its forward multiplies by
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with prepacked_linears(nn.Sequential(OwnForward(4, 4), nn.Linear(4, 4)), 2) as packed:
+        assert [type(p.module) for p in packed] == [nn.Linear]
     with pytest.raises(ValueError, match="batch_size"), prepacked_linears(looped, 0):
         pass
 

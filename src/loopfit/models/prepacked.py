@@ -63,8 +63,8 @@ class _PackedForward:
 
 @contextlib.contextmanager
 def prepacked_linears(model: nn.Module, batch_size: int) -> Iterator[list[_PackedForward]]:
-    """Within the block, every fp32 CPU `nn.Linear` of `model` (exactly that class: subclasses and quantized layers
-    are left alone) computes through a copy of its weight prepacked for oneDNN at `batch_size` rows (a hint for the
+    """Within the block, every fp32 CPU `nn.Linear` of `model` (or subclass that keeps its forward, such as the
+    loop's adapter; quantized and other layers with a forward of their own are left alone) computes through a copy of its weight prepacked for oneDNN at `batch_size` rows (a hint for the
     layout: other row counts, such as a prompt's prefill, still compute correctly); yields the packed forwards
     (`len` = layers packed; each one's `calls`). Outside PyTorch builds with oneDNN, it packs nothing.
 
@@ -84,7 +84,8 @@ def prepacked_linears(model: nn.Module, batch_size: int) -> Iterator[list[_Packe
         if prepack_available():
             with torch.no_grad():
                 for m in model.modules():
-                    if (type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+                    if (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+                            and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
                             and "forward" not in m.__dict__):  # fmt: skip
                         packed.append(_PackedForward(m, batch_size))
                         m.forward = packed[-1]  # an instance attribute: nn.Module.__call__ finds it first

@@ -64,9 +64,10 @@ class _PackedForward:
 @contextlib.contextmanager
 def prepacked_linears(model: nn.Module, batch_size: int) -> Iterator[list[_PackedForward]]:
     """Within the block, every fp32 CPU `nn.Linear` of `model` (or subclass that keeps its forward, such as the
-    loop's adapter; quantized and other layers with a forward of their own are left alone) computes through a copy of its weight prepacked for oneDNN at `batch_size` rows (a hint for the
-    layout: other row counts, such as a prompt's prefill, still compute correctly); yields the packed forwards
-    (`len` = layers packed; each one's `calls`). Outside PyTorch builds with oneDNN, it packs nothing.
+    loop's adapter; quantized and other layers with a forward of their own are left alone) computes through a copy
+    of its weight prepacked for oneDNN at `batch_size` rows (a hint for the layout: other row counts, such as a
+    prompt's prefill, still compute correctly); yields the packed forwards (`len` = layers packed; each one's
+    `calls`). Outside PyTorch builds with oneDNN, it packs nothing.
 
     The model computes the same function up to float rounding (different summation order), so a sampled token can
     differ where two tokens nearly tie. Inference only: while gradients are enabled, under CPU autocast, for inputs

@@ -123,23 +123,29 @@ class FixedBatch:
 
 
 # ---------------------------------------------------------------------------------------------- workers
+def distillation_config(kind: str, chunk_size: int | None = None):
+    """loopfit's objective for a row: `jsd` = GKD's (generalized JSD beta 0.5, T 1, no CE term), `fkl` = 0.5 CE +
+    0.5 forward KL at T 1 (torchtune's kd_ratio 0.5). Built with keyword arguments, so a renamed field fails here
+    instead of being set on the side (an assignment to the old `alpha` once left the JSD row with a CE term)."""
+    from loopfit.train import DistillationConfig
+
+    scales = {"jsd": dict(kind="jsd", kind_params={"beta": 0.5}, ce_scale=0.0, kd_scale=1.0),
+              "fkl": dict(kind="fkl", ce_scale=0.5, kd_scale=0.5)}[kind]  # fmt: skip
+    extra = {"chunk_size": chunk_size} if chunk_size else {}
+    return DistillationConfig(enabled=True, teacher_model_name="smollm2-135m", temperature=1.0, **scales, **extra)
+
+
 def worker_loopfit(args, kind: str) -> dict:
     import torch
 
     from loopfit.loading import load_tokenizer
-    from loopfit.train import DistillationConfig, LoRAConfig, LRSchedule, TrainConfig
+    from loopfit.train import LoRAConfig, LRSchedule, TrainConfig
     from loopfit.train.recipe import fit, setup
     from loopfit.train.student import micro_batch_loss
 
     tok = load_tokenizer(args.student)
     batch = shared_batch(tok, chat_records(args.data, args.batch_size))
-    dist = DistillationConfig(enabled=True, teacher_model_name="smollm2-135m", temperature=1.0)
-    if args.chunk_size:
-        dist.chunk_size = args.chunk_size
-    if kind == "jsd":
-        dist.kind, dist.kind_params, dist.alpha = "jsd", {"beta": 0.5}, 0.0
-    else:
-        dist.kind, dist.alpha = "fkl", 0.5
+    dist = distillation_config(kind, args.chunk_size)
     cfg = TrainConfig(
         model_name=args.student, out=str(Path(args.tmp) / f"run-{kind}"), data=args.data, chat=True,
         assistant_only=True, max_documents=64, seq_len=batch["input_ids"].shape[1], batch_size=args.batch_size,

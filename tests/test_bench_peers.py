@@ -5,7 +5,7 @@ summary gives is known in advance."""
 
 import pytest
 
-from benchmarks.peers import compare, summarize
+from benchmarks.peers import compare, distillation_config, summarize
 
 
 def _run(step_s, tokens=500, peak=2.0, train_peak=1.5, loss0=0.5, **extra):
@@ -53,3 +53,9 @@ def test_compare_torchtune_kl_subtracts_teacher_entropy():
     assert meta["ce_rel_diff_vs_torchtune"] == 0.0
     assert meta["fkl_rel_diff_vs_torchtune"] == pytest.approx(0.0, abs=1e-12)
     assert meta["speedup_vs_torchtune"] == pytest.approx(1.0)
+
+
+def test_loopfit_rows_run_the_peers_objectives():
+    jsd, fkl = distillation_config("jsd"), distillation_config("fkl", chunk_size=256)
+    assert (jsd.kind, jsd.kind_params, jsd.ce_scale, jsd.kd_scale, jsd.temperature) == ("jsd", {"beta": 0.5}, 0, 1, 1)
+    assert (fkl.kind, fkl.ce_scale, fkl.kd_scale, fkl.temperature, fkl.chunk_size) == ("fkl", 0.5, 0.5, 1, 256)

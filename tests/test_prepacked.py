@@ -103,8 +103,14 @@ def test_restored_after_an_exception_nested_blocks_pack_once_and_bf16_is_left_al
         def forward(self, x):
             return super().forward(x) * 2
 
-    with prepacked_linears(nn.Sequential(OwnForward(4, 4), nn.Linear(4, 4)), 2) as packed:
-        assert [type(p.module) for p in packed] == [nn.Linear]
+    class Shard(torch.Tensor):  # stands for FSDP's DTensor: a tensor subclass, not the weight the forward uses
+        pass
+
+    sharded = nn.Linear(4, 4)
+    sharded.weight = nn.Parameter(torch.randn(4, 4).as_subclass(Shard))
+    plain = nn.Linear(4, 4)
+    with prepacked_linears(nn.Sequential(OwnForward(4, 4), sharded, plain), 2) as packed:
+        assert [p.module for p in packed] == [plain]
     with pytest.raises(ValueError, match="batch_size"), prepacked_linears(looped, 0):
         pass
 

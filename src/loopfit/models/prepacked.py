@@ -85,7 +85,10 @@ def prepacked_linears(model: nn.Module, batch_size: int) -> Iterator[list[_Packe
         if prepack_available():
             with torch.no_grad():
                 for m in model.modules():
+                    # A plain tensor only: an FSDP-sharded weight (a DTensor) holds a shard until its forward
+                    # gathers it, and other tensor subclasses (quantized, meta) are not what the layer multiplies by.
                     if (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+                            and type(m.weight) in (torch.Tensor, nn.Parameter)
                             and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
                             and "forward" not in m.__dict__):  # fmt: skip
                         packed.append(_PackedForward(m, batch_size))

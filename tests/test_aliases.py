@@ -134,3 +134,14 @@ def test_run_saved_with_alpha_resumes_identically(tmp_path):
         bad.distillation.ce_scale = 0.5
         train(bad)
     assert torch.isfinite(torch.tensor(b[-1]["loss"]))
+
+
+def test_a_renamed_or_misspelt_setting_cannot_be_assigned_in_python():
+    from loopfit.train import DistillationConfig, OnPolicyConfig, TrainConfig
+
+    cfg = TrainConfig(distillation=DistillationConfig(on_policy=OnPolicyConfig()))
+    for obj, name in ((cfg.distillation, "alpha"), (cfg, "max_step"), (cfg.distillation.on_policy, "lambda_")):
+        with pytest.raises(AttributeError, match=f"has no setting '{name}'"):
+            setattr(obj, name, 0.3)
+    cfg.distillation.ce_scale, cfg.max_steps = 0.3, 7  # fields assign as before
+    assert (cfg.distillation.ce_scale, cfg.max_steps) == (0.3, 7)

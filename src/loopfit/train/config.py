@@ -16,7 +16,13 @@ from typing import Literal
 
 from loopfit.errors import LoopfitError, check_count, check_number
 from loopfit.losses.depths import DEPTH_WEIGHTINGS
-from loopfit.train.distillation_config import DistillationConfig, OnPolicyConfig, _check_finite, _choice  # noqa: F401
+from loopfit.train.distillation_config import (  # noqa: F401
+    DistillationConfig,
+    OnPolicyConfig,
+    Settings,
+    _check_finite,
+    _choice,
+)
 
 OPTIMIZERS = ("adamw", "muon", "ellis_adam")
 LR_SCHEDULES = ("wsd", "cosine", "constant")
@@ -26,7 +32,7 @@ PARALLEL = ("none", "ddp", "fsdp")
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(Settings):
     """PEFT LoRA adapters on the student."""
 
     enabled: bool = False
@@ -45,7 +51,7 @@ class LoRAConfig:
 
 
 @dataclass
-class EveryDepthConfig:
+class EveryDepthConfig(Settings):
     """Loss at every depth: CE / KD also on the coda's output after each of the last `k` loop iterations, through the
     fused loss (the teacher's logits computed once per token chunk for all of them). Weighting and its sources:
     `loopfit.losses.depths`."""
@@ -59,7 +65,7 @@ class EveryDepthConfig:
 
 
 @dataclass
-class ExitGateConfig:
+class ExitGateConfig(Settings):
     """The exit gate's stage (Ouro, arXiv:2510.25741): train only a looped model's exit gate
     (`loopfit.models.exit_gate`, added when the model has none), everything else frozen, on
     `sum_i p(i) L_i - entropy_scale * H(p)` per token, with `L_i` the CE / KD after iteration i (coda + head on every
@@ -77,7 +83,7 @@ class ExitGateConfig:
 
 
 @dataclass
-class MeanRecurrenceSchedule:
+class MeanRecurrenceSchedule(Settings):
     """Curriculum of the mean loop depth: ramps from 1 to `max_mean_rec` over a warmup fraction of training."""
 
     turn_on: bool = False
@@ -92,7 +98,7 @@ class MeanRecurrenceSchedule:
 
 
 @dataclass
-class BackpropDepthSchedule:
+class BackpropDepthSchedule(Settings):
     """Curriculum of the backprop depth k (iterations that keep gradients): ramps from 1 to `max_backprop_depth`."""
 
     turn_on: bool = False
@@ -106,7 +112,7 @@ class BackpropDepthSchedule:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Settings):
     """Optimizer and its hyper-parameters."""
 
     optimizer: str = "adamw"
@@ -128,7 +134,7 @@ class OptimConfig:
 
 
 @dataclass
-class LRSchedule:
+class LRSchedule(Settings):
     """Learning-rate schedule of each stage (multiplies every group's lr)."""
 
     kind: str = "wsd"
@@ -142,7 +148,7 @@ class LRSchedule:
 
 
 @dataclass
-class ParamGroupRule:
+class ParamGroupRule(Settings):
     """Parameters whose name matches `pattern` (re.search; first matching rule wins) get `lr_mult` x lr."""
 
     pattern: str
@@ -152,7 +158,7 @@ class ParamGroupRule:
 
 
 @dataclass
-class StageConfig:
+class StageConfig(Settings):
     """One stage of multi-stage training; optimizer and lr schedule are rebuilt at its start."""
 
     steps: int
@@ -162,7 +168,7 @@ class StageConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """A whole training run."""
 
     model_name: str | None = None

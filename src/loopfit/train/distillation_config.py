@@ -13,6 +13,19 @@ from loopfit.losses.divergences import DIVERGENCES, check_kind_params
 from loopfit.losses.hidden import HIDDEN_KINDS
 
 
+@dataclass
+class Settings:
+    """Base of the training configs: assigning a name that is not one of the dataclass's fields raises
+    `AttributeError`, so a misspelt or renamed setting (`cfg.distillation.alpha = 0.3` after the rename to
+    `ce_scale` / `kd_scale`) fails where it is written instead of being kept on the side and never read.
+    (`slots=True` would do the same, but jsonargparse reads a dataclass's defaults through `vars()`.)"""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__} has no setting {name!r}")
+        object.__setattr__(self, name, value)
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise LoopfitError(f"--{name} must be one of {', '.join(allowed)}, got '{value}'")
@@ -31,7 +44,7 @@ def _check_finite(obj, prefix: str = "") -> None:
 
 
 @dataclass
-class OnPolicyConfig:
+class OnPolicyConfig(Settings):
     """On-policy distillation (GKD, arXiv:2306.13649; on-policy distillation, Thinking Machines, Oct 2025): with
     probability `lmbda` an optimizer step trains on the student's own completions of the data's prompts, sampled at
     the step's drawn depth and scored by the teacher on the completion tokens only (`loopfit.train.on_policy`)."""
@@ -81,7 +94,7 @@ class OnPolicyConfig:
 
 
 @dataclass
-class DistillationConfig:
+class DistillationConfig(Settings):
     """Knowledge distillation from a frozen teacher (logits and, optionally, hidden states)."""
 
     enabled: bool = False

@@ -174,7 +174,6 @@ class OnPolicy:
             raise LoopfitError(f"only {len(prompts)} prompts for on-policy distillation: fewer than one global batch "
                                f"({batch_size * world_size})")  # fmt: skip
         self.cfg, self.prompts, self.eos_ids, self.pad_id, self.rank = cfg, prompts, eos_ids, pad_id, rank
-        self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed + _SEED_OFFSET)
         self.stream = BatchStream(_Indices(len(prompts)), batch_size, seed + _SEED_OFFSET, rank, world_size)
         weights = dataclasses.replace(objective.weights, ce_scale=0.0, kd_scale=objective.scales[1])
@@ -198,7 +197,7 @@ class OnPolicy:
             if self.cfg.merge_lora:
                 stack.enter_context(lora_merged(model))
             if self.cfg.prepack and fp32:  # after the merge: packs the merged weights
-                stack.enter_context(prepacked_linears(model, self.batch_size))
+                stack.enter_context(prepacked_linears(model, self.stream.batch_size))
             for _ in range(micro_batches):
                 out.append(self._micro_batch(model, num_steps, device, autocast))
         return out

@@ -17,6 +17,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from loopfit.errors import LoopfitError
 from loopfit.losses import kd_divergence
 from loopfit.models.prepacked import prepacked_linears
+from loopfit.models.sampling import sample
 from loopfit.train import DistillationConfig, LoRAConfig, OnPolicyConfig, TrainConfig
 from loopfit.train.on_policy import OnPolicy, completion_rows, left_pad, on_policy_step
 from loopfit.train.recipe import depth_at, fit, setup, train
@@ -95,17 +96,12 @@ def test_completions_are_the_students_own_samples_at_the_drawn_depth(models, tmp
     # The prompts are the data's, rendered as training renders them: the chat template through the generation prompt.
     texts = [tok.decode(p) for p in prompts]
     assert all(t.startswith("<|im_start|>user\nfox ") and t.endswith("<|im_start|>assistant\n") for t in texts)
-    # What was trained on is what `generate` samples with the same seed and depth (the student in eval mode).
-    model = run.model.eval()
+    # What was trained on is what the sampler draws with the same seed and depth (tests/test_sampling.py: what an
+    # uncached forward of the student in eval mode predicts).
     ids, mask = left_pad(prompts, PAD)
-    torch.manual_seed(last["seeds"][0])
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=8,
-            eos_token_id=[EOS], pad_token_id=PAD, num_steps=sum(num_steps),
-        )  # fmt: skip
-    model.train()
-    generated = out[:, ids.shape[1] :]
+    g = torch.Generator().manual_seed(last["seeds"][0])
+    generated = sample(run.model, ids, mask, 8, [EOS], PAD, g, 0.7, 0.9, sum(num_steps))
+    assert run.model.training
     assert extra["generated_tokens"] == int((labels != -100).sum()) > 0
     for i, p in enumerate(prompts):
         n = int((labels[i] != -100).sum())
@@ -378,20 +374,15 @@ def test_on_policy_samples_from_the_merged_or_the_unmerged_adapters(models, tmp_
     last = run.on_policy.last
     prompts = [run.on_policy.prompts[i] for i in last["indices"][0]]
     ids, mask = left_pad(prompts, PAD)
-    model = run.model.eval()
-    torch.manual_seed(last["seeds"][0])
+    model = run.model
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
         if merge:
             stack.enter_context(lora_merged(model))
         if prepack:  # same packing as the sampler's; its forwards must have run
             packed = stack.enter_context(prepacked_linears(model, len(prompts)))
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-            max_new_tokens=12, eos_token_id=[EOS], pad_token_id=PAD, num_steps=sum(num_steps),
-        )  # fmt: skip
+        g = torch.Generator().manual_seed(last["seeds"][0])
+        generated = sample(model, ids, mask, 12, [EOS], PAD, g, 1.0, 1.0, sum(num_steps))
         assert not prepack or sum(p.calls for p in packed) > 0
-    generated = out[:, ids.shape[1] :]
     for i, p in enumerate(prompts):
         n = int((batch["labels"][i] != -100).sum())
         assert batch["input_ids"][i, len(p) : len(p) + n].tolist() == generated[i, :n].tolist()

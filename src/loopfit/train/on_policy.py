@@ -12,10 +12,12 @@ micro-batch:
    them; the packed stream advances only on off-policy steps). Prompts are rendered as training renders the pair
    (chat template through the generation prompt, or `Question: ...\\nAnswer:`); those longer than
    `seq_len - max_new_tokens` are left out, so a prompt and its completion always fit in one row;
-2. samples their completions in one batched, left-padded `generate` call with the KV cache, in eval mode, at the
-   depth drawn for the step (`n_no_grad + k_grad` iterations), at `temperature` / `top_p` (no top-k), from a seed
-   drawn from the same generator (global RNG streams are forked around it and left untouched); with `merge_lora`
-   (the default) each LoRA layer samples as one matmul with its update added to a copy of its weight;
+2. samples their completions in one batched, left-padded call of `loopfit.models.sampling.sample` (the model's
+   forward token by token with a preallocated KV cache; `generate`'s positions, masks and stopping, a cheaper draw),
+   in eval mode, at the depth drawn for the step (`n_no_grad + k_grad` iterations), at `temperature` / `top_p` (no
+   top-k), from a generator seeded with a number drawn from the same generator (the global RNG is not touched);
+   with `merge_lora` (the default) each LoRA layer samples as one matmul with its update added to a copy of its
+   weight, and with `prepack` (the default) through oneDNN-packed weights on CPU in fp32;
 3. lays each row out right-padded, `prompt + completion`, with labels on the completion only: its tokens up to and
    including the first EOS, never the prompt, the padding or what follows the first EOS;
 4. scores it with the run's objective with `on_policy.kind` (reverse KL by default) as the divergence, the KD
@@ -45,6 +47,7 @@ from loopfit.data.stream import BatchStream
 from loopfit.errors import LoopfitError
 from loopfit.losses.objective import Objective
 from loopfit.models.prepacked import prepacked_linears
+from loopfit.models.sampling import sample
 from loopfit.train.config import OnPolicyConfig, TrainConfig
 from loopfit.train.student import lora_merged
 
@@ -76,7 +79,6 @@ def eos_token_ids(tokenizer, model: nn.Module) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
-@torch.no_grad()
 def sample_completions(
     model: nn.Module,
     prompts: list[list[int]],
@@ -88,26 +90,14 @@ def sample_completions(
     device=None,
 ) -> torch.Tensor:
     """The student's sampled completions of `prompts`, `(B, T)` with `T <= cfg.max_new_tokens` (pad after a row's
-    EOS): one left-padded `generate` call with the KV cache, in eval mode (restored after), at depth `num_steps`
-    (None for a plain model), with the global RNG seeded `seed` inside a fork (the caller's streams stay as they
-    were). `model.generate(...)` with these arguments after `torch.manual_seed(seed)` gives the same tokens.
+    EOS): `loopfit.models.sampling.sample` on the left-padded batch, in eval mode, at depth `num_steps` (None for a
+    plain model), drawing from a `torch.Generator` seeded `seed` on the model's device (the global RNG is not
+    touched). `sample(...)` with these arguments gives the same tokens.
     """
     ids, mask = left_pad(prompts, pad_id, device)
-    kw = {"num_steps": num_steps} if num_steps is not None else {}
-    devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-                use_cache=True, **kw,
-            )  # fmt: skip
-    finally:
-        model.train(was_training)
-    return out[:, ids.shape[1] :]
+    generator = torch.Generator(ids.device).manual_seed(seed)
+    return sample(model, ids, mask, cfg.max_new_tokens, eos_ids, pad_id, generator, cfg.temperature, cfg.top_p,
+                  num_steps)  # fmt: skip
 
 
 def completion_rows(

@@ -339,6 +339,10 @@ def test_merged_lora_computes_the_same_function_with_one_matmul_and_leaves_the_w
         with lora_merged(model) as n:
             got = model(input_ids=ids, num_steps=3).logits
             assert not calls, "merged: the adapters' matmuls are not run"
+            # ... nor PEFT's wrapper: each parent calls the base layer, holding the merged weight, directly.
+            assert not any(type(m) is LoraLinear for m in model.modules())
+            assert all(m.get_base_layer() in set(model.modules()) for m in lora_layers)
+        assert [m for m in model.modules() if type(m) is LoraLinear] == lora_layers
         after = model(input_ids=ids, num_steps=3).logits
     assert n == len(lora_layers) > 0
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

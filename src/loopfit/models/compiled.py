@@ -7,7 +7,7 @@ What is compiled, and why there:
   loop count outside the graphs, never a guard). The unrolled forward is not compiled whole: its length would be a
   guard and every new R a recompilation.
 - The adapter, masks, rotary embedding, state init, head and losses stay eager (one matmul or cheap setup each).
-- KV cache: a layer's write into its (iteration, layer) slot (`layers._CacheSlot.update`) is a graph break
+- KV cache: a layer's write into its (iteration, layer) slot (`layers._CompiledCacheSlot.update`) is a graph break
   that runs eagerly, so the slot number is no guard; with a cache each layer runs as two graphs (projections and
   rotary; attention and MLP). The layer index the attention passes to the cache is read as a symbolic int
   (`allow_unspec_int_on_nn_module`, set process-wide by `compile_loop`), so one graph serves every layer.
@@ -29,7 +29,8 @@ import sys
 import torch
 from torch import nn
 
-_MARK = "_loopfit_compiled"
+from loopfit.models.layers import COMPILED_MARK
+
 # Room for the graph variants that training and decoding need (train / eval, grad / no grad, with / without a
 # cache, prefill / one-token step) on the code objects that every layer of a family shares; dynamo's default is 8.
 _RECOMPILE_LIMIT = 64
@@ -115,22 +116,22 @@ def compile_loop(
     options = {"dynamic": dynamic, "backend": backend, "mode": mode, "fullgraph": fullgraph}
     _set_dynamo_options()
     for layer in layers:
-        if not getattr(layer, _MARK, False):
+        if not getattr(layer, COMPILED_MARK, False):
             # An instance attribute shadows the class's forward: `nn.Module.__call__` (hooks, HF's gradient
             # checkpointing wrapper) stays eager around the compiled body.
             layer.forward = torch.compile(layer.forward, **options)
-            setattr(layer, _MARK, True)
+            setattr(layer, COMPILED_MARK, True)
     return True
 
 
 def is_compiled(model: nn.Module) -> bool:
     """Whether `compile_loop` compiled `model`'s loop."""
-    return all(getattr(layer, _MARK, False) for layer in loop_layers(model))
+    return all(getattr(layer, COMPILED_MARK, False) for layer in loop_layers(model))
 
 
 def uncompile_loop(model: nn.Module) -> None:
     """Undo `compile_loop`: the layers run their eager forward again (dynamo's caches are left as they are)."""
     for layer in loop_layers(model):
-        if getattr(layer, _MARK, False):
+        if getattr(layer, COMPILED_MARK, False):
             del layer.forward
-            delattr(layer, _MARK)
+            delattr(layer, COMPILED_MARK)

@@ -15,6 +15,7 @@ from transformers.masking_utils import create_causal_mask
 # to `cache`; older releases in our range only know the old name. Resolved once, from the installed version's API.
 _MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
+COMPILED_MARK = "_loopfit_compiled"  # set on a decoder layer whose forward `compile_loop` compiled
 
 
 def attention_types(base_config) -> list[str]:
@@ -56,9 +57,6 @@ class _CacheSlot:
     def __init__(self, cache: Cache, slot: int, overwrite: bool):
         self.cache, self.slot, self.overwrite = cache, slot, overwrite
 
-    # Under torch.compile (`loopfit.models.compiled`) the write is a graph break run eagerly: the slot number is then
-    # no guard, and one graph serves every (iteration, layer) slot instead of one compilation per slot.
-    @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
         if self.overwrite:
             # A cache that stages the current tokens' entries itself (adaptive decoding's `_StagedCache`) says how
@@ -69,6 +67,21 @@ class _CacheSlot:
 
     def __getattr__(self, name):
         return getattr(self.cache, name)
+
+
+class _CompiledCacheSlot(_CacheSlot):
+    """`_CacheSlot` under torch.compile (`loopfit.models.compiled`): the write is a graph break run eagerly, so the
+    slot number is no guard and one graph serves every (iteration, layer) slot instead of one compilation per slot.
+    Eager code uses `_CacheSlot`, whose write skips the disabled function's wrapper (~30 calls per decoded token)."""
+
+    update = torch.compiler.disable(_CacheSlot.update)
+
+
+def cache_slot(layer: nn.Module, cache: Cache, slot: int, overwrite: bool) -> _CacheSlot:
+    """The view of `cache` that routes `layer`'s writes to `slot`: a `_CompiledCacheSlot` for a layer whose forward
+    `loopfit.models.compiled.compile_loop` compiled (marked `COMPILED_MARK`), a `_CacheSlot` otherwise."""
+    cls = _CompiledCacheSlot if layer.__dict__.get(COMPILED_MARK, False) else _CacheSlot
+    return cls(cache, slot, overwrite)
 
 
 def _replace_current(cache: Cache, key_states, value_states, slot: int, *args, **kwargs):

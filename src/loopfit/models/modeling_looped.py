@@ -19,7 +19,7 @@ from loopfit.models.configuration_looped import LoopedConfig
 from loopfit.models.depth import parse_num_steps, sample_num_steps
 from loopfit.models.exit_gate import ExitGate
 from loopfit.models.families import decoder_layer_class_names, family_of
-from loopfit.models.layers import _MASK_CACHE_KW, LoopAdapter, _CacheSlot, _pop_cache, attention_types
+from loopfit.models.layers import _MASK_CACHE_KW, LoopAdapter, _pop_cache, attention_types, cache_slot
 from loopfit.models.outputs import CACHE_FIELD, LoopContext, LoopedCausalLMOutput, LoopedModelOutput
 from loopfit.models.relaxed import LowRankDeltas, Relaxation, RelaxHook, RestoreIteration, VectorTable
 
@@ -195,7 +195,7 @@ class LoopedModel(LoopedPreTrainedModel):
         return LoopContext(masks, rotary, position_ids, cache, layer_kwargs)
 
     def _layer(self, layer, src: int, h: torch.Tensor, ctx: LoopContext, slot, overwrite: bool = False):
-        kv = _CacheSlot(ctx.cache, slot, overwrite) if ctx.cache is not None and slot is not None else None
+        kv = cache_slot(layer, ctx.cache, slot, overwrite) if ctx.cache is not None and slot is not None else None
         kind = self.attention_types[src]
         rotary = ctx.position_embeddings
         return layer(

@@ -61,13 +61,14 @@ def lora_merged(model: nn.Module) -> Iterator[int]:
     student shares its weights) would drift over thousands of on-policy steps. The cost is one copy of each merged
     weight while the block runs (~200 MB for SmolLM2's 14 distinct layers in fp32). Layers that are not PEFT's
     `lora.Linear` over an `nn.Linear` (quantized bases), use a LoRA variant (DoRA), have their adapters disabled or
-    already merged are left as they are. Everything is restored on exit, also after an exception. No gradients:
-    for inference only.
+    already merged are left as they are. A merged layer's parent module calls its base layer directly (PEFT's
+    wrapper is left out of the call: ~3% of a decoding step), unless the wrapper has hooks of its own. Everything is
+    restored on exit, also after an exception. No gradients: for inference only.
     """
-    swapped = []
+    swapped, unwrapped = [], []
     try:
         with torch.no_grad():
-            for m in model.modules():
+            for name, m in list(model.named_modules()):
                 if type(m) is not LoraLinear or m.disable_adapters or m.merged:
                     continue
                 base = m.get_base_layer()
@@ -82,8 +83,18 @@ def lora_merged(model: nn.Module) -> Iterator[int]:
                 base.weight = nn.Parameter(merged, requires_grad=False)
                 m.merged_adapters = list(names)  # PEFT's forward then runs the base layer alone
                 swapped.append((m, base, weight))
+                # Its parent calls the base layer directly: PEFT's wrapper costs ~10 us a call, 2-3 ms of a decoding
+                # step of SmolLM2's loop. Not where the wrapper has hooks of its own, which that would skip.
+                if not (m._forward_hooks or m._forward_pre_hooks) and "." in name:
+                    parent_name, child = name.rsplit(".", 1)
+                    parent = model.get_submodule(parent_name)
+                    if parent._modules.get(child) is m:
+                        parent._modules[child] = base
+                        unwrapped.append((parent, child, m))
         yield len(swapped)
     finally:
+        for parent, child, m in unwrapped:
+            parent._modules[child] = m
         for m, base, weight in swapped:
             base.weight = weight
             m.merged_adapters = []

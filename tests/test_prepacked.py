@@ -150,3 +150,59 @@ def test_generate_command_says_when_prepack_packs_nothing(tmp_path, looped, caps
     main(["generate", str(tmp_path / "m"), "--prompt", "hi", "--max_new_tokens", "2", "--prepack=true"])
     out, err = capsys.readouterr()
     assert "'hi' -> " in out and "loopfit: warning: --prepack: nothing to pack" in err
+
+
+def _groups(packed) -> list:
+    return list({id(p.group): p.group for p in packed if p.group is not None}.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "olmo2", "qwen2_moe", "phi3"])
+def test_sibling_projections_in_one_matmul_compute_the_default(arch):
+    model = to_looped(make_tiny_model(arch, num_layers=6, hidden=32), layout_from_sizes(6, 1, 2, 1)).eval()
+    ids = torch.randint(3, 200, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(input_ids=ids, num_steps=3).logits
+        with prepacked_linears(model, batch_size=3) as packed:
+            groups = _groups(packed)
+            got = model(input_ids=ids, num_steps=3).logits
+            kv = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, num_steps=3, pad_token_id=0)
+            assert _groups(packed) == groups  # none dissolved: each group's layers read one input
+        assert torch.equal(kv, model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, num_steps=3,
+                                              pad_token_id=0))  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    names = {tuple(type(m).__name__ for m in g.members) for g in groups}
+    if arch == "phi3":  # its query/key/value and gate/up projections are already one layer each
+        assert groups == []
+    else:  # a q/k/v group and a gate/up group per distinct decoder layer (prelude, block, coda)
+        assert len(groups) >= 6 and all(p.calls > 0 for g in groups for p in g.members), names
+
+
+def test_siblings_that_do_not_share_their_input_dissolve_and_stay_exact():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x, y):
+            return self.q_proj(x), self.k_proj(y), self.v_proj(x)
+
+    m = Attention()
+    x, y = torch.randn(2, 8), torch.randn(2, 8)
+    with torch.no_grad(), prepacked_linears(m, 2) as packed:
+        assert len(_groups(packed)) == 1
+        for _ in range(2):
+            got = m(x, y)
+            want = [nn.functional.linear(t, lin.weight, lin.bias) for t, lin in zip((x, y, x), m.children())]
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert _groups(packed) == [] and all(p.calls == 2 for p in packed)  # dissolved: each layer on its own
+        # Sharing its input, a group stays; a sibling's weight written in place dissolves it, and stays exact.
+        m2 = Attention()
+        with prepacked_linears(m2, 2) as packed2:
+            m2(x, x)
+            assert len(_groups(packed2)) == 1
+            m2.v_proj.weight.mul_(3.0)
+            q, k, v = m2(x, x)
+            assert _groups(packed2) == []
+            torch.testing.assert_close(v, nn.functional.linear(x, m2.v_proj.weight, m2.v_proj.bias))
+            torch.testing.assert_close(k, nn.functional.linear(x, m2.k_proj.weight, m2.k_proj.bias))

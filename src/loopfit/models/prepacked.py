@@ -67,6 +67,9 @@ class _PackedForward:
         return (x.is_cpu and x.dtype is torch.float32 and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled("cpu") and self.valid())  # fmt: skip
 
+    def release(self) -> None:
+        self.packed = self.weight = self.bias = self.bias_data = self.params = None
+
     def pack(self) -> None:
         if self.packed is None:
             self.packed = _reorder(self.weight.detach(), self.batch_size)
@@ -126,8 +129,8 @@ class _Siblings:
     def dissolve(self) -> None:
         for m in self.members:
             m.group = None
-        self.packed = self.input = None
-        self.pending = {}
+        self.packed = self.input = self.bias = None
+        self.pending, self.members = {}, []
 
 
 def _version(x: torch.Tensor) -> int:
@@ -194,3 +197,8 @@ def prepacked_linears(model: nn.Module, batch_size: int, fuse_siblings: bool = T
     finally:
         for p in packed:
             del p.module.forward
+            if p.group is not None:
+                p.group.dissolve()
+            # Nothing heavy outlives the block, not even until the cyclic GC runs: the packed copies, the weights
+            # (a `lora_merged` block's merged ones), a group's last input and outputs. `calls` stays readable.
+            p.release()

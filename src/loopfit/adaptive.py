@@ -32,6 +32,7 @@ from loopfit.data.chat import format_prompt
 from loopfit.data.packing import left_pad
 from loopfit.errors import LoopfitError
 from loopfit.models.exit_gate import gate_exit
+from loopfit.models.sampling import draw
 
 CRITERIA = ("kl", "state", "argmax", "gate", "none")
 DEFAULT_THRESHOLDS = {"kl": 1e-3, "state": 0.03, "argmax": 5, "gate": 0.5, "none": 0.0}
@@ -271,9 +272,7 @@ class AdaptiveDecoder:
 
 
 def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float) -> torch.Tensor:
-    if do_sample:
-        return torch.multinomial((logits.float() / temperature).softmax(-1), 1)[:, 0]
-    return logits.argmax(-1)
+    return draw(logits, temperature=temperature) if do_sample else logits.argmax(-1)  # the global RNG's draws
 
 
 def generate_adaptive_batch(

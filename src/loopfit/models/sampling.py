@@ -114,7 +114,6 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-@torch.no_grad()
 def sample(
     model,
     input_ids: torch.Tensor,
@@ -140,7 +139,12 @@ def sample(
 
     Returns:
         `(batch, T)` long, `T <= max_new_tokens` (shorter when every row ended early).
+
+    Raises:
+        ValueError: `max_new_tokens` below 1. LoopfitError: non-finite probabilities (`draw`).
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     looped = getattr(getattr(model, "config", None), "model_type", None) == "looped"
     batch, width = input_ids.shape
     # A looped model's slots (one per (iteration, block layer)) grow from a config-less cache; a plain model keeps
@@ -158,21 +162,24 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **extra)  # fmt: skip
-        positions = positions[:, -1:] + 1
-        for t in range(max_new_tokens):
-            logits = out.logits[:, -1]
-            tok = draw(logits, generator, temperature, top_p) if do_sample else logits.argmax(-1)
-            tok = tok.masked_fill(ended, pad_token_id)
-            tokens[:, t] = tok
-            ended |= torch.isin(tok, eos)
-            if t + 1 == max_new_tokens or bool(ended.all()):
-                return tokens[:, : t + 1]
-            mask[:, width + t] = 1
-            out = model(input_ids=tok[:, None], attention_mask=mask[:, : width + t + 1], position_ids=positions,
-                        use_cache=True, logits_to_keep=1, **extra)  # fmt: skip
-            positions = positions + 1
+        # Inference mode: cheaper per op than no_grad (no version counters, no view tracking), and decoding is
+        # thousands of small ops per token. The tensors made here stay inside; what is returned is a plain copy.
+        with torch.inference_mode():
+            out = model(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **extra)  # fmt: skip
+            positions = positions[:, -1:] + 1
+            for t in range(max_new_tokens):
+                logits = out.logits[:, -1]
+                tok = draw(logits, generator, temperature, top_p) if do_sample else logits.argmax(-1)
+                tok = tok.masked_fill(ended, pad_token_id)
+                tokens[:, t] = tok
+                ended |= torch.isin(tok, eos)
+                if t + 1 == max_new_tokens or bool(ended.all()):
+                    break
+                mask[:, width + t] = 1
+                out = model(input_ids=tok[:, None], attention_mask=mask[:, : width + t + 1], position_ids=positions,
+                            use_cache=True, logits_to_keep=1, **extra)  # fmt: skip
+                positions = positions + 1
     finally:
         model.train(was_training)
-    return tokens
+    return tokens[:, : t + 1].clone()

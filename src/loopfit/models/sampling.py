@@ -7,15 +7,17 @@ does for `do_sample=True, top_k=0` (same positions, masks, padding of finished r
 ended), without its per-step machinery, and differs in two places, both for speed on CPU decoding:
 
 - A looped model's cache keeps every slot in one buffer allocated for the whole call (`PreallocatedLayer`); the
-  default `DynamicLayer` copies a slot's whole past at every token (`torch.cat`), 4 x 32 such copies per token step
-  for a 4-6-4 loop at R = 4.
+  default `DynamicLayer` copies a slot's whole past at every token (`torch.cat`): keys and values of 32 slots per
+  token step for a 4-6-4 loop at R = 4.
 - The draw is by inverse CDF, one uniform number per row from the caller's `torch.Generator`, over a float64
   cumulative sum of the probabilities; `torch.multinomial` (what `generate` calls) draws one exponential number per
   vocabulary entry, 4.5 ms per token step for 4 rows x 49152 on a 2-core CPU. Same distribution, other random
   numbers: the tokens are not `generate`'s for the same seed; greedy decoding (`do_sample=False`) gives `generate`'s.
 
-On a 2-core AVX2 EPYC (SmolLM2 4-6-4 loop, R = 4, LoRA merged, weights prepacked, batch 4, 64 new tokens) a token
-step took 86 ms against 100 ms through `generate` (interleaved runs, see the on-policy benchmark).
+It also decodes under `torch.inference_mode` (~7% less per token step than `no_grad` here). On a 2-core AVX2 EPYC
+(SmolLM2 4-6-4 loop, R = 4, LoRA merged, weights prepacked, batch 4, 64 new tokens), interleaved runs: a token step
+took 86 ms against 100 ms through `generate` before inference mode, and ~62 ms with it and with the q/k/v and gate/up
+weights packed as one each (`models.prepacked`); see `benchmarks/on_policy.py` and docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import write_teacher_and_looped_student
 from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
 
 from loopfit.errors import LoopfitError
 from loopfit.losses import kd_divergence
@@ -391,3 +392,57 @@ def test_on_policy_samples_from_the_merged_or_the_unmerged_adapters(models, tmp_
         n = int((batch["labels"][i] != -100).sum())
         assert batch["input_ids"][i, len(p) : len(p) + n].tolist() == generated[i, :n].tolist()
     run.logger.close()
+
+
+def test_the_students_generation_config_sampling_settings_are_named_as_ignored(models, tmp_path, capsys):
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(models / "looped", student)
+    gen = json.loads((student / "generation_config.json").read_text()) if (
+        student / "generation_config.json").exists() else {}  # fmt: skip
+    (student / "generation_config.json").write_text(json.dumps(gen | {"repetition_penalty": 1.5}))
+    run = setup(_cfg(models, tmp_path, on_policy={"lmbda": 1.0}, model_name=str(student)))
+    err = capsys.readouterr().err
+    assert "on-policy: the student's generation_config sets repetition_penalty=1.5; on-policy samples ignore it" in err
+    run.logger.close()
+    run = setup(_cfg(models, tmp_path / "plain", on_policy={"lmbda": 1.0}))
+    assert "generation_config sets" not in capsys.readouterr().err
+    run.logger.close()
+
+
+def _tiny_attention():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    return nn.Sequential(Block())
+
+
+def test_lora_merged_leaves_stacked_adapters_and_lora_bias_unmerged_or_exact():
+    from peft import LoHaConfig, LoraConfig, get_peft_model
+
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    # LoRA over a LoHa layer (a PEFT mixed model): the wrapper reaches the linear through the LoHa layer, which
+    # must stay in the call.
+    mixed = get_peft_model(_tiny_attention(), LoHaConfig(r=2, target_modules=["q_proj"], init_weights=False),
+                           adapter_name="b", mixed=True)  # fmt: skip
+    mixed.add_adapter("a", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    mixed.set_adapter(["a", "b"])
+    # A LoRA whose B has a bias (`lora_bias`): W + s B A would leave it out, so the layer is not merged.
+    biased = get_peft_model(_tiny_attention(), LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True,
+                                                           init_lora_weights=False))  # fmt: skip
+    with torch.no_grad():
+        nn.init.normal_(biased.base_model.model[0].q_proj.lora_B["default"].bias)
+        for model, merged in ((mixed, 1), (biased, 0)):
+            want = model(x)
+            with lora_merged(model) as n:
+                got = model(x)
+            assert n == merged
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(x), want, atol=0, rtol=0)

@@ -210,3 +210,38 @@ def test_siblings_that_do_not_share_their_input_dissolve_and_stay_exact():
                 torch.testing.assert_close(v, nn.functional.linear(x, m2.v_proj.weight, m2.v_proj.bias))
                 torch.testing.assert_close(k, nn.functional.linear(x, m2.k_proj.weight, m2.k_proj.bias))
             assert _groups(packed2) == []
+
+
+def test_siblings_with_hooks_are_not_grouped_but_a_relaxed_loops_are():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    m = Attention()
+    # A hook that writes the shared input in place: under inference mode a group could only check its identity.
+    m.q_proj.register_forward_hook(lambda mod, args, out: args[0].clamp_(max=0.0))
+    x0 = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = m(x0.clone())
+        with prepacked_linears(m, 2) as packed:
+            assert _groups(packed) == []
+            got = m(x0.clone())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # The relaxed loop's own hooks (per-iteration deltas on the block's linears) only read their input.
+    relaxed = to_looped(make_tiny_model("llama", num_layers=6, hidden=32), layout_from_sizes(6, 1, 2, 1),
+                        relaxation_rank=4).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in relaxed.model.relaxation.parameters():
+            p.normal_(std=0.05, generator=torch.Generator().manual_seed(4))
+        ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(5))
+        want = relaxed(input_ids=ids, num_steps=3).logits
+        with prepacked_linears(relaxed, 2) as packed:
+            block = {id(m) for m in relaxed.model.block.modules()}
+            assert any(id(g.members[0].module) in block for g in _groups(packed))
+            got = relaxed(input_ids=ids, num_steps=3).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -203,3 +203,16 @@ def test_preallocated_layer_returns_what_a_dynamic_layer_returns():
     k, v = kv(2, 3)
     ours.update(k, v), ref.update(k, v)
     same()
+
+
+def test_bad_temperature_or_top_p_is_refused_before_any_work(looped):
+    logits = torch.randn(2, 10)
+    for temperature, top_p in [(0.0, 1.0), (-1.0, 1.0), (1.0, 0.0), (1.0, 1.5), (float("nan"), 1.0)]:
+        with pytest.raises(ValueError, match="temperature must be > 0 and top_p in"):
+            draw(logits, None, temperature, top_p)
+    ids, mask = left_pad(PROMPTS, PAD)
+    with pytest.raises(ValueError, match="top_p"):
+        sample(looped, ids, mask, 4, [], PAD, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sample(looped, ids, mask, 0, [], PAD)
+    assert sample(looped, ids, mask, 3, [], PAD, top_p=0.0, do_sample=False).shape == (3, 3)  # greedy: unused

@@ -21,6 +21,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
+from loopfit.models.relaxed import RelaxHook
 
 _LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
 
@@ -141,17 +144,28 @@ def _version(x: torch.Tensor) -> int:
     return -1 if x.is_inference() else x._version
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether `module` has hooks that could change its siblings' shared input between their calls: any forward or
+    pre-forward hook but a relaxed loop's `RelaxHook` (which returns a new output and reads its input only)."""
+    return bool(module._forward_pre_hooks) or any(not isinstance(h, RelaxHook) for h in module._forward_hooks.values())
+
+
 def _sibling_groups(model: nn.Module, packed: dict[nn.Module, _PackedForward]) -> list[list[_PackedForward]]:
-    """Groups of packed layers named as `SIBLINGS` under one parent, with equal input sizes and all or no biases."""
-    groups = []
+    """Groups of packed layers named as `SIBLINGS` under one parent, with equal input sizes, all or no biases and no
+    hooks (`_hooked`); none while global module hooks are registered. Under `torch.inference_mode` a group checks the
+    input's identity only (no version counter): no code between two sibling calls may write it in place, which holds
+    for the families' attention and MLP code, and hooks that could are excluded here."""
+    groups: list[list[_PackedForward]] = []
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return groups
     for parent in model.modules():
         for names in SIBLINGS:
             children = [parent._modules.get(n) for n in names]
             if not all(c in packed for c in children):
                 continue
             members = [packed[c] for c in children]
-            if (len({c.in_features for c in children}) == 1
-                    and len({m.bias_data is None for m in members}) == 1):  # fmt: skip
+            if (len({c.in_features for c in children}) == 1 and len({m.bias_data is None for m in members}) == 1
+                    and not any(_hooked(c) for c in children)):  # fmt: skip
                 groups.append(members)
     return groups
 

@@ -13,6 +13,8 @@ ended), without its per-step machinery, and differs in two places, both for spee
   cumulative sum of the probabilities; `torch.multinomial` (what `generate` calls) draws one exponential number per
   vocabulary entry, 4.5 ms per token step for 4 rows x 49152 on a 2-core CPU. Same distribution, other random
   numbers: the tokens are not `generate`'s for the same seed; greedy decoding (`do_sample=False`) gives `generate`'s.
+The model's `generation_config` is not read (no repetition penalty, min-p, suppressed tokens: the draw is from the
+model's own distribution, what on-policy distillation takes its divergence on).
 
 It also decodes under `torch.inference_mode` (~7% less per token step than `no_grad` here). On a 2-core AVX2 EPYC
 (SmolLM2 4-6-4 loop, R = 4, LoRA merged, weights prepacked, batch 4, 64 new tokens), interleaved runs: a token step
@@ -93,7 +95,10 @@ def draw(logits: torch.Tensor, generator: torch.Generator | None = None, tempera
 
     Raises:
         LoopfitError: a row's probabilities are not finite (NaN or infinite logits).
+        ValueError: `temperature <= 0`, or `top_p` outside (0, 1].
     """
+    if not temperature > 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}")
     probs = (logits.float() / temperature).softmax(-1)
     order = None
     if top_p < 1:
@@ -143,10 +148,13 @@ def sample(
         `(batch, T)` long, `T <= max_new_tokens` (shorter when every row ended early).
 
     Raises:
-        ValueError: `max_new_tokens` below 1. LoopfitError: non-finite probabilities (`draw`).
+        ValueError: `max_new_tokens` below 1; `temperature` / `top_p` out of range (`draw`).
+        LoopfitError: non-finite probabilities (`draw`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if do_sample and (not temperature > 0 or not 0 < top_p <= 1):  # before any work, not at the first token
+        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}")
     looped = getattr(getattr(model, "config", None), "model_type", None) == "looped"
     batch, width = input_ids.shape
     # A looped model's slots (one per (iteration, block layer)) grow from a config-less cache; a plain model keeps

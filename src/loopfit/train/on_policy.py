@@ -222,8 +222,32 @@ def build_on_policy(run: Run) -> OnPolicy | None:
     tok = run.tokenizer
     model = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ignored = ignored_generation_settings(model)
+    if ignored and run.d.rank == 0:
+        print(f"on-policy: the student's generation_config sets {', '.join(ignored)}; on-policy samples ignore it: "
+              "they are drawn from the student's own distribution (the one the divergence is taken on) at "
+              "--distillation.on_policy.temperature / top_p", file=sys.stderr)  # fmt: skip
     return OnPolicy(cfg.distillation.on_policy, training_prompts(cfg, tok), run.objective, cfg.batch_size, cfg.seed,
                     eos_token_ids(tok, model), pad, run.d.rank, run.d.world_size)  # fmt: skip
+
+
+# Settings of a generation config that change what `generate` samples beyond temperature / top-p / top-k, with their
+# no-op values: `loopfit.models.sampling.sample` applies none of them.
+_SAMPLING_SETTINGS = {"repetition_penalty": 1.0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                      "eta_cutoff": 0.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
+                      "begin_suppress_tokens": None, "encoder_repetition_penalty": 1.0}  # fmt: skip
+
+
+def ignored_generation_settings(model: nn.Module) -> list[str]:
+    """`name=value` for each setting of `model.generation_config` that would change HF `generate`'s samples and that
+    on-policy sampling does not apply (a source model's repetition penalty, copied to its looped conversion)."""
+    gen = getattr(model, "generation_config", None)
+    out = []
+    for name, neutral in _SAMPLING_SETTINGS.items():
+        value = getattr(gen, name, neutral)
+        if value is not None and value != neutral:
+            out.append(f"{name}={value}")
+    return out
 
 
 def on_policy_step(run: Run, num_steps: tuple[int, int]) -> tuple[list[dict], Objective, dict] | None:

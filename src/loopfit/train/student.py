@@ -60,10 +60,11 @@ def lora_merged(model: nn.Module) -> Iterator[int]:
     subtracting the update in place rounds them a little each time, and the frozen base (also the teacher, when the
     student shares its weights) would drift over thousands of on-policy steps. The cost is one copy of each merged
     weight while the block runs (~200 MB for SmolLM2's 14 distinct layers in fp32). Layers that are not PEFT's
-    `lora.Linear` over an `nn.Linear` (quantized bases), use a LoRA variant (DoRA), have their adapters disabled or
-    already merged are left as they are. A merged layer's parent module calls its base layer directly (PEFT's
-    wrapper is left out of the call: ~3% of a decoding step), unless the wrapper has hooks of its own. Everything is
-    restored on exit, also after an exception. No gradients: for inference only.
+    `lora.Linear` over an `nn.Linear` (quantized bases), use a LoRA variant (DoRA) or a bias in B (`lora_bias`), have
+    their adapters disabled or already merged are left as they are. A merged layer's parent module calls its base
+    layer directly (PEFT's wrapper is left out of the call: ~3% of a decoding step), unless the wrapper reaches it
+    through another adapter layer or has hooks or a patched forward of its own. Everything is restored on exit, also
+    after an exception. No gradients: for inference only.
     """
     swapped, unwrapped = [], []
     try:
@@ -74,8 +75,8 @@ def lora_merged(model: nn.Module) -> Iterator[int]:
                 base = m.get_base_layer()
                 names = [a for a in m.active_adapters if a in m.lora_A]
                 if (not names or type(base) is not nn.Linear or m.fan_in_fan_out
-                        or any(a in m.lora_variant for a in names)):  # fmt: skip
-                    continue
+                        or any(a in m.lora_variant or m.lora_B[a].bias is not None for a in names)):  # fmt: skip
+                    continue  # (a `lora_bias` adapter's B has a bias the W + s B A merge would leave out)
                 weight = merged = base.weight
                 for a in names:  # W + s * B @ A (PEFT's vanilla delta), one new tensor per layer
                     b, a_ = m.lora_B[a].weight, m.lora_A[a].weight
@@ -84,8 +85,10 @@ def lora_merged(model: nn.Module) -> Iterator[int]:
                 m.merged_adapters = list(names)  # PEFT's forward then runs the base layer alone
                 swapped.append((m, base, weight))
                 # Its parent calls the base layer directly: PEFT's wrapper costs ~10 us a call, 2-3 ms of a decoding
-                # step of SmolLM2's loop. Not where the wrapper has hooks of its own, which that would skip.
-                if not (m._forward_hooks or m._forward_pre_hooks) and "." in name:
+                # step of SmolLM2's loop. Only where the wrapper holds the base layer itself (not through another
+                # adapter layer, as in PEFT's mixed models) and has no hooks or patched forward that would be skipped.
+                plain = m.base_layer is base and "forward" not in m.__dict__
+                if plain and not (m._forward_hooks or m._forward_pre_hooks) and "." in name:
                     parent_name, child = name.rsplit(".", 1)
                     parent = model.get_submodule(parent_name)
                     if parent._modules.get(child) is m:
@@ -93,9 +96,9 @@ def lora_merged(model: nn.Module) -> Iterator[int]:
                         unwrapped.append((parent, child, m))
         yield len(swapped)
     finally:
-        for parent, child, m in unwrapped:
+        for parent, child, m in reversed(unwrapped):
             parent._modules[child] = m
-        for m, base, weight in swapped:
+        for m, base, weight in reversed(swapped):
             base.weight = weight
             m.merged_adapters = []
 

@@ -446,3 +446,16 @@ def test_lora_merged_leaves_stacked_adapters_and_lora_bias_unmerged_or_exact():
             assert n == merged
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+
+
+def test_sampling_a_diverged_student_is_one_loopfit_error():
+    from conftest import make_tiny_model
+
+    from loopfit.convert import layout_from_sizes, to_looped
+    from loopfit.train.on_policy import sample_completions
+
+    model = to_looped(make_tiny_model("llama", num_layers=6, hidden=32), layout_from_sizes(6, 1, 2, 1))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(LoopfitError, match="on-policy sampling failed: sampling: the model's next-token probabilities"):
+        sample_completions(model, [[5, 6, 7]], OnPolicyConfig(lmbda=1.0, max_new_tokens=4), 0, 2, [EOS], PAD)

@@ -30,8 +30,6 @@ from functools import partial
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from loopfit.errors import LoopfitError
-
 
 class PreallocatedLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values live in one buffer of `capacity` positions, written in place.
@@ -94,8 +92,8 @@ def draw(logits: torch.Tensor, generator: torch.Generator | None = None, tempera
     is never drawn. Returns `(batch,)` long.
 
     Raises:
-        LoopfitError: a row's probabilities are not finite (NaN or infinite logits).
-        ValueError: `temperature <= 0`, or `top_p` outside (0, 1].
+        ValueError: a row's probabilities are not finite (NaN or infinite logits); `temperature <= 0`, or `top_p`
+            outside (0, 1].
     """
     if not temperature > 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}")
@@ -108,7 +106,7 @@ def draw(logits: torch.Tensor, generator: torch.Generator | None = None, tempera
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
     if not bool(torch.isfinite(total).all()):
-        raise LoopfitError("sampling: the model's next-token probabilities are not finite (NaN or infinite logits)")
+        raise ValueError("sampling: the model's next-token probabilities are not finite (NaN or infinite logits)")
     u = torch.rand(total.shape, generator=generator, device=total.device, dtype=torch.float64) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # `u * total` may round up to `total`
     index = torch.searchsorted(cdf, u, right=True)
@@ -148,8 +146,8 @@ def sample(
         `(batch, T)` long, `T <= max_new_tokens` (shorter when every row ended early).
 
     Raises:
-        ValueError: `max_new_tokens` below 1; `temperature` / `top_p` out of range (`draw`).
-        LoopfitError: non-finite probabilities (`draw`).
+        ValueError: `max_new_tokens` below 1; `temperature` / `top_p` out of range or non-finite probabilities
+            (`draw`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")

@@ -93,11 +93,17 @@ def sample_completions(
     EOS): `loopfit.models.sampling.sample` on the left-padded batch, in eval mode, at depth `num_steps` (None for a
     plain model), drawing from a `torch.Generator` seeded `seed` on the model's device (the global RNG is not
     touched). `sample(...)` with these arguments gives the same tokens.
+
+    Raises:
+        LoopfitError: the student's next-token probabilities are not finite (a diverged run).
     """
     ids, mask = left_pad(prompts, pad_id, device)
     generator = torch.Generator(ids.device).manual_seed(seed)
-    return sample(model, ids, mask, cfg.max_new_tokens, eos_ids, pad_id, generator, cfg.temperature, cfg.top_p,
-                  num_steps)  # fmt: skip
+    try:
+        return sample(model, ids, mask, cfg.max_new_tokens, eos_ids, pad_id, generator, cfg.temperature, cfg.top_p,
+                      num_steps)  # fmt: skip
+    except ValueError as e:  # the settings are validated at start: what is left is a diverged student (NaN logits)
+        raise LoopfitError(f"on-policy sampling failed: {e}") from None
 
 
 def completion_rows(

@@ -32,7 +32,7 @@ from loopfit.data.chat import format_prompt
 from loopfit.data.packing import left_pad
 from loopfit.errors import LoopfitError
 from loopfit.models.exit_gate import gate_exit
-from loopfit.models.sampling import draw
+from loopfit.models.sampling import draw, padded_positions
 
 CRITERIA = ("kl", "state", "argmax", "gate", "none")
 DEFAULT_THRESHOLDS = {"kl": 1e-3, "state": 0.03, "argmax": 5, "gate": 0.5, "none": 0.0}
@@ -190,8 +190,7 @@ class AdaptiveDecoder:
         device = self.model.device
         input_ids = input_ids.to(device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
-        # Positions count real tokens only, so a padded row sees the positions (and state noise) it has alone.
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        pos = padded_positions(mask)  # a padded row sees the positions (and state noise) it has alone
         out = self.model(input_ids, attention_mask=mask, position_ids=pos, cache=self.cache, use_cache=True,
                          num_steps=self.exit.max_num_steps, logits_to_keep=1)  # fmt: skip
         self.mask, self.positions = mask, pos[:, -1] + 1

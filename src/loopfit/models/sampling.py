@@ -24,11 +24,12 @@ weights packed as one each (`models.prepacked`); see `benchmarks/on_policy.py` a
 
 from __future__ import annotations
 
-import inspect
 from functools import partial
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from loopfit.models.outputs import CACHE_FIELD
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -95,8 +96,7 @@ def draw(logits: torch.Tensor, generator: torch.Generator | None = None, tempera
         ValueError: a row's probabilities are not finite (NaN or infinite logits); `temperature <= 0`, or `top_p`
             outside (0, 1].
     """
-    if not temperature > 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}")
+    _check_settings(temperature, top_p)
     probs = (logits.float() / temperature).softmax(-1)
     order = None
     if top_p < 1:
@@ -113,10 +113,15 @@ def draw(logits: torch.Tensor, generator: torch.Generator | None = None, tempera
     return (index if order is None else order.gather(-1, index)).squeeze(-1)
 
 
-def _cache_kwarg(model) -> str:
-    """The forward's name for the KV cache: `cache` (transformers >= 5.24 and looped models) or `past_key_values`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids `(batch, seq)` of a left-padded batch: counting real tokens only (as `generate` computes them), so
+    a padded row sees the positions it has alone; padding gets 1."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
+def _check_settings(temperature: float, top_p: float) -> None:
+    if not temperature > 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}")
 
 
 def sample(
@@ -151,19 +156,18 @@ def sample(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if do_sample and (not temperature > 0 or not 0 < top_p <= 1):  # before any work, not at the first token
-        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}")
+    if do_sample:  # before any work, not at the first token's draw
+        _check_settings(temperature, top_p)
     looped = getattr(getattr(model, "config", None), "model_type", None) == "looped"
     batch, width = input_ids.shape
     # A looped model's slots (one per (iteration, block layer)) grow from a config-less cache; a plain model keeps
     # the cache its own config asks for (sliding-window layers).
     cache = preallocated_cache(width + max_new_tokens) if looped else DynamicCache(config=model.config)
     extra = {} if num_steps is None else {"num_steps": num_steps}
-    extra[_cache_kwarg(model)] = cache
+    extra[CACHE_FIELD] = cache  # the installed transformers' name of the cache, for arguments as for outputs
     mask = attention_mask.new_zeros(batch, width + max_new_tokens)
     mask[:, :width] = attention_mask
-    # Positions count real tokens only (as `generate` computes them): a padded row sees the positions it has alone.
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    positions = padded_positions(attention_mask)
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=input_ids.device)
     tokens = input_ids.new_full((batch, max_new_tokens), pad_token_id)
     ended = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)

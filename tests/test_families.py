@@ -49,6 +49,20 @@ def test_cached_greedy_equals_uncached(family):
     assert torch.equal(looped.generate(x, use_cache=True, **kw), looped.generate(x, use_cache=False, **kw))
 
 
+def test_apply_lora_does_not_pass_on_peft_deprecation_warning():
+    # peft reads `is_gradient_checkpointing`, deprecated in transformers 5.x: not the user's to act on. Other warnings
+    # still pass (the filter names that one message).
+    import warnings
+
+    looped = to_looped(make_tiny_model("llama"), layout_from_sizes(6, 2, 2, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(looped, LoRAConfig(enabled=True, r=4))
+        warnings.warn("is_gradient_checkpointing elsewhere", FutureWarning, stacklevel=1)
+    messages = [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    assert messages == ["is_gradient_checkpointing elsewhere"]
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_one_lora_kd_step_changes_every_trainable_parameter(family):
     teacher = make_tiny_model(family)

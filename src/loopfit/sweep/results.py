@@ -18,6 +18,7 @@ from loopfit.train.aliases import normalise_config
 from loopfit.train.config import TrainConfig
 from loopfit.train.recipe import config_dict
 from loopfit.train.schedules import DepthSchedule
+from loopfit.train.student import peft_quiet
 
 
 # ---------------------------------------------------------------------------------------------- the results
@@ -49,7 +50,9 @@ def load_trained(run_dir: Path, cfg: TrainConfig):
 
     final = run_dir / "final"
     if (final / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(load_model(cfg.model_name), str(final)).merge_and_unload().eval()
+        base = load_model(cfg.model_name)
+        with peft_quiet():
+            return PeftModel.from_pretrained(base, str(final)).merge_and_unload().eval()
     return load_model(final).eval()
 
 

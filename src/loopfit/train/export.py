@@ -13,6 +13,7 @@ from loopfit.errors import LoopfitError
 from loopfit.io import atomic_dir, check_replaceable, remove_leftovers, verify_dir
 from loopfit.loading import load_model
 from loopfit.publish import set_default_depth, write_model_card, write_remote_code
+from loopfit.train.student import peft_quiet
 
 
 def export_run(run: str | Path, out: str | Path, overwrite: bool = False, remote_code: bool = False) -> Path:
@@ -42,7 +43,8 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False, remote
         raise LoopfitError(f"{run_dir / 'config.yaml'} is unreadable ({type(e).__name__}); the run is damaged") from e
     if (final / "adapter_config.json").is_file():
         base = load_model(model_name)
-        model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+        with peft_quiet():
+            model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
     else:
         model = load_model(final)
     tokenizer = AutoTokenizer.from_pretrained(final)  # final/ holds only an adapter: no config.json to resolve

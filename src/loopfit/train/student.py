@@ -5,6 +5,7 @@ built once from the distillation settings and the models (`build_objective`), sc
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -25,6 +26,16 @@ def is_looped(model: nn.Module) -> bool:
     return getattr(model.config, "model_type", None) == "looped"
 
 
+@contextmanager
+def peft_quiet() -> Iterator[None]:
+    """Within the block, the FutureWarning that peft's wrapping triggers by reading `model.is_gradient_checkpointing`
+    (deprecated in transformers 5.x) is not shown: it is about peft's code, printed on every run, and the user cannot
+    act on it. Every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Wrap `model` in PEFT LoRA; `modules_to_save` (and a relaxed loop's `relaxation`) are trained fully (and kept
     out of the LoRA targets)."""
@@ -42,7 +53,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lc)
+        with peft_quiet():
+            return get_peft_model(model, lc)
     except ValueError as e:
         raise LoopfitError(f"cannot apply LoRA: {str(e).splitlines()[0]}") from None
 

@@ -6,10 +6,14 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from loopfit.cli import main
+from loopfit.data import build_dataset
 from loopfit.errors import LoopfitError
+from loopfit.loading import load_tokenizer
 from loopfit.pipeline import DemoConfig, demo
+from loopfit.pipeline.config import HELDOUT_PROMPTS, TRAIN_PROMPTS
 from loopfit.pipeline.heldout import text_batches
 
 IN_FORMAT = "in-format: held-out arithmetic word problems (student trained on this format; the teacher did not)"
@@ -71,6 +75,21 @@ def test_demo_end_to_end_tiny(tiny_source_dir, tmp_path, capsys):
     # Every long stage shows progress even with stderr captured (not a terminal): the loss sweep and generation bars.
     assert "loss: 100%" in first.err and "teacher samples: " in first.err and "R=2: " in first.err
 
+    # The heal read the task data mixed with text the teacher wrote from the training openings (half the tokens by
+    # default), and the teacher cache covers exactly those rows.
+    written = [json.loads(line)["text"] for line in (out / "teacher-train.jsonl").read_text().splitlines()]
+    assert written and all(any(t.startswith(o) for o in TRAIN_PROMPTS) for t in written)
+    assert not any(t.startswith(o) for t in written for o in HELDOUT_PROMPTS)
+    mix = ["arithmetic:0.5", f"{out / 'teacher-train.jsonl'}:0.5"]
+    assert yaml.safe_load((out / "heal" / "config.yaml").read_text())["data"] == mix
+    assert json.loads((out / "teacher-cache" / "manifest.json").read_text())["data"]["sources"] == mix
+    plan = json.loads((out / "plan.json").read_text())
+    packed = build_dataset(mix, load_tokenizer(tiny_source_dir), 64, chat=True, val_fraction=plan["val_fraction"],
+                           max_documents=plan["max_documents"])  # fmt: skip
+    used = {r["spec"]: r["train_tokens_used"] for r in packed.manifest["sources"]}
+    assert used[str(out / "teacher-train.jsonl")] > 0 and used["arithmetic"] > 0
+    assert "teacher writes: " in first.err
+
     held = json.loads((out / "heldout" / "teacher-texts.json").read_text())
     assert len(held["texts"]) == 6 and held["max_new_tokens"] == 24 and held["temperature"] == 1.0
     assert all(1 <= len(t["ids"]) <= 24 and t["prompt_ids"] for t in held["texts"])
@@ -102,14 +121,16 @@ def test_demo_end_to_end_tiny(tiny_source_dir, tmp_path, capsys):
 
     # A rerun finds every stage done and only rewrites the report; the teacher's texts are not sampled again.
     before = (out / "heldout" / "teacher-texts.json").read_bytes()
+    written_before = (out / "teacher-train.jsonl").read_bytes()
     main(args)
     rerun = capsys.readouterr().out
-    assert "=== " in rerun and "=== 5/8" not in rerun and "=== 6/8" not in rerun and "=== 7/8" not in rerun
+    assert (out / "teacher-train.jsonl").read_bytes() == written_before and "=== 4/9" not in rerun
+    assert "=== " in rerun and "=== 6/9" not in rerun and "=== 7/9" not in rerun and "=== 8/9" not in rerun
     # Without the scores, a resumed demo scores the same saved texts again: same tokens, same losses.
     (out / "depths.json").unlink()
     main(args)
     resumed = capsys.readouterr().out
-    assert "=== 7/8" in resumed and "=== 5/8" not in resumed
+    assert "=== 8/9" in resumed and "=== 6/9" not in resumed
     assert (out / "heldout" / "teacher-texts.json").read_bytes() == before
     again = json.loads((out / "depths.json").read_text())["sets"]["teacher_text"]
     assert again["tokens"] == sets["teacher_text"]["tokens"]

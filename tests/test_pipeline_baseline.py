@@ -101,7 +101,7 @@ def test_demo_static_baseline_at_equal_flops_then_minutes(tiny_source_dir, tmp_p
     (out / "depths.json").write_text(json.dumps({"depths": [1, 2], "sets": before}))
     main(_args(out, tiny_source_dir, "--baseline", "static", "--baseline_budget", "minutes"))
     log = capsys.readouterr().out
-    assert "=== baseline 2/3" in log and "=== 6/8" not in log and "=== 7/8 loss at depths [1, 2] of static on" in log
+    assert "=== baseline 2/3" in log and "=== 7/9" not in log and "=== 8/9 loss at depths [1, 2] of static on" in log
     summary = json.loads((out / "baseline.json").read_text())
     seconds = sum(tokens / m["tokens_per_s"] for m in looped)
     assert summary["kind"] == "minutes" and summary["looped"]["seconds"] == pytest.approx(seconds, rel=1e-9)

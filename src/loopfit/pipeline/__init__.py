@@ -1,22 +1,25 @@
 """`loopfit demo`: the whole promise in one command, read top to bottom.
 
-analyze -> convert -> plan -> cache the teacher -> the teacher samples held-out text -> heal (LoRA + KD under the
-curriculum) -> loss at every depth of teacher, converted and healed models -> generate at two depths -> report.md.
+analyze -> convert -> plan -> the teacher writes training text -> cache the teacher -> the teacher samples held-out text
+-> heal (LoRA + KD under the curriculum, on the task data mixed with the teacher's training text) -> loss at every depth
+of teacher, converted and healed models -> generate at two depths -> report.md.
 With `--baseline static` the static pruned model (no loop) is also healed, with the same recipe for the same training
 FLOPs or minutes as the looped heal (`baseline`), and scored beside it.
 Each stage writes into the run folder and is skipped when its output already exists, so an interrupted demo picks
 up where it stopped.
 
 The report leads with a teacher-referenced yardstick: the loss on text the teacher itself sampled (temperature 1,
-no truncation) from built-in prompts that share nothing with the training data. On its own samples the teacher is
+no truncation) from built-in openings that share nothing with the training data (the teacher's training texts
+start from other openings). On its own samples the teacher is
 the floor: any model's expected loss there exceeds the teacher's by their KL divergence, so "(converted - healed) /
 (converted - teacher)" is the fraction of the teacher gap healing closed. The held-out rows of the training data
 come second and are labelled in-format: the student's CE term trained on that format and the teacher never did, so
 a student below the teacher there says nothing about healing.
 
-Modules: `config` (`DemoConfig`, `Plan`, the held-out prompts), `stages` (one function per stage, each on library
-functions), `baseline` (the optional static baseline's stages), `heldout` (the scored sets), `progress` (banners,
-bars, stage times), `report` (`report.md`, plots).
+Modules: `config` (`DemoConfig`, `Plan`, the held-out and training prompts), `stages` (one function per stage, each on
+library functions), `teacher_train` (the teacher's training texts and the heal's data mix), `baseline` (the optional
+static baseline's stages), `heldout` (the scored sets), `progress` (banners, bars, stage times), `report` (`report.md`,
+plots).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from loopfit.pipeline.heldout import (
 )
 from loopfit.pipeline.report import report
 from loopfit.pipeline.stages import analyze_layers, cache_teacher, convert, data, evaluate, heal, plan, samples, setup
+from loopfit.pipeline.teacher_train import teacher_train_texts
 
 __all__ = ["DemoConfig", "Plan", "demo"]
 
@@ -51,6 +55,7 @@ def demo(cfg: DemoConfig) -> Path:
     layers = suggested if cfg.layers == "auto" else cfg.layers
     converted = convert(cfg, out, teacher, tokenizer, layers)
     p = plan(cfg, out, converted, tokenizer)
+    teacher_train_texts(cfg, out, teacher, tokenizer, p)  # the general-text half of the heal's data (or nothing)
     packed = data(cfg, tokenizer, p.max_documents, p.val_fraction)
     cache = cache_teacher(cfg, out, p.max_documents, p.val_fraction)
     texts = teacher_texts(cfg, out, teacher, tokenizer)

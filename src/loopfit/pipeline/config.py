@@ -54,6 +54,12 @@ class DemoConfig:
     data."""
     teacher_text_tokens: int = 128
     """New tokens per teacher-sampled text (fewer where the teacher ends it)."""
+    teacher_train_share: float = 0.5
+    """Share of the heal's training tokens that are texts the teacher writes itself (temperature 1, `TRAIN_PROMPTS`:
+    openings disjoint from the held-out ones), beside `data`: sequence-level KD (Kim & Rush 2016, arXiv:1606.07947)
+    that keeps the student near its teacher on general text while it learns the task. 0: `data` alone, on which the
+    heal makes the model worse than its pruned start on the teacher's text. Costs the teacher's sampling time
+    (about 3.5 minutes for the default 8-minute heal on 2 CPU cores)."""
     val_data: str | None = None
     """Your own held-out data (.txt/.md, JSONL, Parquet or HF dataset), scored like the teacher's texts by teacher,
     converted and healed models: its first `eval_rows x seq_len` tokens, cut into `seq_len` chunks."""
@@ -91,6 +97,35 @@ HELDOUT_PROMPTS = (
 
 
 TEACHER_TEXTS = "teacher-texts.json"
+# Openings the teacher continues to write its own training text (`teacher_train_share`): other kinds and topics than
+# HELDOUT_PROMPTS, so that no held-out text is a continuation of a training opening.
+TRAIN_PROMPTS = (
+    "The old lighthouse keeper climbed the stairs",
+    "Volcanoes form when",
+    "import json\n\ndef load_config(path):\n",
+    "Hi Maria,\n\nI wanted to follow up on",
+    "To make a simple tomato sauce,",
+    "The Roman Empire reached its greatest extent",
+    "Gravity is the force that",
+    "She opened the letter and read",
+    "How to change a flat tire:\n1.",
+    "The company announced on Friday that",
+    "Q: What causes the seasons?\nA:",
+    "Learning to play the piano takes",
+    "Bees communicate with each other by",
+    "The museum's new exhibition features",
+    "In mathematics, a prime number is",
+    "The train was late again, so",
+    "Our product review: the new headphones",
+    "The human heart has four chambers:",
+    "A short story about a lost dog:\n",
+    "Climate change affects farmers because",
+    "The rules of chess are simple:",
+    "Yesterday the team won the championship",
+    "The first computers filled entire rooms",
+    "Good sleep habits include",
+)
+TEACHER_TRAIN = "teacher-train.jsonl"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def teacher_texts(cfg: DemoConfig, out: Path, teacher, tokenizer) -> list[dict]:
     if path.exists():
         return json.loads(path.read_text())["texts"]
     t0 = start_stage(
-        f"5/8 the teacher samples {cfg.teacher_texts} held-out texts of up to {cfg.teacher_text_tokens} tokens "
+        f"6/9 the teacher samples {cfg.teacher_texts} held-out texts of up to {cfg.teacher_text_tokens} tokens "
         "(the teacher-referenced yardstick)"
     )
     prompts = [HELDOUT_PROMPTS[i % len(HELDOUT_PROMPTS)] for i in range(cfg.teacher_texts)]

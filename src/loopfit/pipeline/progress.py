@@ -34,6 +34,17 @@ def progress_bar(total: int, desc: str, unit: str):
     return tqdm(total=total, desc=desc, unit=unit, disable=False, mininterval=1.0, dynamic_ncols=True)
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id prompts as one left-padded batch: `(input_ids, attention_mask)`, each (len(prompts), longest)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 def generate_ids(model, prompts: list[list[int]], pad_id: int, desc: str, **kwargs) -> list[list[int]]:
     """Continue token-id prompts (left-padded into one batch) with `model.generate(**kwargs)`, one progress tick per
     new token. Returns each row's new tokens, `max_new_tokens` long (padding after an end of text included)."""
@@ -51,12 +62,8 @@ def generate_ids(model, prompts: list[list[int]], pad_id: int, desc: str, **kwar
         def end(self):
             pass
 
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.as_tensor(p)
-        mask[i, width - len(p) :] = 1
+    ids, mask = left_padded(prompts, pad_id)
+    width = ids.shape[1]
     with progress_bar(kwargs["max_new_tokens"], desc, "tok") as bar, torch.inference_mode():
         out = model.eval().generate(
             input_ids=ids, attention_mask=mask, pad_token_id=pad_id, streamer=Ticks(bar), **kwargs

@@ -1,5 +1,6 @@
-"""The demo's stages, each skipped when its output already exists in the run folder: load, analyze, convert, plan,
-cache the teacher, heal, score at every depth, generate. Each calls the library (never another command)."""
+"""The demo's stages, each skipped when its output already exists in the run folder: load, analyze, convert, plan, the
+teacher's training texts (`teacher_train`), cache the teacher, heal, score at every depth, generate. Each calls the
+library (never another command)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from loopfit.pipeline.config import HELDOUT_PROMPTS, DemoConfig, Plan
 from loopfit.pipeline.heldout import HeldOut
 from loopfit.pipeline.progress import end_stage, generate_ids, progress_bar, start_stage
 from loopfit.pipeline.report import plot_losses
+from loopfit.pipeline.teacher_train import heal_data
 from loopfit.sweep.budget import plan_steps, probe_run
 from loopfit.train.config import DistillationConfig, LoRAConfig, MeanRecurrenceSchedule, OptimConfig, TrainConfig
 from loopfit.train.export import export_run
@@ -38,6 +40,8 @@ def setup(cfg: DemoConfig) -> tuple[Path, object, object]:
     cfg.depths = sorted(set(cfg.depths))  # the order depth_sweep reports them in
     if cfg.teacher_texts < 1 or cfg.teacher_text_tokens < 1:
         raise LoopfitError("--teacher_texts and --teacher_text_tokens must be >= 1")
+    if not 0 <= cfg.teacher_train_share < 1:
+        raise LoopfitError(f"--teacher_train_share must be in [0, 1), got {cfg.teacher_train_share}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "demo-config.json", cfg.__dict__)
@@ -51,7 +55,7 @@ def setup(cfg: DemoConfig) -> tuple[Path, object, object]:
 def analyze_layers(cfg: DemoConfig, out: Path, teacher, tokenizer) -> str:
     path = out / "analysis" / "layers.json"
     if not path.exists():
-        t0 = start_stage("1/8 layer analysis (block influence, angular distance)")
+        t0 = start_stage("1/9 layer analysis (block influence, angular distance)")
         result = analyze(
             teacher, tokenizer, data=cfg.data, num_samples=cfg.analysis_samples, seq_len=cfg.seq_len, chat=cfg.chat
         )
@@ -67,7 +71,7 @@ def analyze_layers(cfg: DemoConfig, out: Path, teacher, tokenizer) -> str:
 def convert(cfg: DemoConfig, out: Path, teacher, tokenizer, layers: str) -> Path:
     folder = out / "converted"
     if not folder.exists():
-        t0 = start_stage(f"2/8 convert to a looped model, layers {layers} (identity adapter)")
+        t0 = start_stage(f"2/9 convert to a looped model, layers {layers} (identity adapter)")
         model = to_looped(
             teacher, parse_layout(layers, teacher.config.num_hidden_layers), mean_recurrence=cfg.max_mean_rec
         )
@@ -98,13 +102,16 @@ def train_config(
     max_documents: int | None,
     cache: Path | None,
     val_fraction: float,
+    task_only: bool = False,
 ):
-    """The healing run: LoRA + the loop adapter trained fully, KD from the cached teacher, curriculum of the mean."""
+    """The healing run: LoRA + the loop adapter trained fully, KD from the cached teacher, curriculum of the mean.
+    It reads `heal_data` (the task data and the teacher's training texts), or with `task_only` the task data alone
+    (the timing probe, which runs before the teacher has written anything)."""
 
     return TrainConfig(
         model_name=str(converted),
         out=str(run),
-        data=cfg.data,
+        data=cfg.data if task_only else heal_data(cfg, Path(cfg.out)),
         chat=cfg.chat,
         max_documents=max_documents,
         val_fraction=val_fraction,
@@ -132,9 +139,9 @@ def plan(cfg: DemoConfig, out: Path, converted: Path, tokenizer) -> Plan:
     path = out / "plan.json"
     if path.exists():
         return Plan(**json.loads(path.read_text()))
-    t0 = start_stage("3/8 plan: time a few training steps to fit the healing into the budget")
+    t0 = start_stage("3/9 plan: time a few training steps to fit the healing into the budget")
     probe_docs = 64 if cfg.max_documents is None else min(64, cfg.max_documents)
-    probe_cfg = train_config(cfg, converted, out / ".probe", 3, probe_docs, None, cfg.val_fraction)
+    probe_cfg = train_config(cfg, converted, out / ".probe", 3, probe_docs, None, cfg.val_fraction, task_only=True)
     probe_cfg.max_minutes = None
     # The probe trains without a bar (budget.probe_run turns it off), so say what the silent half minute is.
     print("    timing 3 training steps and one validation pass of the converted model ...", flush=True)
@@ -161,10 +168,10 @@ def plan(cfg: DemoConfig, out: Path, converted: Path, tokenizer) -> Plan:
 def cache_teacher(cfg: DemoConfig, out: Path, max_documents: int, val_fraction: float) -> Path:
     folder = out / "teacher-cache"
     if not (folder / "manifest.json").exists():
-        t0 = start_stage(f"4/8 cache the teacher's next-token distributions ({cfg.estimator}, k={cfg.top_k})")
+        t0 = start_stage(f"5/9 cache the teacher's next-token distributions ({cfg.estimator}, k={cfg.top_k})")
         # The same data flags as training: the cache is keyed on the exact rows training reads.
         settings = CacheSettings(estimator=cfg.estimator, top_k=cfg.top_k, seed=cfg.seed)
-        path = build_teacher_cache(cfg.model, cfg.data, folder, settings, seq_len=cfg.seq_len, chat=cfg.chat,
+        path = build_teacher_cache(cfg.model, heal_data(cfg, out), folder, settings, seq_len=cfg.seq_len, chat=cfg.chat,
                                    max_documents=max_documents, val_fraction=val_fraction)  # fmt: skip
         print(f"wrote {path}")
         end_stage(t0, out, "cache teacher")
@@ -176,7 +183,7 @@ def heal(cfg: DemoConfig, out: Path, converted: Path, cache: Path, p: Plan) -> P
     if healed.exists():
         return healed
     t0 = start_stage(
-        f"6/8 heal: LoRA r={cfg.lora_r} + KD from the cached teacher, mean depth ramping 1 -> "
+        f"7/9 heal: LoRA r={cfg.lora_r} + KD from the cached teacher, mean depth ramping 1 -> "
         f"{cfg.max_mean_rec}, {p.steps} steps (~{cfg.budget_minutes:g} min)"
     )
     train(train_config(cfg, converted, run, p.steps, p.max_documents, cache, p.val_fraction))
@@ -231,7 +238,7 @@ def evaluate(
     todo = [(m, hs) for m, hs in todo if hs]
     if todo:
         names = ", ".join(h.key for h in sets if any(h is x for _, hs in todo for x in hs))
-        t0 = start_stage(f"7/8 loss at depths {cfg.depths} of {', '.join(m[0] for m, _ in todo)} on {names}")
+        t0 = start_stage(f"8/9 loss at depths {cfg.depths} of {', '.join(m[0] for m, _ in todo)} on {names}")
         with progress_bar(sum(len(h.batches) for _, hs in todo for h in hs), "loss", "batch") as bar:
             for (name, load, depths), hs in todo:
                 model = load().eval()
@@ -254,7 +261,7 @@ def samples(cfg: DemoConfig, out: Path, healed: Path, tokenizer) -> list[dict]:
     if path.exists():
         return json.loads(path.read_text())
     depths = sorted({1, cfg.max_mean_rec})
-    t0 = start_stage(f"8/8 generate at depths {depths}")
+    t0 = start_stage(f"9/9 generate at depths {depths}")
     docs = [d for d in read_documents(cfg.data, seed=cfg.seed + 1, limit=50) if d.prompt][:3]
     chat = cfg.chat and bool(docs)  # text data has no questions: continue three of the held-out openings instead
     prompts = [d.prompt for d in docs] or list(HELDOUT_PROMPTS[:3])

@@ -15,6 +15,7 @@ from loopfit.loading import load_tokenizer
 from loopfit.pipeline import DemoConfig, demo
 from loopfit.pipeline.config import HELDOUT_PROMPTS, TRAIN_PROMPTS
 from loopfit.pipeline.heldout import text_batches
+from loopfit.pipeline.teacher_train import heal_data
 
 IN_FORMAT = "in-format: held-out arithmetic word problems (student trained on this format; the teacher did not)"
 
@@ -116,6 +117,7 @@ def test_demo_end_to_end_tiny(tiny_source_dir, tmp_path, capsys):
     assert table[1].startswith(f"| the teacher's own text, {sets['teacher_text']['tokens']:,} tokens |")
     assert table[5].startswith(f"| your --val_data `{val}`") and models[4:8] == ["teacher", *models[1:4]]
     assert table[9].startswith(f"| {IN_FORMAT}") and "no floor" in models[8] and len(table) == 12
+    assert "mixed with text the teacher wrote itself from 24 other openings (`teacher-train.jsonl`, 50%" in report
     assert "healing closed **" in report and "In-format, second and not a healing result" in report
     assert report.index("teacher gap closed") < report.index(IN_FORMAT) and "Sample generations" in report
 
@@ -159,3 +161,19 @@ def test_demo_missing_val_data_fails_before_any_stage(tiny_source_dir, tmp_path)
     with pytest.raises(LoopfitError, match="nope.txt"):
         demo(cfg)
     assert not (tmp_path / "demo" / "analysis").exists()
+
+
+@pytest.mark.parametrize("share", [1.0, -0.1, float("nan")])
+def test_demo_bad_teacher_train_share_fails_before_anything_is_written(tiny_source_dir, tmp_path, share):
+    cfg = DemoConfig(out=str(tmp_path / "demo"), model=str(tiny_source_dir), teacher_train_share=share)
+    with pytest.raises(LoopfitError, match="--teacher_train_share must be in \\[0, 1\\)"):
+        demo(cfg)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_heal_data_mixes_the_task_data_with_the_teachers_text_by_share(tmp_path):
+    written = f"{tmp_path / 'teacher-train.jsonl'}"
+    assert heal_data(DemoConfig(teacher_train_share=0.0), tmp_path) is None  # the task data alone: built-in problems
+    assert heal_data(DemoConfig(data="q.jsonl", teacher_train_share=0.0), tmp_path) == "q.jsonl"
+    assert heal_data(DemoConfig(teacher_train_share=0.25), tmp_path) == ["arithmetic:0.75", f"{written}:0.25"]
+    assert heal_data(DemoConfig(data="q.jsonl"), tmp_path) == ["q.jsonl:0.5", f"{written}:0.5"]

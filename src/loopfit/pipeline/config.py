@@ -18,8 +18,9 @@ class DemoConfig:
     layers: str = "0-3:20-25:26-29"
     """Layout `prelude:block:coda` of source layers, or `auto` to take the layer analysis' suggestion."""
     budget_minutes: float = 8.0
-    """Wall-clock minutes of healing. The rest of the demo (loading, analysis, the teacher cache for the planned
-    steps, the teacher's held-out texts, the depth sweep, samples) takes about 8 more on 2 CPU cores: 16 in all."""
+    """Wall-clock minutes of healing. The rest of the demo (loading, analysis, the teacher's training texts and its
+    cache for the planned steps, the teacher's held-out texts, the depth sweep, samples) takes about 10 more on 2 CPU
+    cores: 18 in all."""
     seq_len: int = 256
     """Tokens per packed training and evaluation sequence."""
     batch_size: int = 4

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from loopfit.io import atomic_file
-from loopfit.pipeline.config import HELDOUT_PROMPTS, DemoConfig, Plan
+from loopfit.pipeline.config import HELDOUT_PROMPTS, TEACHER_TRAIN, TRAIN_PROMPTS, DemoConfig, Plan
 
 
 def plot_losses(result: dict, path: Path) -> None:
@@ -150,6 +150,12 @@ def report(
         f"steps) with LoRA r = {cfg.lora_r} (+ the loop adapter trained fully) and distillation from the teacher's "
         f"cached distributions (`{cfg.estimator}`) on "
         + ("the built-in arithmetic word problems" if cfg.data is None else f"`{cfg.data}`")
+        + (
+            f" mixed with text the teacher wrote itself from {len(TRAIN_PROMPTS)} other openings "
+            f"(`{TEACHER_TRAIN}`, {cfg.teacher_train_share:.0%} of the training tokens)"
+            if cfg.teacher_train_share > 0
+            else ""
+        )
         + f", the mean depth ramping to {cfg.max_mean_rec}.",
         "",
         "## Healing, measured against the teacher",

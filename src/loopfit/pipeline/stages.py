@@ -48,6 +48,8 @@ def setup(cfg: DemoConfig) -> tuple[Path, object, object]:
     t0 = start_stage(f"loading {cfg.model}")
     teacher = load_model(cfg.model).eval()
     tokenizer = load_tokenizer(cfg.model)
+    if tokenizer.eos_token_id is None:  # before any stage: the teacher's texts end with it, packing separates with it
+        raise LoopfitError(f"the tokenizer of {cfg.model} has no EOS token, which the demo's data needs")
     end_stage(t0, out, "loading")
     return out, teacher, tokenizer
 

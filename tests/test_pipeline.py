@@ -11,11 +11,14 @@ import yaml
 from loopfit.cli import main
 from loopfit.data import build_dataset
 from loopfit.errors import LoopfitError
-from loopfit.loading import load_tokenizer
-from loopfit.pipeline import DemoConfig, demo
+from loopfit.loading import load_model, load_tokenizer
+from loopfit.models.sampling import sample
+from loopfit.pipeline import DemoConfig, Plan, demo
 from loopfit.pipeline.config import HELDOUT_PROMPTS, TRAIN_PROMPTS
 from loopfit.pipeline.heldout import text_batches
-from loopfit.pipeline.teacher_train import heal_data
+from loopfit.pipeline.progress import left_padded
+from loopfit.pipeline.stages import check_resumable
+from loopfit.pipeline.teacher_train import BATCH, heal_data, teacher_train_texts
 
 IN_FORMAT = "in-format: held-out arithmetic word problems (student trained on this format; the teacher did not)"
 
@@ -177,3 +180,49 @@ def test_heal_data_mixes_the_task_data_with_the_teachers_text_by_share(tmp_path)
     assert heal_data(DemoConfig(data="q.jsonl", teacher_train_share=0.0), tmp_path) == "q.jsonl"
     assert heal_data(DemoConfig(teacher_train_share=0.25), tmp_path) == ["arithmetic:0.75", f"{written}:0.25"]
     assert heal_data(DemoConfig(data="q.jsonl"), tmp_path) == ["q.jsonl:0.5", f"{written}:0.5"]
+
+
+def _write_texts(tiny_source_dir, out, max_documents, capsys, steps=3):
+    teacher, tokenizer = load_model(tiny_source_dir).eval(), load_tokenizer(tiny_source_dir)
+    cfg = DemoConfig(model=str(tiny_source_dir), teacher_text_tokens=12, seq_len=64, batch_size=2, seed=3)
+    plan = Plan(steps=steps, max_documents=max_documents, val_fraction=0.1, seconds_per_step=1.0)
+    path = teacher_train_texts(cfg, out, teacher, tokenizer, plan)
+    return cfg, teacher, tokenizer, [json.loads(line)["text"] for line in path.read_text().splitlines()], capsys
+
+
+def test_teacher_train_texts_are_the_openings_continued_by_the_teachers_samples(tiny_source_dir, tmp_path, capsys):
+    cfg, teacher, tokenizer, written, _ = _write_texts(tiny_source_dir, tmp_path, 1000, capsys)
+    # target_tokens: 0.5 x 3 steps x 2 rows x 64 tokens / 0.9 x 1.05 = 224 tokens, one batch of BATCH rows covers it.
+    assert len(written) == BATCH
+    # The same draws, made here step by step: each text is its opening and exactly the sampled tokens, none dropped.
+    prompts = [TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)] for i in range(BATCH)]
+    ids, mask = left_padded([tokenizer(x)["input_ids"] for x in prompts], tokenizer.pad_token_id)
+    new = sample(
+        teacher, ids, mask, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id, torch.Generator().manual_seed(3)
+    )
+    expected = []
+    for prompt, row in zip(prompts, new.tolist()):
+        row = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+        expected.append(prompt + tokenizer.decode(row, skip_special_tokens=True))
+    assert written == expected
+    assert sum(len(t) > len(p) for t, p in zip(written, prompts)) > BATCH // 2  # most texts continue their opening
+
+
+def test_teacher_train_texts_stop_at_what_the_heal_reads_of_each_source(tiny_source_dir, tmp_path, capsys):
+    *_, written, capsys = _write_texts(tiny_source_dir, tmp_path, 5, capsys, steps=100)  # 7,467 tokens asked
+    assert len(written) == 5 and "the heal reads at most 5 documents of each source" in capsys.readouterr().out
+
+
+def test_demo_refuses_to_resume_a_run_healed_on_another_mix(tiny_source_dir, tmp_path):
+    out = tmp_path / "demo"
+    (out / "teacher-cache").mkdir(parents=True)
+    record = json.dumps({"out": str(out), "model": str(tiny_source_dir)})  # before --teacher_train_share: share 0
+    (out / "demo-config.json").write_text(record)
+    with pytest.raises(LoopfitError, match="healed with --teacher_train_share 0 .*rerun with --teacher_train_share 0"):
+        demo(DemoConfig(out=str(out), model=str(tiny_source_dir)))
+    assert (out / "demo-config.json").read_text() == record and sorted(p.name for p in out.iterdir()) == [
+        "demo-config.json",
+        "teacher-cache",
+    ]
+    check_resumable(DemoConfig(out=str(out), teacher_train_share=0.0), out)  # the same mix resumes
+    check_resumable(DemoConfig(out=str(tmp_path / "new")), tmp_path / "new")  # a new folder has nothing to compare

@@ -60,7 +60,8 @@ class DemoConfig:
     openings disjoint from the held-out ones), beside `data`: sequence-level KD (Kim & Rush 2016, arXiv:1606.07947)
     that keeps the student near its teacher on general text while it learns the task. 0: `data` alone, on which the
     heal makes the model worse than its pruned start on the teacher's text. Costs the teacher's sampling time
-    (about 3.5 minutes for the default 8-minute heal on 2 CPU cores)."""
+    (about 4.5 minutes for the default 8-minute heal on 2 CPU cores). A run folder keeps the share it was
+    healed with: resuming it with another is refused."""
     val_data: str | None = None
     """Your own held-out data (.txt/.md, JSONL, Parquet or HF dataset), scored like the teacher's texts by teacher,
     converted and healed models: its first `eval_rows x seq_len` tokens, cut into `seq_len` chunks."""

@@ -43,6 +43,7 @@ def setup(cfg: DemoConfig) -> tuple[Path, object, object]:
     if not 0 <= cfg.teacher_train_share < 1:
         raise LoopfitError(f"--teacher_train_share must be in [0, 1), got {cfg.teacher_train_share}")
     out = Path(cfg.out)
+    check_resumable(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "demo-config.json", cfg.__dict__)
     t0 = start_stage(f"loading {cfg.model}")
@@ -52,6 +53,21 @@ def setup(cfg: DemoConfig) -> tuple[Path, object, object]:
         raise LoopfitError(f"the tokenizer of {cfg.model} has no EOS token, which the demo's data needs")
     end_stage(t0, out, "loading")
     return out, teacher, tokenizer
+
+
+def check_resumable(cfg: DemoConfig, out: Path) -> None:
+    """Refuse to resume a run folder whose teacher cache or heal read another data mix than `cfg` asks for (a run
+    folder from before `--teacher_train_share` counts as share 0): resuming would mix the two or report the wrong one.
+    """
+    try:
+        before = json.loads((out / "demo-config.json").read_text()).get("teacher_train_share", 0.0)
+    except (OSError, ValueError, AttributeError):
+        return  # a new run folder (or no readable record of the old one: nothing to compare)
+    if before != cfg.teacher_train_share and any((out / d).exists() for d in ("teacher-cache", "heal", "healed")):
+        raise LoopfitError(
+            f"{out} was healed with --teacher_train_share {before:g} (its teacher cache and heal read that data "
+            f"mix); rerun with --teacher_train_share {before:g}, or use another --out"
+        )
 
 
 def analyze_layers(cfg: DemoConfig, out: Path, teacher, tokenizer) -> str:

@@ -43,9 +43,10 @@ def target_tokens(cfg: DemoConfig, p: Plan) -> int:
 
 def teacher_train_texts(cfg: DemoConfig, out: Path, teacher, tokenizer, p: Plan) -> Path | None:
     """Sample texts from the teacher (temperature 1, top-p 1, at most `cfg.teacher_text_tokens` new tokens each,
-    ended at its end-of-text token; seeded from `cfg.seed`) until they hold `target_tokens` tokens, openings cycled
-    from `TRAIN_PROMPTS`; written atomically to `TEACHER_TRAIN` in `out`, one `{"text": opening + continuation}` per
-    line. Returns that path (None with `teacher_train_share` 0); an existing file is kept (a resumed demo)."""
+    ended at its end-of-text token; seeded from `cfg.seed`) until they hold `target_tokens` tokens or number
+    `p.max_documents` (what the heal reads of each source), openings cycled from `TRAIN_PROMPTS`; written atomically
+    to `TEACHER_TRAIN` in `out`, one `{"text": opening + continuation}` per line. Returns that path (None with
+    `teacher_train_share` 0); an existing file is kept (a resumed demo)."""
     if cfg.teacher_train_share <= 0:
         return None
     path = out / TEACHER_TRAIN
@@ -61,17 +62,22 @@ def teacher_train_texts(cfg: DemoConfig, out: Path, teacher, tokenizer, p: Plan)
     generator = torch.Generator(next(teacher.parameters()).device).manual_seed(cfg.seed)
     lines, tokens, start = [], 0, 0
     with progress_bar(target, "teacher writes", "tok") as bar, prepacked_linears(teacher, BATCH):
-        while tokens < target:
+        while tokens < target and len(lines) < p.max_documents:
             prompts = [TRAIN_PROMPTS[(start + i) % len(TRAIN_PROMPTS)] for i in range(BATCH)]
             start += BATCH
             ids, mask = left_padded([tokenizer(x)["input_ids"] for x in prompts], pad)
-            new = sample(teacher, ids, mask, cfg.teacher_text_tokens, [eos], pad, generator)[:, ids.shape[1] :]
+            new = sample(teacher, ids, mask, cfg.teacher_text_tokens, [eos], pad, generator)  # the new tokens only
             for prompt, row, prompt_len in zip(prompts, new.tolist(), mask.sum(1).tolist()):
                 if eos in row:
                     row = row[: row.index(eos)]
                 lines.append(json.dumps({"text": prompt + tokenizer.decode(row, skip_special_tokens=True)}))
                 tokens += prompt_len + len(row)
                 bar.update(prompt_len + len(row))
+    lines = lines[: p.max_documents]
+    if tokens < target:
+        print(f"    note: the heal reads at most {p.max_documents} documents of each source, so the teacher's texts "
+              f"hold about {tokens:,} of the {target:,} tokens their share asks for; the mix keeps the share with "
+              "fewer task tokens")  # fmt: skip
     with atomic_file(path) as f:
         f.write("\n".join(lines) + "\n")
     seconds = time.perf_counter() - t0

@@ -34,11 +34,15 @@ def heal_data(cfg: DemoConfig, out: Path) -> str | list[str] | None:
     return [f"{cfg.data or ARITHMETIC}:{1 - share:g}", f"{out / TEACHER_TRAIN}:{share:g}"]
 
 
-def target_tokens(cfg: DemoConfig, p: Plan) -> int:
+def needed_tokens(cfg: DemoConfig, p: Plan) -> int:
     """Tokens of teacher text the planned steps read at the share asked for, plus what the held-out split carves off
-    (a tenth by default) and a twentieth for packing: the mix then needs no second epoch of the teacher's texts."""
-    need = cfg.teacher_train_share * p.steps * cfg.batch_size * cfg.seq_len
-    return math.ceil(need / (1 - p.val_fraction) * 1.05)
+    (a tenth by default)."""
+    return math.ceil(cfg.teacher_train_share * p.steps * cfg.batch_size * cfg.seq_len / (1 - p.val_fraction))
+
+
+def target_tokens(cfg: DemoConfig, p: Plan) -> int:
+    """`needed_tokens` and a twentieth more for packing: the mix then needs no second epoch of the teacher's texts."""
+    return math.ceil(needed_tokens(cfg, p) * 1.05)
 
 
 def teacher_train_texts(cfg: DemoConfig, out: Path, teacher, tokenizer, p: Plan) -> Path | None:
@@ -74,10 +78,10 @@ def teacher_train_texts(cfg: DemoConfig, out: Path, teacher, tokenizer, p: Plan)
                 tokens += prompt_len + len(row)
                 bar.update(prompt_len + len(row))
     lines = lines[: p.max_documents]
-    if tokens < target:
+    if tokens < needed_tokens(cfg, p):
         print(f"    note: the heal reads at most {p.max_documents} documents of each source, so the teacher's texts "
-              f"hold about {tokens:,} of the {target:,} tokens their share asks for; the mix keeps the share with "
-              "fewer task tokens")  # fmt: skip
+              f"hold about {tokens:,} of the {needed_tokens(cfg, p):,} tokens their share asks for; the mix keeps the "
+              "share with fewer task tokens")  # fmt: skip
     with atomic_file(path) as f:
         f.write("\n".join(lines) + "\n")
     seconds = time.perf_counter() - t0

@@ -72,12 +72,13 @@ def teacher_train_texts(cfg: DemoConfig, out: Path, teacher, tokenizer, p: Plan)
             ids, mask = left_padded([tokenizer(x)["input_ids"] for x in prompts], pad)
             new = sample(teacher, ids, mask, cfg.teacher_text_tokens, [eos], pad, generator)  # the new tokens only
             for prompt, row, prompt_len in zip(prompts, new.tolist(), mask.sum(1).tolist()):
+                if len(lines) == p.max_documents:  # the heal reads no more of this source: the count stays exact
+                    break
                 if eos in row:
                     row = row[: row.index(eos)]
                 lines.append(json.dumps({"text": prompt + tokenizer.decode(row, skip_special_tokens=True)}))
                 tokens += prompt_len + len(row)
                 bar.update(prompt_len + len(row))
-    lines = lines[: p.max_documents]
     if tokens < needed_tokens(cfg, p):
         print(f"    note: the heal reads at most {p.max_documents} documents of each source, so the teacher's texts "
               f"hold about {tokens:,} of the {needed_tokens(cfg, p):,} tokens their share asks for; the mix keeps the "

@@ -91,6 +91,19 @@ def shared_batch(tokenizer, conversations: list[list[dict]]) -> dict:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def packed_batch(batch: dict) -> dict:
+    """The shared batch's records, unpadded, in one row with position ids restarting at each record: how
+    `loopfit train --position_ids=true` reads packed documents (each attends only to itself; a record's first token
+    is no target), without the EOS its packing appends. Scores exactly as the padded batch."""
+    import torch
+
+    lengths = batch["attention_mask"].sum(1).tolist()
+    ids = torch.cat([row[:n] for row, n in zip(batch["input_ids"], lengths)])
+    labels = torch.cat([torch.cat([row[:1] * 0 - 100, row[1:n]]) for row, n in zip(batch["labels"], lengths)])
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None], "attention_mask": None}
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -113,7 +126,7 @@ class FixedBatch:
     """Stands in for the trainer's batch stream: the same batch every step (what the peers train on too)."""
 
     def __init__(self, batch: dict):
-        self.batch = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+        self.batch = {k: batch[k] for k in ("input_ids", "labels", "position_ids") if k in batch}
 
     def next(self) -> dict:
         return self.batch
@@ -145,6 +158,9 @@ def worker_loopfit(args, kind: str) -> dict:
 
     tok = load_tokenizer(args.student)
     batch = shared_batch(tok, chat_records(args.data, args.batch_size))
+    real_tokens = int(batch["attention_mask"].sum())
+    if args.loopfit_rows == "packed":
+        batch = packed_batch(batch)
     dist = distillation_config(kind, args.chunk_size)
     cfg = TrainConfig(
         model_name=args.student, out=str(Path(args.tmp) / f"run-{kind}"), data=args.data, chat=True,
@@ -152,6 +168,7 @@ def worker_loopfit(args, kind: str) -> dict:
         max_steps=args.warmup + args.steps, lora=LoRAConfig(enabled=True, r=R, lora_alpha=LORA_ALPHA),
         distillation=dist, lr_schedule=LRSchedule(kind="constant"), progress_bar=False, tensorboard=False,
         overwrite=True, device="cpu", gradient_checkpointing=args.gradient_checkpointing,
+        position_ids=args.loopfit_rows == "packed",
     )  # fmt: skip
     cfg.optim_config.lr = LR
     run = setup(cfg)
@@ -168,7 +185,7 @@ def worker_loopfit(args, kind: str) -> dict:
         times.append(time.perf_counter() - t0)
     run.logger.close()
     return {"loss0": float(parts.total), "ce0": float(parts.ce), "kd0": float(parts.kd), "step_s": times,
-            "tokens_per_step": int(batch["attention_mask"].sum())}  # fmt: skip
+            "tokens_per_step": real_tokens, "rows": list(batch["input_ids"].shape)}  # fmt: skip
 
 
 def worker_trl(args) -> dict:
@@ -296,9 +313,30 @@ def prepare_student(tmp: Path) -> str:
 
 def spawn(system: str, python: str, args, student: str, tmp: Path, repeat: int) -> dict:
     out = tmp / f"{system}-{repeat}.json"
-    cmd = [python, "-m", "benchmarks.peers", "--worker", system, "--json", str(out), "--student", student,
-           "--tmp", str(tmp), "--data", args.data, "--batch_size", str(args.batch_size), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+    cmd = [
+        python,
+        "-m",
+        "benchmarks.peers",
+        "--worker",
+        system,
+        "--json",
+        str(out),
+        "--student",
+        student,
+        "--tmp",
+        str(tmp),
+        "--data",
+        args.data,
+        "--batch_size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--loopfit_rows",
+        args.loopfit_rows,
+    ]
+    cmd += ["--threads", str(args.threads)] if args.threads else []  # fmt: skip
     if args.chunk_size:
         cmd += ["--chunk_size", str(args.chunk_size)]
     if args.trl_bf16:
@@ -384,6 +422,9 @@ def main() -> None:
     ap.add_argument("--chunk_size", type=int, default=None, help="loopfit's fused-loss chunk (default: its own)")
     ap.add_argument("--gradient_checkpointing", action="store_true",
                     help="loopfit rows with gradient checkpointing (TRL GKD has it on by default)")  # fmt: skip
+    ap.add_argument("--loopfit_rows", choices=("packed", "padded"), default="packed",
+                    help="loopfit reads the records packed in one row with per-record positions (as `loopfit train "
+                         "--position_ids=true` reads packed documents), or as the peers' padded rows")  # fmt: skip
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -414,7 +455,8 @@ def main() -> None:
     meta = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
             "data": args.data, "student": "SmolLM2 layers 0-3 + 20-29, LoRA r16 all-linear",
             "teacher": "SmolLM2-135M (30 layers)", "uptime": os.getloadavg(), "python_peers": args.python,
-            "loopfit_chunk_size": args.chunk_size, "loopfit_gradient_checkpointing": args.gradient_checkpointing,
+            "loopfit_chunk_size": args.chunk_size, "loopfit_rows": args.loopfit_rows,
+            "loopfit_gradient_checkpointing": args.gradient_checkpointing,
             "loss_rtol": LOSS_RTOL}  # fmt: skip
     meta |= compare(by, {s: runs[s] for s in by})
     meta["runs"] = runs  # every run's step times, memory and losses, for a look at the spread

@@ -59,3 +59,35 @@ def test_loopfit_rows_run_the_peers_objectives():
     jsd, fkl = distillation_config("jsd"), distillation_config("fkl", chunk_size=256)
     assert (jsd.kind, jsd.kind_params, jsd.ce_scale, jsd.kd_scale, jsd.temperature) == ("jsd", {"beta": 0.5}, 0, 1, 1)
     assert (fkl.kind, fkl.ce_scale, fkl.kd_scale, fkl.temperature, fkl.chunk_size) == ("fkl", 0.5, 0.5, 1, 256)
+
+
+def test_packed_batch_holds_the_shared_batch_records_and_scores_as_it():
+    """loopfit's rows read the shared batch's records unpadded in one row with per-record positions; the live
+    JSD objective on it equals the padded batch's (the loss the benchmark compares with TRL's)."""
+    import torch
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    from benchmarks.peers import packed_batch, shared_batch
+    from loopfit.convert import Layout, to_static
+    from loopfit.models.packed_attention import use_packed_attention
+    from loopfit.train.student import Student, build_objective, objective_loss
+
+    records = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+               for q, a in (("2+2?", "4, since 2+2=4."), ("Name a colour.", "Blue."), ("Why?", "Because."))]  # fmt: skip
+    padded = shared_batch(make_tiny_tokenizer(), records)
+    packed = packed_batch(padded)
+    lengths = padded["attention_mask"].sum(1).tolist()
+    assert packed["input_ids"].shape == (1, sum(lengths))
+    assert packed["input_ids"][0].tolist() == [t for row, n in zip(padded["input_ids"].tolist(), lengths)
+                                               for t in row[:n]]  # fmt: skip
+    assert packed["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
+    assert (packed["labels"][packed["position_ids"] == 0] == -100).all()
+    teacher = make_tiny_model("llama", num_layers=4, hidden=32)
+    student = to_static(teacher, Layout([0], [2], [3])).train()
+    objective = build_objective(distillation_config("jsd"), student, teacher)
+    n = (padded["labels"][:, 1:] != -100).sum().float()
+    want = objective_loss(objective, Student(student), teacher, padded, None, n)
+    use_packed_attention(student), use_packed_attention(teacher)
+    got = objective_loss(objective, Student(student), teacher, packed, None, n)
+    assert float(want.kd) > 0
+    torch.testing.assert_close(got.total, want.total, rtol=1e-5, atol=1e-6)

@@ -332,6 +332,23 @@ def test_teacher_weights_shared_not_copied(models, tmp_path):
     run.logger.close()
 
 
+def test_pruned_student_shares_its_renumbered_layers_with_the_teacher():
+    """A pruned student's layer j is the source's layer kept[j]: found by content, shared; a changed weight is not."""
+    from loopfit.convert import Layout, to_static
+    from loopfit.train.student import share_teacher_weights
+
+    teacher = make_tiny_model("llama", num_layers=6, hidden=32)
+    student = to_static(teacher, Layout([0], [3, 4], [5])).requires_grad_(False)
+    with torch.no_grad():
+        student.model.layers[2].mlp.down_proj.weight.add_(1.0)  # no longer the source's layer 4
+    params = dict(student.named_parameters())  # embeddings tied to the head: counted once
+    want = sum(p.numel() * 4 for n, p in params.items() if "layers.2.mlp.down_proj" not in n)
+    assert share_teacher_weights(student, teacher) == want
+    assert student.model.layers[1].mlp.up_proj.weight is teacher.model.layers[3].mlp.up_proj.weight
+    assert student.model.layers[3].self_attn.q_proj.weight is teacher.model.layers[5].self_attn.q_proj.weight
+    assert student.model.layers[2].mlp.down_proj.weight is not teacher.model.layers[4].mlp.down_proj.weight
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [

@@ -93,7 +93,12 @@ MANIFEST = "manifest.json"
 
 
 class PackedDataset(Dataset):
-    """Packed rows; item `i` is a dict of LongTensors `input_ids`, `labels` (unshifted) and maybe `position_ids`."""
+    """Packed rows; item `i` is a dict of LongTensors `input_ids`, `labels` (unshifted) and maybe `position_ids`.
+
+    With position ids each document is kept apart (its own positions, and for a trainer that passes them, its own
+    attention), so the first token of each document is no target: nothing before it in its document predicts it.
+    Its label is -100, which makes a packed row score exactly as its documents in padded rows of their own.
+    """
 
     def __init__(self, rows: PackedRows, with_position_ids: bool = False):
         self.rows = rows
@@ -109,6 +114,7 @@ class PackedDataset(Dataset):
         }
         if self.with_position_ids:
             item["position_ids"] = torch.from_numpy(self.rows.position_ids[i]).long()
+            item["labels"][item["position_ids"] == 0] = -100  # a copy: from_numpy(...).long() made one
         return item
 
     @property

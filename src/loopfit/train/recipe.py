@@ -30,6 +30,7 @@ from loopfit.flops import flop_params, train_flops_per_token
 from loopfit.io import atomic_dir, remove_leftovers, write_json
 from loopfit.loading import load_model, load_tokenizer
 from loopfit.models.compiled import compile_loop
+from loopfit.models.packed_attention import use_packed_attention
 from loopfit.train import checkpoint as ckpt
 from loopfit.train.config import TrainConfig
 from loopfit.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
@@ -116,6 +117,10 @@ def setup(cfg: TrainConfig) -> Run | None:
     info = {"shared_bytes": 0}
     if teacher is not None and dc.share_weights and cfg.lora.enabled:
         info["shared_bytes"] = share_teacher_weights(model, teacher)
+    if cfg.position_ids:  # packed documents: each attends to itself alone, without a (seq, seq) mask under SDPA
+        for m in (model, teacher):
+            if m is not None:
+                use_packed_attention(m)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
@@ -139,6 +144,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     data = build_dataset(
         cfg.data, tokenizer, cfg.seq_len, chat=cfg.chat, assistant_only=cfg.assistant_only,
         system_prompt=cfg.system_prompt, val_fraction=cfg.val_fraction, seed=cfg.seed, max_documents=cfg.max_documents,
+        position_ids=cfg.position_ids,
     )  # fmt: skip
     val_set = data.val if cfg.val_fraction > 0 else None
     if cfg.val_data:
@@ -150,6 +156,7 @@ def setup(cfg: TrainConfig) -> Run | None:
             assistant_only=cfg.assistant_only,
             system_prompt=cfg.system_prompt,
             seed=cfg.seed,
+            position_ids=cfg.position_ids,
         ).train
     if len(data.train) < cfg.batch_size * d.world_size:
         raise LoopfitError(f"only {len(data.train)} training rows: fewer than one global batch")
@@ -368,8 +375,9 @@ def validate(run: Run, depths: list[int | None]) -> dict:
             rows = [run.val_set[i] for i in idx[j : j + cfg.batch_size]]
             ids = torch.stack([x["input_ids"] for x in rows]).to(run.device)
             labels = torch.stack([x["labels"] for x in rows]).to(run.device)
+            pos = torch.stack([x["position_ids"] for x in rows]).to(run.device) if cfg.position_ids else None
             with run.autocast:
-                h, _, head, *_ = student(ids, num_steps=r if run.looped else None)
+                h, _, head, *_ = student(ids, num_steps=r if run.looped else None, position_ids=pos)
             logits = family_logits(h[:, :-1], head, base_model(run.model).config).float()
             y = labels[:, 1:]
             acc[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")

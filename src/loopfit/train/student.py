@@ -19,6 +19,7 @@ from loopfit.losses import HiddenStateLoss
 from loopfit.losses.objective import LogitTransform, Objective, ObjectiveWeights, Terms
 from loopfit.models.exit_gate import ExitGate, exit_log_probs
 from loopfit.models.families import FAMILIES
+from loopfit.models.packed_attention import packed_kwargs
 from loopfit.train.config import DistillationConfig, EveryDepthConfig, ExitGateConfig, LoRAConfig
 
 
@@ -153,26 +154,46 @@ def share_teacher_weights(student: nn.Module, teacher: nn.Module) -> int:
     """Point the student's frozen parameters at the teacher's identical tensors; return the bytes no longer held twice.
 
     Only parameters that are frozen, have the teacher's shape and dtype and are bit-equal to the teacher's are
-    shared: they are the same weights (a looped student's layers are copies of the source layers it came from).
+    shared: they are the same weights (a looped student's layers are copies of the source layers it came from, a
+    pruned student's renumbered ones). The teacher's tensor is found by name (a looped student's through its
+    layout) or else by content, so a pruned student's layer 4 finds the source's layer 20.
     """
     base = base_model(student)
     looped_cfg = base.config if is_looped(base) else None
     tparams = dict(teacher.named_parameters(remove_duplicate=False))
+    by_content: dict[tuple, list[torch.Tensor]] | None = None
     saved, seen = 0, set()
     for name, p in list(base.named_parameters(remove_duplicate=False)):
         if p.requires_grad:
             continue
         tp = tparams.get(_teacher_name(name, looped_cfg))
-        if tp is None or tp is p or tp.shape != p.shape or tp.dtype != p.dtype or tp.device != p.device:
+        if tp is not None and tp is p:
             continue
-        if not torch.equal(tp.data, p.data):
-            continue
+        if tp is None or not _same_tensor(tp, p):
+            if by_content is None:  # built once, only when a name does not lead to the same weight
+                by_content = {}
+                for t in dict.fromkeys(tparams.values()):
+                    by_content.setdefault(_fingerprint(t), []).append(t)
+            tp = next((t for t in by_content.get(_fingerprint(p), []) if _same_tensor(t, p)), None)
+            if tp is None or tp is p:
+                continue
         mod_path, attr = name.rsplit(".", 1)
         setattr(base.get_submodule(mod_path), attr, tp)
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             saved += p.numel() * p.element_size()
     return saved
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a.data, b.data)
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """Shape, dtype, device and 16 sampled values: equal tensors have equal fingerprints, others rarely."""
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 16)][:16].float().cpu().tolist() if flat.numel() else []
+    return tuple(t.shape), t.dtype, t.device, tuple(sample)
 
 
 class Student(nn.Module):
@@ -185,7 +206,7 @@ class Student(nn.Module):
         self.looped = is_looped(base_model(model))
 
     def forward(self, input_ids, num_steps=None, output_states: bool = False, fixed_point: bool = False,
-                every_depth: int = 1, exit_gate: bool = False):  # fmt: skip
+                every_depth: int = 1, exit_gate: bool = False, position_ids=None):  # fmt: skip
         """(final normed hidden state, loop states or None, LM head weight, fixed-point residual or None, MoE
         load-balancing loss or None, earlier depths' normed hidden states, exit log-probabilities or None).
 
@@ -197,13 +218,16 @@ class Student(nn.Module):
         iterations R - k + 1 .. R - 1 (those that exist), shallowest first; otherwise `()`. With `exit_gate` (the
         gate's stage) every depth's (k = R) and the last element is the gate's `(batch, seq, R)` log exit
         distribution (`models.exit_gate.exit_log_probs`), computed here so that DDP sees the gate used in forward.
+        `position_ids` `(batch, seq)` restarting at each packed document keep the documents apart (HF's
+        packed-sequence masks); None: positions 0..seq-1, one causal mask over the row.
         """
         base = base_model(self.model)
+        pos = packed_kwargs(base, position_ids)
         if not self.looped:
-            return base.base_model(input_ids).last_hidden_state, None, self.head_weight(), None, None, (), None
+            return base.base_model(input_ids, **pos).last_hidden_state, None, self.head_weight(), None, None, (), None
         keep = output_states or fixed_point or every_depth > 1 or exit_gate
         out = base(input_ids, num_steps=num_steps, return_hidden=True, output_states=keep,
-                   output_next_state=fixed_point)  # fmt: skip
+                   output_next_state=fixed_point, **pos)  # fmt: skip
         residual = None
         if fixed_point:
             s, s_next = out.states[-1].float(), out.next_state.float()
@@ -214,10 +238,10 @@ class Student(nn.Module):
             log_p = exit_log_probs(torch.stack([base.model.exit_gate(s.detach()) for s in out.states], dim=-1))
         if every_depth > 1:
             # The loop's own context (masks, rotary) for the coda, as `forward` built it: no padding mask or cache
-            # in training, positions 0..S-1; the embeddings only give it their shape and dtype.
+            # in training, the same positions; the embeddings only give it their shape and dtype.
             dec = base.model
             with torch.no_grad():
-                ctx = dec.prepare(dec.embed(input_ids))
+                ctx = dec.prepare(dec.embed(input_ids), **pos)
             depths = tuple(dec.run_coda(s, ctx) for s in out.states[-every_depth:-1])
         states = out.states if output_states else None
         return out.logits, states, self.head_weight(), residual, out.aux_loss, depths, log_p
@@ -232,10 +256,11 @@ normalised by the global count of valid tokens, so summing over micro-batches an
 
 
 def teacher_forward(
-    teacher: nn.Module, input_ids: torch.Tensor, layers: Sequence[int] = ()
+    teacher: nn.Module, input_ids: torch.Tensor, layers: Sequence[int] = (), position_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The teacher's final normed hidden state `(B, S, H)` and `{l: (B, S, H)}`, the residual stream after each
-    decoder layer `l` in `layers` (0-based source-layer indices), before the final norm; no grad.
+    decoder layer `l` in `layers` (0-based source-layer indices), before the final norm; no grad. `position_ids`
+    `(B, S)`: as the student's (per-document positions and masks for packed documents), None for 0..S-1.
 
     HF's `output_hidden_states` ends with the *normed* output of the last layer, which is no residual stream; so
     the outputs are read by forward hooks on the decoder layers asked for, and only those are kept.
@@ -266,7 +291,8 @@ def teacher_forward(
         handles = [decoder_layers[i].register_forward_hook(keep(i)) for i in sorted(set(layers))]
     try:
         with torch.no_grad():
-            out = teacher.base_model(input_ids)  # the decoder stack: `.model` or, e.g. GPT-NeoX, `.gpt_neox`
+            # the decoder stack: `.model` or, e.g. GPT-NeoX, `.gpt_neox`
+            out = teacher.base_model(input_ids, **packed_kwargs(teacher, position_ids))
     finally:
         for handle in handles:
             handle.remove()
@@ -360,15 +386,17 @@ def objective_loss(
 
     Args:
         student: a `Student` (maybe DDP/FSDP-wrapped). teacher: the live teacher when `objective.teacher == "live"`.
-        batch: `input_ids`, `labels` `(B, S)`, and for a cache objective `teacher_ids`, `teacher_values` (and
+        batch: `input_ids`, `labels` `(B, S)`, maybe `position_ids` `(B, S)` (packed documents kept apart, for
+            student and teacher alike), and for a cache objective `teacher_ids`, `teacher_values` (and
             `teacher_tail`) from `loopfit.cache.TeacherTargetsDataset`.
         num_steps: loop depth (int or `(n_no_grad, k_grad)`) of a looped student, None otherwise.
         num_items: the step's global count of scored positions.
     """
-    input_ids, labels = batch["input_ids"], batch["labels"]
+    input_ids, labels, position_ids = batch["input_ids"], batch["labels"], batch.get("position_ids")
     align = objective.hidden_loss is not None
     hidden, states, head_weight, residual, aux_loss, depths, log_p = student(
         input_ids,
+        **({"position_ids": position_ids} if position_ids is not None else {}),  # only then: older stubs lack it
         num_steps=num_steps,
         output_states=align,
         fixed_point=objective.weights.fixed_point_scale > 0,
@@ -380,7 +408,7 @@ def objective_loss(
         if teacher is None:
             raise LoopfitError("the objective distills from a live teacher but none was given")
         layers = objective.teacher_layers(len(states)) if align else []
-        th, t_states = teacher_forward(teacher, input_ids, layers)
+        th, t_states = teacher_forward(teacher, input_ids, layers, position_ids)
         kw = dict(teacher_hidden=th, teacher_weight=teacher.get_output_embeddings().weight, teacher_states=t_states)
     elif objective.teacher == "cache":
         if "teacher_ids" not in batch:

@@ -1,0 +1,91 @@
+"""Attention over packed documents without the quadratic mask: SDPA run causally on each document of a row.
+
+A packed row with position ids restarting at each document (`loopfit train --position_ids=true`) is, for HF's
+`sdpa` implementation, one `(seq, seq)` block-diagonal causal mask: every document pays for attending to the whole
+row and the kernel cannot skip the upper triangle. Flash-attention's varlen kernels avoid that on GPU; this module
+does the same with plain SDPA, on any device: the implementation `loopfit_sdpa` (registered with HF's
+`AttentionInterface`, masks as `sdpa`'s) runs `sdpa_attention_forward` with `is_causal=True` on each document's
+slice of the row when the layer is given `loopfit_segments`, and is exactly `sdpa` otherwise. On a 2-core CPU, the
+peers benchmark's 4 GSM8K records packed in one 678-token row: attention 0.73 s -> see docs/benchmarks.md.
+
+Segments are the document boundaries of each row, `[[0, s_1, ..., seq], ...]`, read from the position ids once per
+forward (`segments`) and passed down as a layer keyword argument, so a recomputed (gradient-checkpointed) layer
+gets them too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "loopfit_sdpa"
+"""The attention implementation's name (`config._attn_implementation`)."""
+KWARG = "loopfit_segments"
+"""The layer keyword argument that carries the segments."""
+
+
+def packed_sdpa_forward(module: nn.Module, query, key, value, attention_mask, loopfit_segments=None, **kwargs):
+    """HF attention function: `query` `(batch, heads, seq, head_dim)`, `key` / `value` `(batch, kv_heads, seq,
+    head_dim)` -> `((batch, seq, heads, head_dim), None)`, as `sdpa_attention_forward`.
+
+    With `loopfit_segments` (one boundary list per row) the mask is ignored: each segment attends causally to
+    itself alone, which is what the packed-sequence mask HF builds from the same position ids says. Without them
+    (generation, padded batches, a KV cache): `sdpa_attention_forward` unchanged.
+    """
+    if loopfit_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("packed segments need queries and keys of the same length (no KV cache)")
+    kwargs.pop("is_causal", None)
+    rows = []
+    for b, bounds in enumerate(loopfit_segments):
+        parts = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            q, k, v = (t[b : b + 1, :, start:stop] for t in (query, key, value))
+            parts.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
+        rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0], None
+
+
+AttentionInterface.register(NAME, packed_sdpa_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def segments(position_ids: torch.Tensor) -> list[list[int]]:
+    """Document boundaries of each row of `position_ids` `(batch, seq)`: a document starts where the position is 0
+    (and at the row's start). One host sync per forward."""
+    seq = position_ids.shape[-1]
+    starts = position_ids == 0
+    starts[:, 0] = True
+    return [[*torch.nonzero(row).flatten().tolist(), seq] for row in starts.cpu()]
+
+
+def use_packed_attention(model: nn.Module) -> bool:
+    """Switch a model's `sdpa` attention to `loopfit_sdpa` (the same computation unless segments are passed);
+    other implementations (eager, flash-attention, which handles packed position ids itself) are kept. Covers a
+    looped model's source config and PEFT wrappers. Returns whether anything was switched. Not saved: HF does not
+    write the attention implementation into `config.json`."""
+    switched = False
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for c in (config, getattr(config, "base_config", None)):
+            if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
+                c._attn_implementation = NAME
+                switched = True
+    return switched
+
+
+def packed_kwargs(model: nn.Module, position_ids: torch.Tensor | None) -> dict:
+    """Forward keyword arguments for packed rows: `position_ids`, no KV cache (with one HF ignores the packed
+    documents), and the segments where the model attends with `loopfit_sdpa`; `{}` for `position_ids` None."""
+    if position_ids is None:
+        return {}
+    kw = {"position_ids": position_ids, "use_cache": False}
+    config = getattr(model, "config", None)
+    if NAME in (getattr(config, "_attn_implementation", None),
+                getattr(getattr(config, "base_config", None), "_attn_implementation", None)):  # fmt: skip
+        kw[KWARG] = segments(position_ids)
+    return kw

@@ -63,7 +63,8 @@ def prepare(args, tmp: Path) -> tuple[str, str]:
 
 
 def _row_tokens(labels) -> int:
-    """Prompt + completion tokens of right-padded rows: each row's last scored position + 1."""
+    """Prompt + completion tokens of right-padded rows: each row's last scored position + 1 (a packed row: all its
+    tokens, as it has no padding and ends with a scored completion)."""
 
     scored = labels != -100
     last = scored.shape[1] - 1 - scored.flip(1).int().argmax(1)
@@ -84,7 +85,7 @@ def worker_loopfit(args) -> dict:
         distillation=DistillationConfig(enabled=True, teacher_model_name="smollm2-135m", temperature=1.0,
                                         ce_scale=0.0, kd_scale=1.0, on_policy=op),
         lr_schedule=LRSchedule(kind="constant"), progress_bar=False, tensorboard=False, overwrite=True,
-        device=args.device, precision="bf16" if args.bf16 else "fp32",
+        device=args.device, precision="bf16" if args.bf16 else "fp32", position_ids=args.loopfit_rows == "packed",
     )  # fmt: skip
     cfg.optim_config.lr = LR
     run = recipe.setup(cfg)
@@ -204,6 +205,7 @@ def spawn(system: str, args, student: str, prompts: str, tmp: Path) -> dict:
            args.device]  # fmt: skip
     cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--bf16"] if args.bf16 else [])
     cmd += ["--trl_gradient_checkpointing"] if args.trl_gradient_checkpointing else []
+    cmd += ["--loopfit_rows", args.loopfit_rows]
     print(f"[on_policy] {system} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -228,6 +230,9 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast in both (default fp32)")
     ap.add_argument("--trl_gradient_checkpointing", action="store_true", help="TRL's default (KV cache off)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--loopfit_rows", choices=("packed", "padded"), default="packed",
+                    help="loopfit trains on each step's rows packed in one with per-row positions (`loopfit train "
+                         "--position_ids=true`), or right-padded as TRL's")  # fmt: skip
     ap.add_argument("--out", default=None)
     for hidden in ("--worker", "--json", "--student", "--prompts_file", "--tmp"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -252,8 +257,9 @@ def main() -> None:
                      "generate_s": r["generate_s"] / args.steps, "generated": r["generated"], "trained": r["trained"],
                      "peak_rss_gib": r["peak_rss_gib"], "train_peak_rss_gib": r["train_peak_rss_gib"],
                      **{k: r[k] for k in ("peak_cuda_gib", "gradient_checkpointing") if k in r}})  # fmt: skip
-    meta = {k: getattr(args, k) for k in ("batch", "steps", "warmup", "max_new_tokens", "seq_len", "depth", "device",
-                                          "bf16", "prompts", "data", "trl_gradient_checkpointing")}  # fmt: skip
+    keys = ("batch", "steps", "warmup", "max_new_tokens", "seq_len", "depth", "device", "bf16", "prompts", "data",
+            "trl_gradient_checkpointing", "loopfit_rows")  # fmt: skip
+    meta = {k: getattr(args, k) for k in keys}
     meta |= {"student": "SmolLM2-135M 4-6-4 loop (0-3:20-25:26-29), LoRA r16 all-linear", "lmbda": 1.0,
              "objective": f"generalized JSD beta {BETA}, T 1, no CE", "memory": "peak RSS via resource.ru_maxrss",
              "load_avg": os.getloadavg()}  # fmt: skip

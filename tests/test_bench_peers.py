@@ -72,8 +72,8 @@ def test_packed_batch_holds_the_shared_batch_records_and_scores_as_it():
     from loopfit.models.packed_attention import use_packed_attention
     from loopfit.train.student import Student, build_objective, objective_loss
 
-    records = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-               for q, a in (("2+2?", "4, since 2+2=4."), ("Name a colour.", "Blue."), ("Why?", "Because."))]  # fmt: skip
+    pairs = (("2+2?", "4, since 2+2=4."), ("Name a colour.", "Blue."), ("Why?", "Because."))
+    records = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
     padded = shared_batch(make_tiny_tokenizer(), records)
     packed = packed_batch(padded)
     lengths = padded["attention_mask"].sum(1).tolist()

@@ -78,6 +78,10 @@ def test_completion_rows_label_only_the_completion_through_its_first_eos():
         [-100, 12, 13, 14, 15],  # never ended: all its tokens
         [-100, -100, EOS, -100, -100],  # the first EOS is scored, what follows it is not
     ]
+    packed = completion_rows(prompts, completions, [EOS], PAD, packed=True)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 11, EOS, 8, 12, 13, 14, 15, 9, 10, EOS]]
+    assert packed["labels"].tolist() == [[-100, -100, -100, 11, EOS, -100, 12, 13, 14, 15, -100, -100, EOS]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2]]
     ids, mask = left_pad(prompts, PAD)
     assert ids.tolist() == [[5, 6, 7], [PAD, PAD, 8], [PAD, 9, 10]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
@@ -142,6 +146,29 @@ def test_on_policy_loss_is_the_divergence_on_completion_tokens_only(models, tmp_
     assert objective.scales == (0.0, 0.5)  # no CE on the student's own samples; the run's KD weight (kd_scale)
     assert math.isclose(float(parts.kd), float(expect), rel_tol=1e-4)
     assert math.isclose(float(parts.total), 0.5 * float(expect), rel_tol=1e-4)
+    run.logger.close()
+
+
+def test_packed_on_policy_rows_score_as_the_padded_ones(models, tmp_path):
+    """With `--position_ids=true` a micro-batch's prompt + completion rows come packed in one row with per-row
+    positions; its on-policy loss equals the same rows right-padded."""
+    run = setup(_cfg(models, tmp_path, on_policy={"lmbda": 1.0}, position_ids=True))
+    _, _, num_steps = depth_at(run, 0)
+    (batch,), objective, _ = on_policy_step(run, num_steps)
+    pos = batch["position_ids"]
+    assert batch["input_ids"].shape[0] == 1 and int((pos == 0).sum()) == 4  # the batch's 4 rows in one
+    starts = [*torch.nonzero(pos[0] == 0).flatten().tolist(), pos.shape[1]]
+    pieces = [(batch["input_ids"][0, a:b], batch["labels"][0, a:b]) for a, b in zip(starts[:-1], starts[1:])]
+    width = max(len(ids) for ids, _ in pieces)
+    padded = {"input_ids": torch.zeros(4, width, dtype=torch.long), "labels": torch.full((4, width), -100)}
+    for i, (ids, labels) in enumerate(pieces):
+        padded["input_ids"][i, : len(ids)], padded["labels"][i, : len(ids)] = ids, labels
+    num_items = (batch["labels"][:, 1:] != -100).sum().float()
+    assert int((padded["labels"][:, 1:] != -100).sum()) == int(num_items) > 0
+    with torch.no_grad():
+        got = objective_loss(objective, run.student, run.teacher, batch, num_steps, num_items)
+        want = objective_loss(objective, run.student, run.teacher, padded, num_steps, num_items)
+    assert float(want.kd) > 0 and math.isclose(float(got.kd), float(want.kd), rel_tol=1e-5)
     run.logger.close()
 
 

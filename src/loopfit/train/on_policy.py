@@ -107,19 +107,32 @@ def sample_completions(
 
 
 def completion_rows(
-    prompts: list[list[int]], completions: torch.Tensor, eos_ids: list[int], pad_id: int
+    prompts: list[list[int]], completions: torch.Tensor, eos_ids: list[int], pad_id: int, packed: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Right-padded training rows `prompt + completion`: `input_ids` and unshifted `labels` `(B, L)`, with `L` the
+    """Training rows `prompt + completion`: `input_ids` and unshifted `labels`, right-padded `(B, L)` with `L` the
     longest row; labels are the completion's tokens up to and including its first EOS, -100 elsewhere (prompt,
-    padding, anything after the first EOS)."""
+    padding, anything after the first EOS). With `packed` the B rows are one `(1, sum of lengths)` row without
+    padding, with `position_ids` restarting at each (for `loopfit train --position_ids=true`: it scores as the
+    padded rows and computes only the real tokens)."""
     comp = completions.cpu()
     is_eos = torch.isin(comp, torch.tensor(eos_ids, dtype=comp.dtype))
     # Length of each completion: through the first EOS, or all T tokens when it never ended.
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((len(comp),), comp.shape[1]))
-    length = max(len(p) + int(n) for p, n in zip(prompts, first))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((len(comp),), comp.shape[1])).tolist()
+    if packed:
+        ids = [torch.cat([torch.tensor(p, dtype=torch.long), comp[i, :n].long()]) for i, (p, n) in
+               enumerate(zip(prompts, first))]  # fmt: skip
+        labels = [torch.cat([torch.full((len(p),), IGNORE_INDEX), comp[i, :n].long()]) for i, (p, n) in
+                  enumerate(zip(prompts, first))]  # fmt: skip
+        pos = [torch.arange(len(x)) for x in ids]
+        return {
+            "input_ids": torch.cat(ids)[None],
+            "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat(pos)[None],
+        }
+    length = max(len(p) + n for p, n in zip(prompts, first))
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     labels = torch.full((len(prompts), length), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, n) in enumerate(zip(prompts, first.tolist())):
+    for i, (p, n) in enumerate(zip(prompts, first)):
         input_ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         input_ids[i, len(p) : len(p) + n] = comp[i, :n]
         labels[i, len(p) : len(p) + n] = comp[i, :n]
@@ -162,14 +175,18 @@ class OnPolicy:
         objective: the run's objective; on-policy micro-batches use a copy with `cfg.kind` and no CE term.
         batch_size, seed, rank, world_size: as the run's (`rank` also varies the sampling seed per rank).
         eos_ids, pad_id: ids that end a completion; the padding id.
+        packed: each micro-batch's rows packed into one with per-row positions (`completion_rows`), for a run
+            with `--position_ids=true`.
     """
 
     def __init__(self, cfg: OnPolicyConfig, prompts: list[list[int]], objective: Objective, batch_size: int,
-                 seed: int, eos_ids: list[int], pad_id: int, rank: int = 0, world_size: int = 1):  # fmt: skip
+                 seed: int, eos_ids: list[int], pad_id: int, rank: int = 0, world_size: int = 1,
+                 packed: bool = False):  # fmt: skip
         if len(prompts) < batch_size * world_size:
             raise LoopfitError(f"only {len(prompts)} prompts for on-policy distillation: fewer than one global batch "
                                f"({batch_size * world_size})")  # fmt: skip
         self.cfg, self.prompts, self.eos_ids, self.pad_id, self.rank = cfg, prompts, eos_ids, pad_id, rank
+        self.packed = packed
         self.generator = torch.Generator().manual_seed(seed + _SEED_OFFSET)
         self.stream = BatchStream(_Indices(len(prompts)), batch_size, seed + _SEED_OFFSET, rank, world_size)
         weights = dataclasses.replace(objective.weights, ce_scale=0.0, kd_scale=objective.scales[1])
@@ -204,7 +221,7 @@ class OnPolicy:
         prompts = [self.prompts[i] for i in idx]
         with autocast():
             comp = sample_completions(model, prompts, self.cfg, seed, num_steps, self.eos_ids, self.pad_id, device)
-        rows = completion_rows(prompts, comp, self.eos_ids, self.pad_id)
+        rows = completion_rows(prompts, comp, self.eos_ids, self.pad_id, packed=self.packed)
         self.last["seeds"].append(seed)
         self.last["indices"].append(idx)
         return {k: v.to(device) for k, v in rows.items()}
@@ -234,7 +251,7 @@ def build_on_policy(run: Run) -> OnPolicy | None:
               "they are drawn from the student's own distribution (the one the divergence is taken on) at "
               "--distillation.on_policy.temperature / top_p", file=sys.stderr)  # fmt: skip
     return OnPolicy(cfg.distillation.on_policy, training_prompts(cfg, tok), run.objective, cfg.batch_size, cfg.seed,
-                    eos_token_ids(tok, model), pad, run.d.rank, run.d.world_size)  # fmt: skip
+                    eos_token_ids(tok, model), pad, run.d.rank, run.d.world_size, packed=cfg.position_ids)  # fmt: skip
 
 
 # Settings of a generation config that change what `generate` samples beyond temperature / top-p / top-k, with their

@@ -243,3 +243,56 @@ def test_teacher_by_name_and_shared_weights(tmp_path):
                         distillation=DistillationConfig(enabled=True))  # fmt: skip
     shared = [n for n, p in lora.named_parameters() if not p.requires_grad and p.data_ptr() in held]
     assert any("embed_tokens" in n for n in shared) and any(".block." in n for n in shared)
+
+
+class _Documents(torch.utils.data.Dataset):
+    """Documents of different lengths, unpadded (a collator pads or packs them); the first 2 tokens of each are a
+    prompt."""
+
+    def __init__(self, lengths=(5, 9, 12, 7)):
+        g = torch.Generator().manual_seed(1)
+        self.docs = [torch.randint(4, 260, (n,), generator=g).tolist() for n in lengths]
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.docs[i], "labels": [-100, -100, *self.docs[i][2:]]}
+
+
+def _pad(rows):
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows])
+    labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
+    return {"input_ids": ids, "labels": labels}
+
+
+@pytest.mark.parametrize("looped", [True, False])
+def test_padding_free_collator_gives_the_padded_update(tmp_path, looped):
+    """HF's padding-free `DataCollatorWithFlattening` (one row, position ids restarting at each document) gives the
+    update of the same documents right-padded: the trainer passes the position ids, so documents stay apart."""
+    import copy
+
+    from transformers import DataCollatorWithFlattening
+
+    teacher = make_tiny_model("llama", num_layers=4, hidden=32)
+    if looped:
+        student = to_looped(teacher, layout_from_sizes(4, 1, 1, 1), adapter_init="random", state_init="zeros")
+    else:
+        student = make_tiny_model("llama", num_layers=2, hidden=32, seed=1)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    after = {}
+    for name, collator in (("padded", _pad), ("flat", DataCollatorWithFlattening(return_position_ids=True))):
+        model = copy.deepcopy(student).train()
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=1,
+                                 learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+                                 max_grad_norm=0.0, train_sampling_strategy="sequential", report_to=[],
+                                 save_strategy="no", use_cpu=True, seed=0, remove_unused_columns=False)  # fmt: skip
+        DistillationTrainer(model=model, args=args, train_dataset=_Documents(), teacher_model=teacher,
+                            data_collator=collator, distillation=DistillationConfig(enabled=True),
+                            num_steps=2).train()  # fmt: skip
+        after[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(after["padded"][n], before[n]) for n in before)
+    for n in before:
+        torch.testing.assert_close(after["flat"][n] - before[n], after["padded"][n] - before[n], rtol=1e-4,
+                                   atol=1e-7)  # fmt: skip

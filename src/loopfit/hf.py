@@ -143,7 +143,8 @@ class DistillationTrainer(Trainer):
         if num_items_in_batch is None:
             num_items_in_batch = (labels[:, 1:] != -100).sum()
         num_items = torch.as_tensor(num_items_in_batch, device=labels.device).float().clamp_min(1.0)
-        batch = {k: v for k, v in inputs.items() if k in ("input_ids", "labels", *TEACHER_COLUMNS)}
+        # position_ids: a padding-free collator (HF's DataCollatorWithFlattening) packs the rows; they keep them apart.
+        batch = {k: v for k, v in inputs.items() if k in ("input_ids", "labels", "position_ids", *TEACHER_COLUMNS)}
         steps = self.num_steps if student.looped else None
         parts = objective_loss(self.objective, student, self.teacher, batch, steps, num_items)
         loss = parts.total

@@ -117,7 +117,10 @@ def setup(cfg: TrainConfig) -> Run | None:
     info = {"shared_bytes": 0}
     if teacher is not None and dc.share_weights and cfg.lora.enabled:
         info["shared_bytes"] = share_teacher_weights(model, teacher)
-    if cfg.position_ids:  # packed documents: each attends to itself alone, without a (seq, seq) mask under SDPA
+    # Packed documents: each attends to itself alone, without a (seq, seq) mask under SDPA. Not with --compile: the
+    # per-batch document boundaries are Python lists, which a compiled layer would guard on and recompile for; the
+    # compiled loop reads HF's block-diagonal mask instead (a tensor).
+    if cfg.position_ids and not cfg.compile:
         for m in (model, teacher):
             if m is not None:
                 use_packed_attention(m)

@@ -60,7 +60,7 @@ def _score(student, teacher, batch, num_steps, every_depth=1, gradient_checkpoin
     n = (batch["labels"][:, 1:] != -100).sum().float()
     student.zero_grad()
     if gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     parts = objective_loss(objective, Student(student), teacher, batch, num_steps, n)
     parts.total.backward()
     grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}

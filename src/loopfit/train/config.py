@@ -249,7 +249,8 @@ class TrainConfig(Settings):
     """`fp32`, or `bf16` autocast."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them (less memory, ~1/3 more
-    compute): HF's `gradient_checkpointing_enable`, non-reentrant."""
+    compute): HF's `activation_checkpointing_enable` (the older `gradient_checkpointing_enable` where
+    transformers lacks it), non-reentrant."""
     compile: bool = False
     """`torch.compile` the student's loop (looped students only): each decoder layer compiled once and reused by
     every iteration and depth (`loopfit.models.compiled`); equal to eager within float rounding. The first steps

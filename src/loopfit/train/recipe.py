@@ -125,7 +125,13 @@ def setup(cfg: TrainConfig) -> Run | None:
             if m is not None:
                 use_packed_attention(m)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # `activation_checkpointing_enable` replaces `gradient_checkpointing_enable`, which transformers 5.24
+        # deprecates with a warning; the older name where the newer is missing.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
     if cfg.compile:
         compile_loop(model)  # the loop's decoder layers, in place (or a one-line warning and eager)

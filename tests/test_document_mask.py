@@ -102,6 +102,30 @@ def test_packed_row_with_position_ids_scores_as_padded_rows(kind, attention):
     assert abs(float(mixed.total.detach()) - float(want.total.detach())) > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["gemma3_text", "mistral", "qwen3"])
+@pytest.mark.parametrize("kind", ["looped", "static"])
+def test_packed_rows_of_other_families_score_as_padded_rows(arch, kind):
+    """Families with sliding-window layers (Gemma 3: window 8, shorter than a document here; Mistral: one window on
+    every layer) and QK norms (Qwen3): packed == padded under `loopfit_sdpa`, which runs per document where that is
+    exact and leaves a window shorter than a document to HF's mask."""
+    teacher = make_tiny_model(arch, num_layers=6, hidden=32, **({"sliding_window": 6} if arch == "mistral" else {}))
+    if teacher.config._attn_implementation != "sdpa":
+        teacher.set_attn_implementation("sdpa")
+    if kind == "static":
+        student, num_steps = to_static(teacher, Layout([0], [1, 2], [5])).train(), None
+    else:
+        student = to_looped(teacher, layout_from_sizes(6, 1, 2, 1), adapter_init="random", state_init="zeros")
+        student, num_steps = student.train(), 2
+    docs, labels = _documents()
+    want, want_grads = _score(student, teacher, _padded(docs, labels), num_steps)
+    assert use_packed_attention(teacher) and use_packed_attention(student)
+    got, got_grads = _score(student, teacher, _packed(docs, labels), num_steps)
+    for name, value in want.named().items():
+        torch.testing.assert_close(got.named()[name], value, rtol=1e-5, atol=1e-6)
+    for k, g in want_grads.items():
+        torch.testing.assert_close(got_grads[k], g, rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return write_teacher_and_looped_student(tmp_path_factory.mktemp("docmask"))

@@ -33,9 +33,13 @@ def packed_sdpa_forward(module: nn.Module, query, key, value, attention_mask, lo
 
     With `loopfit_segments` (one boundary list per row) the mask is ignored: each segment attends causally to
     itself alone, which is what the packed-sequence mask HF builds from the same position ids says. Without them
-    (generation, padded batches, a KV cache): `sdpa_attention_forward` unchanged.
+    (generation, padded batches, a KV cache), and on a sliding-window layer when a segment is longer than the
+    window (the mask then holds the window too): `sdpa_attention_forward` with the mask, unchanged.
     """
-    if loopfit_segments is None:
+    window = _sliding_window(module)
+    if loopfit_segments is None or (
+        window is not None and max(b - a for row in loopfit_segments for a, b in zip(row[:-1], row[1:])) > window
+    ):  # a sliding-window layer with a document longer than its window: HF's mask has both, use it
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if query.shape[2] != key.shape[2]:
         raise ValueError("packed segments need queries and keys of the same length (no KV cache)")
@@ -48,6 +52,14 @@ def packed_sdpa_forward(module: nn.Module, query, key, value, attention_mask, lo
             parts.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
         rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0], None
+
+
+def _sliding_window(module: nn.Module) -> int | None:
+    """The layer's sliding window: its own attribute where the family sets one per layer (Gemma, Qwen2: None on
+    full-attention layers), else the config's (Mistral slides every layer), else None."""
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    return getattr(getattr(module, "config", None), "sliding_window", None)
 
 
 AttentionInterface.register(NAME, packed_sdpa_forward)

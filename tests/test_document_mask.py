@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import make_tiny_model, write_teacher_and_looped_student
 
+from loopfit.cache.reader import TeacherCache
 from loopfit.convert import Layout, layout_from_sizes, to_looped, to_static
+from loopfit.data import build_dataset
 from loopfit.errors import LoopfitError
 from loopfit.models import packed_attention
 from loopfit.models.packed_attention import segments, use_packed_attention
@@ -150,6 +152,9 @@ def test_run_reads_per_document_positions_and_refuses_a_changed_setting_on_resum
     real = batch["input_ids"] != 0  # the tiny tokenizer's pad id
     assert int(((pos[:, 1:] == 0) & real[:, 1:]).sum()) > 0  # several documents in a row: positions restart
     assert (batch["labels"][pos == 0] == -100).all()
+    rows = run.stream.dataset  # target counts leave out each document's first token, as the items do
+    assert rows.stats()["target_tokens"] == sum(int((rows[i]["labels"] != -100).sum()) for i in range(len(rows)))
+    assert rows.stats()["target_tokens"] < int((rows.rows.labels != -100).sum())
     kept_apart = validate(run, [2])[2]
     run.cfg.position_ids = False  # the same rows read as one causal sequence each: another loss
     assert abs(validate(run, [2])[2] - kept_apart) > 1e-4
@@ -165,11 +170,12 @@ def test_run_reads_per_document_positions_and_refuses_a_changed_setting_on_resum
         setup(_cfg(models, tmp_path / "run", position_ids=False, max_steps=5, resume=True))
 
 
-def test_teacher_cache_built_without_position_ids_is_refused(models, tmp_path):
-    """A cache's teacher saw the rows as they were built: one without per-document positions does not serve a
-    `--position_ids` run (different data hash), one built with them does."""
+def test_teacher_cache_keeps_documents_apart_and_one_built_otherwise_is_refused(models, tmp_path):
+    """A cache built with per-document positions holds the teacher with the documents kept apart (not attending
+    across them); one built without them does not serve a `--position_ids` run (different data hash), one built
+    with them does."""
     from loopfit.cache.writer import CacheSettings, write_cache
-    from loopfit.data import build_dataset, tokenizer_hash
+    from loopfit.data import tokenizer_hash
     from loopfit.loading import load_model, load_tokenizer
 
     tok = load_tokenizer(models / "teacher")
@@ -179,8 +185,22 @@ def test_teacher_cache_built_without_position_ids_is_refused(models, tmp_path):
         packed = build_dataset(str(models / "data.txt"), tok, 128, seed=0, position_ids=flag)
         info = {"teacher": "t", "tokenizer_hash": tokenizer_hash(tok), "data_hash": packed.data_hash,
                 "vocab_size": vocab}  # fmt: skip
-        write_cache(teacher, packed.train, tmp_path / f"cache-{flag}", CacheSettings(estimator="topk", top_k=16),
-                    info, progress=False)  # fmt: skip
+        settings = CacheSettings(estimator="topk", top_k=vocab if flag else 16)  # whole distribution: compared below
+        write_cache(teacher, packed.train, tmp_path / f"cache-{flag}", settings, info, progress=False)
+    # What the cache holds is the teacher with the documents kept apart (no attention across them).
+    cache = TeacherCache(tmp_path / "cache-True")
+    ds = build_dataset(str(models / "data.txt"), tok, 128, seed=0, position_ids=True).train
+    row = ds[0]
+    assert int((row["position_ids"][1:] == 0).sum()) > 0  # several documents in the row
+    with torch.no_grad():
+        kw = packed_attention.packed_kwargs(teacher, row["position_ids"][None])
+        apart = torch.softmax(teacher(row["input_ids"][None], **kw).logits[0].float(), -1)
+        mixed = torch.softmax(teacher(row["input_ids"][None]).logits[0].float(), -1)
+    has = cache.dense(0).sum(-1) > 0
+    assert int(has.sum()) > 0
+    off_apart = float((cache.dense(0)[has] - apart[has]).abs().max())
+    off_mixed = float((cache.dense(0)[has] - mixed[has]).abs().max())
+    assert off_apart < 1e-4 and off_mixed > 20 * off_apart, (off_apart, off_mixed)
     dist = dict(enabled=True, temperature=1.0)
     with pytest.raises(LoopfitError, match="does not match"):
         setup(_cfg(models, tmp_path / "a", position_ids=True, val_fraction=0.0, distillation=DistillationConfig(
@@ -196,6 +216,8 @@ def test_segments_and_per_document_attention_calls(monkeypatch):
     SDPA call per document and row, and is plain `sdpa` (masks included) without segments."""
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])
     assert segments(pos) == [[0, 3, 5, 6], [0, 2, 6]]
+    # HF's rule: a document starts wherever a position is not its predecessor + 1, not only at 0.
+    assert segments(torch.tensor([[0, 1, 2, 3, 7, 8, 9, 10]])) == [[0, 4, 8]]
     calls = []
     real = packed_attention.sdpa_attention_forward
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from loopfit.cache.writer import CacheSettings, check_cache_output, write_cache
 from loopfit.data import build_dataset, tokenizer_hash
 from loopfit.loading import load_model, load_tokenizer
+from loopfit.models.packed_attention import use_packed_attention
 
 
 def build_teacher_cache(
@@ -38,6 +39,8 @@ def build_teacher_cache(
                    seed=settings.seed, max_documents=max_documents, position_ids=position_ids)  # fmt: skip
     packed = build_dataset(data, tokenizer, seq_len, **data_kw)
     model = load_model(teacher)
+    if position_ids:  # documents kept apart as `loopfit train --position_ids` reads them: SDPA per document
+        use_packed_attention(model)
     vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width, which students share
     info = {
         "teacher": str(teacher),

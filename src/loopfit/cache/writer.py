@@ -41,6 +41,7 @@ from loopfit.io import (
     write_marker,
 )
 from loopfit.losses.estimators import ESTIMATOR_REGISTRY, ESTIMATORS, Estimator
+from loopfit.models.packed_attention import packed_kwargs
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -190,7 +191,9 @@ def write_cache(
         for b0 in range(start, stop, settings.batch_size):
             items = [dataset[i] for i in range(b0, min(b0 + settings.batch_size, stop))]
             batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-            kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+            # Per-document positions and attention, as training reads the rows (no KV cache: with one HF would
+            # ignore the packed documents).
+            kwargs = packed_kwargs(teacher, batch.get("position_ids"))
             with torch.no_grad():
                 logits = teacher(input_ids=batch["input_ids"], **kwargs).logits
             if logits.shape[-1] < vocab:

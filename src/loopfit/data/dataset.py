@@ -217,7 +217,7 @@ def train_documents(
 
 def scored_targets(ds: PackedDataset) -> int:
     """Target tokens a causal LM is scored on: labels at positions 1.. (position 0 has no preceding state)."""
-    return int((ds.rows.labels[:, 1:] != IGNORE_INDEX).sum())
+    return int((ds.target_labels()[:, 1:] != IGNORE_INDEX).sum())
 
 
 def check_targets(data: PackedData, where: str, chat: bool = False, assistant_only: bool = False) -> None:

@@ -114,8 +114,16 @@ class PackedDataset(Dataset):
         }
         if self.with_position_ids:
             item["position_ids"] = torch.from_numpy(self.rows.position_ids[i]).long()
-            item["labels"][item["position_ids"] == 0] = -100  # a copy: from_numpy(...).long() made one
+            item["labels"] = item["labels"].clone()  # never write into the rows themselves
+            item["labels"][item["position_ids"] == 0] = IGNORE_INDEX
         return item
+
+    def target_labels(self) -> np.ndarray:
+        """All rows' labels `(rows, seq_len)` as items give them (with position ids: each document's first token
+        masked), for counting targets."""
+        if not self.with_position_ids:
+            return self.rows.labels
+        return np.where(self.rows.position_ids == 0, IGNORE_INDEX, self.rows.labels)
 
     @property
     def seq_len(self) -> int:
@@ -130,7 +138,7 @@ class PackedDataset(Dataset):
         return {
             "rows": len(self),
             "tokens": int(self.rows.num_tokens.sum()),
-            "target_tokens": int((self.rows.labels != IGNORE_INDEX).sum()),
+            "target_tokens": int((self.target_labels() != IGNORE_INDEX).sum()),
             "padding_tokens": int(len(self) * self.seq_len - self.rows.num_tokens.sum()),
         }
 

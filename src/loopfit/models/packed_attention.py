@@ -5,8 +5,11 @@ A packed row with position ids restarting at each document (`loopfit train --pos
 row and the kernel cannot skip the upper triangle. Flash-attention's varlen kernels avoid that on GPU; this module
 does the same with plain SDPA, on any device: the implementation `loopfit_sdpa` (registered with HF's
 `AttentionInterface`, masks as `sdpa`'s) runs `sdpa_attention_forward` with `is_causal=True` on each document's
-slice of the row when the layer is given `loopfit_segments`, and is exactly `sdpa` otherwise. On a 2-core CPU, the
-peers benchmark's 4 GSM8K records packed in one 678-token row: attention 0.73 s -> see docs/benchmarks.md.
+slice of the row when the layer is given `loopfit_segments`, and is exactly `sdpa` otherwise. HF still builds its
+mask once per forward (~15 ms for 678 tokens on 2 CPU threads); the attention no longer runs over it. On a 2-core
+CPU, the peers benchmark's 4 GSM8K records packed in one 678-token row: attention 0.73 -> 0.24 s per training step
+(docs/benchmarks.md). On GPU it is one SDPA call per document, row and layer: launch-bound for many short documents
+(not measured); flash-attention reads packed position ids itself.
 
 Segments are the document boundaries of each row, `[[0, s_1, ..., seq], ...]`, read from the position ids once per
 forward (`segments`) and passed down as a layer keyword argument, so a recomputed (gradient-checkpointed) layer
@@ -67,11 +70,12 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def segments(position_ids: torch.Tensor) -> list[list[int]]:
-    """Document boundaries of each row of `position_ids` `(batch, seq)`: a document starts where the position is 0
-    (and at the row's start). One host sync per forward."""
+    """Document boundaries of each row of `position_ids` `(batch, seq)`, by HF's rule for packed sequences
+    (`masking_utils.find_packed_sequence_indices`): a document starts at the row's start and wherever a position is
+    not its predecessor + 1. One host sync per forward."""
     seq = position_ids.shape[-1]
-    starts = position_ids == 0
-    starts[:, 0] = True
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
     return [[*torch.nonzero(row).flatten().tolist(), seq] for row in starts.cpu()]
 
 

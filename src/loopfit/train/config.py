@@ -195,7 +195,7 @@ class TrainConfig(Settings):
     document attends only to itself (HF's packed-sequence masks, built from the position ids), as if each had a
     padded row of its own, without computing the padding. Off: a document sees the ones packed before it in its row
     and positions run 0..seq_len-1 (pretraining-style packing). Teacher, student and validation all read the rows
-    this way; a teacher cache must be built with the same setting (`loopfit cache build --position_ids`)."""
+    this way; a teacher cache must be built with the same setting (`loopfit cache-teacher --position_ids=true`)."""
     seq_len: int = 256
     """Tokens per packed sequence (at least 2, at most the model's `max_position_embeddings`: longer is refused)."""
     batch_size: int = 4

@@ -157,12 +157,14 @@ class PackedData:
 
 
 def data_hash(*datasets: PackedDataset) -> str:
-    """A stable hash of the token content (ids, labels, lengths; position ids only where the items carry them)."""
+    """A stable hash of the token content as the items give it (ids, labels, lengths; position ids only where the
+    items carry them, and then the labels without each document's first token: a cache or run made before that
+    masking, whose teacher also saw across documents, no longer matches)."""
     h = hashlib.sha256()
     for ds in datasets:
         r = ds.rows
         h.update(f"{len(ds)}x{ds.seq_len}:{int(ds.with_position_ids)};".encode())
-        for a in (r.input_ids, r.labels, r.num_tokens) + ((r.position_ids,) if ds.with_position_ids else ()):
+        for a in (r.input_ids, ds.target_labels(), r.num_tokens) + ((r.position_ids,) if ds.with_position_ids else ()):
             h.update(np.ascontiguousarray(a, dtype="<i4").tobytes())
     return h.hexdigest()[:16]
 

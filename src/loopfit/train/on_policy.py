@@ -18,8 +18,9 @@ micro-batch:
    top-k), from a generator seeded with a number drawn from the same generator (the global RNG is not touched);
    with `merge_lora` (the default) each LoRA layer samples as one matmul with its update added to a copy of its
    weight, and with `prepack` (the default) through oneDNN-packed weights on CPU in fp32;
-3. lays each row out right-padded, `prompt + completion`, with labels on the completion only: its tokens up to and
-   including the first EOS, never the prompt, the padding or what follows the first EOS;
+3. lays each row out right-padded, `prompt + completion` (with `--position_ids=true` all rows packed in one, positions
+   restarting at each, no padding), with labels on the completion only: its tokens up to and including the first
+   EOS, never the prompt, the padding or what follows the first EOS;
 4. scores it with the run's objective with `on_policy.kind` (reverse KL by default) as the divergence, the KD
    weight of the run and no CE term (the CE of the student's own samples would teach it to imitate itself): the
    student runs at the step's `(n_no_grad, k_grad)` with gradients, the teacher scores the same rows.

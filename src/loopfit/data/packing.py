@@ -92,6 +92,11 @@ MANIFEST = "manifest.json"
 """Name of the manifest of a prepared data folder."""
 
 
+def _starts_masked(labels: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    """`labels` (a copy) with each document's first token (position 0) no target."""
+    return np.where(position_ids == 0, IGNORE_INDEX, labels)
+
+
 class PackedDataset(Dataset):
     """Packed rows; item `i` is a dict of LongTensors `input_ids`, `labels` (unshifted) and maybe `position_ids`.
 
@@ -108,14 +113,12 @@ class PackedDataset(Dataset):
         return len(self.rows.num_tokens)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {
-            "input_ids": torch.from_numpy(self.rows.input_ids[i]).long(),
-            "labels": torch.from_numpy(self.rows.labels[i]).long(),
-        }
+        labels = self.rows.labels[i]
+        if self.with_position_ids:
+            labels = _starts_masked(labels, self.rows.position_ids[i])
+        item = {"input_ids": torch.from_numpy(self.rows.input_ids[i]).long(), "labels": torch.from_numpy(labels).long()}
         if self.with_position_ids:
             item["position_ids"] = torch.from_numpy(self.rows.position_ids[i]).long()
-            item["labels"] = item["labels"].clone()  # never write into the rows themselves
-            item["labels"][item["position_ids"] == 0] = IGNORE_INDEX
         return item
 
     def target_labels(self) -> np.ndarray:
@@ -123,7 +126,7 @@ class PackedDataset(Dataset):
         masked), for counting targets."""
         if not self.with_position_ids:
             return self.rows.labels
-        return np.where(self.rows.position_ids == 0, IGNORE_INDEX, self.rows.labels)
+        return _starts_masked(self.rows.labels, self.rows.position_ids)
 
     @property
     def seq_len(self) -> int:

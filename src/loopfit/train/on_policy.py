@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import DataCollatorWithFlattening
 
 from loopfit.data.chat import prompt_token_ids
 from loopfit.data.dataset import train_documents
@@ -119,24 +120,16 @@ def completion_rows(
     is_eos = torch.isin(comp, torch.tensor(eos_ids, dtype=comp.dtype))
     # Length of each completion: through the first EOS, or all T tokens when it never ended.
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((len(comp),), comp.shape[1])).tolist()
-    if packed:
-        ids = [torch.cat([torch.tensor(p, dtype=torch.long), comp[i, :n].long()]) for i, (p, n) in
-               enumerate(zip(prompts, first))]  # fmt: skip
-        labels = [torch.cat([torch.full((len(p),), IGNORE_INDEX), comp[i, :n].long()]) for i, (p, n) in
-                  enumerate(zip(prompts, first))]  # fmt: skip
-        pos = [torch.arange(len(x)) for x in ids]
-        return {
-            "input_ids": torch.cat(ids)[None],
-            "labels": torch.cat(labels)[None],
-            "position_ids": torch.cat(pos)[None],
-        }
-    length = max(len(p) + n for p, n in zip(prompts, first))
-    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(prompts), length), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, n) in enumerate(zip(prompts, first)):
-        input_ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        input_ids[i, len(p) : len(p) + n] = comp[i, :n]
-        labels[i, len(p) : len(p) + n] = comp[i, :n]
+    rows = [{"input_ids": p + row[:n], "labels": [IGNORE_INDEX] * len(p) + row[:n]}
+            for p, row, n in zip(prompts, comp.tolist(), first)]  # fmt: skip
+    if packed:  # HF's padding-free collator: one row, positions restarting at each (whose first label is a prompt's)
+        return dict(DataCollatorWithFlattening(return_position_ids=True)(rows))
+    length = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"], dtype=torch.long)
+        labels[i, : len(r["labels"])] = torch.tensor(r["labels"], dtype=torch.long)
     return {"input_ids": input_ids, "labels": labels}
 
 

@@ -167,7 +167,7 @@ def share_teacher_weights(student: nn.Module, teacher: nn.Module) -> int:
         if p.requires_grad:
             continue
         tp = tparams.get(_teacher_name(name, looped_cfg))
-        if tp is not None and tp is p:
+        if tp is p:
             continue
         if tp is None or not _same_tensor(tp, p):
             if by_content is None:  # built once, only when a name does not lead to the same weight

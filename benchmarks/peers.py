@@ -92,16 +92,16 @@ def shared_batch(tokenizer, conversations: list[list[dict]]) -> dict:
 
 
 def packed_batch(batch: dict) -> dict:
-    """The shared batch's records, unpadded, in one row with position ids restarting at each record: how
-    `loopfit train --position_ids=true` reads packed documents (each attends only to itself; a record's first token
-    is no target), without the EOS its packing appends. Scores exactly as the padded batch."""
-    import torch
+    """The shared batch's records, unpadded, in one row with position ids restarting at each record (HF's
+    padding-free collator, `DataCollatorWithFlattening`): how `loopfit train --position_ids=true` reads packed
+    documents (each attends only to itself; a record's first token is no target), without the EOS its packing
+    appends. Scores exactly as the padded batch."""
+    from transformers import DataCollatorWithFlattening
 
     lengths = batch["attention_mask"].sum(1).tolist()
-    ids = torch.cat([row[:n] for row, n in zip(batch["input_ids"], lengths)])
-    labels = torch.cat([torch.cat([row[:1] * 0 - 100, row[1:n]]) for row, n in zip(batch["labels"], lengths)])
-    pos = torch.cat([torch.arange(n) for n in lengths])
-    return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None], "attention_mask": None}
+    rows = [{"input_ids": ids[:n].tolist(), "labels": labels[:n].tolist()}
+            for ids, labels, n in zip(batch["input_ids"], batch["labels"], lengths)]  # fmt: skip
+    return dict(DataCollatorWithFlattening(return_position_ids=True)(rows))
 
 
 def _peak_rss_gib() -> float:

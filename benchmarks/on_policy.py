@@ -75,6 +75,7 @@ def _row_tokens(labels) -> int:
 def worker_loopfit(args) -> dict:
     import torch
 
+    import loopfit.process  # noqa: F401  (the `loopfit` command's defaults, as in benchmarks/peers.py)
     from loopfit.train import DistillationConfig, LoRAConfig, LRSchedule, OnPolicyConfig, TrainConfig, recipe
 
     op = OnPolicyConfig(lmbda=1.0, max_new_tokens=args.max_new_tokens, kind="jsd", kind_params={"beta": BETA})

@@ -151,6 +151,7 @@ def distillation_config(kind: str, chunk_size: int | None = None):
 def worker_loopfit(args, kind: str) -> dict:
     import torch
 
+    import loopfit.process  # noqa: F401  (the `loopfit` command's defaults: huge pages for large CPU tensors)
     from loopfit.loading import load_tokenizer
     from loopfit.train import LoRAConfig, LRSchedule, TrainConfig
     from loopfit.train.recipe import fit, setup

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from loopfit.losses import (
     DIVERGENCES,
     FusedKDLoss,
+    chunk_grad,
     chunked_kd_loss,
     fused_kd_loss,
     get_divergence,
@@ -319,3 +320,29 @@ def test_rows_split_over_threads_equal_one_thread(kind, dtype):
         torch.testing.assert_close(kd, kernels[1][2], rtol=1e-6, atol=1e-6)
         for got, want in zip(results[threads], results[1]):
             torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_logits_into_vocab_blocks_equal_one_product(monkeypatch, dtype, bias):
+    """The CPU logits product in vocabulary blocks (7 columns here, the last block short) writes the logits of one
+    product into the given rows of a larger buffer (as the fused loss passes its workspace) and nowhere else."""
+    monkeypatch.setattr(chunk_grad, "CPU_VOCAB_BLOCK", 7)
+    h, w, b, *_ = make(seed=4, dtype=dtype, bias=bias)
+    out = torch.full((N + 3, V), float("nan"), dtype=dtype)
+    got = chunk_grad.logits_into(h.detach(), w.detach(), None if b is None else b.detach(), out[:N])
+    assert got.data_ptr() == out.data_ptr() and not out[N:].isfinite().any()
+    torch.testing.assert_close(got, F.linear(h, w, b).detach())  # to the dtype's rounding (summation order)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+def test_fused_loss_with_vocab_blocks_matches_reference(monkeypatch, kind):
+    """Student and teacher logits computed in vocabulary blocks of 6 (V = 40): loss and gradients as unfused."""
+    monkeypatch.setattr(chunk_grad, "CPU_VOCAB_BLOCK", 6)
+    h, w, b, th, tw, labels = make(seed=5, bias=True)
+    out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, kind=kind, temperature=2.0,
+                        chunk_size=5, lm_head_bias=b, beta=0.3)  # fmt: skip
+    total, _, _ = reference(h, w, b, labels, th, tw, kind=kind, temperature=2.0, beta=0.3)
+    torch.testing.assert_close(out.total, total, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(out.total, h, w, b), grads(total, h, w, b)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

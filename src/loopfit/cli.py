@@ -13,6 +13,12 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+# isort: split
+# The command's process-wide defaults, set on import and before the imports below (importing peft already makes
+# PyTorch's first large CPU allocation, after which its allocator no longer reads THP_MEM_ALLOC_ENABLE).
+import loopfit.process  # noqa: F401
+
+# isort: split
 from jsonargparse import CLI
 from transformers.utils import logging as hf_logging
 
@@ -156,7 +162,6 @@ def main(argv: list[str] | None = None) -> None:
     `loopfit: error: ...` and exits 2; anything else prints one line with a hint and exits 1. With
     `LOOPFIT_DEBUG=1` the full traceback is shown as well.
     """
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before any tokenizer runs: no fork warnings
     argv = repeated_flags_append(sys.argv[1:] if argv is None else list(argv))
     debug = bool(os.environ.get(DEBUG_ENV))
     if not sys.stderr.isatty():

@@ -38,11 +38,30 @@ _ROW_BLOCK = 8
 # Logits of -inf (tokens the teacher never predicts) are clamped to this before the softmax: the probability is
 # still exactly 0, and `0 * logit` stays 0 in the dot products that give the KD value (no NaN from 0 * -inf).
 _NEG_BIG = -1e30
+# Vocabulary columns per logits product on CPU (`logits_into`): a (c, 2048) output block and its (2048, H) weight
+# slice stay in cache, where one (c, V) product streams a V-wide output through memory. Measured on the 2-core AVX2
+# CPU, (368, 576) x (576, 49152) fp32: one product 141 ms, blocks of 1024 / 2048 / 4096 columns 131 / 131 / 138 ms.
+CPU_VOCAB_BLOCK = 2048
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     """`cap * tanh(logits / cap)` (Gemma 2's final logit soft-cap, arXiv:2408.00118), or `logits` when `cap` is None."""
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def logits_into(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """`out = h @ weight.T (+ bias)`: `h` `(c, H)`, `weight` `(V, H)`, `bias` `(V,)` or None, `out` `(c, V)` in
+    `h`'s dtype; returns `out`. On CPU the product runs in blocks of `CPU_VOCAB_BLOCK` vocabulary columns (each
+    written into its slice of `out`, same values as one product), elsewhere as one product."""
+    vocab = weight.shape[0]
+    block = CPU_VOCAB_BLOCK if h.device.type == "cpu" else vocab
+    for start in range(0, vocab, block):
+        cols = slice(start, min(start + block, vocab))
+        if bias is None:
+            torch.mm(h, weight[cols].t(), out=out[:, cols])
+        else:
+            torch.addmm(bias[cols], h, weight[cols].t(), out=out[:, cols])
+    return out
 
 
 @dataclass
@@ -69,10 +88,8 @@ class Teacher:
         teacher's family soft-caps them (tanh in bf16 would round the teacher's logits)."""
         if out is None:
             t = F.linear(self.hidden, self.weight, self.bias)
-        elif self.bias is None:
-            t = torch.mm(self.hidden, self.weight.t(), out=out)
         else:
-            t = torch.addmm(self.bias, self.hidden, self.weight.t(), out=out)
+            t = logits_into(self.hidden, self.weight, self.bias, out)
         return softcap(t.float(), self.softcap) if self.softcap is not None else t
 
 

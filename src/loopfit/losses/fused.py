@@ -39,6 +39,7 @@ from loopfit.losses.chunk_grad import (
     chunk_losses,
     divergence_grad,
     fkl_grad,
+    logits_into,
     sparse_fkl_grad,
     sparse_support_logprobs,
 )
@@ -105,10 +106,7 @@ class _FusedLinearKD(torch.autograd.Function):
             for d, w_d in enumerate(spec.depth_weights):
                 h = hidden[d, rows]
                 s = s_buf[:c]
-                if bias is None:  # kept in the input dtype; upcast per row block
-                    torch.mm(h, weight.t(), out=s)
-                else:
-                    torch.addmm(bias, h, weight.t(), out=s)
+                logits_into(h, weight, bias, s)  # kept in the input dtype; upcast per row block
                 if autograd:
                     with torch.enable_grad():
                         s_ = s.detach().float().requires_grad_()

@@ -7,18 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from peft import PeftModel
 
 from loopfit.errors import LoopfitError
 from loopfit.gsm8k import build_prompt, evaluate_depth, read_problems
 from loopfit.io import write_json
-from loopfit.loading import load_model, load_tokenizer, resolve_model_path
+from loopfit.loading import load_tokenizer, resolve_model_path
 from loopfit.sweep.grid import SWEEP_SET, SweepRun, flatten
 from loopfit.train.aliases import normalise_config
 from loopfit.train.config import TrainConfig
+from loopfit.train.export import merged_model
 from loopfit.train.recipe import config_dict
 from loopfit.train.schedules import DepthSchedule
-from loopfit.train.student import peft_quiet
 
 
 # ---------------------------------------------------------------------------------------------- the results
@@ -48,12 +47,7 @@ def training_curve(run_dir: Path, cfg: TrainConfig) -> list[dict]:
 def load_trained(run_dir: Path, cfg: TrainConfig):
     """The trained student of a finished run (LoRA merged), in eval mode."""
 
-    final = run_dir / "final"
-    if (final / "adapter_config.json").is_file():
-        base = load_model(cfg.model_name)
-        with peft_quiet():
-            return PeftModel.from_pretrained(base, str(final)).merge_and_unload().eval()
-    return load_model(final).eval()
+    return merged_model(run_dir / "final", cfg.model_name).eval()
 
 
 @dataclass

@@ -16,6 +16,17 @@ from loopfit.publish import set_default_depth, write_model_card, write_remote_co
 from loopfit.train.student import peft_quiet
 
 
+def merged_model(final: str | Path, model_name: str):
+    """The trained student a run saved in `final` (its `final/` or a checkpoint's model folder) as one HF model: a
+    LoRA adapter there is loaded onto `model_name` and merged into its weights; a full model there is loaded as is."""
+    final = Path(final)
+    if (final / "adapter_config.json").is_file():
+        base = load_model(model_name)
+        with peft_quiet():
+            return PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+    return load_model(final)
+
+
 def export_run(run: str | Path, out: str | Path, overwrite: bool = False, remote_code: bool = False) -> Path:
     """Write the run folder `run` (written by `loopfit train`: `config.yaml` and `final/`) to `out` as a model that
     `from_pretrained` loads, LoRA merged into the weights, with a model card and the run's default depth.
@@ -41,12 +52,7 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False, remote
         model_name = cfg["model_name"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         raise LoopfitError(f"{run_dir / 'config.yaml'} is unreadable ({type(e).__name__}); the run is damaged") from e
-    if (final / "adapter_config.json").is_file():
-        base = load_model(model_name)
-        with peft_quiet():
-            model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
-    else:
-        model = load_model(final)
+    model = merged_model(final, model_name)
     tokenizer = AutoTokenizer.from_pretrained(final)  # final/ holds only an adapter: no config.json to resolve
     looped = getattr(model.config, "model_type", None) == "looped"
     if looped and getattr(model.generation_config, "num_steps", None) is None:

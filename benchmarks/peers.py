@@ -52,6 +52,7 @@ SYSTEMS = ("loopfit_jsd", "trl_gkd", "loopfit_fkl", "torchtune_fkl")
 PEERS = {"trl_gkd", "torchtune_fkl"}
 LAYOUT = ([0, 1, 2, 3], list(range(20, 26)), list(range(26, 30)))
 LR, R, LORA_ALPHA = 2e-4, 16, 32
+THP_ENV = "THP_MEM_ALLOC_ENABLE"  # PyTorch's CPU allocator on transparent huge pages (loopfit.process)
 LOSS_RTOL = 1e-4  # the systems' losses on the shared batch agree to ~1e-6 (fp32, different summation orders)
 
 
@@ -295,6 +296,7 @@ def run_worker(args) -> None:
         "torchtune_fkl": lambda: worker_torchtune(args),
     }[args.worker]
     result = fn()
+    result["huge_pages"] = os.environ.get(THP_ENV) == "1"  # as the run had it (loopfit's rows set it themselves)
     result["train_peak_rss_gib"] = _peak_rss_gib()
     result["peak_rss_gib"] = max([result["train_peak_rss_gib"], *_CHECK_PEAK])
     Path(args.json).write_text(json.dumps(result))
@@ -345,7 +347,14 @@ def spawn(system: str, python: str, args, student: str, tmp: Path, repeat: int) 
     if args.gradient_checkpointing:
         cmd += ["--gradient_checkpointing"]
     print(f"[peers] repeat {repeat + 1}/{args.repeats} {system}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ)
+    if args.huge_pages in ("all", "none"):
+        env[THP_ENV] = "1" if args.huge_pages == "all" else "0"
+    elif system in PEERS:  # "loopfit": each system at its default; PyTorch's is off
+        env[THP_ENV] = "0"
+    else:  # loopfit's rows set it themselves, as the `loopfit` command does
+        env.pop(THP_ENV, None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         tail = proc.stdout.strip().splitlines()[-3:]
         print(f"[peers] {system} failed:\n" + "\n".join(tail), file=sys.stderr)
@@ -426,6 +435,10 @@ def main() -> None:
     ap.add_argument("--loopfit_rows", choices=("packed", "padded"), default="packed",
                     help="loopfit reads the records packed in one row with per-record positions (as `loopfit train "
                          "--position_ids=true` reads packed documents), or as the peers' padded rows")  # fmt: skip
+    ap.add_argument("--huge_pages", choices=("loopfit", "all", "none"), default="loopfit",
+                    help="THP_MEM_ALLOC_ENABLE per system: loopfit = each at its default (the loopfit command turns "
+                         "huge pages on, PyTorch leaves them off for the peers), all = on for every system, none = "
+                         "off for every system")  # fmt: skip
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -457,7 +470,7 @@ def main() -> None:
             "data": args.data, "student": "SmolLM2 layers 0-3 + 20-29, LoRA r16 all-linear",
             "teacher": "SmolLM2-135M (30 layers)", "uptime": os.getloadavg(), "python_peers": args.python,
             "loopfit_chunk_size": args.chunk_size, "loopfit_rows": args.loopfit_rows,
-            "loopfit_gradient_checkpointing": args.gradient_checkpointing,
+            "loopfit_gradient_checkpointing": args.gradient_checkpointing, "huge_pages": args.huge_pages,
             "loss_rtol": LOSS_RTOL}  # fmt: skip
     meta |= compare(by, {s: runs[s] for s in by})
     meta["runs"] = runs  # every run's step times, memory and losses, for a look at the spread

@@ -91,3 +91,32 @@ def test_packed_batch_holds_the_shared_batch_records_and_scores_as_it():
     got = objective_loss(objective, Student(student), teacher, packed, None, n)
     assert float(want.kd) > 0
     torch.testing.assert_close(got.total, want.total, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mode,want",
+    [("loopfit", {"loopfit_jsd": None, "trl_gkd": "0"}), ("all", {"loopfit_jsd": "1", "trl_gkd": "1"}),
+     ("none", {"loopfit_jsd": "0", "trl_gkd": "0"})],
+)  # fmt: skip
+def test_huge_pages_reach_each_system_as_asked(monkeypatch, tmp_path, mode, want):
+    """`--huge_pages loopfit` leaves the variable unset for loopfit's rows (its worker sets it as the command does)
+    and off for the peers, whatever the caller's environment holds; `all` / `none` set it for every system."""
+    import subprocess
+    import types
+
+    import benchmarks.peers as peers
+
+    monkeypatch.setenv(peers.THP_ENV, "1")
+    seen = {}
+
+    def fake_run(cmd, env, **kw):
+        seen[cmd[cmd.index("--worker") + 1]] = env.get(peers.THP_ENV)
+        return subprocess.CompletedProcess(cmd, 1, stdout="no run here")
+
+    monkeypatch.setattr(peers.subprocess, "run", fake_run)
+    args = types.SimpleNamespace(data="d", batch_size=4, steps=1, warmup=0, loopfit_rows="packed", threads=None,
+                                 chunk_size=None, trl_bf16=False, gradient_checkpointing=False, repeats=1,
+                                 huge_pages=mode)  # fmt: skip
+    for system in want:
+        assert "error" in peers.spawn(system, "python", args, "student", tmp_path, 0)
+    assert seen == want

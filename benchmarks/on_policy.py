@@ -191,6 +191,7 @@ def run_worker(args) -> None:
 
         torch.set_num_threads(args.threads)
     result = {"loopfit": worker_loopfit, "trl_gkd": worker_trl}[args.worker](args)
+    result["huge_pages"] = os.environ.get(peers.THP_ENV) == "1"
     result["train_peak_rss_gib"] = peers._peak_rss_gib()  # since the mark was reset before the first step
     result["peak_rss_gib"] = max([result["train_peak_rss_gib"], *peers._CHECK_PEAK])  # and loading, before it
     Path(args.json).write_text(json.dumps(result))
@@ -208,7 +209,8 @@ def spawn(system: str, args, student: str, prompts: str, tmp: Path) -> dict:
     cmd += ["--trl_gradient_checkpointing"] if args.trl_gradient_checkpointing else []
     cmd += ["--loopfit_rows", args.loopfit_rows]
     print(f"[on_policy] {system} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = peers.huge_pages_env(args.huge_pages, peer=system != "loopfit")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         tail = proc.stdout.strip().splitlines()[-3:]
         print(f"[on_policy] {system} failed:\n" + "\n".join(tail), file=sys.stderr)
@@ -234,6 +236,7 @@ def main() -> None:
     ap.add_argument("--loopfit_rows", choices=("packed", "padded"), default="packed",
                     help="loopfit trains on each step's rows packed in one with per-row positions (`loopfit train "
                          "--position_ids=true`), or right-padded as TRL's")  # fmt: skip
+    ap.add_argument("--huge_pages", choices=("loopfit", "all", "none"), default="loopfit", help=peers.HUGE_PAGES_HELP)
     ap.add_argument("--out", default=None)
     for hidden in ("--worker", "--json", "--student", "--prompts_file", "--tmp"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -259,7 +262,7 @@ def main() -> None:
                      "peak_rss_gib": r["peak_rss_gib"], "train_peak_rss_gib": r["train_peak_rss_gib"],
                      **{k: r[k] for k in ("peak_cuda_gib", "gradient_checkpointing") if k in r}})  # fmt: skip
     keys = ("batch", "steps", "warmup", "max_new_tokens", "seq_len", "depth", "device", "bf16", "prompts", "data",
-            "trl_gradient_checkpointing", "loopfit_rows")  # fmt: skip
+            "trl_gradient_checkpointing", "loopfit_rows", "huge_pages")  # fmt: skip
     meta = {k: getattr(args, k) for k in keys}
     meta |= {"student": "SmolLM2-135M 4-6-4 loop (0-3:20-25:26-29), LoRA r16 all-linear", "lmbda": 1.0,
              "objective": f"generalized JSD beta {BETA}, T 1, no CE", "memory": "peak RSS via resource.ru_maxrss",

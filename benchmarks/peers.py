@@ -314,6 +314,25 @@ def prepare_student(tmp: Path) -> str:
     return str(path)
 
 
+def huge_pages_env(mode: str, peer: bool) -> dict:
+    """A worker's environment with `THP_MEM_ALLOC_ENABLE` for `--huge_pages mode`: `loopfit` = each system at its
+    default (unset for loopfit's rows, whose worker sets it as the `loopfit` command does; off for a peer, PyTorch's
+    default), `all` = on, `none` = off; whatever the caller's environment holds."""
+    env = dict(os.environ)
+    if mode in ("all", "none"):
+        env[THP_ENV] = "1" if mode == "all" else "0"
+    elif peer:
+        env[THP_ENV] = "0"
+    else:
+        env.pop(THP_ENV, None)
+    return env
+
+
+HUGE_PAGES_HELP = ("THP_MEM_ALLOC_ENABLE per system: loopfit = each at its default (the loopfit command turns huge "
+                   "pages on, PyTorch leaves them off for the peers), all = on for every system, none = off for every "
+                   "system")  # fmt: skip
+
+
 def spawn(system: str, python: str, args, student: str, tmp: Path, repeat: int) -> dict:
     out = tmp / f"{system}-{repeat}.json"
     cmd = [
@@ -347,13 +366,7 @@ def spawn(system: str, python: str, args, student: str, tmp: Path, repeat: int) 
     if args.gradient_checkpointing:
         cmd += ["--gradient_checkpointing"]
     print(f"[peers] repeat {repeat + 1}/{args.repeats} {system}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
-    env = dict(os.environ)
-    if args.huge_pages in ("all", "none"):
-        env[THP_ENV] = "1" if args.huge_pages == "all" else "0"
-    elif system in PEERS:  # "loopfit": each system at its default; PyTorch's is off
-        env[THP_ENV] = "0"
-    else:  # loopfit's rows set it themselves, as the `loopfit` command does
-        env.pop(THP_ENV, None)
+    env = huge_pages_env(args.huge_pages, peer=system in PEERS)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         tail = proc.stdout.strip().splitlines()[-3:]
@@ -435,10 +448,7 @@ def main() -> None:
     ap.add_argument("--loopfit_rows", choices=("packed", "padded"), default="packed",
                     help="loopfit reads the records packed in one row with per-record positions (as `loopfit train "
                          "--position_ids=true` reads packed documents), or as the peers' padded rows")  # fmt: skip
-    ap.add_argument("--huge_pages", choices=("loopfit", "all", "none"), default="loopfit",
-                    help="THP_MEM_ALLOC_ENABLE per system: loopfit = each at its default (the loopfit command turns "
-                         "huge pages on, PyTorch leaves them off for the peers), all = on for every system, none = "
-                         "off for every system")  # fmt: skip
+    ap.add_argument("--huge_pages", choices=("loopfit", "all", "none"), default="loopfit", help=HUGE_PAGES_HELP)
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)

@@ -14,8 +14,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 # isort: split
-# The command's process-wide defaults, set on import and before the imports below (importing peft already makes
-# PyTorch's first large CPU allocation, after which its allocator no longer reads THP_MEM_ALLOC_ENABLE).
+# The command's process-wide defaults, set on import and before the imports below: PyTorch reads
+# THP_MEM_ALLOC_ENABLE at its first CPU allocation, and importing peft already makes one.
 import loopfit.process  # noqa: F401
 
 # isort: split

@@ -5,10 +5,12 @@ Each is only a default: a value already in the environment wins.
 - `TOKENIZERS_PARALLELISM=false`: no fork warnings from HF tokenizers.
 - `THP_MEM_ALLOC_ENABLE=1`: PyTorch's CPU allocator puts tensors of 2 MiB and more on transparent huge pages
   (`madvise`), so the large activations and logits a training step allocates afresh fault in 2 MiB pages instead of
-  4 KiB ones. PyTorch reads the variable once, at its first large allocation, which importing peft already makes:
-  hence set before anything else is imported. The peers benchmark's step (docs/benchmarks.md, 2-core CPU): 110-190k
-  page faults -> 1-10k per step, 2-4% faster, same peak memory. Nothing changes on GPU or where the kernel's THP mode
-  is `never`; `THP_MEM_ALLOC_ENABLE=0` keeps PyTorch's default.
+  4 KiB ones. PyTorch reads the variable once, at its first CPU allocation of any size (importing peft makes one),
+  so it must be set before any tensor exists: `loopfit.cli` imports this module first, after only the package's
+  `__init__` (`loopfit.models`), which must create no tensor at import (tests/test_process_defaults.py guards it).
+  The peers benchmark's loopfit step on the 2-core CPU: 110-190k page faults -> 1-10k per step and 2-4% faster in
+  three interleaved rounds of 7 steps (a scratch measurement, not in benchmarks/results), same peak memory. Nothing
+  changes on GPU or where the kernel's THP mode is `never`; `THP_MEM_ALLOC_ENABLE=0` keeps PyTorch's default.
 """
 
 from __future__ import annotations

@@ -190,11 +190,7 @@ def run_worker(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = {"loopfit": worker_loopfit, "trl_gkd": worker_trl}[args.worker](args)
-    result["huge_pages"] = os.environ.get(peers.THP_ENV) == "1"
-    result["train_peak_rss_gib"] = peers._peak_rss_gib()  # since the mark was reset before the first step
-    result["peak_rss_gib"] = max([result["train_peak_rss_gib"], *peers._CHECK_PEAK])  # and loading, before it
-    Path(args.json).write_text(json.dumps(result))
+    peers.write_result({"loopfit": worker_loopfit, "trl_gkd": worker_trl}[args.worker](args), args.json)
 
 
 # ------------------------------------------------------------------------------------------- orchestrator

@@ -295,11 +295,17 @@ def run_worker(args) -> None:
         "trl_gkd": lambda: worker_trl(args),
         "torchtune_fkl": lambda: worker_torchtune(args),
     }[args.worker]
-    result = fn()
-    result["huge_pages"] = os.environ.get(THP_ENV) == "1"  # as the run had it (loopfit's rows set it themselves)
+    write_result(fn(), args.json)
+
+
+def write_result(result: dict, path: str) -> None:
+    """A worker's `result` with what every run records, written to `path` as JSON: the huge-page setting it had
+    (loopfit's rows set it themselves), the peak RSS of its training steps (the mark is reset before the first step)
+    and the whole peak (loading and the loss check too)."""
+    result["huge_pages"] = os.environ.get(THP_ENV) == "1"
     result["train_peak_rss_gib"] = _peak_rss_gib()
     result["peak_rss_gib"] = max([result["train_peak_rss_gib"], *_CHECK_PEAK])
-    Path(args.json).write_text(json.dumps(result))
+    Path(path).write_text(json.dumps(result))
 
 
 # ------------------------------------------------------------------------------------------- orchestrator

@@ -45,8 +45,8 @@ def test_defaults_leave_the_users_values(monkeypatch):
 def test_huge_pages_take_effect_after_the_commands_imports():
     """PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first CPU allocation (of any size): if anything the command
     imports before `loopfit.process` (the package's `__init__`, `loopfit.models`) created a tensor, the setting would
-    be silently ignored. Huge pages fault in 2 MiB at a time: 5 x 64 MiB
-    cost ~82k faults in 4 KiB pages and a few hundred in huge ones."""
+    be silently ignored. Huge pages fault in 2 MiB at a time: 5 x 64 MiB cost ~82k faults in 4 KiB pages and a few
+    hundred in huge ones."""
 
     def faults(env_value: str | None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}

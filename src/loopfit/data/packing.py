@@ -113,12 +113,11 @@ class PackedDataset(Dataset):
         return len(self.rows.num_tokens)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        labels = self.rows.labels[i]
+        labels, item = self.rows.labels[i], {"input_ids": torch.from_numpy(self.rows.input_ids[i]).long()}
         if self.with_position_ids:
             labels = _starts_masked(labels, self.rows.position_ids[i])
-        item = {"input_ids": torch.from_numpy(self.rows.input_ids[i]).long(), "labels": torch.from_numpy(labels).long()}
-        if self.with_position_ids:
             item["position_ids"] = torch.from_numpy(self.rows.position_ids[i]).long()
+        item["labels"] = torch.from_numpy(labels).long()
         return item
 
     def target_labels(self) -> np.ndarray:

@@ -119,13 +119,13 @@ def worker_trl(args) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from loopfit.loading import load_model, load_tokenizer
 
     tok = load_tokenizer(args.student)
-    student = AutoModelForCausalLM.from_pretrained(args.student)
+    student = load_model(args.student)
     depth = args.depth
     student.model.default_num_steps = lambda: depth  # one fixed depth, as loopfit's --fixed_num_steps
     convs = chat_records(args.data, args.prompts)

@@ -67,6 +67,40 @@ PY
   [ ${#specs[@]} -gt 0 ] || exit 1
   pip_install --upgrade -c requirements/torch.txt "${specs[@]}"
   pip_check
+  # pip falls back to an older release without a word when the newest one's own requirements cannot be met from this
+  # index (transformers 5.25 needs kernels >= 0.19.1, which a lagging mirror may not have): say so, or the newest
+  # pass would claim to test a release it never installed.
+  "$VENV/bin/python" - "${specs[@]}" <<'PY' || true
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+
+from packaging.requirements import Requirement
+from packaging.version import InvalidVersion, Version
+
+for spec in sys.argv[1:]:
+    req = Requirement(spec)
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", req.name],
+                         capture_output=True, text=True).stdout
+    m = re.search(r"Available versions: (.*)", out)
+    if not m:
+        continue
+    released = []
+    for v in m.group(1).split(","):
+        try:
+            released.append(Version(v.strip()))
+        except InvalidVersion:
+            pass
+    allowed = [v for v in released if not v.is_prerelease and v in req.specifier]
+    have = Version(version(req.name))
+    if allowed and max(allowed) > have:
+        dry = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "-q", f"{req.name}=={max(allowed)}",
+                              "-c", "requirements/torch.txt"], capture_output=True, text=True)
+        why = [ln for ln in dry.stderr.splitlines() if ln.startswith("ERROR")][-1:] or ["(no reason given)"]
+        print(f"setup.sh: warning: {req.name} {max(allowed)} is released but {have} is installed: pip cannot install "
+              f"{max(allowed)} from this index: {why[0].removeprefix('ERROR: ')}", file=sys.stderr)
+PY
 fi
 "$VENV/bin/python" - "$VENV" transformers peft ${LOOPFIT_UPGRADE:-} trl torchtune torchao loopfit <<'PY'
 import sys

@@ -64,6 +64,22 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / f"{gguf.stem}-{key}"
 
 
+def hub_kernels_kwargs() -> dict:
+    """`from_pretrained` keyword arguments that keep transformers' Hub kernels off unless the user turns them on.
+
+    transformers >= 5.25 kernelizes every model `from_pretrained` loads by default (`use_kernels=None` means on):
+    on GPU it downloads layers (RMSNorm, activations, RoPE) from the Hub's kernels-community repos and swaps them in,
+    some for inference only. That is code fetched at load time, fails offline, and changes the numerics that
+    loopfit's parity tests, exact resume and KD targets are stated against. loopfit therefore loads with
+    `use_kernels=False` (the default of transformers <= 5.24, which accept the argument too) unless the environment
+    sets transformers' own switch `USE_HUB_KERNELS` to a true value (1, true, yes, on), which leaves the choice to
+    transformers. Returns `{"use_kernels": False}` or `{}`.
+    """
+    if os.environ.get("USE_HUB_KERNELS", "").strip().lower() in ("1", "true", "yes", "on"):
+        return {}
+    return {"use_kernels": False}
+
+
 def _materialize_gguf(gguf: Path) -> Path:
     """Convert a GGUF checkpoint once into a plain HF folder (safetensors + tokenizer) and return that folder."""
     out = _gguf_cache_dir(gguf)
@@ -72,7 +88,9 @@ def _materialize_gguf(gguf: Path) -> Path:
 
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **hub_kernels_kwargs()
+        )
     except Exception as e:  # the GGUF reader raises ValueError/KeyError/struct errors for truncated or foreign files
         raise LoopfitError(
             f"cannot read the GGUF file {gguf}: {_first_line(e)} (a truncated download, or an architecture "
@@ -144,10 +162,14 @@ def load_tokenizer(name: str | os.PathLike):
 
 
 def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32, **kwargs):
-    """Load a causal LM (plain HF or looped) from any accepted model name, on CPU, in `dtype`."""
+    """Load a causal LM (plain HF or looped) from any accepted model name, on CPU, in `dtype`.
+
+    Hub kernels stay off unless `USE_HUB_KERNELS` turns them on or `kwargs` pass `use_kernels` (`hub_kernels_kwargs`).
+    Raises `LoopfitError` (one line) when the name resolves to nothing loadable or the files are incomplete.
+    """
     path = resolve_model_path(name)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **{**hub_kernels_kwargs(), **kwargs})
     except Exception as e:  # missing weights (OSError), a corrupt config.json or safetensors file, shape mismatches
         raise LoopfitError(
             f"cannot load a model from {name}: {_first_line(e)}: check that config.json and the weights are complete "

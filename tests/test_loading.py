@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from loopfit import loading
+from loopfit.errors import LoopfitError
 
 
 def test_gguf_cache_folder_keyed_on_bytes_not_path(tmp_path, monkeypatch):
@@ -51,14 +52,18 @@ def test_load_model_keeps_hub_kernels_off_by_default(tiny_source_dir, monkeypatc
 
 def test_load_model_hub_kernels_follow_the_users_switch(tiny_source_dir, monkeypatch):
     calls = _spy_from_pretrained(monkeypatch)
-    for value, expected in (("1", None), ("true", None), ("0", False), ("no", False), ("", False)):
+    for value, expected in (("1", None), ("true", None), ("y", None), ("0", False), ("no", False), ("", False)):
         monkeypatch.setenv("USE_HUB_KERNELS", value)
         assert loading.hub_kernels_kwargs().get("use_kernels") is expected
     # Only a true value hands the choice to transformers (no use_kernels passed); anything else keeps them off.
     monkeypatch.setenv("USE_HUB_KERNELS", "0")
     loading.load_model(tiny_source_dir)
     assert calls[-1]["use_kernels"] is False
-    # An explicit argument wins over the default.
+    # An explicit argument wins over the default and reaches transformers with the rest (without the `kernels`
+    # package transformers then refuses to load: one LoopfitError line; with it, the CPU load succeeds).
     monkeypatch.delenv("USE_HUB_KERNELS")
-    loading.load_model(tiny_source_dir, use_kernels=False, low_cpu_mem_usage=True)
-    assert calls[-1]["use_kernels"] is False and calls[-1]["low_cpu_mem_usage"] is True
+    try:
+        loading.load_model(tiny_source_dir, use_kernels=True, low_cpu_mem_usage=True)
+    except LoopfitError as e:
+        assert "ernels" in str(e)
+    assert calls[-1]["use_kernels"] is True and calls[-1]["low_cpu_mem_usage"] is True

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils.import_utils import is_env_variable_true
 
 from loopfit.errors import LoopfitError
 from loopfit.io import atomic_dir
@@ -72,10 +73,10 @@ def hub_kernels_kwargs() -> dict:
     some for inference only. That is code fetched at load time, fails offline, and changes the numerics that
     loopfit's parity tests, exact resume and KD targets are stated against. loopfit therefore loads with
     `use_kernels=False` (the default of transformers <= 5.24, which accept the argument too) unless the environment
-    sets transformers' own switch `USE_HUB_KERNELS` to a true value (1, true, yes, on), which leaves the choice to
-    transformers. Returns `{"use_kernels": False}` or `{}`.
+    sets transformers' own switch `USE_HUB_KERNELS` to a true value (read by transformers' own parser), which leaves
+    the choice to transformers. Returns `{"use_kernels": False}` or `{}`.
     """
-    if os.environ.get("USE_HUB_KERNELS", "").strip().lower() in ("1", "true", "yes", "on"):
+    if is_env_variable_true("USE_HUB_KERNELS"):
         return {}
     return {"use_kernels": False}
 

@@ -200,7 +200,20 @@ CASES = {
     "convert-block-init-group": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
                                  "--block_init 2", "--block_init 2: there are 2 groups (0-1)"),
     "convert-block-init-alone": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --block_init average",
-                                 "--block_init and --relaxation_align need --relaxation_rank"),
+                                 "--block_init, --relaxation_align and --relaxation_init need --relaxation_rank"),
+    "convert-relaxation-init-word": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                                     "--relaxation_init random", "--relaxation_init must be one of svd, zeros"),
+    "convert-zeros-no-iterations": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                                    "--relaxation_init zeros", "needs --relaxation_iterations L >= 1"),
+    "convert-zeros-iterations-zero": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                                      "--relaxation_init zeros --relaxation_iterations 0", "L >= 1 (the number"),
+    "convert-zeros-rank-zero": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 0 "
+                                "--relaxation_init zeros --relaxation_iterations 4", "(0 is the plain loop)"),
+    "convert-zeros-block-init": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                                 "--relaxation_init zeros --relaxation_iterations 4 --block_init average",
+                                 "map groups of source layers; zeros has none"),
+    "convert-iterations-svd": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                               "--relaxation_iterations 4", "--relaxation_iterations is for --relaxation_init zeros"),
     "convert-relaxation-align": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
                                  "--relaxation_align middle", "--relaxation_align must be one of end, start"),
     "convert-relaxation-static": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "

@@ -24,7 +24,7 @@ from loopfit.convert import Layout, to_looped, to_static
 from loopfit.errors import LoopfitError
 from loopfit.models.relaxed import relaxation_groups, svd_factors
 from loopfit.train.commands import export_command
-from loopfit.train.config import DistillationConfig, LoRAConfig, TrainConfig
+from loopfit.train.config import DistillationConfig, LoRAConfig, OptimConfig, TrainConfig
 from loopfit.train.recipe import train
 from loopfit.train.student import Student, apply_lora, lora_merged, micro_batch_loss
 
@@ -298,3 +298,76 @@ def test_merged_lora_keeps_the_per_iteration_deltas():
                 got = model(input_ids=x, num_steps=r).logits
             assert n > 0 and (no_lora - want).abs().max() > 1e-3  # adapters off: another function (the check has teeth)
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+# --- depth-wise LoRA from zero (`relaxation_init="zeros"`): the relaxation's deltas without the teacher start
+
+
+def _zeros(src, rank=4, iterations=3, **kw):
+    kw.setdefault("state_init", "zeros")
+    return to_looped(src, LAYOUT, relaxation_rank=rank, relaxation_init="zeros", relaxation_iterations=iterations, **kw)
+
+
+@pytest.mark.parametrize("adapter_init", ["identity", "random"])
+def test_depthwise_lora_from_zero_starts_as_the_plain_loop(adapter_init):
+    src = make_tiny_model("llama", num_layers=10)
+    torch.manual_seed(0)
+    plain = to_looped(src, LAYOUT, adapter_init=adapter_init, state_init="zeros").eval()
+    torch.manual_seed(0)  # the same random adapter
+    model = _zeros(src, adapter_init=adapter_init).eval()
+    assert model.config.num_relaxed == 3 and model.config.relaxation_groups == []
+    x = _ids()
+    with torch.no_grad():
+        for r in (1, 3, 5):
+            torch.testing.assert_close(model(x, num_steps=r).logits, plain(x, num_steps=r).logits, rtol=0, atol=1e-6)
+    d = model.model.relaxation.deltas["0__self_attn__q_proj"]
+    assert d.up.abs().max() == 0 and d.down.shape == (3, 4, model.config.hidden_size)
+    for i in range(3):  # orthonormal rows, a different draw for every iteration: no saddle, no shared subspace
+        torch.testing.assert_close(d.down[i] @ d.down[i].T, torch.eye(4), rtol=0, atol=1e-5)
+    assert (d.down[0] - d.down[1]).abs().max() > 0.1
+    norms = model.model.relaxation.vectors["0__input_layernorm"].table["weight"]
+    assert torch.equal(norms, model.model.block[0].input_layernorm.weight.expand(3, -1))
+
+
+def test_depthwise_lora_iteration_i_uses_delta_i_and_later_ones_the_last():
+    # adapter `average` ([I/2 | I/2]): every iteration reads the state, so a change at iteration i reaches all R > i.
+    model = _zeros(make_tiny_model("llama", num_layers=10), adapter_init="average").eval()
+    x = _ids()
+    with torch.no_grad():
+        base = {r: model(x, num_steps=r).logits for r in (1, 2, 3, 5)}
+        model.model.relaxation.deltas["1__mlp__down_proj"].up[2].normal_(0, 0.5)  # iteration 2's delta only
+        assert all(torch.equal(model(x, num_steps=r).logits, base[r]) for r in (1, 2))
+        assert all((model(x, num_steps=r).logits - base[r]).abs().max() > 1e-3 for r in (3, 5))
+        model.model.relaxation.deltas["1__mlp__down_proj"].up[2].zero_()
+        model.model.relaxation.vectors["0__post_attention_layernorm"].table["weight"][1].mul_(3)  # iteration 1's
+        assert torch.equal(model(x, num_steps=1).logits, base[1])
+        assert all((model(x, num_steps=r).logits - base[r]).abs().max() > 1e-3 for r in (2, 3, 5))
+
+
+def test_depthwise_lora_trains_every_iteration_and_round_trips(tmp_path):
+    """A real `loopfit train` run (LoRA on, R fixed at 4 > L = 3) changes every iteration's `up` away from zero, the
+    iterations end different, and export keeps the deltas as modules equal to the trained ones."""
+    src = make_tiny_model("llama", num_layers=10)
+    src.save_pretrained(tmp_path / "src")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "src")
+    main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "looped"), "--layers", "0:5-6:9",
+          "--state_init", "zeros", "--relaxation_rank", "4", "--relaxation_init", "zeros",
+          "--relaxation_iterations", "3"])  # fmt: skip
+    assert "Depth-wise LoRA" in (tmp_path / "looped" / "README.md").read_text()
+    looped = AutoModelForCausalLM.from_pretrained(tmp_path / "looped")
+    assert looped.config.relaxation_iterations == 3 and looped.config.relaxation_block_init == "zeros"
+    (tmp_path / "data.txt").write_text(TEXT)
+    cfg = TrainConfig(model_name=str(tmp_path / "looped"), out=str(tmp_path / "run"), data=str(tmp_path / "data.txt"),
+                      seq_len=32, batch_size=2, max_steps=3, progress_bar=False, tensorboard=False, fixed_num_steps=4,
+                      lora=LoRAConfig(enabled=True, r=4), optim_config=OptimConfig(lr=1e-2),
+                      backprop_depth=4)  # fmt: skip
+    train(cfg)
+    adapter = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+    ups = [v for k, v in adapter.items() if k.startswith("base_model.model.model.relaxation.deltas.") and
+           k.endswith(".up")]  # fmt: skip
+    assert len(ups) == 2 * 7 and all(u[i].abs().max() > 0 for u in ups for i in range(3))
+    assert all((u[0] - u[1]).abs().max() > 0 for u in ups)
+    export_command(str(tmp_path / "run"), str(tmp_path / "exported"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    key = "base_model.model.model.relaxation.deltas.0__self_attn__q_proj.up"
+    torch.testing.assert_close(exported.model.relaxation.deltas["0__self_attn__q_proj"].up, adapter[key])

@@ -30,9 +30,20 @@ def _check_architecture(config) -> None:
         )
 
 
-def parse_relaxation(rank: str | int | None, block_init: str, align: str) -> tuple[int | str | None, str | int]:
+RELAXATION_INITS = ("svd", "zeros")
+
+
+def parse_relaxation(
+    rank: str | int | None,
+    block_init: str,
+    align: str,
+    relaxation_init: str = "svd",
+    relaxation_iterations: int | None = None,
+) -> tuple[int | str | None, str | int]:
     """`(rank, block_init)` from the command-line spellings: rank an int >= 0, `full` or None (not relaxed);
-    block init `layers`, `average` or a group number. Raises `LoopfitError` naming the flag."""
+    block init `layers`, `average` or a group number; `relaxation_init` `svd` (from the source's groups) or `zeros`
+    (depth-wise LoRA from zero, which needs `relaxation_iterations` >= 1 and takes no block init or alignment).
+    Raises `LoopfitError` naming the flag."""
     if rank is not None and str(rank) != RANK_FULL:
         try:
             rank = int(rank)
@@ -42,13 +53,27 @@ def parse_relaxation(rank: str | int | None, block_init: str, align: str) -> tup
             raise LoopfitError(f"--relaxation_rank must be an integer >= 0 or 'full', got {rank}")
     if align not in ALIGNS:
         raise LoopfitError(f"--relaxation_align must be one of {', '.join(ALIGNS)}, got '{align}'")
+    if relaxation_init not in RELAXATION_INITS:
+        raise LoopfitError(f"--relaxation_init must be one of {', '.join(RELAXATION_INITS)}, got '{relaxation_init}'")
     block_init = str(block_init)
     if block_init not in ("layers", "average"):
         if not block_init.isdigit():
             raise LoopfitError(f"--block_init must be layers, average or a group number, got '{block_init}'")
         block_init = int(block_init)
-    if rank is None and (block_init != "layers" or align != "end"):
-        raise LoopfitError("--block_init and --relaxation_align need --relaxation_rank")
+    if rank is None and (block_init != "layers" or align != "end" or relaxation_init != "svd"):
+        raise LoopfitError("--block_init, --relaxation_align and --relaxation_init need --relaxation_rank")
+    if relaxation_init == "zeros":
+        if rank == 0:
+            raise LoopfitError("--relaxation_init zeros needs --relaxation_rank >= 1 or full (0 is the plain loop)")
+        if relaxation_iterations is None or relaxation_iterations < 1:
+            got = "none" if relaxation_iterations is None else relaxation_iterations
+            raise LoopfitError(
+                f"--relaxation_init zeros needs --relaxation_iterations L >= 1 (the number of deltas), got {got}"
+            )
+        if block_init != "layers" or align != "end":
+            raise LoopfitError("--block_init and --relaxation_align map groups of source layers; zeros has none")
+    elif relaxation_iterations is not None:
+        raise LoopfitError("--relaxation_iterations is for --relaxation_init zeros (svd has one delta per group)")
     return rank, block_init
 
 
@@ -97,6 +122,9 @@ def to_looped(
     relaxation_rank: int | str | None = None,
     block_init: str | int = "layers",
     relaxation_align: str = "end",
+    relaxation_init: str = "svd",
+    relaxation_iterations: int | None = None,
+    relaxation_seed: int = 0,
     **config_kwargs,
 ) -> LoopedForCausalLM:
     """Build a `LoopedForCausalLM` whose layers are copies of `source`'s layers named in `layout`.
@@ -106,13 +134,26 @@ def to_looped(
     is passed through (adapter `state` `[I | 0]`, state `embed`: `s_{i+1} = block_i(s_i)`, `s_0` = prelude output),
     the block is initialised from `block_init` (`layers`: the block's own source layers; `average`: the groups'
     average; an int: that group), each iteration gets a rank-r SVD delta on every linear layer and its own norm
-    vectors (none at rank 0), and R defaults to L. Raises `LoopfitError` for a layout or option that cannot work.
+    vectors (none at rank 0), and R defaults to L. With `relaxation_init="zeros"` it is depth-wise LoRA from zero
+    instead: `relaxation_iterations` deltas that start at zero (`down` drawn with `relaxation_seed`) on the loop as
+    its adapter and state inits make it, no groups, no state passing forced. Raises `LoopfitError` for a layout or
+    option that cannot work.
     """
     base = copy.deepcopy(source.config)
     _check_architecture(base)
     validate_layout(layout, base.num_hidden_layers)
     groups = None
-    if relaxation_rank is not None:
+    if relaxation_rank is not None and relaxation_init == "zeros":
+        parse_relaxation(relaxation_rank, block_init, relaxation_align, relaxation_init, relaxation_iterations)
+        try:
+            with torch.device("meta"):
+                check_relaxable(family_of(base).decoder_layer(base, layout.block[0]))
+        except ValueError as e:
+            raise LoopfitError(str(e)) from None
+        config_kwargs |= dict(
+            relaxation_rank=relaxation_rank, relaxation_iterations=relaxation_iterations, relaxation_block_init="zeros"
+        )
+    elif relaxation_rank is not None:
         groups = relaxation_plan(layout, base, relaxation_align, block_init)
         _check_state_passing(adapter_init, state_init)
         adapter_init, state_init = "state", "embed"
@@ -155,7 +196,9 @@ def to_looped(
     ]
     if missing or unexpected:
         raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
-    if model.model.relaxation is not None:
+    if model.model.relaxation is not None and groups is None:
+        model.model.relaxation.init_zeros(model.model.block, torch.Generator().manual_seed(relaxation_seed))
+    elif model.model.relaxation is not None:
         src_layers = family.layers(source)
         model.model.relaxation.init_from(model.model.block, [[src_layers[i] for i in g] for g in groups])
     if tie:
@@ -202,6 +245,8 @@ def convert_command(
     relaxation_rank: str | None = None,
     block_init: str = "layers",
     relaxation_align: str = "end",
+    relaxation_init: str = "svd",
+    relaxation_iterations: int | None = None,
     static: bool = False,
     analysis_data: str | None = None,
     analysis_samples: int = 64,
@@ -260,12 +305,15 @@ def convert_command(
             raise LoopfitError(f"--{name} must be one of {', '.join(allowed)}, got '{value}'")
     if mean_recurrence is not None and mean_recurrence < 1:
         raise LoopfitError(f"--mean_recurrence must be >= 1, got {mean_recurrence}")
-    relaxation_rank, block_init = parse_relaxation(relaxation_rank, block_init, relaxation_align)
-    if relaxation_rank is not None and (static or layers == "auto"):
-        raise LoopfitError(
-            "--relaxation_rank needs a looped model from an explicit layout (not --static, --layers auto)"
-        )
-    if relaxation_rank is not None:
+    relaxation_rank, block_init = parse_relaxation(
+        relaxation_rank, block_init, relaxation_align, relaxation_init, relaxation_iterations
+    )
+    from_source = relaxation_rank is not None and relaxation_init == "svd"  # groups of source layers, state passed
+    if relaxation_rank is not None and static:
+        raise LoopfitError("--relaxation_rank needs a looped model (not --static)")
+    if from_source and layers == "auto":
+        raise LoopfitError("--relaxation_init svd maps source groups: it needs an explicit layout (not --layers auto)")
+    if from_source:
         _check_state_passing(adapter_init, state_init)
     if os.path.exists(out) and not overwrite:
         raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
@@ -281,7 +329,7 @@ def convert_command(
     n = config.num_hidden_layers
     if layers != "auto":  # validate before the (slow) weight load
         layout = parse_layout(layers, n) if layers is not None else layout_from_sizes(n, prelude or 0, block, coda or 0)
-        if relaxation_rank is not None:
+        if from_source:
             relaxation_plan(layout, config, relaxation_align, block_init)
     tokenizer = load_tokenizer(path)  # also before the weights: the output needs it
     source = load_model(path)
@@ -309,6 +357,8 @@ def convert_command(
             relaxation_rank=relaxation_rank,
             block_init=block_init,
             relaxation_align=relaxation_align,
+            relaxation_init=relaxation_init,
+            relaxation_iterations=relaxation_iterations,
         )
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if remote_code and not static:
@@ -320,7 +370,12 @@ def convert_command(
     print(
         f"wrote {kind} model to {out}: layers {layout} of {n}; dropped {_format_indices(layout.dropped(n)) or 'none'}"
     )
-    if relaxation_rank is not None:
+    if relaxation_rank is not None and not from_source:
+        print(
+            f"depth-wise LoRA (rank {relaxation_rank}) from zero: {relaxation_iterations} per-iteration deltas "
+            f"(iterations from {relaxation_iterations} on reuse the last); the model starts as the plain loop"
+        )
+    elif relaxation_rank is not None:
         groups = result.config.relaxation_groups
         covered = set(layout.prelude + layout.coda + sum(groups, []))
         print(

@@ -107,7 +107,14 @@ def model_card(model, source: str, run: str | Path | None = None, remote_code: b
             "(`generation_config.json` carries `num_steps`).",
             "",
         ]
-        if c.relaxation_rank != 0:
+        if c.relaxation_rank != 0 and not c.relaxation_groups:
+            lines += [
+                f"Depth-wise LoRA: the block carries a rank-`{c.relaxation_rank}` delta per iteration on every linear "
+                f"layer and its own norm vectors, for {c.num_relaxed} iterations (later ones reuse the last), "
+                "started at zero (the plain loop).",
+                "",
+            ]
+        elif c.relaxation_rank != 0:
             groups = "; ".join(f"{i}: {_fmt(g)}" for i, g in enumerate(c.relaxation_groups))
             lines += [
                 f"Relaxed recursion (arXiv:2410.20672): the block (initialised `{c.relaxation_block_init}`) carries a "

@@ -36,8 +36,11 @@ class LoopedConfig(PretrainedConfig):
         seed: seeds the `normal` state initialisation in eval mode (per position, so results are deterministic).
         relaxation_rank: per-iteration low-rank deltas on every block linear layer (models/relaxed.py): 0 for none
             (one shared block), an int rank, or `full` (exact deltas).
-        relaxation_groups: the source layers each iteration stands for (L lists as long as the block); needed when
-            `relaxation_rank` is not 0. Iterations from L on use the last group's deltas.
+        relaxation_groups: the source layers each iteration stands for (L lists as long as the block), for deltas
+            started from the source (SVD). Iterations from L on use the last group's deltas.
+        relaxation_iterations: L for depth-wise LoRA started at zero (no groups: every delta starts at zero, so
+            the model starts as the plain loop); 0 when `relaxation_groups` give L. One of the two is needed when
+            `relaxation_rank` is not 0.
         relaxation_block_init: how the shared block was initialised (`layers`, `average` or a group number); a
             record for model cards, not read by the model.
         exit_gate: the model carries a learned exit gate (`model.exit_gate`, models/exit_gate.py) for
@@ -67,6 +70,7 @@ class LoopedConfig(PretrainedConfig):
         seed: int = 0,
         relaxation_rank: int | str = 0,
         relaxation_groups: list[list[int]] | None = None,
+        relaxation_iterations: int = 0,
         relaxation_block_init: str | None = None,
         exit_gate: bool = False,
         exit_gate_width: int = 0,
@@ -92,6 +96,7 @@ class LoopedConfig(PretrainedConfig):
         self.seed = int(seed)
         self.relaxation_rank = relaxation_rank if relaxation_rank == "full" else int(relaxation_rank)
         self.relaxation_groups = [list(g) for g in relaxation_groups or []]
+        self.relaxation_iterations = int(relaxation_iterations or 0)
         self.relaxation_block_init = relaxation_block_init
         self.exit_gate = bool(exit_gate)
         self.exit_gate_width = int(exit_gate_width)
@@ -132,8 +137,14 @@ class LoopedConfig(PretrainedConfig):
             raise ValueError(f"layer indices {dup} appear more than once in the layout")
         if self.relaxation_rank != "full" and self.relaxation_rank < 0:
             raise ValueError(f"relaxation_rank must be >= 0 or 'full', got {self.relaxation_rank}")
-        if self.relaxation_rank != 0 and not self.relaxation_groups:
-            raise ValueError("relaxation_rank needs relaxation_groups (the source layers of each iteration)")
+        if self.relaxation_iterations < 0:
+            raise ValueError(f"relaxation_iterations must be >= 0, got {self.relaxation_iterations}")
+        if self.relaxation_groups and self.relaxation_iterations:
+            raise ValueError("give relaxation_groups (deltas from the source) or relaxation_iterations (from zero)")
+        if self.relaxation_rank != 0 and not self.num_relaxed:
+            raise ValueError(
+                "relaxation_rank needs relaxation_groups (the source layers of each iteration) or relaxation_iterations"
+            )
         for g in self.relaxation_groups:
             if len(g) != len(self.block_layers) or not all(0 <= i < n for i in g):
                 raise ValueError(f"relaxation group {g} must hold {len(self.block_layers)} source layers in 0-{n - 1}")
@@ -143,6 +154,11 @@ class LoopedConfig(PretrainedConfig):
     logit_scale = property(lambda self: getattr(self.base_config, "logit_scale", None))  # Cohere
     logits_scaling = property(lambda self: getattr(self.base_config, "logits_scaling", None))  # Granite
     final_logit_softcapping = property(lambda self: getattr(self.base_config, "final_logit_softcapping", None))
+
+    @property
+    def num_relaxed(self) -> int:
+        """L, the number of per-iteration deltas: one per source group, or `relaxation_iterations` (0: none)."""
+        return len(self.relaxation_groups) or self.relaxation_iterations
 
     @property
     def layout(self) -> str:

@@ -107,7 +107,7 @@ class LoopedModel(LoopedPreTrainedModel):
         self.gradient_checkpointing, self._noise_cache = False, {}
         # Relaxed recursion (models/relaxed.py): per-iteration deltas, reached through `loop_iteration`.
         self.loop_iteration: int | None = None
-        self.num_relaxed = len(config.relaxation_groups)
+        self.num_relaxed = config.num_relaxed
         self.relaxation = None
         if config.relaxation_rank != 0:
             self.relaxation = Relaxation(self.block, self.num_relaxed, config.relaxation_rank)

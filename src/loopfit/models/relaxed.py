@@ -18,6 +18,12 @@ Per-iteration parameters of block layer j at iteration i:
 Rank `full` gives each linear its full rank (min(in, out)): exact deltas, so at R = L the model computes the source
 with exactly the uncovered layers removed. A rank above a matrix's full rank is capped there.
 
+Depth-wise LoRA started at zero (`init_zeros`, no source groups: `relaxation_iterations` L): the same per-iteration
+parameters on any loop (any adapter and state init), with `up = 0`, `down` random orthonormal rows (different for
+every iteration and layer) and the vectors and biases copied from the block, so the model starts exactly as the plain
+loop and training lets the iterations differ (as LoRA starts its B factor at zero; arXiv:2106.09685). It is the
+relaxation without the teacher start, which at ranks 8-64 begins far above the pruned model (docs/training.md).
+
 Beyond L iterations every further iteration uses the last group's parameters (`min(i, L - 1)`): the state after
 iteration L - 1 is the output of group L - 1, the group that in the source saw the most similar (latest) states, while
 cycling back to group 0 would feed a late state to weights that only ever saw early ones, and would make R = L + 1
@@ -231,6 +237,26 @@ class Relaxation(nn.Module):
                     else:
                         for n, t in self.vectors[key].table.items():
                             t[i].copy_(getattr(src, n))
+
+    @torch.no_grad()
+    def init_zeros(self, block: nn.ModuleList, generator: torch.Generator | None = None) -> None:
+        """Depth-wise LoRA from zero: every iteration computes the block. `up` zero, `down (r, in)` random orthonormal
+        rows (QR of a Gaussian draw from `generator`), biases and vectors the block's own."""
+        for j, layer in enumerate(block):
+            for name, mod, kind in _targets(layer):
+                key = _SEP.join(filter(None, (str(j), *name.split("."))))
+                if kind == "linear":
+                    d = self.deltas[key]
+                    d.up.zero_()
+                    r, n_in = d.down.shape[-2:]
+                    for i in range(self.num_groups):
+                        q, _ = torch.linalg.qr(torch.randn(n_in, r, generator=generator, dtype=torch.float64))
+                        d.down[i].copy_(q.T)
+                        if d.bias is not None:
+                            d.bias[i].copy_(mod.bias)
+                else:
+                    for n, t in self.vectors[key].table.items():
+                        t.copy_(getattr(mod, n).expand_as(t))
 
 
 class RelaxHook:

@@ -249,6 +249,8 @@ def test_refusals():
     src = make_tiny_model("qwen2_moe", num_layers=10)
     with pytest.raises(LoopfitError, match="neither"):
         to_looped(src, LAYOUT, relaxation_rank=4)
+    with pytest.raises(LoopfitError, match="neither"):
+        to_looped(src, LAYOUT, relaxation_rank=4, relaxation_init="zeros", relaxation_iterations=3)
     smol = make_tiny_model("smollm3", num_layers=10)  # no_rope_layers: every 4th layer has no rotary
     with pytest.raises(LoopfitError, match="no_rope_layers"):
         to_looped(smol, LAYOUT, relaxation_rank=4)

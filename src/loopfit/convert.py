@@ -83,16 +83,25 @@ def _check_state_passing(adapter_init: str | None, state_init: str | None) -> No
         raise LoopfitError("--relaxation_rank passes the state on: it needs --adapter_init state --state_init embed")
 
 
+def check_block_relaxable(layout: Layout, base_config) -> None:
+    """Raise `LoopfitError` if the block's layers have parameters a per-iteration delta cannot cover (a mixture of
+    experts' stacked weights); built on the meta device, so only names and shapes are read."""
+    try:
+        with torch.device("meta"):
+            check_relaxable(family_of(base_config).decoder_layer(base_config, layout.block[0]))
+    except ValueError as e:
+        raise LoopfitError(str(e)) from None
+
+
 def relaxation_plan(layout: Layout, base_config, align: str = "end", block_init: str | int = "layers") -> list:
     """The groups of source layers the loop iterations stand for (models/relaxed.py: `relaxation_groups`), checked
     against the block and `block_init`. Raises `LoopfitError`."""
     try:
         groups, _ = relaxation_groups(layout.prelude, layout.block, layout.coda, base_config.num_hidden_layers, align)
         check_groups_match(base_config, layout.block, groups)
-        with torch.device("meta"):  # only the parameter names and shapes are read
-            check_relaxable(family_of(base_config).decoder_layer(base_config, layout.block[0]))
     except ValueError as e:
         raise LoopfitError(str(e)) from None
+    check_block_relaxable(layout, base_config)
     if isinstance(block_init, int) and not block_init < len(groups):
         raise LoopfitError(f"--block_init {block_init}: there are {len(groups)} groups (0-{len(groups) - 1})")
     return groups
@@ -145,11 +154,7 @@ def to_looped(
     groups = None
     if relaxation_rank is not None and relaxation_init == "zeros":
         parse_relaxation(relaxation_rank, block_init, relaxation_align, relaxation_init, relaxation_iterations)
-        try:
-            with torch.device("meta"):
-                check_relaxable(family_of(base).decoder_layer(base, layout.block[0]))
-        except ValueError as e:
-            raise LoopfitError(str(e)) from None
+        check_block_relaxable(layout, base)
         config_kwargs |= dict(
             relaxation_rank=relaxation_rank, relaxation_iterations=relaxation_iterations, relaxation_block_init="zeros"
         )
@@ -331,6 +336,8 @@ def convert_command(
         layout = parse_layout(layers, n) if layers is not None else layout_from_sizes(n, prelude or 0, block, coda or 0)
         if from_source:
             relaxation_plan(layout, config, relaxation_align, block_init)
+        elif relaxation_rank is not None:
+            check_block_relaxable(layout, config)
     tokenizer = load_tokenizer(path)  # also before the weights: the output needs it
     source = load_model(path)
     if layers == "auto":

@@ -41,8 +41,8 @@ class LoopedConfig(PretrainedConfig):
         relaxation_iterations: L for depth-wise LoRA started at zero (no groups: every delta starts at zero, so
             the model starts as the plain loop); 0 when `relaxation_groups` give L. One of the two is needed when
             `relaxation_rank` is not 0.
-        relaxation_block_init: how the shared block was initialised (`layers`, `average` or a group number); a
-            record for model cards, not read by the model.
+        relaxation_block_init: how the shared block was initialised (`layers`, `average` or a group number), or
+            `zeros` for depth-wise LoRA from zero; a record for model cards, not read by the model.
         exit_gate: the model carries a learned exit gate (`model.exit_gate`, models/exit_gate.py) for
             `--exit_criterion gate`; off by default (no gate, nothing changes).
         exit_gate_width: the gate's hidden width (0: a linear gate on the normalised state).

@@ -204,9 +204,12 @@ CASES = {
     "convert-relaxation-init-word": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
                                      "--relaxation_init random", "--relaxation_init must be one of svd, zeros"),
     "convert-zeros-no-iterations": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
-                                    "--relaxation_init zeros", "needs --relaxation_iterations L >= 1"),
+                                    "--relaxation_init zeros", "needs --relaxation_iterations L in 1-1024"),
     "convert-zeros-iterations-zero": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
-                                      "--relaxation_init zeros --relaxation_iterations 0", "L >= 1 (the number"),
+                                      "--relaxation_init zeros --relaxation_iterations 0", "L in 1-1024 (the number"),
+    "convert-zeros-iterations-huge": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "
+                                      "--relaxation_init zeros --relaxation_iterations 1000000000000",
+                                      "L in 1-1024 (the number of deltas), got 1000000000000"),
     "convert-zeros-rank-zero": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 0 "
                                 "--relaxation_init zeros --relaxation_iterations 4", "(0 is the plain loop)"),
     "convert-zeros-block-init": ("convert {w}/teacher --out {w}/c --layers 0:3-4:5 --relaxation_rank 4 "

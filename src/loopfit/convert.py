@@ -31,6 +31,7 @@ def _check_architecture(config) -> None:
 
 
 RELAXATION_INITS = ("svd", "zeros")
+MAX_RELAXATION_ITERATIONS = 1024  # each delta is a full set of block-sized low-rank factors; more is a typo
 
 
 def parse_relaxation(
@@ -65,10 +66,11 @@ def parse_relaxation(
     if relaxation_init == "zeros":
         if rank == 0:
             raise LoopfitError("--relaxation_init zeros needs --relaxation_rank >= 1 or full (0 is the plain loop)")
-        if relaxation_iterations is None or relaxation_iterations < 1:
+        if relaxation_iterations is None or not 1 <= relaxation_iterations <= MAX_RELAXATION_ITERATIONS:
             got = "none" if relaxation_iterations is None else relaxation_iterations
             raise LoopfitError(
-                f"--relaxation_init zeros needs --relaxation_iterations L >= 1 (the number of deltas), got {got}"
+                f"--relaxation_init zeros needs --relaxation_iterations L in 1-{MAX_RELAXATION_ITERATIONS} "
+                f"(the number of deltas), got {got}"
             )
         if block_init != "layers" or align != "end":
             raise LoopfitError("--block_init and --relaxation_align map groups of source layers; zeros has none")
@@ -90,7 +92,7 @@ def check_block_relaxable(layout: Layout, base_config) -> None:
         with torch.device("meta"):
             check_relaxable(family_of(base_config).decoder_layer(base_config, layout.block[0]))
     except ValueError as e:
-        raise LoopfitError(str(e)) from None
+        raise LoopfitError(f"--relaxation_rank: the block's layers cannot take per-iteration deltas: {e}") from None
 
 
 def relaxation_plan(layout: Layout, base_config, align: str = "end", block_init: str | int = "layers") -> list:
@@ -269,11 +271,12 @@ def convert_command(
         block: the `block` layers just before the coda form the recurrent block.
         coda: the last `coda` layers form the coda.
         adapter_init: `identity` ([0 | I]: reproduces the pruned model at any depth; the default), `random`,
-            `average` or `state` ([I | 0]: the block sees only the state; the default with --relaxation_rank).
+            `average` or `state` ([I | 0]: the block sees only the state; the default with --relaxation_rank and
+            --relaxation_init svd).
         state_init: initial recurrent state: `normal` (the default), `zeros` or `embed` (the prelude output; the
-            default with --relaxation_rank).
+            default with --relaxation_rank and --relaxation_init svd).
         mean_recurrence: default number of loop iterations when none is given (default 4; L with
-            --relaxation_rank).
+            --relaxation_rank and --relaxation_init svd).
         cache_mode: KV cache: `full` (exact, memory linear in depth) or `compress` (constant memory).
         untie_embeddings: give the LM head its own copy of a tied embedding matrix.
         relaxation_rank: start from the teacher (Relaxed Recursive Transformers, arXiv:2410.20672): iteration i
@@ -282,11 +285,18 @@ def convert_command(
             layer gets a per-iteration delta of this rank, initialised from the truncated SVD of (group layer -
             block layer), plus per-iteration norm vectors: an integer, `full` (exact: at R = L the source without
             the uncovered layers) or 0 (no deltas: one shared block). Iterations beyond L reuse the last delta.
+            With --relaxation_init zeros: the rank of depth-wise LoRA from zero instead (see there).
         block_init: the shared block's weights with --relaxation_rank: `layers` (the block's own layers from
             --layers / --block), `average` (the groups' average) or a group number 0..L-1.
         relaxation_align: with --relaxation_rank: `end` (groups end at the coda; the middle layers that fit no
             group, just after the prelude, are dropped) or `start` (groups start after the prelude; those just
             before the coda are dropped).
+        relaxation_init: with --relaxation_rank: `svd` (the teacher start above) or `zeros` (depth-wise LoRA from
+            zero: --relaxation_iterations deltas of that rank, one per iteration, started at zero, so the model
+            starts as the plain loop of the --adapter_init / --state_init given, whose defaults then stay
+            `identity` / `normal`; no groups, no state passing; --block_init and --relaxation_align are refused).
+        relaxation_iterations: L with --relaxation_init zeros, 1-1024: the number of per-iteration deltas
+            (iterations from L on reuse the last one).
         static: write the kept layers as a plain, non-looped model of the source architecture instead.
         analysis_data: calibration data for `--layers auto` (default: built-in data).
         analysis_samples: number of calibration samples for `--layers auto`.

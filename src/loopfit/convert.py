@@ -154,8 +154,11 @@ def to_looped(
     _check_architecture(base)
     validate_layout(layout, base.num_hidden_layers)
     groups = None
+    if relaxation_rank is not None:  # the flags' one check, also for callers that skip the command line
+        relaxation_rank, block_init = parse_relaxation(
+            relaxation_rank, block_init, relaxation_align, relaxation_init, relaxation_iterations
+        )
     if relaxation_rank is not None and relaxation_init == "zeros":
-        parse_relaxation(relaxation_rank, block_init, relaxation_align, relaxation_init, relaxation_iterations)
         check_block_relaxable(layout, base)
         config_kwargs |= dict(
             relaxation_rank=relaxation_rank, relaxation_iterations=relaxation_iterations, relaxation_block_init="zeros"
@@ -203,7 +206,7 @@ def to_looped(
     ]
     if missing or unexpected:
         raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
-    if model.model.relaxation is not None and groups is None:
+    if model.model.relaxation is not None and relaxation_init == "zeros":
         model.model.relaxation.init_zeros(model.model.block, torch.Generator().manual_seed(relaxation_seed))
     elif model.model.relaxation is not None:
         src_layers = family.layers(source)

@@ -242,21 +242,19 @@ class Relaxation(nn.Module):
     def init_zeros(self, block: nn.ModuleList, generator: torch.Generator | None = None) -> None:
         """Depth-wise LoRA from zero: every iteration computes the block. `up` zero, `down (r, in)` random orthonormal
         rows (QR of a Gaussian draw from `generator`), biases and vectors the block's own."""
-        for j, layer in enumerate(block):
-            for name, mod, kind in _targets(layer):
-                key = _SEP.join(filter(None, (str(j), *name.split("."))))
-                if kind == "linear":
-                    d = self.deltas[key]
-                    d.up.zero_()
-                    r, n_in = d.down.shape[-2:]
-                    for i in range(self.num_groups):
-                        q, _ = torch.linalg.qr(torch.randn(n_in, r, generator=generator, dtype=torch.float64))
-                        d.down[i].copy_(q.T)
-                        if d.bias is not None:
-                            d.bias[i].copy_(mod.bias)
-                else:
-                    for n, t in self.vectors[key].table.items():
-                        t.copy_(getattr(mod, n).expand_as(t))
+        for key, mod in self.targets(block):
+            if key not in self.deltas:
+                for n, t in self.vectors[key].table.items():
+                    t.copy_(getattr(mod, n).expand_as(t))
+                continue
+            d = self.deltas[key]
+            d.up.zero_()
+            r, n_in = d.down.shape[-2:]
+            for i in range(self.num_groups):
+                q, _ = torch.linalg.qr(torch.randn(n_in, r, generator=generator, dtype=torch.float64))
+                d.down[i].copy_(q.T)
+                if d.bias is not None:
+                    d.bias[i].copy_(mod.bias)
 
 
 class RelaxHook:

@@ -7,11 +7,12 @@ from loopfit.convert import Layout, to_looped
 from loopfit.errors import LoopfitError
 
 R = 5
+SEED = 5  # the random adapter's seed: with the thresholds below, loose exits save iterations (asserted)
 
 
 def _model(cache_mode):
     src = make_tiny_model("llama", num_layers=4, hidden=32)
-    return to_looped(src, Layout([0], [1, 2], [3]), adapter_init="random", cache_mode=cache_mode).eval()
+    return to_looped(src, Layout([0], [1, 2], [3]), adapter_init="random", cache_mode=cache_mode, seed=SEED).eval()
 
 
 def _prompt():

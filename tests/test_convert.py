@@ -96,6 +96,26 @@ def test_cli_convert_generate_round_trip(tiny_source_dir, tmp_path, capsys):
     assert AutoModelForCausalLM.from_pretrained(static).config.num_hidden_layers == 5
 
 
+def test_random_adapter_is_reproducible_and_seeded(tiny_source_dir, tmp_path):
+    """`--adapter_init random` draws from the conversion's seed, not the global RNG: same seed same weights."""
+    from safetensors.torch import load_file
+
+    def adapter(name, *extra):
+        torch.manual_seed(len(name))  # a different global RNG state each time: it must not matter
+        main(
+            ["convert", str(tiny_source_dir), "--out", str(tmp_path / name), "--layers", "0-1:2-3:4-5"]
+            + ["--adapter_init", "random", *extra]
+        )
+        return load_file(tmp_path / name / "model.safetensors")["model.adapter.weight"]
+
+    a, b, c = adapter("a"), adapter("bb"), adapter("c", "--seed", "1")
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "c").config
+    assert cfg.seed == 1
+    std = cfg.adapter_init_std
+    assert a.abs().max() <= 3 * std and abs(a.std().item() - std) < 0.2 * std  # truncated at 3 sigma
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

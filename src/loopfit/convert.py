@@ -135,7 +135,7 @@ def to_looped(
     relaxation_align: str = "end",
     relaxation_init: str = "svd",
     relaxation_iterations: int | None = None,
-    relaxation_seed: int = 0,
+    seed: int = 0,
     **config_kwargs,
 ) -> LoopedForCausalLM:
     """Build a `LoopedForCausalLM` whose layers are copies of `source`'s layers named in `layout`.
@@ -146,7 +146,8 @@ def to_looped(
     the block is initialised from `block_init` (`layers`: the block's own source layers; `average`: the groups'
     average; an int: that group), each iteration gets a rank-r SVD delta on every linear layer and its own norm
     vectors (none at rank 0), and R defaults to L. With `relaxation_init="zeros"` it is depth-wise LoRA from zero
-    instead: `relaxation_iterations` deltas that start at zero (`down` drawn with `relaxation_seed`) on the loop as
+    instead: `relaxation_iterations` deltas that start at zero (`down` drawn from `seed`, which also seeds the
+    `random` adapter) on the loop as
     its adapter and state inits make it, no groups, no state passing forced. Raises `LoopfitError` for a layout or
     option that cannot work.
     """
@@ -186,6 +187,7 @@ def to_looped(
         adapter_init=adapter_init,
         state_init=state_init,
         tie_word_embeddings=tie,
+        seed=seed,
         **config_kwargs,
     )
     config._attn_implementation = source.config._attn_implementation
@@ -207,7 +209,7 @@ def to_looped(
     if missing or unexpected:
         raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
     if model.model.relaxation is not None and relaxation_init == "zeros":
-        model.model.relaxation.init_zeros(model.model.block, torch.Generator().manual_seed(relaxation_seed))
+        model.model.relaxation.init_zeros(model.model.block, torch.Generator().manual_seed(seed))
     elif model.model.relaxation is not None:
         src_layers = family.layers(source)
         model.model.relaxation.init_from(model.model.block, [[src_layers[i] for i in g] for g in groups])
@@ -257,6 +259,7 @@ def convert_command(
     relaxation_align: str = "end",
     relaxation_init: str = "svd",
     relaxation_iterations: int | None = None,
+    seed: int = 0,
     static: bool = False,
     analysis_data: str | None = None,
     analysis_samples: int = 64,
@@ -300,6 +303,8 @@ def convert_command(
             `identity` / `normal`; no groups, no state passing; --block_init and --relaxation_align are refused).
         relaxation_iterations: L with --relaxation_init zeros, 1-1024: the number of per-iteration deltas
             (iterations from L on reuse the last one).
+        seed: seed of the conversion's random draws (the `random` adapter, depth-wise LoRA's `down` rows; the same
+            model on every run and device) and of the `normal` state initialisation in eval mode.
         static: write the kept layers as a plain, non-looped model of the source architecture instead.
         analysis_data: calibration data for `--layers auto` (default: built-in data).
         analysis_samples: number of calibration samples for `--layers auto`.
@@ -379,6 +384,7 @@ def convert_command(
             relaxation_align=relaxation_align,
             relaxation_init=relaxation_init,
             relaxation_iterations=relaxation_iterations,
+            seed=seed,
         )
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if remote_code and not static:

@@ -33,7 +33,8 @@ class LoopedConfig(PretrainedConfig):
         adapter_init_std: standard deviation of the `random` adapter initialisation.
         cache_mode: `full` (one KV entry per iteration and block layer; cached decoding equals uncached) or
             `compress` (one entry per block layer, overwritten each iteration; constant memory in R).
-        seed: seeds the `normal` state initialisation in eval mode (per position, so results are deterministic).
+        seed: seeds the `normal` state initialisation in eval mode (per position, so results are deterministic)
+            and the `random` adapter initialisation (the same weights on every run and device).
         relaxation_rank: per-iteration low-rank deltas on every block linear layer (models/relaxed.py): 0 for none
             (one shared block), an int rank, or `full` (exact deltas).
         relaxation_groups: the source layers each iteration stands for (L lists as long as the block), for deltas

@@ -61,9 +61,13 @@ class LoopedPreTrainedModel(PreTrainedModel):
                 init.copy_(module.weight, torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1))
             elif self.config.adapter_init == "average":
                 init.copy_(module.weight, torch.cat([torch.eye(h), torch.eye(h)], dim=1) / 2)
-            else:
+            else:  # drawn on the CPU from the config's seed, so a conversion is reproducible on any device
                 std = self.config.adapter_init_std
-                init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
+                g = torch.Generator().manual_seed(self.config.seed)
+                w = torch.nn.init.trunc_normal_(
+                    torch.empty(module.weight.shape), std=std, a=-3 * std, b=3 * std, generator=g
+                )
+                init.copy_(module.weight, w)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         if gradient_checkpointing_func is not None:

@@ -251,11 +251,34 @@ def test_refusals():
         to_looped(src, LAYOUT, relaxation_rank=4)
     with pytest.raises(LoopfitError, match="neither"):
         to_looped(src, LAYOUT, relaxation_rank=4, relaxation_init="zeros", relaxation_iterations=3)
+    mixed = make_tiny_model("qwen2_moe", num_layers=10, mlp_only_layers=[5])  # block layer 5 dense, 6 experts
+    with pytest.raises(LoopfitError, match=r"\(layer 6\)"):
+        to_looped(mixed, LAYOUT, relaxation_rank=4, relaxation_init="zeros", relaxation_iterations=3)
+    dense_block = make_tiny_model("qwen2_moe", num_layers=10, mlp_only_layers=[5, 6])
+    to_looped(dense_block, LAYOUT, relaxation_rank=4, relaxation_init="zeros", relaxation_iterations=3)
     smol = make_tiny_model("smollm3", num_layers=10)  # no_rope_layers: every 4th layer has no rotary
     with pytest.raises(LoopfitError, match="no_rope_layers"):
         to_looped(smol, LAYOUT, relaxation_rank=4)
     with pytest.raises(LoopfitError, match="adapter_init state"):
         to_looped(make_tiny_model("llama", num_layers=10), LAYOUT, relaxation_rank=4, adapter_init="random")
+
+
+def test_auto_layout_refuses_an_all_experts_model_before_the_analysis(tmp_path, monkeypatch, capsys):
+    """With `--layers auto` the block is not known before the analysis; a model none of whose layers could take
+    the deltas is refused before it (nothing loaded, nothing written), one with a dense layer goes on to it."""
+    make_tiny_model("qwen2_moe", num_layers=10).save_pretrained(tmp_path / "moe")
+    make_tiny_model("qwen2_moe", num_layers=10, mlp_only_layers=[3]).save_pretrained(tmp_path / "some_dense")
+    for name in ("moe", "some_dense"):
+        make_tiny_tokenizer().save_pretrained(tmp_path / name)
+    monkeypatch.setattr("loopfit.convert.suggest_layout", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("ran")))
+    args = ["--layers", "auto", "--relaxation_rank", "4", "--relaxation_init", "zeros", "--relaxation_iterations", "2"]
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tmp_path / "moe"), "--out", str(tmp_path / "c"), *args])
+    assert e.value.code != 0 and not (tmp_path / "c").exists()
+    assert "no layer of this model can take per-iteration deltas" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # past the check: the (stubbed) analysis ran
+        main(["convert", str(tmp_path / "some_dense"), "--out", str(tmp_path / "c"), *args])
+    assert "RuntimeError: ran" in capsys.readouterr().err
 
 
 def test_loopfit_train_trains_the_deltas_and_export_keeps_them(tmp_path):

@@ -85,14 +85,30 @@ def _check_state_passing(adapter_init: str | None, state_init: str | None) -> No
         raise LoopfitError("--relaxation_rank passes the state on: it needs --adapter_init state --state_init embed")
 
 
-def check_block_relaxable(layout: Layout, base_config) -> None:
-    """Raise `LoopfitError` if the block's layers have parameters a per-iteration delta cannot cover (a mixture of
-    experts' stacked weights); built on the meta device, so only names and shapes are read."""
+def _unrelaxable(base_config, index: int) -> str | None:
+    """Why source layer `index` cannot take per-iteration deltas (a mixture of experts' stacked weights), or None;
+    built on the meta device, so only names and shapes are read."""
     try:
         with torch.device("meta"):
-            check_relaxable(family_of(base_config).decoder_layer(base_config, layout.block[0]))
+            check_relaxable(family_of(base_config).decoder_layer(base_config, index))
     except ValueError as e:
-        raise LoopfitError(f"--relaxation_rank: the block's layers cannot take per-iteration deltas: {e}") from None
+        return str(e)
+    return None
+
+
+def check_block_relaxable(layout: Layout | None, base_config) -> None:
+    """Raise `LoopfitError` if a block layer cannot take per-iteration deltas. With `layout` None (`--layers auto`,
+    before the analysis picks the block) raise only if no layer of the model can."""
+    if layout is None:
+        reasons = [_unrelaxable(base_config, i) for i in range(base_config.num_hidden_layers)]
+        if all(reasons):
+            raise LoopfitError(f"--relaxation_rank: no layer of this model can take per-iteration deltas: {reasons[0]}")
+        return
+    for i in layout.block:
+        if reason := _unrelaxable(base_config, i):
+            raise LoopfitError(
+                f"--relaxation_rank: the block's layers cannot take per-iteration deltas (layer {i}): {reason}"
+            )
 
 
 def relaxation_plan(layout: Layout, base_config, align: str = "end", block_init: str | int = "layers") -> list:
@@ -356,6 +372,8 @@ def convert_command(
             relaxation_plan(layout, config, relaxation_align, block_init)
         elif relaxation_rank is not None:
             check_block_relaxable(layout, config)
+    elif relaxation_rank is not None:  # the analysis picks the block later; refuse now if no block could work
+        check_block_relaxable(None, config)
     tokenizer = load_tokenizer(path)  # also before the weights: the output needs it
     source = load_model(path)
     if layers == "auto":

@@ -145,6 +145,21 @@ def test_moe_aux_loss_counts_every_iteration(family):
     torch.testing.assert_close(parts.total, parts.ce + src.config.router_aux_loss_coef * expected)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if FAMILIES[f].router_class])
+def test_moe_runs_its_sources_experts_kernel(family, tmp_path):
+    """The block's expert layers dispatch through transformers' experts interface: the looped model resolves the
+    same implementation as its source (`grouped_mm`), also after a save and load, not eager with a warning."""
+    src = make_tiny_model(family)
+    looped = to_looped(src, layout_from_sizes(6, 2, 2, 2))
+    impl = src.config._experts_implementation
+    assert impl == "grouped_mm" and looped.config.base_config._experts_implementation == impl
+    looped.save_pretrained(tmp_path / "m")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert back.config.base_config._experts_implementation == impl
+    x = _ids()
+    torch.testing.assert_close(back(x, num_steps=2).logits, looped(x, num_steps=2).logits)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_layer_analysis_suggests_a_layout_that_converts(family):
     """`loopfit analyze` / `--layers auto` on every family: the suggested layout parses and converts."""

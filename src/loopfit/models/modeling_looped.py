@@ -38,6 +38,13 @@ class LoopedPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers decides by searching the model's module source for its experts decorator; the block's layers
+        # are the source family's own, which dispatch through that interface, so the looped model runs the experts
+        # kernel its source runs (`grouped_mm` by default) instead of falling back to eager with a warning.
+        return True
+
     def _init_weights(self, module):
         if "RotaryEmbedding" in type(module).__name__:
             # Rotary buffers are computed, not loaded, and only the source family's own init knows them all (Gemma 3's
@@ -93,6 +100,8 @@ class LoopedModel(LoopedPreTrainedModel):
         if base._attn_implementation is None:
             # transformers resolves the default (sdpa) on the top config only; the source layers read the base one.
             base._attn_implementation = config._attn_implementation
+        if getattr(base, "_experts_implementation", None) is None:  # the same for a mixture of experts' kernels
+            base._experts_implementation = config._experts_implementation
         self.family = family = family_of(base)
         if base._attn_implementation == "sdpa" and not family.supports_sdpa():
             base._attn_implementation = "eager"  # e.g. Gemma 2's soft-capped attention, as its own model does

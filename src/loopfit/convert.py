@@ -162,10 +162,9 @@ def to_looped(
     the block is initialised from `block_init` (`layers`: the block's own source layers; `average`: the groups'
     average; an int: that group), each iteration gets a rank-r SVD delta on every linear layer and its own norm
     vectors (none at rank 0), and R defaults to L. With `relaxation_init="zeros"` it is depth-wise LoRA from zero
-    instead: `relaxation_iterations` deltas that start at zero (`down` drawn from `seed`, which also seeds the
-    `random` adapter) on the loop as
-    its adapter and state inits make it, no groups, no state passing forced. Raises `LoopfitError` for a layout or
-    option that cannot work.
+    instead: `relaxation_iterations` deltas that start at zero on the loop as its adapter and state inits make it, no
+    groups, no state passing forced. `seed` draws the `random` adapter and the zero start's `down` rows (on the CPU,
+    so the same model on any run and device). Raises `LoopfitError` for a layout or option that cannot work.
     """
     base = copy.deepcopy(source.config)
     _check_architecture(base)

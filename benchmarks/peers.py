@@ -2,20 +2,20 @@
 
 Same models, data, batch and sequence length for every system: teacher SmolLM2-135M (30 layers); student its copy
 pruned to layers 0-3 and 20-29 (`loopfit.convert.to_static`), LoRA r = 16 (alpha 32) on every linear layer; one
-batch of the first 4 GSM8K train records as chat turns (user: question, assistant: answer; loss on the answer
-only), right-padded; AdamW lr 2e-4; fp32. Each system trains `--warmup + --steps` steps on that batch, in its own
-subprocess, so the peak resident memory (`ru_maxrss` of the child) is that system's alone. The whole measurement
-(every system once) is repeated `--repeats` times, the systems taking turns within each repeat so that a change of
-load on the machine falls on all of them; each row gives the median over the repeats and the spread (min, max) of
-tokens/s and peak memory. A run's tokens/s is its real (unpadded) tokens per step times its timed steps over their
-summed wall-clock.
+batch of the first 4 GSM8K train records as chat turns (user: question, assistant: answer; loss on the answer only),
+right-padded; AdamW lr 2e-4; fp32, or bf16 autocast for every system with `--precision bf16`. Each system trains
+`--warmup + --steps` steps on that batch, in its own subprocess, so the peak resident memory (`ru_maxrss` of the
+child) is that system's alone. The whole measurement (every system once) is repeated `--repeats` times, the systems
+taking turns within each repeat so that a change of load on the machine falls on all of them; each row gives the
+median over the repeats and the spread (min, max) of tokens/s and peak memory. A run's tokens/s is its real
+(unpadded) tokens per step times its timed steps over their summed wall-clock.
 
 Systems (rows):
   loopfit jsd     `loopfit train`'s run (trainer `setup` + `fit`, plain student, fused loss), generalized JSD
                   beta 0.5, T 1, no CE term: the objective of TRL's GKD.
   trl gkd         `trl.experimental.gkd.GKDTrainer`, lmbda 0 (off-policy), beta 0.5 (its loss uses T = 1), its own
-                  ChatML collator on the same 4 records, fp32 like the others (TRL's own default is bf16 autocast:
-                  `--trl_bf16`); its other settings at their defaults (gradient checkpointing on).
+                  ChatML collator on the same 4 records, at `--precision` like the others (fp32 by default; TRL's own
+                  default is bf16 autocast); its other settings at their defaults (gradient checkpointing on).
   loopfit fkl     the same loopfit run with forward KL, T 1, alpha 0.5 (0.5 CE + 0.5 KD).
   torchtune fkl   torchtune's `ForwardKLWithChunkedOutputLoss` + `CEWithChunkedOutputLoss` (8 chunks, kd_ratio 0.5),
                   the loss step of its knowledge_distillation_single_device recipe, on the same HF models (torchtune
@@ -170,7 +170,7 @@ def worker_loopfit(args, kind: str) -> dict:
         max_steps=args.warmup + args.steps, lora=LoRAConfig(enabled=True, r=R, lora_alpha=LORA_ALPHA),
         distillation=dist, lr_schedule=LRSchedule(kind="constant"), progress_bar=False, tensorboard=False,
         overwrite=True, device="cpu", gradient_checkpointing=args.gradient_checkpointing,
-        position_ids=args.loopfit_rows == "packed",
+        position_ids=args.loopfit_rows == "packed", precision=args.precision,
     )  # fmt: skip
     cfg.optim_config.lr = LR
     run = setup(cfg)
@@ -215,7 +215,7 @@ def worker_trl(args) -> dict:
         output_dir=str(Path(args.tmp) / "trl"), per_device_train_batch_size=args.batch_size,
         max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", lmbda=0.0, beta=0.5,
         max_length=1024, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, seed=0, bf16=args.trl_bf16,
+        dataloader_num_workers=0, seed=0, bf16=args.precision == "bf16",
     )  # fmt: skip
     trainer = GKDTrainer(
         model=load_model(args.student), teacher_model=load_model("smollm2-135m"), args=targs,
@@ -254,7 +254,7 @@ def worker_torchtune(args) -> dict:
     # The recipe's shift: labels[..., 1:] with an ignored last column, logits unshifted.
     labels = torch.hstack((batch["labels"][:, 1:], torch.full((ids.shape[0], 1), -100)))
 
-    def loss_step():
+    def _loss_step():
         h = base.model(ids).last_hidden_state
         logits = [base.lm_head(c) for c in h.chunk(chunks, dim=1)]
         with torch.no_grad():
@@ -263,8 +263,12 @@ def worker_torchtune(args) -> dict:
         ce, kd = ce_fn(logits, labels), kd_fn(logits, t_logits, labels)
         return 0.5 * ce + 0.5 * kd, ce, kd, t_logits
 
-    with torch.no_grad():
-        loss0, ce0, kd0, t_logits = loss_step()
+    def loss_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            return _loss_step()
+
+    with torch.no_grad():  # in fp32 whatever --precision says, as the other systems' shared-batch losses
+        loss0, ce0, kd0, t_logits = _loss_step()
         t = torch.cat(t_logits, dim=1).reshape(-1, t_logits[0].shape[-1])
         m = labels.reshape(-1) != -100
         logp = F.log_softmax(t[m].float(), dim=-1)
@@ -367,8 +371,7 @@ def spawn(system: str, python: str, args, student: str, tmp: Path, repeat: int) 
     cmd += ["--threads", str(args.threads)] if args.threads else []  # fmt: skip
     if args.chunk_size:
         cmd += ["--chunk_size", str(args.chunk_size)]
-    if args.trl_bf16:
-        cmd += ["--trl_bf16"]
+    cmd += ["--precision", args.precision]
     if args.gradient_checkpointing:
         cmd += ["--gradient_checkpointing"]
     print(f"[peers] repeat {repeat + 1}/{args.repeats} {system}: {' '.join(cmd[:3])} ...", file=sys.stderr, flush=True)
@@ -447,7 +450,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--repeats", type=int, default=3, help="runs of every system (median and min-max reported)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--trl_bf16", action="store_true", help="TRL with its own default bf16 autocast (others: fp32)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="every system's compute: fp32, or bf16 autocast (TRL's own default; `loopfit train "
+                         "--precision bf16`; torchtune's loss step under torch.autocast). The shared-batch losses are "
+                         "always compared in fp32")  # fmt: skip
     ap.add_argument("--chunk_size", type=int, default=None, help="loopfit's fused-loss chunk (default: its own)")
     ap.add_argument("--gradient_checkpointing", action="store_true",
                     help="loopfit rows with gradient checkpointing (TRL GKD has it on by default)")  # fmt: skip
@@ -487,7 +493,7 @@ def main() -> None:
             "teacher": "SmolLM2-135M (30 layers)", "uptime": os.getloadavg(), "python_peers": args.python,
             "loopfit_chunk_size": args.chunk_size, "loopfit_rows": args.loopfit_rows,
             "loopfit_gradient_checkpointing": args.gradient_checkpointing, "huge_pages": args.huge_pages,
-            "loss_rtol": LOSS_RTOL}  # fmt: skip
+            "precision": args.precision, "loss_rtol": LOSS_RTOL}  # fmt: skip
     meta |= compare(by, {s: runs[s] for s in by})
     meta["runs"] = runs  # every run's step times, memory and losses, for a look at the spread
     report("peers", rows, meta, out=args.out)

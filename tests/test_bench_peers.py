@@ -115,8 +115,30 @@ def test_huge_pages_reach_each_system_as_asked(monkeypatch, tmp_path, mode, want
 
     monkeypatch.setattr(peers.subprocess, "run", fake_run)
     args = types.SimpleNamespace(data="d", batch_size=4, steps=1, warmup=0, loopfit_rows="packed", threads=None,
-                                 chunk_size=None, trl_bf16=False, gradient_checkpointing=False, repeats=1,
+                                 chunk_size=None, precision="fp32", gradient_checkpointing=False, repeats=1,
                                  huge_pages=mode)  # fmt: skip
     for system in want:
         assert "error" in peers.spawn(system, "python", args, "student", tmp_path, 0)
     assert seen == want
+
+
+def test_precision_reaches_every_system(monkeypatch, tmp_path):
+    """`--precision bf16` is passed to every worker (loopfit's rows, TRL's and torchtune's), not to one of them."""
+    import subprocess
+    import types
+
+    import benchmarks.peers as peers
+
+    seen = {}
+
+    def fake_run(cmd, env, **kw):
+        seen[cmd[cmd.index("--worker") + 1]] = cmd[cmd.index("--precision") + 1]
+        return subprocess.CompletedProcess(cmd, 1, stdout="no run here")
+
+    monkeypatch.setattr(peers.subprocess, "run", fake_run)
+    args = types.SimpleNamespace(data="d", batch_size=4, steps=1, warmup=0, loopfit_rows="packed", threads=None,
+                                 chunk_size=None, precision="bf16", gradient_checkpointing=False, repeats=1,
+                                 huge_pages="loopfit")  # fmt: skip
+    for system in peers.SYSTEMS:
+        peers.spawn(system, "python", args, "student", tmp_path, 0)
+    assert seen == dict.fromkeys(peers.SYSTEMS, "bf16")

@@ -457,7 +457,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="every system's compute: fp32, or bf16 autocast (TRL's own default; `loopfit train "
                          "--precision bf16`; torchtune's loss step under torch.autocast). The shared-batch losses are "
-                         "always compared in fp32")  # fmt: skip
+                         "computed before training, in fp32 but for TRL's teacher under bf16 (LOSS_RTOL)")  # fmt: skip
     ap.add_argument("--chunk_size", type=int, default=None, help="loopfit's fused-loss chunk (default: its own)")
     ap.add_argument("--gradient_checkpointing", action="store_true",
                     help="loopfit rows with gradient checkpointing (TRL GKD has it on by default)")  # fmt: skip

@@ -93,6 +93,30 @@ def test_packed_batch_holds_the_shared_batch_records_and_scores_as_it():
     torch.testing.assert_close(got.total, want.total, rtol=1e-5, atol=1e-6)
 
 
+def _spawned(monkeypatch, tmp_path, systems, **flags) -> dict:
+    """Each system's worker command and environment as `benchmarks.peers.spawn` would start them (the run itself
+    faked to fail, so nothing starts), under the benchmark's flags with `flags` changed."""
+    import subprocess
+    import types
+
+    import benchmarks.peers as peers
+
+    seen = {}
+
+    def fake_run(cmd, env, **kw):
+        seen[cmd[cmd.index("--worker") + 1]] = (cmd, env)
+        return subprocess.CompletedProcess(cmd, 1, stdout="no run here")
+
+    monkeypatch.setattr(peers.subprocess, "run", fake_run)
+    args = types.SimpleNamespace(**{**dict(data="d", batch_size=4, steps=1, warmup=0, loopfit_rows="packed",
+                                           threads=None, chunk_size=None, precision="fp32",
+                                           gradient_checkpointing=False, repeats=1, huge_pages="loopfit"),
+                                    **flags})  # fmt: skip
+    for system in systems:
+        assert "error" in peers.spawn(system, "python", args, "student", tmp_path, 0)
+    return seen
+
+
 @pytest.mark.parametrize(
     "mode,want",
     [("loopfit", {"loopfit_jsd": None, "trl_gkd": "0"}), ("all", {"loopfit_jsd": "1", "trl_gkd": "1"}),
@@ -101,44 +125,18 @@ def test_packed_batch_holds_the_shared_batch_records_and_scores_as_it():
 def test_huge_pages_reach_each_system_as_asked(monkeypatch, tmp_path, mode, want):
     """`--huge_pages loopfit` leaves the variable unset for loopfit's rows (its worker sets it as the command does)
     and off for the peers, whatever the caller's environment holds; `all` / `none` set it for every system."""
-    import subprocess
-    import types
-
     import benchmarks.peers as peers
 
     monkeypatch.setenv(peers.THP_ENV, "1")
-    seen = {}
-
-    def fake_run(cmd, env, **kw):
-        seen[cmd[cmd.index("--worker") + 1]] = env.get(peers.THP_ENV)
-        return subprocess.CompletedProcess(cmd, 1, stdout="no run here")
-
-    monkeypatch.setattr(peers.subprocess, "run", fake_run)
-    args = types.SimpleNamespace(data="d", batch_size=4, steps=1, warmup=0, loopfit_rows="packed", threads=None,
-                                 chunk_size=None, precision="fp32", gradient_checkpointing=False, repeats=1,
-                                 huge_pages=mode)  # fmt: skip
-    for system in want:
-        assert "error" in peers.spawn(system, "python", args, "student", tmp_path, 0)
-    assert seen == want
+    seen = _spawned(monkeypatch, tmp_path, want, huge_pages=mode)
+    assert {system: env.get(peers.THP_ENV) for system, (cmd, env) in seen.items()} == want
 
 
 def test_precision_reaches_every_system(monkeypatch, tmp_path):
     """`--precision bf16` is passed to every worker (loopfit's rows, TRL's and torchtune's), not to one of them."""
-    import subprocess
-    import types
-
     import benchmarks.peers as peers
 
-    seen = {}
-
-    def fake_run(cmd, env, **kw):
-        seen[cmd[cmd.index("--worker") + 1]] = cmd[cmd.index("--precision") + 1]
-        return subprocess.CompletedProcess(cmd, 1, stdout="no run here")
-
-    monkeypatch.setattr(peers.subprocess, "run", fake_run)
-    args = types.SimpleNamespace(data="d", batch_size=4, steps=1, warmup=0, loopfit_rows="packed", threads=None,
-                                 chunk_size=None, precision="bf16", gradient_checkpointing=False, repeats=1,
-                                 huge_pages="loopfit")  # fmt: skip
-    for system in peers.SYSTEMS:
-        peers.spawn(system, "python", args, "student", tmp_path, 0)
-    assert seen == dict.fromkeys(peers.SYSTEMS, "bf16")
+    seen = _spawned(monkeypatch, tmp_path, peers.SYSTEMS, precision="bf16")
+    assert {system: cmd[cmd.index("--precision") + 1] for system, (cmd, env) in seen.items()} == dict.fromkeys(
+        peers.SYSTEMS, "bf16"
+    )

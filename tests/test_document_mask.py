@@ -15,6 +15,7 @@ from loopfit.convert import Layout, layout_from_sizes, to_looped, to_static
 from loopfit.data import build_dataset
 from loopfit.errors import LoopfitError
 from loopfit.models import packed_attention
+from loopfit.models.layers import enable_activation_checkpointing
 from loopfit.models.packed_attention import segments, use_packed_attention
 from loopfit.train import DistillationConfig, LoRAConfig, TrainConfig
 from loopfit.train.recipe import setup, train, validate
@@ -62,7 +63,7 @@ def _score(student, teacher, batch, num_steps, every_depth=1, gradient_checkpoin
     n = (batch["labels"][:, 1:] != -100).sum().float()
     student.zero_grad()
     if gradient_checkpointing:
-        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(student)
     parts = objective_loss(objective, Student(student), teacher, batch, num_steps, n)
     parts.total.backward()
     grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from loopfit.cli import main
 from loopfit.convert import Layout, to_looped, to_static
 from loopfit.errors import LoopfitError
+from loopfit.models.layers import enable_activation_checkpointing
 from loopfit.models.relaxed import relaxation_groups, svd_factors
 from loopfit.train.commands import export_command
 from loopfit.train.config import DistillationConfig, LoRAConfig, OptimConfig, TrainConfig
@@ -166,7 +167,7 @@ def test_lora_step_trains_the_deltas_and_checkpointing_gives_the_same_gradients(
     looped = to_looped(teacher, LAYOUT, relaxation_rank=4)
     ref = copy.deepcopy(looped)
     if checkpointing:
-        looped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(looped)
     model = apply_lora(looped, LoRAConfig(enabled=True, r=4))
     model.train()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}

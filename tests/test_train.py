@@ -315,6 +315,24 @@ def test_gradient_checkpointing_gives_the_same_training(models, tmp_path):
     ckpt.logger.close()
 
 
+def test_activation_checkpointing_uses_the_name_the_installed_transformers_has():
+    from loopfit.models.layers import enable_activation_checkpointing
+
+    class Old:  # transformers < 5.24: only the old name
+        def gradient_checkpointing_enable(self, **kw):
+            self.called = ("old", kw)
+
+    class New(Old):  # 5.24 and later: the old name still there, deprecated
+        def activation_checkpointing_enable(self, **kw):
+            self.called = ("new", kw)
+
+    old, new = Old(), New()
+    enable_activation_checkpointing(old)
+    enable_activation_checkpointing(new)
+    assert old.called == ("old", {"gradient_checkpointing_kwargs": {"use_reentrant": False}})
+    assert new.called == ("new", {"activation_checkpointing_kwargs": {"use_reentrant": False}})
+
+
 def test_teacher_weights_shared_not_copied(models, tmp_path):
     cfg = _cfg(
         models,

@@ -1,5 +1,5 @@
 """Pieces of the looped model below the loop itself: source attention types, the loop adapter, the KV-cache slot
-view and the cache-argument name of the installed transformers."""
+view, and the names the installed transformers gives the cache argument and activation checkpointing."""
 
 from __future__ import annotations
 
@@ -16,6 +16,21 @@ from transformers.masking_utils import create_causal_mask
 _MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
 COMPILED_MARK = "_loopfit_compiled"  # set on a decoder layer whose forward `compile_loop` compiled
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them (non-reentrant),
+    on any HF model, looped or not (for a looped model every loop iteration is recomputed with its own iteration
+    state: `LoopedPreTrainedModel._set_gradient_checkpointing`).
+
+    transformers 5.24 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable` and deprecates
+    the old name (removed in v6); older releases in our range have only the old one.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def attention_types(base_config) -> list[str]:

@@ -30,6 +30,7 @@ from loopfit.flops import flop_params, train_flops_per_token
 from loopfit.io import atomic_dir, remove_leftovers, write_json
 from loopfit.loading import load_model, load_tokenizer
 from loopfit.models.compiled import compile_loop
+from loopfit.models.layers import enable_activation_checkpointing
 from loopfit.models.packed_attention import use_packed_attention
 from loopfit.train import checkpoint as ckpt
 from loopfit.train.config import TrainConfig
@@ -125,13 +126,7 @@ def setup(cfg: TrainConfig) -> Run | None:
             if m is not None:
                 use_packed_attention(m)
     if cfg.gradient_checkpointing:
-        # `activation_checkpointing_enable` replaces `gradient_checkpointing_enable`, which transformers 5.24
-        # deprecates with a warning; the older name where the newer is missing.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.to(device).train()
     if cfg.compile:
         compile_loop(model)  # the loop's decoder layers, in place (or a one-line warning and eager)

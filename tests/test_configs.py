@@ -42,3 +42,13 @@ def test_a_stale_key_fails(tmp_path, capsys):
     bad.write_text(CONFIGS[0].read_text() + "mean_recurrence_shedule: 3\n")
     code, out = _print_config(bad, capsys)
     assert code != 0 and "mean_recurrence_shedule" in out
+
+
+def test_the_mix_config_is_the_heal_config_on_other_data():
+    """configs/heal-smol-mix.yaml is a whole config (it runs alone), so nothing but this keeps it the recipe of
+    configs/heal-smol.yaml: the two may differ only in the data they read and where they write."""
+    configs = {p.name: yaml.safe_load(p.read_text()) for p in CONFIGS}
+    base, mix = configs["heal-smol.yaml"], configs["heal-smol-mix.yaml"]
+    assert base.keys() == mix.keys()
+    differ = {k for k in base if base[k] != mix[k]}
+    assert differ == {"out", "data", "chat", "assistant_only"}

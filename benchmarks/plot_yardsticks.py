@@ -1,0 +1,107 @@
+"""Plot issue 20's heals on both yardsticks against the depth R, from `benchmarks.heal_yardsticks` result files.
+
+    python -m benchmarks.plot_yardsticks                       # the curated set below -> docs/img/heal-yardsticks.png
+    python -m benchmarks.plot_yardsticks --series "mine=benchmarks/results/heal_yardsticks_x.json" --out x.png
+
+Two panels, in domain (held-out tiny-shakespeare) and out of domain (held-out GSM8K answers), loss (nats per token)
+against R on a log axis. A looped model is a line through the depths its file has; a static model (scored at R = 1
+only, it has no loop) is a horizontal dotted line, as are the teacher (the floor in domain) and the pruned start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from loopfit.io import atomic_file
+
+RESULTS = Path(__file__).parent / "results"
+# LABEL=FILE or LABEL=FILE#MODEL (the row label inside the file, where it holds several models).
+DEFAULT_SERIES = [
+    "today's recipe at T = 2 (rank 16)=heal_yardsticks_s0.json#today-s0",
+    "rank 64, T = 1 (configs/heal-smol.yaml), seed 0=heal_yardsticks_r64_t1_s0.json",
+    "rank 64, T = 1, seed 2=heal_yardsticks_r64_t1_s2.json",
+    "loss at every depth, k = 3=heal_yardsticks_every3_s0.json",
+    "mix heal, rank 64, T = 1 (configs/heal-smol-mix.yaml)=heal_yardsticks_mix_r64_t1_s0.json",
+    "static model, rank 64, T = 1, seed 0=heal_yardsticks_static_r64_t1_s0.json",
+]
+# Scored by `benchmarks.heal_yardsticks` on the same tokens (docs/training.md, "Both yardsticks at every depth").
+FLOORS = {"shakespeare": {"teacher": 3.760, "pruned start": 7.737}, "gsm8k": {"teacher": 1.376, "pruned start": 5.748}}
+TITLES = {"shakespeare": "in domain: last 10% of tiny-shakespeare", "gsm8k": "out of domain: 64 held-out GSM8K answers"}
+
+
+def load_series(spec: str, results: Path) -> tuple[str, dict[str, dict[int, float]]]:
+    """`LABEL=FILE[#MODEL]` -> (label, {yardstick: {R: loss}}). FILE is read as given, else under `results`.
+
+    Raises SystemExit (one line) for a malformed spec, a missing file or a model the file does not hold."""
+    if "=" not in spec:
+        raise SystemExit(f"loopfit: error: --series {spec!r} is not LABEL=FILE[#MODEL]")
+    label, target = spec.rsplit("=", 1)
+    name, _, model = target.partition("#")
+    path = Path(name) if Path(name).exists() else results / name
+    if not path.exists():
+        raise SystemExit(f"loopfit: error: no result file {name} (looked in . and {results})")
+    rows = json.loads(path.read_text())["rows"]
+    models = sorted({r["model"] for r in rows})
+    if not model and len(models) > 1:
+        raise SystemExit(f"loopfit: error: {path} holds several models {models}: name one as {name}#MODEL")
+    model = model or models[0]
+    curves = {
+        r["yardstick"]: {int(k[2:]): v for k, v in r.items() if k.startswith("R=")} for r in rows if r["model"] == model
+    }
+    if not curves:
+        raise SystemExit(f"loopfit: error: {path} holds no model {model!r} (it has {models})")
+    return label, curves
+
+
+def plot(series: list[tuple[str, dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({d for _, curves in series for c in curves.values() for d in c})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6))
+    for ax, key in zip(axes, ("shakespeare", "gsm8k")):
+        for i, (label, curves) in enumerate(series):
+            c = curves.get(key)
+            if not c:
+                continue
+            color = f"C{i}"
+            if list(c) == [1] and "static" in label:  # no loop: one number for every R
+                ax.axhline(c[1], color=color, linestyle=":", linewidth=2, label=label)
+            else:
+                xs = sorted(c)
+                ax.plot(xs, [c[x] for x in xs], marker="o", color=color, label=label)
+        for j, (name, value) in enumerate(FLOORS[key].items()):
+            ax.axhline(value, color="black" if j == 0 else "grey", linestyle="--", linewidth=1, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(depths, [str(d) for d in depths])
+        ax.set_xlabel("recurrence depth R at evaluation (training mean 6)")
+        ax.set_ylabel("loss (nats / token)")
+        ax.set_title(TITLES[key])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(3.6, 4.6)  # the pruned start (7.7) would flatten the curves that matter
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
+    fig.suptitle("SmolLM2-135M at 4-6-4, healed on tiny-shakespeare (docs/training.md, issue 20)")
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    with atomic_file(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--series", nargs="+", default=DEFAULT_SERIES, help="LABEL=FILE[#MODEL] per line of the plot")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder FILE is looked up in")
+    ap.add_argument("--out", type=Path, default=Path("docs/img/heal-yardsticks.png"))
+    args = ap.parse_args()
+    series = [load_series(s, args.results) for s in args.series]
+    plot(series, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

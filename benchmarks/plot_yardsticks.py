@@ -25,6 +25,8 @@ DEFAULT_SERIES = [
     "loss at every depth, k = 3=heal_yardsticks_every3_s0.json",
     "mix heal, rank 64, T = 1 (configs/heal-smol-mix.yaml)=heal_yardsticks_mix_r64_t1_s0.json",
     "static model, rank 64, T = 1, seed 0=heal_yardsticks_static_r64_t1_s0.json",
+    "the loop at 1.5x the steps (453), bf16=heal_yardsticks_loop_15x_bf16_s0.json",
+    "static model at 1.5x the steps (860), bf16=heal_yardsticks_static_15x_bf16_s0.json",
 ]
 # Scored by `benchmarks.heal_yardsticks` on the same tokens (docs/training.md, "Both yardsticks at every depth").
 FLOORS = {"shakespeare": {"teacher": 3.760, "pruned start": 7.737}, "gsm8k": {"teacher": 1.376, "pruned start": 5.748}}

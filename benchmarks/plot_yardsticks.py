@@ -5,7 +5,8 @@
 
 Two panels, in domain (held-out tiny-shakespeare) and out of domain (held-out GSM8K answers), loss (nats per token)
 against R on a log axis. A looped model is a line through the depths its file has; a static model (scored at R = 1
-only, it has no loop) is a horizontal dotted line, as are the teacher (the floor in domain) and the pruned start.
+only, it has no loop) is a horizontal dotted line; the teacher (the floor in domain) and the pruned start are
+dashed. Straight segments join the depths a file has: a file scored at R = 1, 6, 24 says nothing about R = 2-4.
 """
 
 from __future__ import annotations

@@ -10,9 +10,12 @@ import torch
 from loopfit.adaptive import ExitConfig, adaptive_generation_lines
 from loopfit.data.chat import format_prompt  # noqa: F401  (re-exported)
 from loopfit.errors import LoopfitError, check_count, check_number
-from loopfit.loading import load_model, load_tokenizer
+from loopfit.loading import load_model, load_tokenizer, resolve_device
 from loopfit.models.compiled import compile_loop
+from loopfit.models.graphed import GraphCaptureError, GraphedDecoder, graph_unsupported
 from loopfit.models.prepacked import prepacked_linears
+
+_GRAPH_BUCKET = 128  # cache lengths of CUDA-graph decoders round up to this: one graph serves nearby prompt lengths
 
 
 @torch.inference_mode()
@@ -27,8 +30,13 @@ def generate_text(
     do_sample: bool = False,
     temperature: float = 1.0,
     use_cache: bool = True,
+    graphs: dict | None = None,
 ) -> list[str]:
-    """Greedy (or sampled) continuations of `prompts`, left-padded into one batch."""
+    """Greedy (or sampled) continuations of `prompts`, left-padded into one batch, on the model's device.
+
+    `graphs`: decode a looped model at fixed depth through CUDA graphs (`loopfit.models.graphed`), keeping the
+    decoders in this dict (keyed by batch size, cache length and depth) so that later calls replay their graphs.
+    """
     if max_new_tokens < 1 or (do_sample and not temperature > 0):
         raise LoopfitError(f"need max_new_tokens >= 1 and, when sampling, temperature > 0 (got {max_new_tokens}, "
                            f"{temperature})")  # fmt: skip
@@ -36,7 +44,11 @@ def generate_text(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
+    if graphs is not None:
+        out = _graphed_generate(model, graphs, enc, num_steps, max_new_tokens, do_sample, temperature,
+                                tokenizer.pad_token_id)  # fmt: skip
+        return tokenizer.batch_decode(out, skip_special_tokens=True)
     kwargs = {"num_steps": num_steps} if num_steps is not None and model.config.model_type == "looped" else {}
     out = model.generate(
         **enc,
@@ -50,6 +62,21 @@ def generate_text(
         **kwargs,
     )
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _graphed_generate(model, graphs: dict, enc, num_steps, max_new_tokens, do_sample, temperature, pad_token_id):
+    depth = num_steps if num_steps is not None else model.config.mean_recurrence
+    b, n = enc["input_ids"].shape
+    max_len = -(-(n + max_new_tokens) // _GRAPH_BUCKET) * _GRAPH_BUCKET
+    key = (b, max_len, depth)
+    if key not in graphs:
+        graphs[key] = GraphedDecoder(model, b, max_len, depth)
+    eos = model.generation_config.eos_token_id
+    try:
+        return graphs[key].generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, do_sample, temperature,
+                                    eos_token_id=eos, pad_token_id=pad_token_id)  # fmt: skip
+    except GraphCaptureError as e:
+        raise LoopfitError(f"--cuda_graphs: {e}; decode without --cuda_graphs") from e
 
 
 def generate_command(
@@ -70,6 +97,9 @@ def generate_command(
     compile: bool = False,
     prepack: bool = False,
     batch_size: int | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    cuda_graphs: bool = False,
 ) -> None:
     """Generate text from a (looped or plain) model at a chosen depth.
 
@@ -113,6 +143,14 @@ def generate_command(
         raise LoopfitError(f"--cache_mode takes `full` or `compress`, got '{cache_mode}'")
     if prepack and compile:
         raise LoopfitError("--prepack and --compile: choose one (the compiled layers would not see the packed weights)")
+    if precision not in ("fp32", "bf16"):
+        raise LoopfitError(f"--precision takes `fp32` or `bf16`, got '{precision}'")
+    if cuda_graphs and (exit_criterion != "none" or compile or prepack):
+        raise LoopfitError("--cuda_graphs decodes at a fixed depth on its own: not with --exit_criterion, --compile "
+                           "or --prepack")  # fmt: skip
+    dev = resolve_device(device)
+    if cuda_graphs and dev.type != "cuda":
+        raise LoopfitError("--cuda_graphs=true needs --device cuda: CUDA graphs replay GPU kernels")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     exit = None
     if exit_criterion != "none":
@@ -120,7 +158,7 @@ def generate_command(
     torch.manual_seed(seed)
     tok = load_tokenizer(model)  # before the weights: a missing tokenizer or an empty prompt fails fast
     check_prompts(tok, prompts, chat, system)
-    lm = load_model(model).eval()
+    lm = load_model(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).eval().to(dev)
     if cache_mode is not None:
         if lm.config.model_type != "looped":
             raise LoopfitError(f"--cache_mode applies to looped models only; {model} is a plain model")
@@ -129,6 +167,12 @@ def generate_command(
         if lm.config.model_type != "looped":
             raise LoopfitError(f"--compile compiles the loop; {model} is a plain model")
         compile_loop(lm)
+    graphs = None
+    if cuda_graphs:
+        why = graph_unsupported(lm, dev)
+        if why:
+            raise LoopfitError(f"--cuda_graphs: {why}")
+        graphs = {}
     depth = num_steps if num_steps is not None else getattr(lm.config, "mean_recurrence", None)
     label = f"[R={depth}] " if lm.config.model_type == "looped" else ""
     size = batch_size or len(prompts)
@@ -143,7 +187,8 @@ def generate_command(
                     lm, tok, chunk, exit, max_new_tokens, chat, system, do_sample, temperature
                 )
             else:
-                texts = generate_text(lm, tok, chunk, num_steps, max_new_tokens, chat, system, do_sample, temperature)
+                texts = generate_text(lm, tok, chunk, num_steps, max_new_tokens, chat, system, do_sample, temperature,
+                                      graphs=graphs)  # fmt: skip
                 lines = [f"{label}{p!r} -> {text.strip()!r}" for p, text in zip(chunk, texts)]
             print("\n".join(lines))
 

@@ -178,6 +178,22 @@ def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = torch.
         ) from e
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device a `--device` flag names: `auto` (a CUDA GPU if one is visible, else the CPU), `cpu`, `cuda` or
+    `cuda:N`. Raises `LoopfitError` (one line) for another name or a GPU that is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise LoopfitError(f"--device: '{name}' is not a device (use auto, cpu or cuda)") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise LoopfitError(f"--device takes auto, cpu or cuda, got '{name}'")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise LoopfitError(f"--device {name} requested but no such GPU is available")
+    return dev
+
+
 def load_config(name: str | os.PathLike):
     """The model's config alone (no weights): for checks that must run before the slow weight load."""
     path = resolve_model_path(name)

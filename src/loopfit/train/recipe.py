@@ -28,7 +28,7 @@ from loopfit.data.stream import BatchStream
 from loopfit.errors import LoopfitError
 from loopfit.flops import flop_params, train_flops_per_token
 from loopfit.io import atomic_dir, remove_leftovers, write_json
-from loopfit.loading import load_model, load_tokenizer
+from loopfit.loading import load_model, load_tokenizer, resolve_device
 from loopfit.models.compiled import compile_loop
 from loopfit.models.layers import enable_activation_checkpointing
 from loopfit.models.packed_attention import use_packed_attention
@@ -69,7 +69,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     if cfg.resume not in (True, False, "auto"):
         raise LoopfitError(f"--resume must be true, false or auto, got {cfg.resume!r}")
     out = Path(cfg.out)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     d = init_distributed(cfg.parallel, device)
     if device.type == "cuda" and d.enabled:
         device = torch.device("cuda", d.local_rank)
@@ -219,14 +219,6 @@ def setup(cfg: TrainConfig) -> Run | None:
             print(f"note: --backprop_depth {cfg.backprop_depth} exceeds the mean depth {mean}: at most {mean} "
                   "iterations get gradient (k = min(k, mean), as in arXiv:2511.07384)", file=sys.stderr)  # fmt: skip
     return run
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LoopfitError("--device cuda requested but no GPU is available")
-    return torch.device(name)
 
 
 def _seed_everything(seed: int) -> None:

@@ -9,6 +9,11 @@ under the same load; the floor's own subprocess gives the table's floor row.
 
     python benchmarks/kd_loss.py                       # full grid, writes benchmarks/results/kd_loss.json
     python benchmarks/kd_loss.py --ns 2048 --dtypes float32 --methods fused floor
+    python benchmarks/kd_loss.py --device cuda --ns 8192 --methods floor fused --chunk_size 1024 --repeats 20 \
+        --rounds 20 --out benchmarks/results/kd_loss_cuda.json      # on a GPU: memory from the CUDA allocator
+
+On CUDA the timed region is synchronised on both ends, the warm-up runs at full size (cuBLAS picks its kernels
+per shape), and "extra" memory is `torch.cuda.max_memory_allocated` minus what the inputs hold.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(method: str, n: int, dtype_name: str, chunk_size: int, repeats: int, rounds: int) -> dict:
+def worker(
+    method: str, n: int, dtype_name: str, chunk_size: int, repeats: int, rounds: int, device: str = "cpu"
+) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -38,12 +45,17 @@ def worker(method: str, n: int, dtype_name: str, chunk_size: int, repeats: int, 
 
     torch.set_num_threads(2)
     dtype = getattr(torch, dtype_name)
+    cuda = device == "cuda"
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(n, H, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(V, H, generator=g) * 0.05).to(dtype).requires_grad_()
-    th = torch.randn(n, H, generator=g).to(dtype)
-    tw = (torch.randn(V, H, generator=g) * 0.05).to(dtype)
-    labels = torch.randint(0, V, (n,), generator=g)
+    h = torch.randn(n, H, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.05).to(device, dtype).requires_grad_()
+    th = torch.randn(n, H, generator=g).to(device, dtype)
+    tw = (torch.randn(V, H, generator=g) * 0.05).to(device, dtype)
+    labels = torch.randint(0, V, (n,), generator=g).to(device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     def naive(h, w, th, labels):
         logits = F.linear(h, w).float()
@@ -61,8 +73,8 @@ def worker(method: str, n: int, dtype_name: str, chunk_size: int, repeats: int, 
         out.total.backward()
 
     c = min(chunk_size, n)
-    bufs = (torch.empty(c, V, dtype=dtype), torch.empty(c, V, dtype=dtype), torch.empty(c, H, dtype=dtype))
-    gw = torch.empty(V, H, dtype=dtype)
+    bufs = tuple(torch.empty(c, k, dtype=dtype, device=device) for k in (V, V, H))
+    gw = torch.empty(V, H, dtype=dtype, device=device)
 
     @torch.no_grad()
     def floor(h, w, th, labels):
@@ -78,23 +90,30 @@ def worker(method: str, n: int, dtype_name: str, chunk_size: int, repeats: int, 
     fn = {"naive": naive, "fused": fused, "floor": floor}.get(method)
     if method == "chunked":
         fn = lambda *a: fused(*a, impl=chunked_kd_loss)  # noqa: E731
-    warm = min(n, 256)  # warm-up on a slice: kernels and allocator ready, without raising the peak
+    warm = n if cuda else min(n, 256)  # warm-up on a slice on CPU: kernels ready, without raising the peak RSS
     fn(h.detach()[:warm].requires_grad_(), w, th[:warm], labels[:warm])
-    w.grad = None
-    base = rss_bytes()
+    h.grad = w.grad = None
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else rss_bytes()
     times = []
     for _ in range(repeats):
         h.grad = w.grad = None
+        sync()
         t0 = time.perf_counter()
         fn(h, w, th, labels)
+        sync()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     floor_times = []
     for _ in range(rounds if method != "floor" else 0):  # interleaved: loss and floor see the same load
         for f, acc in ((floor, floor_times), (fn, times)):
             h.grad = w.grad = None
+            sync()
             t0 = time.perf_counter()
             f(h, w, th, labels)
+            sync()
             acc.append(time.perf_counter() - t0)
     flops = 8 * n * V * H
     return {
@@ -103,6 +122,7 @@ def worker(method: str, n: int, dtype_name: str, chunk_size: int, repeats: int, 
         "gflops_per_s": flops / min(times) / 1e9 if method == "floor" else None,
         "floor_seconds_same_process": min(floor_times) if floor_times else None,
         "x_floor_same_process": min(times) / min(floor_times) if floor_times else None,
+        "gpu": torch.cuda.get_device_name() if cuda else None,
     }  # fmt: skip
 
 
@@ -115,11 +135,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs (naive always 1: it is slow and huge)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved loss / floor pairs per loss (naive 1)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kd_loss.json"))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         method, n, dtype = args.worker
-        print(json.dumps(worker(method, int(n), dtype, args.chunk_size, args.repeats, args.rounds)))
+        print(json.dumps(worker(method, int(n), dtype, args.chunk_size, args.repeats, args.rounds, args.device)))
         return
 
     load_before = os.getloadavg()
@@ -128,8 +149,9 @@ def main() -> None:
         for dtype in args.dtypes:
             for method in args.methods:
                 repeats, rounds = (1, min(args.rounds, 1)) if method == "naive" else (args.repeats, args.rounds)
-                cmd = [sys.executable, __file__, "--worker", method, str(n), dtype, "--chunk_size",
-                       str(args.chunk_size), "--repeats", str(repeats), "--rounds", str(rounds)]  # fmt: skip
+                cmd = [sys.executable, __file__, "--worker", method, str(n), dtype, "--device", args.device,
+                       "--chunk_size", str(args.chunk_size), "--repeats", str(repeats),
+                       "--rounds", str(rounds)]  # fmt: skip
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     print(res.stderr[-2000:], file=sys.stderr)
@@ -157,7 +179,8 @@ def main() -> None:
         if r["method"] == "floor":
             print(f"matmul peak N={r['n']} {r['dtype']}: {r['gflops_per_s']:.0f} GFLOP/s")
     meta = {"load_avg_before": load_before, "load_avg_after": os.getloadavg(), "nproc": os.cpu_count(),
-            "vocab": V, "hidden": H, "temperature": TEMPERATURE, "chunk_size": args.chunk_size}  # fmt: skip
+            "vocab": V, "hidden": H, "temperature": TEMPERATURE, "chunk_size": args.chunk_size,
+            "device": args.device, "gpu": rows[0].get("gpu") if rows else None}  # fmt: skip
     print(f"load average before {load_before}, after {meta['load_avg_after']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")

@@ -346,3 +346,76 @@ def test_fused_loss_with_vocab_blocks_matches_reference(monkeypatch, kind):
     torch.testing.assert_close(out.total, total, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads(out.total, h, w, b), grads(total, h, w, b)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype, temp, teacher, ce_scale, kd_scale",
+    [(torch.float32, 2.0, True, 0.5, 0.5), (torch.bfloat16, 1.0, True, 1.0, 0.0),
+     (torch.float32, 1.0, False, 1.0, 1.0)],
+)  # fmt: skip
+def test_compiled_kernel_matches_the_reference(monkeypatch, dtype, temp, teacher, ce_scale, kd_scale):
+    """`losses.compiled_fkl` (the GPU default), forced on here through inductor's CPU backend: the reference's losses
+    and gradients, -inf teacher logits and a chunk of another length (recompiled) included."""
+    from loopfit.losses import compiled_fkl
+
+    monkeypatch.setenv("LOOPFIT_COMPILED_LOSS", "1")
+    monkeypatch.setitem(compiled_fkl._STATE, "off", None)
+    calls = []
+    real = compiled_fkl.fkl_rows
+    monkeypatch.setattr(compiled_fkl, "fkl_rows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setitem(compiled_fkl._STATE, "fn", None)
+    h, w, _, th, tw, labels = make(seed=7, dtype=dtype)
+    tb = torch.zeros(V, dtype=dtype)
+    tb[:5] = -math.inf
+    kw = dict(teacher_hidden=th, teacher_weight=tw, teacher_bias=tb, temperature=temp) if teacher else {}
+    out = fused_kd_loss(h, w, labels, ce_scale=ce_scale, kd_scale=kd_scale, chunk_size=8, **kw)  # 19 rows: 8, 8, 3
+    assert calls and compiled_fkl._STATE["off"] is None  # traced through the compiled path, which did not fail
+    ref_kw = dict(th=th.float(), tw=tw.float(), tb=tb.float(), temperature=temp) if teacher else {}
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    total, _, _ = reference(h32, w32, None, labels, ce_scale=ce_scale, kd_scale=kd_scale, **ref_kw)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.total.float(), total, **tol)
+    for got, want in zip(grads(out.total, h, w), grads(total, h32, w32)):
+        torch.testing.assert_close(got.float(), want, **tol)
+
+
+def test_compiled_kernel_is_off_on_cpu_by_default_and_falls_back_with_a_warning(monkeypatch, capsys):
+    from loopfit.losses import compiled_fkl
+
+    monkeypatch.delenv("LOOPFIT_COMPILED_LOSS", raising=False)
+    monkeypatch.setitem(compiled_fkl._STATE, "off", None)
+    assert not compiled_fkl.compiled_fkl_wanted(torch.device("cpu"))
+    monkeypatch.setenv("LOOPFIT_COMPILED_LOSS", "1")
+
+    def broken(*a, **k):
+        raise RuntimeError("no backend here")
+
+    monkeypatch.setitem(compiled_fkl._STATE, "fn", broken)
+    h, w, _, th, tw, labels = make(seed=8)
+    out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, temperature=2.0, chunk_size=8)
+    total, _, _ = reference(h, w, None, labels, th, tw, temperature=2.0)
+    torch.testing.assert_close(out.total, total, rtol=1e-5, atol=1e-5)  # the eager kernel took over
+    assert "compiled fused-loss kernel failed (no backend here)" in capsys.readouterr().err
+    assert compiled_fkl._STATE["off"] == "no backend here" and not compiled_fkl.compiled_fkl_wanted(h.device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_is_the_default_on_cuda_and_matches_the_reference(monkeypatch, dtype):
+    from loopfit.losses import compiled_fkl
+
+    monkeypatch.delenv("LOOPFIT_COMPILED_LOSS", raising=False)
+    calls = []
+    real = compiled_fkl.fkl_rows
+    monkeypatch.setattr(compiled_fkl, "fkl_rows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setitem(compiled_fkl._STATE, "fn", None)
+    h, w, _, th, tw, labels = (x.cuda() if x is not None else None for x in make(seed=9, dtype=dtype))
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+    out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, temperature=2.0, chunk_size=8)
+    assert calls and compiled_fkl._STATE["off"] is None
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    total, _, _ = reference(h32, w32, None, labels, th.float(), tw.float(), temperature=2.0)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.total.float(), total, **tol)
+    for got, want in zip(grads(out.total, h, w), grads(total, h32, w32)):
+        torch.testing.assert_close(got.float(), want, **tol)

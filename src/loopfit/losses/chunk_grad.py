@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loopfit.losses.compiled_fkl import compiled_fkl, compiled_fkl_wanted
 from loopfit.losses.divergences import _LOG_FLOOR, Divergence
 from loopfit.losses.estimators import Estimator
 from loopfit.losses.sparse import sparse_per_token
@@ -243,6 +244,10 @@ def fkl_grad(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, spec: Spe
     coef_q1 = a_ce if (separate_q or t is None) else a_ce + c  # at T = 1 the KD's q is q1
     coef_q = c if separate_q else 0.0
     scale = next((v for v in (coef_q1, coef_q, c) if v != 0.0), 1.0)
+    if compiled_fkl_wanted(s.device):  # accelerators: the same math as one compiled function (compiled_fkl.py)
+        sums = compiled_fkl(s, y, t, temp, a_ce, c, scale)
+        if sums is not None:
+            return sums[0], (sums[1] * temp**2 if t is not None else None), scale
     ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
     blk = row_block(s)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 22's GPU checks in one run on a lent GPU machine (no registry there): the CUDA tests (CUDA-graph decoding,
+# the compiled fused-loss kernel), then the benchmarks, each result under $OUT (default /tmp/gpu-checks).
+#
+# Prepared here, carried there (both ignored by git):
+#   .whl/  the pinned wheels the GPU image lacks (transformers 5.25, huggingface_hub 2.4, peft 0.21.2, ...):
+#          pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VERSION
+#   .gpu/  tok/ (SmolLM2's tokenizer and config: python -m benchmarks.random_source --tokenizer_out .gpu/tok)
+#          and text.txt (any text: the first 400 kB of tiny-shakespeare)
+# The model is SmolLM2-shaped with random weights (benchmarks/random_source.py): speed does not depend on them.
+set -u
+OUT=${OUT:-/tmp/gpu-checks}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log under $OUT, never stop the script
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "exit $? after $SECONDS s total"; tail -n 30 "$OUT/$name.log"
+}
+
+step tests 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_graphed.py tests/test_losses_fused.py -k "cuda"
+step source 60 python3 -m benchmarks.random_source --tokenizer .gpu/tok --out /tmp/smol-rand
+step decoding 150 python3 -m benchmarks.graphed_decoding --source /tmp/smol-rand --repeats 2 \
+  --out "$OUT/graphed_decoding_cuda.json"
+step kd_loss 120 python3 benchmarks/kd_loss.py --device cuda --ns 8192 --dtypes bfloat16 float32 \
+  --methods floor fused --chunk_size 2048 --repeats 10 --rounds 10 --out "$OUT/kd_loss_cuda.json"
+step kd_loss_eager 60 env LOOPFIT_COMPILED_LOSS=0 python3 benchmarks/kd_loss.py --device cuda --ns 8192 \
+  --dtypes bfloat16 --methods floor fused --chunk_size 2048 --repeats 10 --rounds 10 \
+  --out "$OUT/kd_loss_cuda_eager.json"
+step train 240 python3 -m benchmarks.train_throughput --device cuda --source /tmp/smol-rand --data .gpu/text.txt \
+  --batch_size 16 --seq_len 1024 --precisions bf16 --compile --steps 5 --warmup 2 \
+  --out "$OUT/train_throughput_cuda.json"
+echo "=== done after $SECONDS s"

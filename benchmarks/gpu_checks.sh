@@ -14,15 +14,16 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+LOG=$OUT/log.txt  # one log: the device tool brings back at most 8 files
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$LOG"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', \
-transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
+transformers.__version__, 'peft', peft.__version__)" | tee -a "$LOG"
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log under $OUT, never stop the script
   local name=$1 limit=$2; shift 2
-  echo "=== $name ($(date +%T))"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "exit $? after $SECONDS s total"; tail -n 30 "$OUT/$name.log"
+  echo "=== $name ($(date +%T))" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 30
+  echo "exit ${PIPESTATUS[0]} after $SECONDS s total" | tee -a "$LOG"
 }
 
 step tests 120 python3 -m pytest -q -p no:cacheprovider -x tests/test_graphed.py tests/test_losses_fused.py -k "cuda"

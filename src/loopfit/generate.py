@@ -128,6 +128,12 @@ def generate_command(
             --compile; without oneDNN in the PyTorch build it packs nothing and says so.
         batch_size: prompts decoded together (left-padded), at fixed depth or with adaptive exit (each row of the
             batch then stops iterating at its own exit); default: all prompts in one batch.
+        device: `auto` (a CUDA GPU if one is visible, else the CPU), `cpu`, `cuda` or `cuda:N`.
+        precision: weights and activations in `fp32` or `bf16`.
+        cuda_graphs: with a CUDA device, decode at fixed depth with each one-token step replayed from a CUDA graph
+            on a static KV cache (`loopfit.models.graphed`): the tokens of eager decoding without the launch cost of
+            a step's hundreds of small kernels. Looped models with sdpa or eager attention; not with an exit
+            criterion, --compile or --prepack. The first decoding step of each batch shape captures the graph.
     """
 
     check_count("num_steps", num_steps)

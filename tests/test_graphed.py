@@ -142,3 +142,26 @@ def test_cli_cuda_graphs_prints_what_eager_prints(tmp_path, capsys):
     eager = capsys.readouterr().out
     main([*argv, "--cuda_graphs=true"])
     assert capsys.readouterr().out == eager
+
+
+def test_generate_text_through_the_decoder_pool_prints_what_generate_prints(monkeypatch):
+    """`generate_text(..., graphs=pool)` (the path of `--cuda_graphs=true`), run here with the eager step: the same
+    texts as `model.generate`, one decoder per (batch, cache length, R), reused by a second call."""
+    import functools
+
+    from conftest import make_tiny_tokenizer
+
+    from loopfit import generate as gen
+
+    monkeypatch.setattr(gen, "GraphedDecoder", functools.partial(GraphedDecoder, use_graph=False))
+    model, tok = _looped(), make_tiny_tokenizer()
+    model.generation_config.eos_token_id = 2
+    prompts = ["abc", "hello there", "x"]
+    want = gen.generate_text(model, tok, prompts, num_steps=3, max_new_tokens=10)
+    pool = {}
+    assert gen.generate_text(model, tok, prompts, num_steps=3, max_new_tokens=10, graphs=pool) == want
+    assert list(pool) == [(3, 128, 3)]
+    assert gen.generate_text(model, tok, prompts[:1] * 3, num_steps=3, max_new_tokens=10, graphs=pool) == (
+        gen.generate_text(model, tok, prompts[:1] * 3, num_steps=3, max_new_tokens=10)
+    )
+    assert len(pool) == 1  # another prompt length, the same bucket: the decoder (and its graph) reused

@@ -86,7 +86,7 @@ class GraphedDecoder:
 
     def __init__(self, model, batch_size: int, max_len: int, num_steps: int, use_graph: bool = True):
         device = next(model.parameters()).device
-        why = graph_unsupported(model, device if use_graph else "cuda")
+        why = graph_unsupported(model, device if use_graph else "cuda")  # eager step: the model checks alone
         if why:
             raise ValueError(why)
         m = model.model

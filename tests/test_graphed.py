@@ -165,3 +165,18 @@ def test_generate_text_through_the_decoder_pool_prints_what_generate_prints(monk
         gen.generate_text(model, tok, prompts[:1] * 3, num_steps=3, max_new_tokens=10)
     )
     assert len(pool) == 1  # another prompt length, the same bucket: the decoder (and its graph) reused
+
+
+@pytest.mark.parametrize("mode, init, arch", [("full", "zeros", "llama"), ("compress", "normal", "gemma2")])
+def test_the_decoding_step_traces_as_one_graph_with_no_host_reads(mode, init, arch):
+    """What a CUDA graph needs, checked on CPU: dynamo traces the one-token step (masks, the loop, the static cache
+    writes) into one graph with no break, so nothing in it reads a tensor's value on the host (`.item()`, a branch
+    on a tensor) or leaves the graph."""
+    model = _looped(arch, init, mode)
+    dec = GraphedDecoder(model, 2, 32, 3, use_graph=False)
+    ids, mask = _batch(rows=2)
+    dec.generate(ids, mask, 3)  # prefill: the static layers allocated
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(dec._decode_step)()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

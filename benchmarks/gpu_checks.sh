@@ -26,16 +26,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log under $OUT,
   echo "exit ${PIPESTATUS[0]} after $SECONDS s total" | tee -a "$LOG"
 }
 
-step tests 120 python3 -m pytest -q -p no:cacheprovider -x tests/test_graphed.py tests/test_losses_fused.py -k "cuda"
-step source 45 python3 -m benchmarks.random_source --tokenizer .gpu/tok --out /tmp/smol-rand
-step decoding 120 python3 -m benchmarks.graphed_decoding --source /tmp/smol-rand --repeats 2 \
+# Limits: ~500 s in all, inside the device tool's 600 s per command (with the wheels' install and imports).
+step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_graphed.py tests/test_losses_fused.py -k "cuda"
+step source 30 python3 -m benchmarks.random_source --tokenizer .gpu/tok --out /tmp/smol-rand
+step decoding 100 python3 -m benchmarks.graphed_decoding --source /tmp/smol-rand --repeats 2 \
   --out "$OUT/graphed_decoding_cuda.json"
-step train 200 python3 -m benchmarks.train_throughput --device cuda --source /tmp/smol-rand --data .gpu/text.txt \
+step train 170 python3 -m benchmarks.train_throughput --device cuda --source /tmp/smol-rand --data .gpu/text.txt \
   --batch_size 16 --seq_len 1024 --precisions bf16 --compile --steps 5 --warmup 2 \
   --out "$OUT/train_throughput_cuda.json"
-step kd_loss 100 python3 benchmarks/kd_loss.py --device cuda --ns 8192 --dtypes bfloat16 float32 \
+step kd_loss 70 python3 benchmarks/kd_loss.py --device cuda --ns 8192 --dtypes bfloat16 float32 \
   --methods floor fused --chunk_size 2048 --repeats 10 --rounds 10 --out "$OUT/kd_loss_cuda.json"
-step kd_loss_eager 45 env LOOPFIT_COMPILED_LOSS=0 python3 benchmarks/kd_loss.py --device cuda --ns 8192 \
+step kd_loss_eager 40 env LOOPFIT_COMPILED_LOSS=0 python3 benchmarks/kd_loss.py --device cuda --ns 8192 \
   --dtypes bfloat16 --methods floor fused --chunk_size 2048 --repeats 10 --rounds 10 \
   --out "$OUT/kd_loss_cuda_eager.json"
 echo "=== done after $SECONDS s"

@@ -180,3 +180,20 @@ def test_the_decoding_step_traces_as_one_graph_with_no_host_reads(mode, init, ar
         explained = torch._dynamo.explain(dec._decode_step)()
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_generation_settings_the_decoder_does_not_apply_are_named_and_the_default_depth_is_generates():
+    from loopfit.generate import default_depth, graph_blockers
+
+    model = _looped()
+    gc = model.generation_config
+    assert graph_blockers(gc, do_sample=True) == []
+    gc.repetition_penalty, gc.min_p, gc.top_k = 1.3, 0.1, 20  # top-k: generate_text overrides it on both paths
+    assert graph_blockers(gc, do_sample=False) == ["repetition_penalty=1.3"]  # min-p changes sampling only
+    assert graph_blockers(gc, do_sample=True) == ["repetition_penalty=1.3", "min_p=0.1"]
+    gc.repetition_penalty, gc.min_p = 1.0, None
+    assert graph_blockers(gc, do_sample=True) == []
+    model.config.mean_recurrence, gc.num_steps = 4, 7
+    assert default_depth(model) == 7  # as `generate` picks it
+    gc.num_steps = None
+    assert default_depth(model) == 4

@@ -409,6 +409,7 @@ def test_compiled_kernel_is_the_default_on_cuda_and_matches_the_reference(monkey
     real = compiled_fkl.fkl_rows
     monkeypatch.setattr(compiled_fkl, "fkl_rows", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setitem(compiled_fkl._STATE, "fn", None)
+    monkeypatch.setitem(compiled_fkl._STATE, "off", None)
     h, w, _, th, tw, labels = (x.cuda() if x is not None else None for x in make(seed=9, dtype=dtype))
     h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
     out = fused_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, temperature=2.0, chunk_size=8)
@@ -419,3 +420,12 @@ def test_compiled_kernel_is_the_default_on_cuda_and_matches_the_reference(monkey
     torch.testing.assert_close(out.total.float(), total, **tol)
     for got, want in zip(grads(out.total, h, w), grads(total, h32, w32)):
         torch.testing.assert_close(got.float(), want, **tol)
+
+
+def test_compiled_kernel_switch_refuses_an_unknown_value(monkeypatch):
+    from loopfit.losses import compiled_fkl
+
+    monkeypatch.setenv("LOOPFIT_COMPILED_LOSS", "false")
+    monkeypatch.setitem(compiled_fkl._STATE, "off", None)
+    with pytest.raises(ValueError, match="LOOPFIT_COMPILED_LOSS takes auto, 0 or 1, got 'false'"):
+        compiled_fkl.compiled_fkl_wanted(torch.device("cpu"))

@@ -10,12 +10,30 @@ import torch
 from loopfit.adaptive import ExitConfig, adaptive_generation_lines
 from loopfit.data.chat import format_prompt  # noqa: F401  (re-exported)
 from loopfit.errors import LoopfitError, check_count, check_number
-from loopfit.loading import load_model, load_tokenizer, resolve_device
+from loopfit.loading import load_config, load_model, load_tokenizer, resolve_device
 from loopfit.models.compiled import compile_loop
 from loopfit.models.graphed import GraphCaptureError, GraphedDecoder, graph_unsupported
 from loopfit.models.prepacked import prepacked_linears
 
 _GRAPH_BUCKET = 128  # cache lengths of CUDA-graph decoders round up to this: one graph serves nearby prompt lengths
+# Generation-config settings that add a logits processor to `generate` (value: the settings that add none). The
+# CUDA-graph decoder applies none of them, so a model that sets one is refused rather than decoded differently.
+_PROCESSORS = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "min_new_tokens": (None, 0),
+    "min_length": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+}
+# Sampling alone (`generate_text` passes top_k = top_p = None, which overrides the config's, on both paths).
+_SAMPLING_PROCESSORS = {"min_p": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
+                        "eta_cutoff": (None, 0.0)}  # fmt: skip
 
 
 @torch.inference_mode()
@@ -64,8 +82,22 @@ def generate_text(
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def default_depth(model) -> int | None:
+    """The depth R a looped model decodes at without `--num_steps`, as its `generate` picks it: the generation
+    config's `num_steps`, else `config.mean_recurrence` (None for a plain model)."""
+    depth = getattr(model.generation_config, "num_steps", None)
+    return depth if depth is not None else getattr(model.config, "mean_recurrence", None)
+
+
+def graph_blockers(generation_config, do_sample: bool) -> list[str]:
+    """The `name=value` settings of `generation_config` that `generate` would apply and CUDA-graph decoding does not."""
+    table = {**_PROCESSORS, **(_SAMPLING_PROCESSORS if do_sample else {})}
+    return [f"{k}={getattr(generation_config, k)!r}" for k, ok in table.items()
+            if getattr(generation_config, k, None) not in ok]  # fmt: skip
+
+
 def _graphed_generate(model, graphs: dict, enc, num_steps, max_new_tokens, do_sample, temperature, pad_token_id):
-    depth = num_steps if num_steps is not None else model.config.mean_recurrence
+    depth = num_steps if num_steps is not None else default_depth(model)
     b, n = enc["input_ids"].shape
     max_len = -(-(n + max_new_tokens) // _GRAPH_BUCKET) * _GRAPH_BUCKET
     key = (b, max_len, depth)
@@ -106,7 +138,8 @@ def generate_command(
     Args:
         model: model folder, hub id, .gguf file or `smollm2-135m`.
         prompt: one prompt, or several (`--prompt a --prompt b`).
-        num_steps: loop iterations R (looped models; default: the model's mean_recurrence).
+        num_steps: loop iterations R (looped models; default: the generation config's `num_steps`, else the model's
+            mean_recurrence).
         chat: wrap the prompt in the tokenizer's chat template.
         system: optional system prompt (with --chat=true).
         max_new_tokens: tokens to generate.
@@ -157,6 +190,8 @@ def generate_command(
     dev = resolve_device(device)
     if cuda_graphs and dev.type != "cuda":
         raise LoopfitError("--cuda_graphs=true needs --device cuda: CUDA graphs replay GPU kernels")
+    if cuda_graphs and load_config(model).model_type != "looped":  # before the weights load
+        raise LoopfitError(f"--cuda_graphs: {model} is a plain model; CUDA-graph decoding runs a looped model's loop")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     exit = None
     if exit_criterion != "none":
@@ -178,8 +213,12 @@ def generate_command(
         why = graph_unsupported(lm, dev)
         if why:
             raise LoopfitError(f"--cuda_graphs: {why}")
+        blockers = graph_blockers(lm.generation_config, do_sample)
+        if blockers:
+            raise LoopfitError(f"--cuda_graphs: the model's generation config sets {', '.join(blockers)}, which "
+                               "CUDA-graph decoding does not apply: decode without --cuda_graphs")  # fmt: skip
         graphs = {}
-    depth = num_steps if num_steps is not None else getattr(lm.config, "mean_recurrence", None)
+    depth = num_steps if num_steps is not None else default_depth(lm)
     label = f"[R={depth}] " if lm.config.model_type == "looped" else ""
     size = batch_size or len(prompts)
     with contextlib.ExitStack() as stack:

@@ -51,7 +51,10 @@ def fkl_rows(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, temp: flo
 
 
 def _mode() -> str:
-    return os.environ.get("LOOPFIT_COMPILED_LOSS", "auto")
+    mode = os.environ.get("LOOPFIT_COMPILED_LOSS", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"LOOPFIT_COMPILED_LOSS takes auto, 0 or 1, got '{mode}'")
+    return mode
 
 
 def compiled_fkl_wanted(device: torch.device) -> bool:
@@ -72,11 +75,14 @@ def compiled_fkl_wanted(device: torch.device) -> bool:
 
 def compiled_fkl(s, y, t, temp: float, a_ce: float, c: float, scale: float):
     """`fkl_rows` compiled (once per process; a new chunk length makes the row count symbolic, once). Returns None,
-    with a one-time warning, if inductor cannot compile it: the caller then runs its eager kernel."""
+    with a one-time warning, if inductor cannot compile it: the caller then runs its eager kernel. Compilation
+    fails before the function runs, so `s` is untouched then. Out of memory is raised, not caught."""
     if _STATE["fn"] is None:
         _STATE["fn"] = torch.compile(fkl_rows, dynamic=None)
     try:
         return _STATE["fn"](s, y, t, temp, a_ce, c, scale)
+    except torch.OutOfMemoryError:
+        raise  # not a compiler failure: the eager kernel would need more memory still
     except Exception as e:  # inductor / triton failures come as many types (BackendCompilerFailed, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _STATE["off"] = first

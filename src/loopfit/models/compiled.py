@@ -18,8 +18,8 @@ generation's prompt length becomes symbolic after the second prompt length, the 
 step. Size-1 dimensions are always specialised, so the one-token decoding step has its own graphs. True: symbolic
 from the start (no shape recompilation, possibly slower kernels); False: one graph per shape.
 
-Sources: torch.compile (PyTorch 2.x, `torch._dynamo`, inductor); CUDA graphs for fixed-depth decoding are not
-done here (no GPU to test them on).
+Sources: torch.compile (PyTorch 2.x, `torch._dynamo`, inductor). CUDA graphs for fixed-depth decoding are
+`loopfit.models.graphed` (a static cache and one graph per decoding step), not a compile mode here.
 """
 
 from __future__ import annotations

@@ -100,10 +100,12 @@ class GraphedDecoder:
         self.kv_idx = torch.arange(max_len, device=device)
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the token the next step reads
         self.pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # its position (per row)
-        # Eval-mode `normal` state noise is looked up on the host (models/modeling_looped.py): it is computed
-        # outside the graph from host-side positions and fed in through this buffer.
-        self.host_noise = model.config.state_init == "normal"
-        self.s0 = torch.zeros(batch_size, 1, model.config.hidden_size, dtype=model.dtype, device=device)
+        # Eval-mode `normal` state noise is a function of the position alone, looked up on the host
+        # (models/modeling_looped.py): computed once for every position the cache can hold, gathered in the step.
+        self.noise = None
+        if model.config.state_init == "normal":
+            like = torch.empty(1, max_len, model.config.hidden_size, dtype=model.dtype)
+            self.noise = m.initial_state(like, torch.arange(max_len)[None])[0].to(device)  # (max_len, hidden)
         self.logits = None
         self.graph = None
 
@@ -128,54 +130,55 @@ class GraphedDecoder:
             masks[kind] = a
         return masks
 
-    def _step(self, ids: torch.Tensor, pos: torch.Tensor, s0: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits `(batch, vocab)` of the last of `ids` `(batch, q)` at positions `pos`; writes the cache.
-        `s0`: the initial state where it comes from the host (eval-mode `normal` noise), else None."""
+    def _step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits `(batch, vocab)` of the last of `ids` `(batch, q)` at positions `pos`; writes the cache."""
         m = self.model.model
         x = m.embed(ids)
         ctx = m.prepare(x, self._masks(ids.shape[1], x.dtype), pos, self.cache, use_cache=True)
         e = m.run_prelude(x, ctx)
-        s = s0 if s0 is not None else m.initial_state(e, pos)
+        s = self.noise[pos] if self.noise is not None else m.initial_state(e, pos)
         for i in range(self.num_steps):
             s = m.iterate(s, e, i, ctx)
         h = m.run_coda(s, ctx)  # every position: the coda's cache slots need the prompt's entries too
         self.length.add_(ids.shape[1])
         return self.model.logits_from_hidden(h[:, -1])
 
-    def _noise(self, pos_host: torch.Tensor) -> torch.Tensor:
-        m = self.model.model
-        like = torch.empty(*pos_host.shape, self.model.config.hidden_size, dtype=self.model.dtype)
-        return m.initial_state(like, pos_host)
-
     def _decode_step(self) -> torch.Tensor:
         """One token for every row: mark its cache position as real, run the step, advance the positions."""
         self.pad_mask.index_fill_(1, self.length.view(1), 1)
-        logits = self._step(self.ids, self.pos, self.s0 if self.host_noise else None)
+        logits = self._step(self.ids, self.pos)
         self.pos.add_(1)
         return logits
 
     def _capture(self) -> None:
-        """Record `_decode_step` in a CUDA graph: warm up on a side stream, then capture (state restored)."""
-        saved = (self.length.clone(), self.pos.clone(), self.pad_mask.clone())
-        layers = [layer for layer in self.cache.layers if layer.is_initialized]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # cuBLAS workspaces and allocator blocks exist before the capture
-                self._decode_step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for t, v in zip((self.length, self.pos, self.pad_mask), saved):
-            t.copy_(v)
-        for layer in layers:  # every slot holds as many tokens as the step counter
-            layer.cumulative_length.copy_(saved[0])
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph):  # recorded, not run: the state above is what the first replay reads
-                self.logits = self._decode_step()
-        except RuntimeError as e:
-            self.graph = None
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise GraphCaptureError(f"the decoding step cannot be captured in a CUDA graph: {first}") from e
+        """Record `_decode_step` in a CUDA graph: warm up on a side stream, then capture (state restored).
+
+        Everything runs with the decoder's GPU current: `torch.cuda.graph` captures on a stream of the current
+        device, so a model on `cuda:1` captured from `cuda:0` would record an empty graph."""
+        with torch.cuda.device(self.device):
+            saved = (self.length.clone(), self.pos.clone(), self.pad_mask.clone())
+            layers = [layer for layer in self.cache.layers if layer.is_initialized]
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # cuBLAS workspaces and allocator blocks exist before the capture
+                    self._decode_step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for t, v in zip((self.length, self.pos, self.pad_mask), saved):
+                t.copy_(v)
+            for layer in layers:  # every slot holds as many tokens as the step counter
+                layer.cumulative_length.copy_(saved[0])
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                # Recorded, not run: the state restored above is what the first replay reads.
+                with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
+                    self.logits = self._decode_step()
+            except RuntimeError as e:
+                self.graph = None
+                cause = e.__context__ if isinstance(e.__context__, Exception) else e  # the capture's own error
+                text = str(cause).strip()
+                first = text.splitlines()[0] if text else type(cause).__name__
+                raise GraphCaptureError(f"the decoding step cannot be captured in a CUDA graph: {first}") from e
 
     # --- decoding ------------------------------------------------------------------------------------------
 
@@ -193,8 +196,8 @@ class GraphedDecoder:
         """New tokens `(batch, n <= max_new_tokens)` after the left-padded prompts `input_ids` `(batch, prompt)`.
 
         As `GenerationMixin.generate` does: a row that produced an end-of-sequence token continues with
-        `pad_token_id`, and decoding stops early once every row has. Sampling draws from
-        `softmax(logits / temperature)` with the global RNG (no top-k / top-p).
+        `pad_token_id` (the first end-of-sequence id when None), and decoding stops early once every row has.
+        Sampling draws from `softmax(logits / temperature)` with the global RNG (no top-k / top-p).
 
         Raises `ValueError` for a batch of another size than the decoder's or a prompt + `max_new_tokens` longer
         than `max_len`.
@@ -206,6 +209,8 @@ class GraphedDecoder:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if pad_token_id is None and eos:
+            pad_token_id = eos[0]
         eos = torch.tensor(eos, dtype=torch.long, device=self.device)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device).long()
         pos = attention_mask.cumsum(-1) - 1
@@ -215,9 +220,7 @@ class GraphedDecoder:
         self.length.zero_()
         self.pad_mask.zero_()
         self.pad_mask[:, :n] = attention_mask
-        pos_host = pos[:, -1:].cpu()
-        s0 = self._noise(pos.cpu()).to(self.device) if self.host_noise else None
-        logits = self._step(input_ids, pos, s0)
+        logits = self._step(input_ids, pos)
         self.pos.copy_(pos[:, -1:] + 1)
         out = torch.empty(b, max_new_tokens, dtype=torch.long, device=self.device)
         unfinished = torch.ones(b, dtype=torch.bool, device=self.device)
@@ -237,9 +240,6 @@ class GraphedDecoder:
             if t == max_new_tokens - 1:
                 break
             self.ids.copy_(token[:, None])
-            if self.host_noise:
-                pos_host = pos_host + 1
-                self.s0.copy_(self._noise(pos_host))
             if self.use_graph:
                 if self.graph is None:
                     self._capture()

@@ -182,8 +182,9 @@ def test_the_decoding_step_traces_as_one_graph_with_no_host_reads(mode, init, ar
     assert explained.graph_count == 1
 
 
-def test_generation_settings_the_decoder_does_not_apply_are_named_and_the_default_depth_is_generates():
-    from loopfit.generate import default_depth, graph_blockers
+def test_generation_settings_the_decoder_does_not_apply_are_named_and_the_default_depth_is_generates_own():
+    from loopfit.generate import graph_blockers
+    from loopfit.models.depth import generation_depth
 
     model = _looped()
     gc = model.generation_config
@@ -194,6 +195,6 @@ def test_generation_settings_the_decoder_does_not_apply_are_named_and_the_defaul
     gc.repetition_penalty, gc.min_p = 1.0, None
     assert graph_blockers(gc, do_sample=True) == []
     model.config.mean_recurrence, gc.num_steps = 4, 7
-    assert default_depth(model) == 7  # as `generate` picks it
+    assert generation_depth(model) == 7  # as `generate` picks it
     gc.num_steps = None
-    assert default_depth(model) == 4
+    assert generation_depth(model) == 4

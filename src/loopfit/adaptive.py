@@ -31,6 +31,7 @@ from transformers.cache_utils import DynamicCache
 from loopfit.data.chat import format_prompt
 from loopfit.data.packing import left_pad
 from loopfit.errors import LoopfitError
+from loopfit.models.depth import generation_depth
 from loopfit.models.exit_gate import gate_exit
 from loopfit.models.sampling import draw, padded_positions
 
@@ -51,7 +52,7 @@ class ExitConfig:
     check_every: int = 1
     """Check the criterion every this many iterations."""
     max_num_steps: int | None = None
-    """Iterations of the prompt, and the most per token (default: the model's mean_recurrence)."""
+    """Iterations of the prompt, and the most per token (default: `generation_depth`, as `generate`)."""
 
     def __post_init__(self):
         if self.criterion not in CRITERIA:
@@ -67,7 +68,7 @@ class ExitConfig:
 
     def resolved(self, model) -> ExitConfig:
         """A copy with `max_num_steps` filled in from the model."""
-        max_num_steps = self.max_num_steps if self.max_num_steps is not None else model.config.mean_recurrence
+        max_num_steps = self.max_num_steps if self.max_num_steps is not None else generation_depth(model)
         return ExitConfig(self.criterion, self.threshold, self.min_num_steps, self.check_every, max_num_steps)
 
 

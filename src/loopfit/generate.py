@@ -12,6 +12,7 @@ from loopfit.data.chat import format_prompt  # noqa: F401  (re-exported)
 from loopfit.errors import LoopfitError, check_count, check_number
 from loopfit.loading import load_config, load_model, load_tokenizer, resolve_device
 from loopfit.models.compiled import compile_loop
+from loopfit.models.depth import generation_depth
 from loopfit.models.graphed import GraphCaptureError, GraphedDecoder, graph_unsupported
 from loopfit.models.prepacked import prepacked_linears
 
@@ -82,13 +83,6 @@ def generate_text(
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def default_depth(model) -> int | None:
-    """The depth R a looped model decodes at without `--num_steps`, as its `generate` picks it: the generation
-    config's `num_steps`, else `config.mean_recurrence` (None for a plain model)."""
-    depth = getattr(model.generation_config, "num_steps", None)
-    return depth if depth is not None else getattr(model.config, "mean_recurrence", None)
-
-
 def graph_blockers(generation_config, do_sample: bool) -> list[str]:
     """The `name=value` settings of `generation_config` that `generate` would apply and CUDA-graph decoding does not."""
     table = {**_PROCESSORS, **(_SAMPLING_PROCESSORS if do_sample else {})}
@@ -97,7 +91,7 @@ def graph_blockers(generation_config, do_sample: bool) -> list[str]:
 
 
 def _graphed_generate(model, graphs: dict, enc, num_steps, max_new_tokens, do_sample, temperature, pad_token_id):
-    depth = num_steps if num_steps is not None else default_depth(model)
+    depth = num_steps if num_steps is not None else generation_depth(model)
     b, n = enc["input_ids"].shape
     max_len = -(-(n + max_new_tokens) // _GRAPH_BUCKET) * _GRAPH_BUCKET
     key = (b, max_len, depth)
@@ -218,7 +212,7 @@ def generate_command(
             raise LoopfitError(f"--cuda_graphs: the model's generation config sets {', '.join(blockers)}, which "
                                "CUDA-graph decoding does not apply: decode without --cuda_graphs")  # fmt: skip
         graphs = {}
-    depth = num_steps if num_steps is not None else default_depth(lm)
+    depth = num_steps if num_steps is not None else generation_depth(lm)
     label = f"[R={depth}] " if lm.config.model_type == "looped" else ""
     size = batch_size or len(prompts)
     with contextlib.ExitStack() as stack:

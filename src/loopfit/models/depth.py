@@ -36,3 +36,10 @@ def sample_num_steps(
     r = max(int(torch.poisson(rate.reshape(1), generator=generator).item()) + 1, min_num_steps)
     k = min(backprop_depth, max(1, math.ceil(mean)), r)
     return r - k, k
+
+
+def generation_depth(model) -> int | None:
+    """The depth R a looped model decodes at when none is given, as its `generate` picks it: the generation
+    config's `num_steps` (a looped folder's default depth), else `config.mean_recurrence`; None for a plain model."""
+    depth = getattr(getattr(model, "generation_config", None), "num_steps", None)
+    return depth if depth is not None else getattr(model.config, "mean_recurrence", None)

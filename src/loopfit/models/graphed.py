@@ -19,13 +19,15 @@ the same decoder runs the step eagerly, and the tests compare both against `mode
 
 Sources: CUDA graphs in PyTorch (`torch.cuda.CUDAGraph`, "CUDA Graphs" in the PyTorch CUDA semantics notes);
 transformers' `StaticCache` (built for torch.compile's cudagraphs); positions of a left-padded batch as in
-`GenerationMixin` (`cumsum(attention_mask) - 1`).
+`GenerationMixin` (`models.sampling.padded_positions`).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
+
+from loopfit.models.sampling import padded_positions
 
 _MASKED_ATTENTION = ("sdpa", "eager")
 
@@ -213,8 +215,7 @@ class GraphedDecoder:
             pad_token_id = eos[0]
         eos = torch.tensor(eos, dtype=torch.long, device=self.device)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device).long()
-        pos = attention_mask.cumsum(-1) - 1
-        pos.masked_fill_(attention_mask == 0, 1)
+        pos = padded_positions(attention_mask)
         # Prefill, eagerly: the prompt's length varies from call to call.
         self.cache.rewind()
         self.length.zero_()

@@ -2,11 +2,11 @@
 # Issue 22's GPU checks in one run on a lent GPU machine (no registry there): the CUDA tests (CUDA-graph decoding,
 # the compiled fused-loss kernel), then the benchmarks, each result under $OUT (default /tmp/gpu-checks).
 #
-# Prepared here, carried there (both ignored by git):
-#   .whl/  the pinned wheels the GPU image lacks (transformers 5.25, huggingface_hub 2.4, peft 0.21.2, ...):
-#          pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VERSION
-#   .gpu/  tok/ (SmolLM2's tokenizer and config: python -m benchmarks.random_source --tokenizer_out .gpu/tok)
-#          and text.txt (any text: the first 400 kB of tiny-shakespeare)
+# Prepared here, carried there (both ignored by git): `bash benchmarks/gpu_prepare.sh` writes
+#   .whl/  the pinned wheels the GPU image lacks (transformers 5.25, huggingface_hub 2.4, peft 0.21.2, ...)
+#   .gpu/  tok/ (SmolLM2's tokenizer and config) and text.txt (the first 400 kB of tiny-shakespeare)
+# then, through the device tool: run command "OUT=$OUT bash benchmarks/gpu_checks.sh", carry [".whl", ".gpu"],
+# timeout_s 590.
 # The model is SmolLM2-shaped with random weights (benchmarks/random_source.py): speed does not depend on them.
 set -u
 OUT=${OUT:-/tmp/gpu-checks}

@@ -14,8 +14,9 @@ address and shape, so:
 - the depth R is fixed for the decoder's life (the graph is one unrolled step).
 
 The step itself is the model's own loop (`prepare`, `run_prelude`, `initial_state`, `iterate` x R, `run_coda`,
-`logits_from_hidden`), so the graph computes exactly what eager decoding does: on CPU, or with `use_graph=False`,
-the same decoder runs the step eagerly, and the tests compare both against `model.generate`.
+`logits_from_hidden`), so the graph computes what eager decoding computes (up to the rounding of attention over
+the longer, masked static cache): on CPU, or with `use_graph=False`, the same decoder runs the step eagerly, and
+the tests compare both against `model.generate`.
 
 Sources: CUDA graphs in PyTorch (`torch.cuda.CUDAGraph`, "CUDA Graphs" in the PyTorch CUDA semantics notes);
 transformers' `StaticCache` (built for torch.compile's cudagraphs); positions of a left-padded batch as in

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loopfit.losses.compiled_fkl import compiled_fkl, compiled_fkl_wanted
+from loopfit.losses.compiled_fkl import _NEG_BIG, compiled_fkl, compiled_fkl_wanted
 from loopfit.losses.divergences import _LOG_FLOOR, Divergence
 from loopfit.losses.estimators import Estimator
 from loopfit.losses.sparse import sparse_per_token
@@ -36,9 +36,6 @@ from loopfit.losses.sparse import sparse_per_token
 # Rows per elementwise block on CPU: each op reads and writes a few 8 x V float32 buffers (1.5 MiB at V = 49152),
 # within the caches, and the ~20 ops of a block amortise their dispatch. Measured best of 1, 2, 4, 8 (one thread).
 _ROW_BLOCK = 8
-# Logits of -inf (tokens the teacher never predicts) are clamped to this before the softmax: the probability is
-# still exactly 0, and `0 * logit` stays 0 in the dot products that give the KD value (no NaN from 0 * -inf).
-_NEG_BIG = -1e30
 # Vocabulary columns per logits product on CPU (`logits_into`): a (c, 2048) output block and its (2048, H) weight
 # slice stay in cache, where one (c, V) product streams a V-wide output through memory. Measured on the 2-core AVX2
 # CPU, (368, 576) x (576, 49152) fp32: one product 141 ms, blocks of 1024 / 2048 / 4096 columns 131 / 131 / 138 ms.

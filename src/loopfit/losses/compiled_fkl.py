@@ -24,7 +24,9 @@ import sys
 
 import torch
 
-_NEG_BIG = -1e30  # as chunk_grad: -inf logits clamped, so 0 * logit stays 0 in the KD sum
+# Logits of -inf (tokens the teacher never predicts) are clamped to this before the softmax: the probability is
+# still exactly 0, and `0 * logit` stays 0 in the dot products that give the KD value (no NaN from 0 * -inf).
+_NEG_BIG = -1e30
 _STATE: dict = {"fn": None, "off": None}  # the compiled function, or why compiling is off for this process
 
 
@@ -59,9 +61,10 @@ def _mode() -> str:
 
 def compiled_fkl_wanted(device: torch.device) -> bool:
     """Whether `fkl_grad` should hand a chunk on `device` to `compiled_fkl` (see the module docstring)."""
-    if _STATE["off"] is not None or _mode() == "0":
+    mode = _mode()
+    if _STATE["off"] is not None or mode == "0":
         return False
-    if _mode() == "1":
+    if mode == "1":
         return True
     if device.type != "cuda":
         return False

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loopfit.io import atomic_file
+from loopfit.plotting import pyplot, save_png
 
 RESULTS = Path(__file__).parent / "results"
 # LABEL=FILE or LABEL=FILE#MODEL (the row label inside the file, where it holds several models).
@@ -34,8 +34,11 @@ FLOORS = {"shakespeare": {"teacher": 3.760, "pruned start": 7.737}, "gsm8k": {"t
 TITLES = {"shakespeare": "in domain: last 10% of tiny-shakespeare", "gsm8k": "out of domain: 64 held-out GSM8K answers"}
 
 
-def load_series(spec: str, results: Path) -> tuple[str, dict[str, dict[int, float]]]:
-    """`LABEL=FILE[#MODEL]` -> (label, {yardstick: {R: loss}}). FILE is read as given, else under `results`.
+def load_series(spec: str, results: Path) -> tuple[str, dict[str, dict[int, float]], bool]:
+    """`LABEL=FILE[#MODEL]` -> (label, {yardstick: {R: loss}}, looped). FILE is read as given, else under `results`.
+
+    `looped` is the rows' own `looped` field (written by `benchmarks.heal_yardsticks` since 2026-12-04); files from
+    before it say nothing, and a model scored at R = 1 alone under a label naming it static is taken as static.
 
     Raises SystemExit (one line) for a malformed spec, a missing file or a model the file does not hold."""
     if "=" not in spec:
@@ -55,24 +58,26 @@ def load_series(spec: str, results: Path) -> tuple[str, dict[str, dict[int, floa
     }
     if not curves:
         raise SystemExit(f"loopfit: error: {path} holds no model {model!r} (it has {models})")
-    return label, curves
+    flags = {r["looped"] for r in rows if r["model"] == model and "looped" in r}
+    if flags:
+        looped = flags == {True}
+    else:
+        looped = not ("static" in label and all(list(c) == [1] for c in curves.values()))
+    return label, curves, looped
 
 
-def plot(series: list[tuple[str, dict]], out: Path) -> None:
-    import matplotlib
+def plot(series: list[tuple[str, dict, bool]], out: Path) -> None:
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    depths = sorted({d for _, curves in series for c in curves.values() for d in c})
+    depths = sorted({d for _, curves, _ in series for c in curves.values() for d in c})
     fig, axes = plt.subplots(1, 2, figsize=(13, 6))
     for ax, key in zip(axes, ("shakespeare", "gsm8k")):
-        for i, (label, curves) in enumerate(series):
+        for i, (label, curves, looped) in enumerate(series):
             c = curves.get(key)
             if not c:
                 continue
             color = f"C{i}"
-            if list(c) == [1] and "static" in label:  # no loop: one number for every R
+            if not looped:  # no loop: one number for every R
                 ax.axhline(c[1], color=color, linestyle=":", linewidth=2, label=label)
             else:
                 xs = sorted(c)
@@ -89,10 +94,7 @@ def plot(series: list[tuple[str, dict]], out: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
     fig.suptitle("SmolLM2-135M at 4-6-4, healed on tiny-shakespeare (docs/training.md, issue 20)")
-    fig.tight_layout(rect=(0, 0.13, 1, 1))
-    with atomic_file(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, out, rect=(0, 0.13, 1, 1))  # room below the axes for the shared legend
 
 
 def main() -> None:

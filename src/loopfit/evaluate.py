@@ -26,8 +26,9 @@ from loopfit.data import build_dataset
 from loopfit.data.dataset import check_sources
 from loopfit.data.sources import document_text, read_documents, read_text
 from loopfit.errors import LoopfitError, check_count, check_output
-from loopfit.io import atomic_file, write_json
+from loopfit.io import write_json
 from loopfit.loading import check_seq_len, load_model, load_tokenizer
+from loopfit.plotting import pyplot, save_png
 
 DEFAULT_DEPTHS = [1, 2, 4, 8, 16, 32, 64]
 _TEXT_SUFFIXES = {".txt", ".md", ".text"}
@@ -163,10 +164,7 @@ def validation_batches(data: str, tokenizer, seq_len: int, val_fraction: float, 
 
 def plot_sweep(result: dict, path: str, title: str | None = None) -> None:
     """Loss against depth (log2 axis), with the baseline loss as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(result["depths"], result["loss"], "o-", label="looped")
@@ -177,10 +175,7 @@ def plot_sweep(result: dict, path: str, title: str | None = None) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or f"{result['tokens']:,} tokens")
     ax.legend()
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def eval_command(

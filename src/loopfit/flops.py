@@ -17,9 +17,10 @@ from torch import nn
 
 from loopfit.errors import LoopfitError, check_count, check_number, check_output
 from loopfit.evaluate import parse_depths
-from loopfit.io import atomic_file, write_json
+from loopfit.io import write_json
 from loopfit.loading import load_model
 from loopfit.models.families import family_of
+from loopfit.plotting import pyplot, save_png
 from loopfit.train.config import MeanRecurrenceSchedule
 from loopfit.train.schedules import DepthSchedule
 
@@ -255,10 +256,7 @@ def head_matmul_params(model: nn.Module) -> int:
 
 def plot_vs_flops(results: dict, flops: list[float], path: str, baseline_flops: float | None = None) -> None:
     """Accuracy (gsm8k JSON) or loss (depth-sweep JSON) against inference FLOPs per token, one point per depth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     key = "accuracy" if "accuracy" in results else "loss"
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -276,10 +274,7 @@ def plot_vs_flops(results: dict, flops: list[float], path: str, baseline_flops: 
     ax.set_xlabel("inference FLOPs per token")
     ax.set_ylabel(key)
     ax.legend()
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def count_command(

@@ -23,6 +23,7 @@ from loopfit.errors import LoopfitError, check_count, check_output
 from loopfit.evaluate import parse_depths
 from loopfit.io import atomic_file, write_json
 from loopfit.loading import load_model, load_tokenizer
+from loopfit.plotting import pyplot, save_png
 
 INSTRUCTION = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
 STOP_STRINGS = ["\nQuestion:", "Question:", "<|im_end|>", "</s>"]
@@ -164,10 +165,7 @@ def evaluate_depth(model, tokenizer, problems, prompts, depth, max_new_tokens, b
 
 def plot_accuracy(result: dict, path: str) -> None:
     """Accuracy against depth with 95% Wilson intervals; the baseline as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     d, acc = result["depths"], result["accuracy"]
@@ -181,10 +179,7 @@ def plot_accuracy(result: dict, path: str) -> None:
     ax.set_ylabel("GSM8K accuracy")
     ax.set_title(f"GSM8K, {result['n']} questions, {result['shots']}-shot")
     ax.legend()
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def gsm8k_command(

@@ -11,8 +11,9 @@ from rich.table import Table
 from loopfit.analysis.zones import DROP_THRESHOLD, ZONES, LayerAnalysis, analyze, check_args, envelope
 from loopfit.data import read_documents
 from loopfit.errors import LoopfitError, check_output
-from loopfit.io import atomic_file, write_json
+from loopfit.io import write_json
 from loopfit.loading import check_seq_len, load_model, load_tokenizer
+from loopfit.plotting import pyplot, save_png
 
 
 def _role(analysis: LayerAnalysis, i: int) -> str:
@@ -44,10 +45,7 @@ _ZONE_COLORS = {"encoder": "tab:blue", "thinking": "tab:green", "decoder": "tab:
 
 def save_plot(analysis: LayerAnalysis, path: str) -> None:
     """Two panels: block influence bars (log scale) and the angular distance curve with zones and knees."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(analysis.zones)
     layers = list(range(n))
@@ -79,10 +77,7 @@ def save_plot(analysis: LayerAnalysis, path: str) -> None:
     bottom.set_ylabel("angular distance arccos(cos) / pi")
     bottom.legend(loc="upper center", fontsize=8, ncol=3)
     bottom.set_xticks(layers if n <= 40 else layers[::2])
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def analyze_command(

@@ -9,14 +9,12 @@ from pathlib import Path
 
 from loopfit.io import atomic_file
 from loopfit.pipeline.config import HELDOUT_PROMPTS, TEACHER_TRAIN, TRAIN_PROMPTS, DemoConfig, Plan
+from loopfit.plotting import pyplot, save_png
 
 
 def plot_losses(result: dict, path: Path) -> None:
     """Loss against depth, one panel per held-out set: converted and healed models, the teacher dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sets = result["sets"]
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
@@ -31,17 +29,11 @@ def plot_losses(result: dict, path: Path) -> None:
         ax.set_ylabel("loss (nats/token)")
         ax.set_title("\n".join(textwrap.wrap(s["label"], 45)), fontsize=9)
         ax.legend()
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def plot_training(run: Path, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [m for m in lines if "loss" in m]
@@ -62,10 +54,7 @@ def plot_training(run: Path, path: Path) -> None:
     b.set_xlabel("step")
     b.set_ylabel("loop iterations")
     b.legend()
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def _closed(converted: float, healed: float, teacher: float) -> float:

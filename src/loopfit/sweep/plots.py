@@ -5,23 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from loopfit.io import atomic_file
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    _plt().close(fig)
+from loopfit.plotting import pyplot, save_png
 
 
 def _number(v: str) -> float | None:
@@ -33,7 +17,7 @@ def _number(v: str) -> float | None:
 
 def plot_knobs(entries: list[dict], axes: list[tuple[str, list[str]]], metric: str, out: Path) -> list[Path]:
     """One PNG per knob: the metric against the knob's values, one line per setting of the other knobs."""
-    plt = _plt()
+    plt = pyplot()
     ok = [e for e in entries if e.get("metric") is not None]
     paths = []
     for key, values in axes:
@@ -59,14 +43,14 @@ def plot_knobs(entries: list[dict], axes: list[tuple[str, list[str]]], metric: s
         if any(others):
             ax.legend(fontsize=7)
         path = out / f"{metric}_vs_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.png"
-        _save(fig, path)
+        save_png(fig, path, dpi=110)
         paths.append(path)
     return paths
 
 
 def plot_curves(curves: dict[str, list[dict]], out: Path) -> Path:
     """Training loss of every run against step and against cumulative step time."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for name, curve in curves.items():
         if curve:
@@ -78,7 +62,7 @@ def plot_curves(curves: dict[str, list[dict]], out: Path) -> Path:
     a.set_title("training curves")
     b.legend(fontsize=6)
     path = out / "curves.png"
-    _save(fig, path)
+    save_png(fig, path, dpi=110)
     return path
 
 
@@ -96,7 +80,7 @@ def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> li
 
 def plot_pareto(entries: list[dict], metric: str, lower_is_better: bool, out: Path) -> Path:
     """The metric of every run against its training time, the Pareto front drawn through the undominated runs."""
-    plt = _plt()
+    plt = pyplot()
     ok = [e for e in entries if e.get("metric") is not None and e.get("train_seconds") is not None]
     pts = [(e["train_seconds"] / 60, e["metric"]) for e in ok]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -110,5 +94,5 @@ def plot_pareto(entries: list[dict], metric: str, lower_is_better: bool, out: Pa
     ax.set_title(f"{metric} vs training time")
     ax.legend()
     path = out / "pareto.png"
-    _save(fig, path)
+    save_png(fig, path, dpi=110)
     return path

@@ -81,7 +81,7 @@ def main() -> None:
         model = load_model(name)
         for key, batches in sets.items():
             res = depth_sweep(model, batches, depths if is_looped(model) else [1])
-            row = {"model": label, "yardstick": key, "tokens": res["tokens"]}
+            row = {"model": label, "looped": is_looped(model), "yardstick": key, "tokens": res["tokens"]}
             row.update({f"R={d}": round(x, 4) for d, x in zip(res["depths"], res["loss"])})
             rows.append(row)
             print(row, flush=True)

@@ -21,12 +21,22 @@ LOOP = [
 
 def test_load_series_reads_the_named_model_at_every_depth(tmp_path):
     path = _write(tmp_path / "r.json", LOOP)
-    label, curves = load_series(f"my loop={path}#loop", tmp_path)
-    assert label == "my loop"
+    label, curves, looped = load_series(f"my loop={path}#loop", tmp_path)
+    assert label == "my loop" and looped
     assert curves == {"shakespeare": {1: 4.2, 6: 3.9, 24: 3.95}, "gsm8k": {1: 4.0, 6: 4.5, 24: 4.6}}
     # A file name alone is looked up in the results folder; a label may hold '=' signs ("T = 1").
-    label, curves = load_series("static, T = 1=r.json#static", tmp_path)
-    assert label == "static, T = 1" and curves == {"shakespeare": {1: 3.94}}
+    label, curves, looped = load_series("static, T = 1=r.json#static", tmp_path)
+    assert label == "static, T = 1" and curves == {"shakespeare": {1: 3.94}} and not looped
+
+
+def test_looped_comes_from_the_rows_not_the_label(tmp_path):
+    rows = [
+        {"model": "a", "looped": False, "yardstick": "shakespeare", "tokens": 10, "R=1": 3.9},
+        {"model": "b", "looped": True, "yardstick": "shakespeare", "tokens": 10, "R=1": 4.1},
+    ]
+    _write(tmp_path / "f.json", rows)
+    assert load_series("the pruned model=f.json#a", tmp_path)[2] is False  # static, though the label does not say
+    assert load_series("static-shaped label=f.json#b", tmp_path)[2] is True  # looped, scored at R = 1 alone
 
 
 @pytest.mark.parametrize(
@@ -47,7 +57,11 @@ def test_load_series_refuses_bad_specs_in_one_line(tmp_path, spec, message):
 
 def test_default_series_are_all_committed_results():
     series = [load_series(s, RESULTS) for s in DEFAULT_SERIES]
-    assert all("shakespeare" in curves and "gsm8k" in curves for _, curves in series)
+    assert all("shakespeare" in curves and "gsm8k" in curves for _, curves, _ in series)
+    assert [label for label, _, looped in series if not looped] == [
+        "static model, rank 64, T = 1, seed 0",
+        "static model at 1.5x the steps (860), bf16",
+    ]
 
 
 def test_plot_writes_a_png(tmp_path):

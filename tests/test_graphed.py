@@ -99,6 +99,8 @@ def test_refusals():
     assert "plain model" in graph_unsupported(plain, "cuda")
     model = _looped()
     assert "CUDA GPU" in graph_unsupported(model, "cpu")
+    assert graph_unsupported(model) is None  # the model alone: the eager static step runs anywhere
+    assert "plain model" in graph_unsupported(plain)
     with pytest.raises(ValueError, match="CUDA GPU"):
         GraphedDecoder(model, 2, 16, 2)  # use_graph on a CPU model
     model.config.base_config._attn_implementation = "flash_attention_2"

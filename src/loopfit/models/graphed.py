@@ -60,14 +60,16 @@ class StaticLoopCache(Cache):
                 layer.cumulative_length.zero_()
 
 
-def graph_unsupported(model, device: torch.device | str) -> str | None:
-    """Why fixed-depth CUDA-graph decoding cannot run `model` on `device`, or None if it can."""
+def graph_unsupported(model, device: torch.device | str | None = None) -> str | None:
+    """Why fixed-depth CUDA-graph decoding cannot run `model` on `device`, or None if it can.
+
+    `device=None` checks the model alone (the static-cache step runs eagerly on any device)."""
     if getattr(model.config, "model_type", None) != "looped":
         return "CUDA-graph decoding runs the loop of a looped model; this is a plain model"
     impl = model.config.base_config._attn_implementation
     if impl not in _MASKED_ATTENTION:
         return f"CUDA-graph decoding builds sdpa or eager attention masks; the model uses `{impl}` attention"
-    if torch.device(device).type != "cuda":
+    if device is not None and torch.device(device).type != "cuda":
         return "CUDA graphs need a CUDA GPU (use --device cuda)"
     return None
 
@@ -89,7 +91,7 @@ class GraphedDecoder:
 
     def __init__(self, model, batch_size: int, max_len: int, num_steps: int, use_graph: bool = True):
         device = next(model.parameters()).device
-        why = graph_unsupported(model, device if use_graph else "cuda")  # eager step: the model checks alone
+        why = graph_unsupported(model, device if use_graph else None)
         if why:
             raise ValueError(why)
         m = model.model
@@ -98,7 +100,9 @@ class GraphedDecoder:
         self.model, self.device, self.num_steps, self.use_graph = model, device, num_steps, use_graph
         self.batch_size, self.max_len = batch_size, max_len
         self.cache = StaticLoopCache(slots, max_len)
-        self.length = torch.zeros((), dtype=torch.long, device=device)  # tokens written so far (all slots alike)
+        # Tokens written so far (all slots alike). The static layers count too, but they allocate at their first
+        # write, so no counter of theirs exists when the prefill's masks are built: this one is the step's clock.
+        self.length = torch.zeros((), dtype=torch.long, device=device)
         self.pad_mask = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.kv_idx = torch.arange(max_len, device=device)
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the token the next step reads

@@ -20,8 +20,11 @@ from loopfit.losses import (
     kd_divergence,
     sparse_kd_divergence,
 )
+from loopfit.losses import fused as fused_mod
 from loopfit.losses.chunk_grad import Spec, Workspace, divergence_grad, fkl_grad
+from loopfit.losses.depths import fused_depth_loss
 from loopfit.losses.divergences import resolve_kind
+from loopfit.losses.fused import autocast_operands
 
 N, H, HT, V = 23, 16, 24, 40
 
@@ -187,6 +190,56 @@ def test_bf16_inputs():
     assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
     torch.testing.assert_close(gh.float(), rh.float(), rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(gw.float(), rw.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+@pytest.mark.parametrize("depths", [False, True])
+def test_autocast_runs_the_products_in_the_autocast_dtype(monkeypatch, kind, depths):
+    """Under bf16 autocast the fused loss multiplies in bf16, as `F.linear` would: float32 inputs give exactly the
+    loss and (upcast) gradients of the same inputs cast to bf16 by hand, and the gradients arrive in float32."""
+    h, w, b, th, tw, labels = make(seed=11, bias=True)
+    hs = [h, make(seed=12)[0]] if depths else [h]  # D = 2: the depth loss, every depth a leaf of its own
+    seen = []
+    real = chunk_grad.logits_into
+
+    def spy(h_, w_, b_, out):
+        seen.append((h_.dtype, w_.dtype, out.dtype))
+        return real(h_, w_, b_, out)
+
+    monkeypatch.setattr(fused_mod, "logits_into", spy)
+    monkeypatch.setattr(chunk_grad, "logits_into", spy)
+
+    def loss(hs_, w_, b_, th_, tw_):
+        kw = dict(teacher_hidden=th_, teacher_weight=tw_, kind=kind, temperature=2.0, chunk_size=7, lm_head_bias=b_)
+        if depths:
+            return fused_depth_loss(hs_, [0.25, 0.75], w_, labels, **kw).total
+        return fused_kd_loss(hs_[0], w_, labels, **kw).total
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(hs, w, b, th, tw)
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen)
+    leaves = [*hs, w, b]
+    grads_got = torch.autograd.grad(got, leaves)
+    assert all(g.dtype == torch.float32 for g in grads_got)
+    cast = [t.detach().bfloat16().requires_grad_() for t in leaves]
+    want = loss(cast[:-2], cast[-2], cast[-1], th.bfloat16(), tw.bfloat16())
+    assert torch.equal(got, want)
+    for g, r in zip(grads_got, torch.autograd.grad(want, cast)):
+        assert torch.equal(g, r.float())
+    # And bf16 is close to the float32 loss (the accuracy the bf16 tests above allow).
+    torch.testing.assert_close(got, loss(hs, w, b, th, tw), rtol=1e-2, atol=1e-2)
+
+
+def test_autocast_operands_casts_each_memory_once_and_nothing_outside_autocast():
+    w = torch.randn(8, 4)
+    h = torch.randn(3, 4, requires_grad=True)
+    ids = torch.arange(3)
+    assert autocast_operands(h, w, None, ids) == (h, w, None, ids)  # autocast off: the very same tensors
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ch, cw, none, cids, cw2, cview = autocast_operands(h, w, None, ids, w, w.detach())
+    assert ch.dtype == cw.dtype == torch.bfloat16 and ch.requires_grad and not cw.requires_grad
+    assert cw2 is cw and cview is cw  # a shared head (the same memory, another tensor object) is cast once
+    assert none is None and cids is ids
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from loopfit.losses.chunk_grad import chunk_losses
 from loopfit.losses.divergences import Divergence
 from loopfit.losses.estimators import Estimator
-from loopfit.losses.fused import _FusedLinearKD, _prepare
+from loopfit.losses.fused import _FusedLinearKD, _prepare, autocast_operands
 
 DEPTH_WEIGHTINGS = ("uniform", "linear")
 
@@ -132,6 +132,9 @@ def fused_depth_loss(
     """
     if len(weights) != len(student_hiddens) or any(not w >= 0 for w in weights):
         raise ValueError(f"need one weight >= 0 per hidden state ({len(student_hiddens)}), got {list(weights)}")
+    *student_hiddens, lm_head_weight, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_operands(
+        *student_hiddens, lm_head_weight, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias
+    )
     hidden, y, teacher, spec, n_valid = _prepare_depths(
         student_hiddens, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
         teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,
@@ -181,6 +184,9 @@ def depth_token_losses(
     Raises:
         ValueError: no hidden state, shapes that differ, and whatever `fused_kd_loss` refuses.
     """
+    *student_hiddens, lm_head_weight, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_operands(
+        *student_hiddens, lm_head_weight, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias
+    )
     hidden, y, teacher, spec, n = _prepare_depths(
         student_hiddens, lm_head_weight, labels, lm_head_bias, teacher_hidden, teacher_weight, teacher_bias,
         teacher_ids, teacher_values, teacher_tail, estimator, kind, temperature, ignore_index, kind_params,

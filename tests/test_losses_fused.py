@@ -194,11 +194,19 @@ def test_bf16_inputs():
 
 @pytest.mark.parametrize("kind", ["fkl", "jsd"])
 @pytest.mark.parametrize("depths", [False, True])
-def test_autocast_runs_the_products_in_the_autocast_dtype(monkeypatch, kind, depths):
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_autocast_runs_the_products_in_the_autocast_dtype(monkeypatch, kind, depths, device):
     """Under bf16 autocast the fused loss multiplies in bf16, as `F.linear` would: float32 inputs give exactly the
     loss and (upcast) gradients of the same inputs cast to bf16 by hand, and the gradients arrive in float32."""
-    h, w, b, th, tw, labels = make(seed=11, bias=True)
-    hs = [h, make(seed=12)[0]] if depths else [h]  # D = 2: the depth loss, every depth a leaf of its own
+
+    def on(*ts):  # leaves on `device` (make's tensors are CPU leaves that require grad)
+        return [t.detach().to(device).requires_grad_(t.requires_grad) for t in ts]
+
+    h, w, b, th, tw = on(*(x for x in make(seed=11, bias=True) if x.is_floating_point()))
+    labels = make(seed=11)[-1].to(device)
+    hs = [h, *on(make(seed=12)[0])] if depths else [h]  # D = 2: the depth loss, every depth a leaf of its own
     seen = []
     real = chunk_grad.logits_into
 
@@ -215,7 +223,7 @@ def test_autocast_runs_the_products_in_the_autocast_dtype(monkeypatch, kind, dep
             return fused_depth_loss(hs_, [0.25, 0.75], w_, labels, **kw).total
         return fused_kd_loss(hs_[0], w_, labels, **kw).total
 
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         got = loss(hs, w, b, th, tw)
     assert seen and all(d == (torch.bfloat16,) * 3 for d in seen)
     leaves = [*hs, w, b]

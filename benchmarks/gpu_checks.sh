@@ -27,7 +27,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log under $OUT,
 }
 
 # Limits: ~500 s in all, inside the device tool's 600 s per command (with the wheels' install and imports).
-step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_graphed.py tests/test_losses_fused.py -k "cuda"
+step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_graphed.py tests/test_losses_fused.py \
+  -k "cuda and not autocast"
 step source 30 python3 -m benchmarks.random_source --tokenizer .gpu/tok --out /tmp/smol-rand
 step decoding 100 python3 -m benchmarks.graphed_decoding --source /tmp/smol-rand --repeats 2 \
   --out "$OUT/graphed_decoding_cuda.json"
@@ -39,4 +40,6 @@ step kd_loss 70 python3 benchmarks/kd_loss.py --device cuda --ns 8192 --dtypes b
 step kd_loss_eager 40 env LOOPFIT_COMPILED_LOSS=0 python3 benchmarks/kd_loss.py --device cuda --ns 8192 \
   --dtypes bfloat16 --methods floor fused --chunk_size 2048 --repeats 10 --rounds 10 \
   --out "$OUT/kd_loss_cuda_eager.json"
+# Last, so that a slow compile here cannot cost the results above: the fused loss under bf16 autocast on CUDA.
+step autocast_tests 45 python3 -m pytest -q -p no:cacheprovider tests/test_losses_fused.py -k "cuda and autocast"
 echo "=== done after $SECONDS s"

@@ -21,10 +21,11 @@ RESULTS = Path(__file__).parent / "results"
 # LABEL=FILE or LABEL=FILE#MODEL (the row label inside the file, where it holds several models).
 DEFAULT_SERIES = [
     "today's recipe at T = 2 (rank 16)=heal_yardsticks_s0.json#today-s0",
-    "rank 64, T = 1 (configs/heal-smol.yaml), seed 0=heal_yardsticks_r64_t1_s0.json",
+    "cheap loop step, mean 4 (configs/heal-smol.yaml), seed 0=heal_yardsticks_k1m4_s0.json",
+    "rank 64, T = 1, mean 6, seed 0=heal_yardsticks_r64_t1_s0.json",
     "rank 64, T = 1, seed 2=heal_yardsticks_r64_t1_s2.json",
     "loss at every depth, k = 3=heal_yardsticks_every3_s0.json",
-    "mix heal, rank 64, T = 1 (configs/heal-smol-mix.yaml)=heal_yardsticks_mix_r64_t1_s0.json",
+    "mix heal, rank 64, T = 1, mean 6=heal_yardsticks_mix_r64_t1_s0.json",
     "static model, rank 64, T = 1, seed 0=heal_yardsticks_static_r64_t1_s0.json",
     "the loop at 1.5x the steps (453), bf16=heal_yardsticks_loop_15x_bf16_s0.json",
     "static model at 1.5x the steps (860), bf16=heal_yardsticks_static_15x_bf16_s0.json",
@@ -86,7 +87,7 @@ def plot(series: list[tuple[str, dict, bool]], out: Path) -> None:
             ax.axhline(value, color="black" if j == 0 else "grey", linestyle="--", linewidth=1, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(depths, [str(d) for d in depths])
-        ax.set_xlabel("recurrence depth R at evaluation (training mean 6)")
+        ax.set_xlabel("recurrence depth R at evaluation (training mean 6 unless the label says 4)")
         ax.set_ylabel("loss (nats / token)")
         ax.set_title(TITLES[key])
         ax.grid(alpha=0.3)

@@ -178,3 +178,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def logits_dtypes(monkeypatch):
+    """The fused loss's lm_head products as they run: a list that gains `(hidden, weight, out)` dtypes per call of
+    `logits_into` (patched where the forward and the backward chunk loops look it up)."""
+    from loopfit.losses import chunk_grad, fused
+
+    seen, real = [], chunk_grad.logits_into
+
+    def spy(h, w, b, out):
+        seen.append((h.dtype, w.dtype, out.dtype))
+        return real(h, w, b, out)
+
+    monkeypatch.setattr(fused, "logits_into", spy)
+    monkeypatch.setattr(chunk_grad, "logits_into", spy)
+    return seen

@@ -735,21 +735,10 @@ def test_bf16_slower_than_fp32_on_this_cpu_is_said_at_start(models, tmp_path, ca
     assert "bf16 matmuls" not in capsys.readouterr().err
 
 
-def test_bf16_run_scores_logits_with_bf16_products(models, tmp_path, monkeypatch):
+def test_bf16_run_scores_logits_with_bf16_products(models, tmp_path, logits_dtypes):
     """`--precision bf16`: the fused loss's lm_head products (student and teacher) run in bf16 like the model's
     other linear layers (autocast does not reach inside the fused loss by itself), and training still works: the
     loss falls on a fixed batch and every trainable (float32) parameter changes."""
-    from loopfit.losses import chunk_grad, fused
-
-    seen = []
-    real = chunk_grad.logits_into
-
-    def spy(h, w, b, out):
-        seen.append((h.dtype, w.dtype))
-        return real(h, w, b, out)
-
-    monkeypatch.setattr(fused, "logits_into", spy)
-    monkeypatch.setattr(chunk_grad, "logits_into", spy)
     cfg = _cfg(models, tmp_path, precision="bf16", max_steps=8, data=str(models / "one_batch.txt"),
                lora=LoRAConfig(enabled=True, r=4, modules_to_save=["adapter"]),
                distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher")))  # fmt: skip
@@ -758,7 +747,7 @@ def test_bf16_run_scores_logits_with_bf16_products(models, tmp_path, monkeypatch
     before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     fit(run)
     run.logger.close()
-    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert logits_dtypes and set(logits_dtypes) == {(torch.bfloat16,) * 3}
     after = dict(run.model.named_parameters())
     unchanged = [n for n, p in before.items() if after[n].dtype != torch.float32 or torch.equal(after[n], p)]
     assert not unchanged, unchanged

@@ -35,6 +35,7 @@ from loopfit.models.packed_attention import use_packed_attention
 from loopfit.train import checkpoint as ckpt
 from loopfit.train.config import TrainConfig
 from loopfit.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
+from loopfit.train.frozen import store_frozen_linears
 from loopfit.train.metrics import MetricsLogger, measure_matmul_peak, slow_bf16_warning
 from loopfit.train.on_policy import build_on_policy, on_policy_step
 from loopfit.train.resume import (
@@ -243,6 +244,11 @@ def fit(run: Run, until: int | None = None) -> None:
     stop = min(total, until) if until is not None else total
     bar = tqdm(total=total, initial=run.step, disable=not (cfg.progress_bar and d.is_main), dynamic_ncols=True)
     params = [p for _, p in run.trainable]
+    # Here, not in setup: until training starts the models compute in float32 outside autocast too (a benchmark's
+    # loss before the first step). FSDP2 shards a module's parameters as one dtype: left as they are there.
+    if cfg.precision == "bf16" and d.mode != "fsdp" and not run.frozen_stored:
+        store_frozen_linears(run.model, run.teacher)
+        run.frozen_stored = True
     started = time.perf_counter()
     while run.step < stop:
         enter_stage(run, run.step)

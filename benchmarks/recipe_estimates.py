@@ -8,10 +8,11 @@ depth come from `loopfit.flops` (the functions `loopfit count` uses). Memory and
 - Saved activations are **measured** on this CPU: the model's real layer shapes (3 source layers, layout 1-1-1,
   a 512-token vocabulary; the vocabulary only matters to the loss, counted apart) wrapped in the trainer's own
   LoRA (`loopfit.train.student.apply_lora`, r = 16, all linear layers) or left fully trainable, run through the
-  trainer's `Student` forward under bf16 autocast with `num_steps=(0, 2)` at two sequence lengths; every tensor
-  autograd saves (parameters excluded, each storage counted once) is attributed to the prelude, block, adapter or
-  coda layer that saved it. That gives bytes per token and a per-token-free part (bf16 copies of the weights) per
-  layer application, which scale to the full layout, batch and backprop depth. The attention kernel on a GPU may
+  trainer's `Student` forward under bf16 autocast with `num_steps=(0, 2)` at two sequence lengths, the frozen linear
+  weights stored in bf16 as a bf16 run stores them (`loopfit.train.frozen`); every tensor autograd saves
+  (parameters excluded, each storage counted once) is attributed to the prelude, block, adapter or coda layer that
+  saved it. That gives bytes per token and a per-token-free part (bf16 copies of float32 weights) per layer
+  application, which scale to the full layout, batch and backprop depth. The attention kernel on a GPU may
   save slightly different tensors than CPU SDPA; the weights and the loss are counted analytically.
 - Training tokens/s are the **measured** H100 rate of the same training step (benchmarks/results/
   train_throughput_cuda.json: SmolLM2-135M 4-6-4, LoRA + KD, bf16, 16 x 1024) scaled by FLOPs per token: at the
@@ -310,17 +311,20 @@ def measure_activations(spec: dict, lora: bool, lengths=(100, 200)) -> dict:
     part that does not grow with tokens, split into once per module and once per application.
 
     A 3-layer copy of the model (layout 1-1-1, real layer shapes, vocabulary 512, uninitialised weights: only
-    shapes matter), with the trainer's LoRA or every parameter trainable, runs the trainer's `Student` forward under
-    bf16 autocast, batch 1: at `num_steps=(0, 2)` for both lengths (a line through the two gives bytes per token and
-    the token-free part) and at `num_steps=(0, 1)` for the shorter (what one more loop iteration adds). The
-    token-free part is the bf16 copies of the weights autocast makes: a frozen weight's copy is saved at every use,
-    a trainable weight's is cached once per forward. The prelude here is one layer, the first: its input needs no
-    gradient, so it saves less than a later prelude layer, which saves what a block layer does.
+    shapes matter), with the trainer's LoRA (its frozen base weights stored in bf16, as `loopfit.train.frozen` stores
+    them in a bf16 run) or every parameter trainable, runs the trainer's `Student` forward under bf16 autocast, batch
+    1: at `num_steps=(0, 2)` for both lengths (a line through the two gives bytes per token and the token-free part)
+    and at `num_steps=(0, 1)` for the shorter (what one more loop iteration adds). The token-free part is the bf16
+    copies autocast makes of float32 weights: a trainable weight's is cached once per forward (a frozen float32
+    weight's would be saved at every use; stored in bf16, a frozen weight is saved as itself, a parameter). The
+    prelude here is one layer, the first: its input needs no gradient, so it saves less than a later prelude layer,
+    which saves what a block layer does.
     """
     from transformers import AutoModelForCausalLM
 
     from loopfit.convert import layout_from_sizes, to_looped
     from loopfit.train.config import LoRAConfig
+    from loopfit.train.frozen import store_frozen_linears
     from loopfit.train.student import Student, apply_lora
 
     small = {**spec, "config": {**spec["config"], "vocab_size": 512}}
@@ -331,6 +335,7 @@ def measure_activations(spec: dict, lora: bool, lengths=(100, 200)) -> dict:
     looped = looped.to_empty(device="cpu")
     if lora:
         looped = apply_lora(looped, LoRAConfig(enabled=True, r=LORA_R, lora_alpha=2 * LORA_R))
+        store_frozen_linears(looped, None)
     student = Student(looped).train()
     dec = (looped.get_base_model() if lora else looped).model
     parts = {"prelude": list(dec.prelude), "block": list(dec.block), "coda": list(dec.coda), "adapter": [dec.adapter]}
@@ -415,6 +420,11 @@ def estimate(spec: dict, acts: dict | None) -> dict:
 
     cfg, src, looped = meta_models(spec)
     sp, p = count_parameters(src), count_parameters(looped)
+    # The source's linear weights (its untied head included, a head tied to the embeddings not): what a bf16 run
+    # stores in bf16 (`loopfit.train.frozen`), as the teacher's and, under LoRA, the student's shared base weights.
+    tied = src.get_input_embeddings().weight
+    sp_linear = sum(t.numel() for m in src.modules() if type(m) is nn.Linear
+                    for t in (m.weight, m.bias) if t is not None and t is not tied)  # fmt: skip
     head, src_head = head_matmul_params(looped), head_matmul_params(src)
     n_teacher = sp["prelude"]  # the source's decoder layers (embeddings and head apart)
     lay = looped.config
@@ -480,12 +490,13 @@ def estimate(spec: dict, acts: dict | None) -> dict:
             "kept": len(kept),
         }
     if acts is not None:
-        row["memory"] = memory(cfg, acts, n_p, n_b, n_c, p, sp, n_lora["total"])
+        row["memory"] = memory(cfg, acts, n_p, n_b, n_c, p, sp, sp_linear, n_lora["total"])
     return row
 
 
-def memory(cfg, acts: dict, n_p: int, n_b: int, n_c: int, p: dict, sp: dict, n_lora: int) -> dict:
-    """GiB per GPU (no sharding): weights as loopfit holds them (fp32 under `--precision bf16` autocast), trainable
+def memory(cfg, acts: dict, n_p: int, n_b: int, n_c: int, p: dict, sp: dict, sp_linear: int, n_lora: int) -> dict:
+    """GiB per GPU (no sharding): weights as loopfit holds them under `--precision bf16` (float32, but the source's
+    `sp_linear` linear weights in bf16: the teacher's, shared with a LoRA student's frozen base), trainable
     state (fp32 parameter + gradient + AdamW m and v = 16 bytes each), saved activations at k = 8 (measured
     coefficients) and the fused loss's chunk working set; with gradient checkpointing an estimate."""
     loss = LOSS_CHUNK_TENSORS * CHUNK * cfg.vocab_size * 4 / GIB
@@ -494,10 +505,11 @@ def memory(cfg, acts: dict, n_p: int, n_b: int, n_c: int, p: dict, sp: dict, n_l
         a = acts[mode]
         per_tok, fixed = activation_bytes(a, n_p, n_b, n_c, BACKPROP_DEPTH)
         if mode == "lora":  # frozen student weights are shared with the (same-source) online teacher
-            weights = 4 * (sp["total"] + p["adapter"])  # share_teacher_weights; an untied head shares the tied one
+            # share_teacher_weights; an untied head shares the tied one
+            weights = 4 * (sp["total"] + p["adapter"]) - 2 * sp_linear
             trainable = n_lora
         else:
-            weights = 4 * (sp["total"] + p["total"])  # student and online teacher, both fp32
+            weights = 4 * (sp["total"] + p["total"]) - 2 * sp_linear  # the student fp32, the teacher's linears bf16
             trainable = p["total"]
         static = (weights + 16 * trainable + fixed) / GIB + loss
         seq_gib = per_tok * SEQ / GIB

@@ -417,14 +417,14 @@ def estimate(spec: dict, acts: dict | None) -> dict:
         inference_flops_per_token,
         training_flops,
     )
+    from loopfit.train.frozen import frozen_linear_weights
 
     cfg, src, looped = meta_models(spec)
     sp, p = count_parameters(src), count_parameters(looped)
-    # The source's linear weights (its untied head included, a head tied to the embeddings not): what a bf16 run
-    # stores in bf16 (`loopfit.train.frozen`), as the teacher's and, under LoRA, the student's shared base weights.
-    tied = src.get_input_embeddings().weight
-    sp_linear = sum(t.numel() for m in src.modules() if type(m) is nn.Linear
-                    for t in (m.weight, m.bias) if t is not None and t is not tied)  # fmt: skip
+    # The teacher's linear weights a bf16 run stores in bf16 (`loopfit.train.frozen`'s rule: its untied head
+    # included, a head tied to the embeddings not), shared under LoRA with the student's frozen base weights.
+    src.requires_grad_(False)  # a frozen teacher, as in training; `to_looped` shares no parameter with it
+    sp_linear = sum(t.numel() for t in frozen_linear_weights(looped, src))
     head, src_head = head_matmul_params(looped), head_matmul_params(src)
     n_teacher = sp["prelude"]  # the source's decoder layers (embeddings and head apart)
     lay = looped.config

@@ -49,7 +49,8 @@ def frozen_linear_weights(student: nn.Module, teacher: nn.Module | None) -> list
 
 def store_frozen_linears(student: nn.Module, teacher: nn.Module | None, dtype: torch.dtype = torch.bfloat16) -> int:
     """Store `frozen_linear_weights(student, teacher)` in `dtype`, in place (the same `Parameter` objects, so a
-    weight the student shares with the teacher stays shared); returns the bytes saved.
+    weight the student shares with the teacher stays shared); returns the bytes saved, 0 on a second call (only
+    float32 weights are picked).
 
     Only for runs whose every forward is under autocast to `dtype`: outside autocast a float32 input would meet a
     bfloat16 weight (`RuntimeError`: mat1 and mat2 must have the same dtype).

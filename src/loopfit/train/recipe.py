@@ -245,10 +245,10 @@ def fit(run: Run, until: int | None = None) -> None:
     bar = tqdm(total=total, initial=run.step, disable=not (cfg.progress_bar and d.is_main), dynamic_ncols=True)
     params = [p for _, p in run.trainable]
     # Here, not in setup: until training starts the models compute in float32 outside autocast too (a benchmark's
-    # loss before the first step). FSDP2 shards a module's parameters as one dtype: left as they are there.
-    if cfg.precision == "bf16" and d.mode != "fsdp" and not run.frozen_stored:
+    # loss before the first step). FSDP2 shards a module's parameters as one dtype: left as they are there. A no-op
+    # on a later call (only float32 weights are picked).
+    if cfg.precision == "bf16" and d.mode != "fsdp":
         store_frozen_linears(run.model, run.teacher)
-        run.frozen_stored = True
     started = time.perf_counter()
     while run.step < stop:
         enter_stage(run, run.step)

@@ -59,7 +59,6 @@ class Run:
     aside: Path | None = None  # the replaced run folder, kept until this run's first checkpoint (--overwrite)
     saved_step: int | None = None  # step of the newest checkpoint written or restored
     on_policy: object | None = None  # a `loopfit.train.on_policy.OnPolicy` (that module imports this one)
-    frozen_stored: bool = False  # frozen linear weights already in bf16 (`loopfit.train.frozen`)
 
     @property
     def depth_gen(self) -> torch.Generator:

@@ -243,3 +243,39 @@ def test_segments_and_per_document_attention_calls(monkeypatch):
     with torch.no_grad():
         teacher.model(ids, attention_mask=torch.ones_like(ids))  # no segments: sdpa's own call, mask and all
     assert len(calls) == 2 and all(n == 6 for n, _, _ in calls)
+
+
+def test_per_document_attention_under_bf16_autocast_is_the_slice_by_slice_computation():
+    """Under bf16 autocast `loopfit_sdpa` casts q, k, v once and splits them (one `cat` in the backward pass): the
+    output and the gradients of q, k, v are bit-equal to SDPA called on each document's slice (autocast casting
+    each slice), GQA included."""
+    teacher = make_tiny_model("llama", num_layers=1, hidden=32)
+    module = teacher.model.layers[0].self_attn
+    bounds = [[0, 3, 5, 9], [0, 9]]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 9, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    w = torch.randn(2, 9, 4, 8, generator=g)
+
+    def run(fn):
+        for t in (q, k, v):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn()
+        (out.float() * w).sum().backward()
+        return out, [t.grad.clone() for t in (q, k, v)]
+
+    def by_slices():
+        rows = []
+        for b, row in enumerate(bounds):
+            parts = [packed_attention.sdpa_attention_forward(module, *(t[b : b + 1, :, s:e] for t in (q, k, v)), None,
+                                                             is_causal=True, scaling=module.scaling)[0]
+                     for s, e in zip(row[:-1], row[1:])]  # fmt: skip
+            rows.append(torch.cat(parts, dim=1))
+        return torch.cat(rows)
+
+    want, want_grads = run(by_slices)
+    got, got_grads = run(lambda: packed_attention.packed_sdpa_forward(module, q, k, v, None, bounds,
+                                                                      scaling=module.scaling)[0])  # fmt: skip
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == torch.float32 and torch.equal(a, b)

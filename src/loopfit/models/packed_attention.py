@@ -47,12 +47,17 @@ def packed_sdpa_forward(module: nn.Module, query, key, value, attention_mask, lo
     if query.shape[2] != key.shape[2]:
         raise ValueError("packed segments need queries and keys of the same length (no KV cache)")
     kwargs.pop("is_causal", None)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # cast once, not each document's slice (SDPA's autocast: the same numbers)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     rows = []
-    for b, bounds in enumerate(loopfit_segments):
-        parts = []
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            q, k, v = (t[b : b + 1, :, start:stop] for t in (query, key, value))
-            parts.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
+    # `split`, not slicing: the backward pass joins the documents' gradients in one `cat`, where each slice's
+    # backward would fill and copy a zero tensor of the whole row.
+    for b, (q_row, k_row, v_row) in enumerate(zip(*(t.split(1) for t in (query, key, value)))):
+        sizes = [stop - start for start, stop in zip(loopfit_segments[b][:-1], loopfit_segments[b][1:])]
+        parts = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+                 for q, k, v in zip(*(t.split(sizes, dim=2) for t in (q_row, k_row, v_row)))]  # fmt: skip
         rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0], None
 

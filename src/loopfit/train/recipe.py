@@ -33,6 +33,7 @@ from loopfit.models.compiled import compile_loop
 from loopfit.models.layers import enable_activation_checkpointing
 from loopfit.models.packed_attention import use_packed_attention
 from loopfit.train import checkpoint as ckpt
+from loopfit.train.casts import share_input_casts
 from loopfit.train.config import TrainConfig
 from loopfit.train.distributed import all_reduce_sum, barrier, cleanup, init_distributed, wrap_student
 from loopfit.train.frozen import store_frozen_linears
@@ -245,10 +246,12 @@ def fit(run: Run, until: int | None = None) -> None:
     bar = tqdm(total=total, initial=run.step, disable=not (cfg.progress_bar and d.is_main), dynamic_ncols=True)
     params = [p for _, p in run.trainable]
     # Here, not in setup: until training starts the models compute in float32 outside autocast too (a benchmark's
-    # loss before the first step). FSDP2 shards a module's parameters as one dtype: left as they are there. A no-op
-    # on a later call (only float32 weights are picked).
-    if cfg.precision == "bf16" and d.mode != "fsdp":
-        store_frozen_linears(run.model, run.teacher)
+    # loss before the first step). FSDP2 shards a module's parameters as one dtype: left as they are there. Both
+    # are no-ops on a later call.
+    if cfg.precision == "bf16":
+        if d.mode != "fsdp":
+            store_frozen_linears(run.model, run.teacher)
+        share_input_casts(run.model, run.teacher)
     started = time.perf_counter()
     while run.step < stop:
         enter_stage(run, run.step)

@@ -1,0 +1,87 @@
+"""One autocast copy per linear input under `--precision bf16`, shared by every linear layer that reads it.
+
+Under `torch.autocast`, each `F.linear` casts its float32 input to bfloat16 itself. A pre-norm decoder layer feeds
+one normed hidden state to several linear layers (q, k and v; gate and up), and PEFT's LoRA feeds its input to the
+base layer and to `lora_A` again: the same tensor is cast 3-6 times per layer in the forward pass, each copy saved for
+the backward pass, and the backward pass casts each of their gradients back to float32 before summing them.
+`share_input_casts` casts it once: a forward pre-hook on every `nn.Linear` of the models hands each layer the one
+bfloat16 copy of its input (the same round-to-nearest autocast applies, so the forward pass computes the same
+numbers), one copy is saved instead of several, and the gradients of the layers reading it are summed in float32
+as before (`_SharedCast.backward` casts each back alone, so the gradients are bit-equal too).
+
+PEFT also casts a LoRA layer's input to the adapter's dtype before `lora_A` (`_cast_input_dtype`): a bfloat16
+input (the attention output before `o_proj`, the MLP product before `down_proj`) is cast to float32 and back by
+autocast. Under autocast that round trip is exact and useless; `share_input_casts` turns it off
+(`cast_input_dtype_enabled`, PEFT's switch).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from loopfit.models.layers import COMPILED_MARK
+
+_MARK = "_loopfit_shared_cast"
+
+
+class _SharedCast(torch.autograd.Function):
+    """`cast` (x cast to a lower dtype without autograd) as an output of x, whose gradient goes back to x's dtype
+    on its own, as if this consumer had cast x itself. Shapes: x and cast alike."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = x.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
+class _Casts:
+    """The cache of one pair of models: float32 input -> (its version when cast, its bfloat16 copy). Weakly keyed:
+    an entry lives as long as the input does (one forward pass)."""
+
+    def __init__(self):
+        self.cache = WeakIdKeyDictionary()
+
+    def __call__(self, module: nn.Module, args: tuple):
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
+            return None
+        hit = self.cache.get(x)
+        if hit is None or hit[0] != x._version:  # an in-place change since: cast again
+            with torch.no_grad():
+                hit = (x._version, x.to(torch.get_autocast_dtype(x.device.type)))
+            self.cache[x] = hit
+        cast = _SharedCast.apply(x, hit[1]) if x.requires_grad and torch.is_grad_enabled() else hit[1]
+        return (cast, *args[1:])
+
+
+def share_input_casts(*models: nn.Module | None) -> int:
+    """Install the shared input casts on every `nn.Linear` of `models` (None skipped) and turn off PEFT's input
+    casting in their LoRA layers; returns the number of layers hooked (0 on a second call: installed once).
+
+    Outside autocast the hooks do nothing. Layers inside a decoder layer that `--compile` compiled
+    (`COMPILED_MARK`) are left alone: the compiler fuses autocast's casts itself, and a Python cache in a hook would
+    break its graph.
+    """
+    casts = _Casts()
+    hooked = 0
+    for model in models:
+        if model is None:
+            continue
+        compiled = {id(m) for layer in model.modules() if getattr(layer, COMPILED_MARK, False) for m in layer.modules()}
+        for m in model.modules():
+            if id(m) in compiled:
+                continue
+            if isinstance(m, LoraLayer):
+                m.cast_input_dtype_enabled = False
+            if isinstance(m, nn.Linear) and not getattr(m, _MARK, False):
+                m.register_forward_pre_hook(casts)
+                setattr(m, _MARK, True)
+                hooked += 1
+    return hooked

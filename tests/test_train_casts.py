@@ -1,0 +1,141 @@
+"""`--precision bf16` casts each linear input once (loopfit.train.casts): the same loss and gradients as autocast
+casting it at every layer, fewer casts, and the training run uses it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import write_teacher_and_looped_student
+from peft.tuners.lora import LoraLayer
+
+from loopfit.models.layers import COMPILED_MARK
+from loopfit.train import DistillationConfig, LoRAConfig, TrainConfig
+from loopfit.train.casts import share_input_casts
+from loopfit.train.frozen import store_frozen_linears
+from loopfit.train.recipe import depth_at, setup
+from loopfit.train.student import objective_loss
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return write_teacher_and_looped_student(tmp_path_factory.mktemp("casts"))
+
+
+def _cfg(models, out, lora=True, share=True, precision="bf16", **kw) -> TrainConfig:
+    return TrainConfig(
+        model_name=str(models / "looped"), out=str(out), data=str(models / "data.txt"), seq_len=32, batch_size=4,
+        max_steps=6, save_every=3, progress_bar=False, tensorboard=False, fixed_num_steps=2, precision=precision,
+        lora=LoRAConfig(enabled=lora, r=4, modules_to_save=["adapter"] if lora else None),
+        distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher"), ce_scale=0.5,
+                                        kd_scale=0.5, share_weights=share), **kw)  # fmt: skip
+
+
+def _loss_and_grads(run, batch, depth):
+    run.student.zero_grad(set_to_none=True)
+    num_items = (batch["labels"][:, 1:] != -100).sum().float()
+    with run.autocast:
+        parts = objective_loss(run.objective, run.student, run.teacher, batch, depth, num_items)
+    parts.total.backward()
+    return parts.total.detach(), {n: p.grad.clone() for n, p in run.trainable}
+
+
+def _count_casts(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+@pytest.mark.parametrize(
+    "lora,frozen,checkpointing", [(True, True, False), (True, False, False), (False, True, False), (True, True, True)]
+)
+def test_shared_casts_compute_what_autocast_computed(models, tmp_path, lora, frozen, checkpointing):
+    """Loss and every trainable gradient of one KD micro-batch under bf16 autocast are bit-equal with and without
+    the shared casts (LoRA or full fine-tune, frozen weights in float32 or bf16, activation checkpointing), with
+    fewer casts."""
+    run = setup(_cfg(models, tmp_path / "run", lora=lora, gradient_checkpointing=checkpointing))
+    if frozen:
+        store_frozen_linears(run.model, run.teacher)
+    batch = run.stream.next()
+    depth = depth_at(run, 0)[2]
+    loss0, grads0 = _loss_and_grads(run, batch, depth)
+    n0 = _count_casts(lambda: _loss_and_grads(run, batch, depth))
+    assert share_input_casts(run.model, run.teacher) > 0
+    assert share_input_casts(run.model, run.teacher) == 0  # installed once
+    loss1, grads1 = _loss_and_grads(run, batch, depth)
+    n1 = _count_casts(lambda: _loss_and_grads(run, batch, depth))
+    run.logger.close()
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and len(grads0) > 0
+    for n in grads0:
+        assert torch.equal(grads0[n], grads1[n]), n
+    assert n1 < n0, (n0, n1)
+
+
+def test_bf16_fit_installs_them_fp32_does_not(models, tmp_path):
+    """A bf16 run hooks every linear layer of student and teacher and turns off PEFT's input casts at its first
+    step; an fp32 run leaves the models as they are."""
+    from loopfit.train.recipe import fit
+
+    for precision in ("bf16", "fp32"):
+        run = setup(_cfg(models, tmp_path / precision, precision=precision))
+        fit(run, until=1)
+        run.logger.close()
+        linears = [m for model in (run.model, run.teacher) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        loras = [m for m in run.model.modules() if isinstance(m, LoraLayer)]
+        assert linears and loras
+        assert all(getattr(m, "_loopfit_shared_cast", False) == (precision == "bf16") for m in linears)
+        assert all(m.cast_input_dtype_enabled == (precision == "fp32") for m in loras)
+
+
+def test_compiled_layers_are_left_alone():
+    """Linear layers inside a decoder layer that `--compile` compiled get no hook (the compiler fuses the casts)."""
+    model = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)), torch.nn.Linear(4, 4)
+    )
+    setattr(model[0], COMPILED_MARK, True)
+    assert share_input_casts(model) == 1
+    assert not model[0][0]._forward_pre_hooks and model[1]._forward_pre_hooks
+
+
+def test_one_copy_per_input_recast_after_an_in_place_change():
+    """Two layers reading one float32 input get the same bfloat16 copy; after an in-place change of the input the
+    next layer gets a fresh copy; outside autocast the hooks do nothing; the outputs are autocast's own."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    ref = [copy.deepcopy(a), copy.deepcopy(b)]
+    seen = []
+    share_input_casts(torch.nn.ModuleList([a, b]))
+    for m in (a, b):
+        m.register_forward_pre_hook(lambda _, args: seen.append(args[0]))  # after the shared cast's hook
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = a(x), b(x)
+        assert (
+            seen[0].dtype == torch.bfloat16
+            and seen[0].untyped_storage().data_ptr() == seen[1].untyped_storage().data_ptr()
+        )
+        x.mul_(2)
+        yb2 = b(x)
+        assert seen[2].untyped_storage().data_ptr() != seen[0].untyped_storage().data_ptr()
+        assert torch.equal(ya, ref[0](x / 2)) and torch.equal(yb, ref[1](x / 2)) and torch.equal(yb2, ref[1](x))
+    assert a(x).dtype == torch.float32 and seen[-1] is x
+
+
+def test_bf16_compiled_run_hooks_only_what_runs_eager(models, tmp_path):
+    """With `--compile` the loop's decoder layers are compiled: their linear layers get no hook, the rest (the
+    adapter, the head, the teacher) do, and the run trains."""
+    from loopfit.train.recipe import fit
+
+    run = setup(_cfg(models, tmp_path / "run", compile=True))
+    fit(run, until=2)
+    run.logger.close()
+    hooked = {n for n, m in run.model.named_modules() if getattr(m, "_loopfit_shared_cast", False)}
+    layers = {n for n, m in run.model.named_modules() if getattr(m, COMPILED_MARK, False)}
+    assert layers and hooked and all(".adapter" in n or n.endswith("lm_head") for n in hooked), hooked
+    assert all(not any(n.startswith(f"{layer}.") for layer in layers) for n in hooked)
+    assert all(
+        getattr(m, "_loopfit_shared_cast", False) for m in run.teacher.modules() if isinstance(m, torch.nn.Linear)
+    )
+    assert run.step == 2 and all(p.isfinite().all() for _, p in run.trainable)

@@ -240,6 +240,30 @@ def test_autocast_operands_casts_each_memory_once_and_nothing_outside_autocast()
     assert none is None and cids is ids
 
 
+def test_autocast_operands_keeps_a_frozen_parameters_cast_until_it_changes():
+    """A frozen `nn.Parameter` (a tied lm_head under LoRA) is cast once across calls; an in-place update, a new
+    storage (`.data =`) or a trainable parameter gets a fresh cast; the values are always the parameter's now."""
+    w = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
+    trainable = torch.nn.Parameter(torch.randn(8, 4))
+    h = torch.randn(3, 4)
+
+    def cast(p):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return autocast_operands(h, p)[1]
+
+    first = cast(w)
+    assert cast(w) is first and torch.equal(first, w.bfloat16())
+    with torch.no_grad():
+        w.mul_(2)
+    second = cast(w)
+    assert second is not first and torch.equal(second, w.bfloat16())
+    w.data = torch.randn(8, 4)
+    third = cast(w)
+    assert third is not second and torch.equal(third, w.bfloat16())
+    a = cast(trainable)
+    assert a.requires_grad and cast(trainable) is not a
+
+
 @pytest.mark.parametrize(
     "kind,temp,ce_scale,kd_scale,teacher",
     [

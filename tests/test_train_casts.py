@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import write_teacher_and_looped_student
+from conftest import make_tiny_model, write_teacher_and_looped_student
 from peft.tuners.lora import LoraLayer
 
 from loopfit.models.layers import COMPILED_MARK
@@ -139,3 +139,34 @@ def test_bf16_compiled_run_hooks_only_what_runs_eager(models, tmp_path):
         getattr(m, "_loopfit_shared_cast", False) for m in run.teacher.modules() if isinstance(m, torch.nn.Linear)
     )
     assert run.step == 2 and all(p.isfinite().all() for _, p in run.trainable)
+
+
+def test_relaxed_loop_keeps_bit_equal_gradients():
+    """A relaxed loop's block linears carry forward hooks that read their input (the per-iteration deltas): they
+    keep autocast's own casts, so loss and every gradient stay bit-equal; the other linears share theirs."""
+    from loopfit.convert import layout_from_sizes, to_looped
+
+    src = make_tiny_model("llama", num_layers=8, hidden=32)
+    looped = to_looped(src, layout_from_sizes(8, 1, 2, 1), relaxation_rank=4, adapter_init="state",
+                       state_init="embed").train()  # fmt: skip
+    with torch.no_grad():
+        for p in looped.model.relaxation.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        looped.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = looped(ids, labels=ids, num_steps=3)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in looped.named_parameters() if p.grad is not None}
+
+    loss0, grads0 = run()
+    hooked = share_input_casts(looped)
+    linears = [m for m in looped.modules() if isinstance(m, torch.nn.Linear)]
+    assert 0 < hooked < len(linears)
+    assert all(not getattr(m, "_loopfit_shared_cast", False) for m in looped.model.block.modules() if m._forward_hooks)
+    loss1, grads1 = run()
+    assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys()
+    for n in grads0:
+        assert torch.equal(grads0[n], grads1[n]), n

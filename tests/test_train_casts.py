@@ -89,14 +89,23 @@ def test_bf16_fit_installs_them_fp32_does_not(models, tmp_path):
         assert all(m.cast_input_dtype_enabled == (precision == "fp32") for m in loras)
 
 
-def test_compiled_layers_are_left_alone():
-    """Linear layers inside a decoder layer that `--compile` compiled get no hook (the compiler fuses the casts)."""
-    model = torch.nn.Sequential(
-        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)), torch.nn.Linear(4, 4)
-    )
+def test_compiled_layers_and_linears_with_their_own_forward_are_left_alone():
+    """Linear layers inside a decoder layer that `--compile` compiled get no hook (the compiler fuses the casts),
+    nor does a subclass with a forward of its own (a quantized layer); a subclass without one does."""
+
+    class Own(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x.float())
+
+    class Plain(torch.nn.Linear):
+        pass
+
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model = torch.nn.Sequential(layer, torch.nn.Linear(4, 4), Own(4, 4), Plain(4, 4))
     setattr(model[0], COMPILED_MARK, True)
-    assert share_input_casts(model) == 1
-    assert not model[0][0]._forward_pre_hooks and model[1]._forward_pre_hooks
+    assert share_input_casts(model) == 2
+    assert not model[0][0]._forward_pre_hooks and not model[2]._forward_pre_hooks
+    assert model[1]._forward_pre_hooks and model[3]._forward_pre_hooks
 
 
 def test_one_copy_per_input_recast_after_an_in_place_change():

@@ -65,7 +65,8 @@ def share_input_casts(*models: nn.Module | None) -> int:
     """Install the shared input casts on every `nn.Linear` of `models` (None skipped) and turn off PEFT's input
     casting in their LoRA layers; returns the number of layers hooked (0 on a second call: installed once).
 
-    Outside autocast the hooks do nothing. Left alone: layers inside a decoder layer that `--compile` compiled
+    Outside autocast the hooks do nothing. Left alone: subclasses of `nn.Linear` with a forward of their own
+    (quantized layers), layers inside a decoder layer that `--compile` compiled
     (`COMPILED_MARK`; the compiler fuses autocast's casts itself, and a Python cache in a hook would break its
     graph), and layers with forward hooks of their own, which may read the input (a relaxed loop's per-iteration
     deltas, `loopfit.models.relaxed.RelaxHook`: given the shared copy, their gradient would join the layer's in
@@ -82,7 +83,10 @@ def share_input_casts(*models: nn.Module | None) -> int:
                 continue
             if isinstance(m, LoraLayer):
                 m.cast_input_dtype_enabled = False
-            if isinstance(m, nn.Linear) and not getattr(m, _MARK, False) and not m._forward_hooks:
+            # `nn.Linear.forward` itself: a subclass with its own forward (a quantized layer) may treat its input
+            # differently from `F.linear` under autocast.
+            plain = isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+            if plain and not getattr(m, _MARK, False) and not m._forward_hooks:
                 m.register_forward_pre_hook(casts)
                 setattr(m, _MARK, True)
                 hooked += 1

@@ -312,17 +312,19 @@ def measure_activations(spec: dict, lora: bool, lengths=(100, 200)) -> dict:
 
     A 3-layer copy of the model (layout 1-1-1, real layer shapes, vocabulary 512, uninitialised weights: only
     shapes matter), with the trainer's LoRA (its frozen base weights stored in bf16, as `loopfit.train.frozen` stores
-    them in a bf16 run) or every parameter trainable, runs the trainer's `Student` forward under bf16 autocast, batch
-    1: at `num_steps=(0, 2)` for both lengths (a line through the two gives bytes per token and the token-free part)
-    and at `num_steps=(0, 1)` for the shorter (what one more loop iteration adds). The token-free part is the bf16
-    copies autocast makes of float32 weights: a trainable weight's is cached once per forward (a frozen float32
-    weight's would be saved at every use; stored in bf16, a frozen weight is saved as itself, a parameter). The
-    prelude here is one layer, the first: its input needs no gradient, so it saves less than a later prelude layer,
-    which saves what a block layer does.
+    them in a bf16 run) or every parameter trainable, with a bf16 run's shared input casts (`loopfit.train.casts`:
+    one saved bf16 copy of each linear input, not one per reading layer), runs the trainer's `Student` forward under
+    bf16 autocast, batch 1: at `num_steps=(0, 2)` for both lengths (a line through the two gives bytes per token and
+    the token-free part) and at `num_steps=(0, 1)` for the shorter (what one more loop iteration adds). The
+    token-free part is the bf16 copies autocast makes of float32 weights: a trainable weight's is cached once per
+    forward (a frozen float32 weight's would be saved at every use; stored in bf16, a frozen weight is saved as
+    itself, a parameter). The prelude here is one layer, the first: its input needs no gradient, so it saves less
+    than a later prelude layer, which saves what a block layer does.
     """
     from transformers import AutoModelForCausalLM
 
     from loopfit.convert import layout_from_sizes, to_looped
+    from loopfit.train.casts import share_input_casts
     from loopfit.train.config import LoRAConfig
     from loopfit.train.frozen import store_frozen_linears
     from loopfit.train.student import Student, apply_lora
@@ -336,6 +338,7 @@ def measure_activations(spec: dict, lora: bool, lengths=(100, 200)) -> dict:
     if lora:
         looped = apply_lora(looped, LoRAConfig(enabled=True, r=LORA_R, lora_alpha=2 * LORA_R))
         store_frozen_linears(looped, None)
+    share_input_casts(looped)  # as a bf16 run: one saved bf16 copy of each linear input (`loopfit.train.casts`)
     student = Student(looped).train()
     dec = (looped.get_base_model() if lora else looped).model
     parts = {"prelude": list(dec.prelude), "block": list(dec.block), "coda": list(dec.coda), "adapter": [dec.adapter]}

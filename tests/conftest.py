@@ -171,6 +171,31 @@ def write_teacher_and_looped_student(root):
     return root
 
 
+def bf16_kd_config(models, out, lora=True, share=True, precision="bf16", **kw):
+    """A LoRA (or full fine-tune) + KD `TrainConfig` on `write_teacher_and_looped_student(models)`'s files: bf16,
+    batch 4 x 32, 6 steps, a checkpoint every 3, fixed depth 2; the teacher shares its weights unless `share=False`."""
+    from loopfit.train import DistillationConfig, LoRAConfig, TrainConfig
+
+    return TrainConfig(
+        model_name=str(models / "looped"), out=str(out), data=str(models / "data.txt"), seq_len=32, batch_size=4,
+        max_steps=6, save_every=3, progress_bar=False, tensorboard=False, fixed_num_steps=2, precision=precision,
+        lora=LoRAConfig(enabled=lora, r=4, modules_to_save=["adapter"] if lora else None),
+        distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher"), ce_scale=0.5,
+                                        kd_scale=0.5, share_weights=share), **kw)  # fmt: skip
+
+
+def kd_loss_and_grads(run, batch, depth):
+    """One micro-batch's objective under the run's autocast: (loss, {name: gradient} of every trainable tensor)."""
+    from loopfit.train.student import objective_loss
+
+    run.student.zero_grad(set_to_none=True)
+    num_items = (batch["labels"][:, 1:] != -100).sum().float()
+    with run.autocast:
+        parts = objective_loss(run.objective, run.student, run.teacher, batch, depth, num_items)
+    parts.total.backward()
+    return parts.total.detach(), {n: p.grad.clone() for n, p in run.trainable}
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matmuls on a shared 2-core machine run much faster without intra-op threads spinning."""

@@ -7,38 +7,18 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_model, write_teacher_and_looped_student
+from conftest import bf16_kd_config, kd_loss_and_grads, make_tiny_model, write_teacher_and_looped_student
 from peft.tuners.lora import LoraLayer
 
 from loopfit.models.layers import COMPILED_MARK
-from loopfit.train import DistillationConfig, LoRAConfig, TrainConfig
 from loopfit.train.casts import share_input_casts
 from loopfit.train.frozen import store_frozen_linears
 from loopfit.train.recipe import depth_at, setup
-from loopfit.train.student import objective_loss
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return write_teacher_and_looped_student(tmp_path_factory.mktemp("casts"))
-
-
-def _cfg(models, out, lora=True, share=True, precision="bf16", **kw) -> TrainConfig:
-    return TrainConfig(
-        model_name=str(models / "looped"), out=str(out), data=str(models / "data.txt"), seq_len=32, batch_size=4,
-        max_steps=6, save_every=3, progress_bar=False, tensorboard=False, fixed_num_steps=2, precision=precision,
-        lora=LoRAConfig(enabled=lora, r=4, modules_to_save=["adapter"] if lora else None),
-        distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher"), ce_scale=0.5,
-                                        kd_scale=0.5, share_weights=share), **kw)  # fmt: skip
-
-
-def _loss_and_grads(run, batch, depth):
-    run.student.zero_grad(set_to_none=True)
-    num_items = (batch["labels"][:, 1:] != -100).sum().float()
-    with run.autocast:
-        parts = objective_loss(run.objective, run.student, run.teacher, batch, depth, num_items)
-    parts.total.backward()
-    return parts.total.detach(), {n: p.grad.clone() for n, p in run.trainable}
 
 
 def _count_casts(fn) -> int:
@@ -54,17 +34,17 @@ def test_shared_casts_compute_what_autocast_computed(models, tmp_path, lora, fro
     """Loss and every trainable gradient of one KD micro-batch under bf16 autocast are bit-equal with and without
     the shared casts (LoRA or full fine-tune, frozen weights in float32 or bf16, activation checkpointing), with
     fewer casts."""
-    run = setup(_cfg(models, tmp_path / "run", lora=lora, gradient_checkpointing=checkpointing))
+    run = setup(bf16_kd_config(models, tmp_path / "run", lora=lora, gradient_checkpointing=checkpointing))
     if frozen:
         store_frozen_linears(run.model, run.teacher)
     batch = run.stream.next()
     depth = depth_at(run, 0)[2]
-    loss0, grads0 = _loss_and_grads(run, batch, depth)
-    n0 = _count_casts(lambda: _loss_and_grads(run, batch, depth))
+    loss0, grads0 = kd_loss_and_grads(run, batch, depth)
+    n0 = _count_casts(lambda: kd_loss_and_grads(run, batch, depth))
     assert share_input_casts(run.model, run.teacher) > 0
     assert share_input_casts(run.model, run.teacher) == 0  # installed once
-    loss1, grads1 = _loss_and_grads(run, batch, depth)
-    n1 = _count_casts(lambda: _loss_and_grads(run, batch, depth))
+    loss1, grads1 = kd_loss_and_grads(run, batch, depth)
+    n1 = _count_casts(lambda: kd_loss_and_grads(run, batch, depth))
     run.logger.close()
     assert torch.equal(loss0, loss1)
     assert grads0.keys() == grads1.keys() and len(grads0) > 0
@@ -79,7 +59,7 @@ def test_bf16_fit_installs_them_fp32_does_not(models, tmp_path):
     from loopfit.train.recipe import fit
 
     for precision in ("bf16", "fp32"):
-        run = setup(_cfg(models, tmp_path / precision, precision=precision))
+        run = setup(bf16_kd_config(models, tmp_path / precision, precision=precision))
         fit(run, until=1)
         run.logger.close()
         linears = [m for model in (run.model, run.teacher) for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -137,7 +117,7 @@ def test_bf16_compiled_run_hooks_only_what_runs_eager(models, tmp_path):
     adapter, the head, the teacher) do, and the run trains."""
     from loopfit.train.recipe import fit
 
-    run = setup(_cfg(models, tmp_path / "run", compile=True))
+    run = setup(bf16_kd_config(models, tmp_path / "run", compile=True))
     fit(run, until=2)
     run.logger.close()
     hooked = {n for n, m in run.model.named_modules() if getattr(m, "_loopfit_shared_cast", False)}

@@ -7,13 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import write_teacher_and_looped_student
+from conftest import bf16_kd_config, kd_loss_and_grads, write_teacher_and_looped_student
 from safetensors.torch import load_file
 
-from loopfit.train import DistillationConfig, LoRAConfig, TrainConfig
 from loopfit.train.frozen import frozen_linear_weights, store_frozen_linears
 from loopfit.train.recipe import depth_at, fit, setup, train
-from loopfit.train.student import objective_loss
 
 
 @pytest.fixture(scope="module")
@@ -21,35 +19,17 @@ def models(tmp_path_factory):
     return write_teacher_and_looped_student(tmp_path_factory.mktemp("frozen"))
 
 
-def _cfg(models, out, lora=True, share=True, **kw) -> TrainConfig:
-    return TrainConfig(
-        model_name=str(models / "looped"), out=str(out), data=str(models / "data.txt"), seq_len=32, batch_size=4,
-        max_steps=6, save_every=3, progress_bar=False, tensorboard=False, fixed_num_steps=2, precision="bf16",
-        lora=LoRAConfig(enabled=lora, r=4, modules_to_save=["adapter"] if lora else None),
-        distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher"), ce_scale=0.5,
-                                        kd_scale=0.5, share_weights=share), **kw)  # fmt: skip
-
-
-def _loss_and_grads(run, batch, depth):
-    run.student.zero_grad(set_to_none=True)
-    num_items = (batch["labels"][:, 1:] != -100).sum().float()
-    with run.autocast:
-        parts = objective_loss(run.objective, run.student, run.teacher, batch, depth, num_items)
-    parts.total.backward()
-    return parts.total.detach(), {n: p.grad.clone() for n, p in run.trainable}
-
-
 @pytest.mark.parametrize("share", [True, False])
 def test_stored_bf16_weights_compute_what_autocast_computed(models, tmp_path, share):
     """Loss and every trainable gradient of one LoRA + KD micro-batch under bf16 autocast are bit-equal before and
     after the frozen linear weights are stored in bf16 (shared with the teacher or not)."""
-    run = setup(_cfg(models, tmp_path / "run", share=share))
+    run = setup(bf16_kd_config(models, tmp_path / "run", share=share))
     batch = run.stream.next()
     depth = depth_at(run, 0)[2]
-    loss0, grads0 = _loss_and_grads(run, batch, depth)
+    loss0, grads0 = kd_loss_and_grads(run, batch, depth)
     saved = store_frozen_linears(run.model, run.teacher)
     assert saved > 0
-    loss1, grads1 = _loss_and_grads(run, batch, depth)
+    loss1, grads1 = kd_loss_and_grads(run, batch, depth)
     run.logger.close()
     assert torch.equal(loss0, loss1)
     assert grads0.keys() == grads1.keys() and len(grads0) > 0
@@ -60,7 +40,7 @@ def test_stored_bf16_weights_compute_what_autocast_computed(models, tmp_path, sh
 def test_which_weights_are_stored(models, tmp_path):
     """Every base layer of the student's LoRA layers and every teacher linear layer; never an adapter, a trainable
     module, a norm or the tied embedding / lm_head; counted once where student and teacher share a weight."""
-    run = setup(_cfg(models, tmp_path / "run"))
+    run = setup(bf16_kd_config(models, tmp_path / "run"))
     run.logger.close()
     model, teacher = run.model, run.teacher
     bases = {id(m.base_layer.weight) for n, m in model.named_modules() if n.endswith("_proj")}
@@ -81,7 +61,7 @@ def test_which_weights_are_stored(models, tmp_path):
 
 def test_a_full_finetune_keeps_its_own_weights(models, tmp_path):
     """Without LoRA the student saves all of its weights: none is touched; the teacher's linear layers still are."""
-    run = setup(_cfg(models, tmp_path / "run", lora=False))
+    run = setup(bf16_kd_config(models, tmp_path / "run", lora=False))
     student_ids = {id(p) for p in run.model.parameters()}
     chosen = frozen_linear_weights(run.model, run.teacher)
     assert chosen and not any(id(p) in student_ids for p in chosen)
@@ -94,15 +74,15 @@ def test_a_full_finetune_keeps_its_own_weights(models, tmp_path):
 def test_bf16_run_resumes_exactly_and_saves_float32_adapters(models, tmp_path):
     """A bf16 LoRA run stores its frozen weights at its first step (after any fp32 use of the models); killed after
     a checkpoint and resumed, it logs exactly the unbroken run's losses; its adapters stay float32 on disk."""
-    train(_cfg(models, tmp_path / "a"))
-    run = setup(_cfg(models, tmp_path / "b"))
+    train(bf16_kd_config(models, tmp_path / "a"))
+    run = setup(bf16_kd_config(models, tmp_path / "b"))
     base = next(m.base_layer.weight for n, m in run.model.named_modules() if n.endswith("q_proj"))
     assert base.dtype == torch.float32  # nothing changes before training starts
     fit(run, until=4)  # checkpoint at 3, then "killed"
     run.logger.close()
     assert base.dtype == torch.bfloat16
     assert store_frozen_linears(run.model, run.teacher) == 0  # a second call (the next `fit`) stores nothing
-    train(_cfg(models, tmp_path / "b", resume=True))
+    train(bf16_kd_config(models, tmp_path / "b", resume=True))
     keys = ("step", "loss", "ce_loss", "kd_loss", "grad_norm")
     a, b = ([json.loads(x) for x in (tmp_path / p / "metrics.jsonl").read_text().splitlines()] for p in "ab")
     assert len(a) == 6 and [[x[k] for k in keys] for x in a] == [[x[k] for k in keys] for x in b]

@@ -23,7 +23,6 @@ from loopfit.losses import (
 from loopfit.losses.chunk_grad import Spec, Workspace, divergence_grad, fkl_grad
 from loopfit.losses.depths import fused_depth_loss
 from loopfit.losses.divergences import resolve_kind
-from loopfit.losses.fused import autocast_operands
 
 N, H, HT, V = 23, 16, 24, 40
 
@@ -226,42 +225,6 @@ def test_autocast_runs_the_products_in_the_autocast_dtype(logits_dtypes, kind, d
         assert torch.equal(g, r.float())
     # And bf16 is close to the float32 loss (the accuracy the bf16 tests above allow).
     torch.testing.assert_close(got, loss(hs, w, b, th, tw), rtol=1e-2, atol=1e-2)
-
-
-def test_autocast_operands_casts_each_memory_once_and_nothing_outside_autocast():
-    w = torch.randn(8, 4)
-    h = torch.randn(3, 4, requires_grad=True)
-    ids = torch.arange(3)
-    assert autocast_operands(h, w, None, ids) == (h, w, None, ids)  # autocast off: the very same tensors
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ch, cw, none, cids, cw2, cview = autocast_operands(h, w, None, ids, w, w.detach())
-    assert ch.dtype == cw.dtype == torch.bfloat16 and ch.requires_grad and not cw.requires_grad
-    assert cw2 is cw and cview is cw  # a shared head (the same memory, another tensor object) is cast once
-    assert none is None and cids is ids
-
-
-def test_autocast_operands_keeps_a_frozen_parameters_cast_until_it_changes():
-    """A frozen `nn.Parameter` (a tied lm_head under LoRA) is cast once across calls; an in-place update, a new
-    storage (`.data =`) or a trainable parameter gets a fresh cast; the values are always the parameter's now."""
-    w = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
-    trainable = torch.nn.Parameter(torch.randn(8, 4))
-    h = torch.randn(3, 4)
-
-    def cast(p):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return autocast_operands(h, p)[1]
-
-    first = cast(w)
-    assert cast(w) is first and torch.equal(first, w.bfloat16())
-    with torch.no_grad():
-        w.mul_(2)
-    second = cast(w)
-    assert second is not first and torch.equal(second, w.bfloat16())
-    w.data = torch.randn(8, 4)
-    third = cast(w)
-    assert third is not second and torch.equal(third, w.bfloat16())
-    a = cast(trainable)
-    assert a.requires_grad and cast(trainable) is not a
 
 
 @pytest.mark.parametrize(

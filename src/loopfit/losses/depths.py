@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loopfit.losses.autocast import autocast_operands
 from loopfit.losses.chunk_grad import chunk_losses
 from loopfit.losses.divergences import Divergence
 from loopfit.losses.estimators import Estimator
-from loopfit.losses.fused import _FusedLinearKD, _prepare, autocast_operands
+from loopfit.losses.fused import _FusedLinearKD, _prepare
 
 DEPTH_WEIGHTINGS = ("uniform", "linear")
 

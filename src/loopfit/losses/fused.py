@@ -19,8 +19,8 @@ Two exact implementations:
 - `chunked_kd_loss`: per-chunk activation checkpointing (TRL's newer scheme). Same memory class, but the
   student logits matmul runs again in backward; kept as a reference and for the benchmark.
 
-Under `torch.autocast` the products run in the autocast dtype, as `F.linear` would (`autocast_operands`: the
-float32 inputs are cast before the chunk loop, where autocast cannot reach).
+Under `torch.autocast` the products run in the autocast dtype, as `F.linear` would
+(`losses.autocast.autocast_operands`: the float32 inputs are cast before the chunk loop, where autocast cannot reach).
 
 The gradient is computed in forward, so `KDLossOutput.total` is the only differentiable output; `.ce` and `.kd`
 are detached values for logging. Calling backward twice through `total` works (the gradients are stored), but
@@ -33,10 +33,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.weak import WeakIdKeyDictionary
 
+from loopfit.losses.autocast import autocast_operands
 from loopfit.losses.chunk_grad import (
     Spec,
     Teacher,
@@ -166,50 +165,6 @@ class _FusedLinearKD(torch.autograd.Function):
         gw = grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None
         gb = grad_b * grad_total.to(grad_b.dtype) if grad_b is not None else None
         return gh, gw, gb, None, None, None, None, None
-
-
-def autocast_operands(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """`tensors` cast to the autocast dtype where autocast is on for their device, as `F.linear` would cast them.
-
-    Why: the fused loss is an `autograd.Function` whose products write into preallocated buffers (`out=`), which
-    autocast does not intercept, so under `torch.autocast(dtype=torch.bfloat16)` the float32 hidden states and
-    lm_head weights of a mixed-precision run would be multiplied in float32 (on a CPU with bf16 units, 2.5x the
-    time of the bf16 product). Cast here, outside the Function, the casts are recorded by autograd and the gradients
-    reach the float32 tensors in float32. A tensor given twice (a teacher lm_head shared with the student's) is cast
-    once; None, non-floating tensors and tensors already in the autocast dtype pass through unchanged. A frozen
-    parameter (an lm_head tied to the embeddings under LoRA, which cannot be stored in bf16) is cast once for all
-    calls while it stays unchanged (`_frozen_cast`), not once per step.
-    """
-    first = next((t for t in tensors if t is not None), None)
-    if first is None or not torch.is_autocast_enabled(first.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
-    cast: dict[tuple, torch.Tensor] = {}
-    out = []
-    for t in tensors:
-        if t is not None and t.is_floating_point() and t.dtype != dtype:
-            # The same memory (not only the same Python object: a shared head reached through another module) once.
-            key = (t.data_ptr(), t.shape, t.stride(), t.requires_grad)
-            t = cast[key] if key in cast else cast.setdefault(key, _frozen_cast(t, dtype))
-        out.append(t)
-    return tuple(out)
-
-
-_FROZEN_CASTS = WeakIdKeyDictionary()  # frozen parameter -> ((storage, version, dtype), its cast)
-
-
-def _frozen_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t.to(dtype)`, kept for the next call when `t` is a frozen `nn.Parameter`: a cast of the same storage at the
-    same version (an in-place update bumps it, `.data =` changes the storage) is reused. The copy lives as long as
-    the parameter (V x H x 2 bytes for a bf16 lm_head: the copy each step made anyway, kept between steps)."""
-    if not isinstance(t, nn.Parameter) or t.requires_grad:
-        return t.to(dtype)
-    key = (t.data_ptr(), t._version, dtype)
-    hit = _FROZEN_CASTS.get(t)
-    if hit is None or hit[0] != key:
-        hit = (key, t.detach().to(dtype))
-        _FROZEN_CASTS[t] = hit
-    return hit[1]
 
 
 def _prepare(

@@ -22,6 +22,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from loopfit.losses.autocast import autocast_dtype, cached_cast
 from loopfit.models.layers import COMPILED_MARK
 
 _MARK = "_loopfit_shared_cast"
@@ -42,22 +43,22 @@ class _SharedCast(torch.autograd.Function):
 
 
 class _Casts:
-    """The cache of one pair of models: float32 input -> (its version when cast, its bfloat16 copy). Weakly keyed:
-    an entry lives as long as the input does (one forward pass)."""
+    """The cache of one pair of models: float32 input -> its bfloat16 copy (`cached_cast`: recast after an in-place
+    change; weakly keyed, so an entry lives as long as the input does, one forward pass)."""
 
     def __init__(self):
         self.cache = WeakIdKeyDictionary()
 
     def __call__(self, module: nn.Module, args: tuple):
         x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
             return None
-        hit = self.cache.get(x)
-        if hit is None or hit[0] != x._version:  # an in-place change since: cast again
-            with torch.no_grad():
-                hit = (x._version, x.to(torch.get_autocast_dtype(x.device.type)))
-            self.cache[x] = hit
-        cast = _SharedCast.apply(x, hit[1]) if x.requires_grad and torch.is_grad_enabled() else hit[1]
+        dtype = autocast_dtype(x.device.type)
+        if dtype is None:
+            return None
+        cast = cached_cast(self.cache, x, dtype)
+        if x.requires_grad and torch.is_grad_enabled():
+            cast = _SharedCast.apply(x, cast)
         return (cast, *args[1:])
 
 

@@ -32,6 +32,18 @@ def test_cached_cast_reuses_until_the_tensor_or_the_dtype_changes():
     assert len(cache) == 0  # weakly keyed: gone with the tensor
 
 
+def test_cached_cast_is_fresh_after_two_data_assignments():
+    """`.data =` twice between two casts: without the entry holding its storage, the allocator hands the second
+    tensor the first's freed address (every time here, glibc's malloc) with the version unchanged."""
+    cache = WeakIdKeyDictionary()
+    p = torch.nn.Parameter(torch.zeros(64, 64), requires_grad=False)
+    for i in range(1, 21):
+        cached_cast(cache, p, torch.bfloat16)
+        p.data = torch.full((64, 64), float(i))
+        p.data = torch.full((64, 64), i + 0.5)
+        assert torch.equal(cached_cast(cache, p, torch.bfloat16), torch.full((64, 64), i + 0.5, dtype=torch.bfloat16))
+
+
 def test_autocast_operands_casts_each_memory_once_and_nothing_outside_autocast():
     w = torch.randn(8, 4)
     h = torch.randn(3, 4, requires_grad=True)

@@ -26,7 +26,10 @@ def cached_cast(cache: WeakIdKeyDictionary, t: torch.Tensor, dtype: torch.dtype)
     key = (t.data_ptr(), t._version, dtype)
     hit = cache.get(t)
     if hit is None or hit[0] != key:
-        hit = (key, t.detach().to(dtype))
+        # The entry holds the storage it was cast from: while it lives no other storage can be given its address,
+        # so an equal data pointer is the same storage. (Without it, two `.data =` between casts could put the
+        # second tensor at the first's freed address with the version unchanged, and a stale cast be reused.)
+        hit = (key, t.detach().to(dtype), t.untyped_storage())
         cache[t] = hit
     return hit[1]
 

@@ -245,10 +245,14 @@ def test_segments_and_per_document_attention_calls(monkeypatch):
     assert len(calls) == 2 and all(n == 6 for n, _, _ in calls)
 
 
-def test_per_document_attention_under_bf16_autocast_is_the_slice_by_slice_computation():
+@pytest.mark.parametrize("short", [0, 3, 256])
+def test_per_document_attention_under_bf16_autocast_is_the_slice_by_slice_computation(monkeypatch, short):
     """Under bf16 autocast `loopfit_sdpa` casts q, k, v once and splits them (one `cat` in the backward pass): the
-    output and the gradients of q, k, v are bit-equal to SDPA called on each document's slice (autocast casting
-    each slice), GQA included."""
+    output and the gradients of q, k, v are bit-equal to SDPA called on each document's slice, GQA included. A
+    document of at most `FLOAT32_MAX_TOKENS` tokens that needs gradients runs in float32, its output cast to bf16;
+    the others, and every document without gradients, in bf16 (autocast casting the slice). `short` = 3 mixes both
+    in one row."""
+    monkeypatch.setattr(packed_attention, "FLOAT32_MAX_TOKENS", short)
     teacher = make_tiny_model("llama", num_layers=1, hidden=32)
     module = teacher.model.layers[0].self_attn
     bounds = [[0, 3, 5, 9], [0, 9]]
@@ -256,26 +260,43 @@ def test_per_document_attention_under_bf16_autocast_is_the_slice_by_slice_comput
     q, k, v = (torch.randn(2, h, 9, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
     w = torch.randn(2, 9, 4, 8, generator=g)
 
-    def run(fn):
+    def run(fn, grad=True):
         for t in (q, k, v):
             t.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
             out = fn()
-        (out.float() * w).sum().backward()
-        return out, [t.grad.clone() for t in (q, k, v)]
+        if grad:
+            (out.float() * w).sum().backward()
+        return out, [t.grad.clone() for t in (q, k, v)] if grad else None
 
-    def by_slices():
+    def by_slices(upcast):
         rows = []
         for b, row in enumerate(bounds):
-            parts = [packed_attention.sdpa_attention_forward(module, *(t[b : b + 1, :, s:e] for t in (q, k, v)), None,
-                                                             is_causal=True, scaling=module.scaling)[0]
-                     for s, e in zip(row[:-1], row[1:])]  # fmt: skip
+            parts = []
+            for s, e in zip(row[:-1], row[1:]):
+                qkv = [t[b : b + 1, :, s:e] for t in (q, k, v)]
+                if upcast and e - s <= short:
+                    with torch.autocast("cpu", enabled=False):
+                        out = packed_attention.sdpa_attention_forward(
+                            module, *qkv, None, is_causal=True, scaling=module.scaling
+                        )[0].to(torch.bfloat16)
+                else:
+                    out = packed_attention.sdpa_attention_forward(module, *qkv, None, is_causal=True,
+                                                                  scaling=module.scaling)[0]  # fmt: skip
+                parts.append(out)
             rows.append(torch.cat(parts, dim=1))
         return torch.cat(rows)
 
-    want, want_grads = run(by_slices)
-    got, got_grads = run(lambda: packed_attention.packed_sdpa_forward(module, q, k, v, None, bounds,
-                                                                      scaling=module.scaling)[0])  # fmt: skip
+    def packed():
+        return packed_attention.packed_sdpa_forward(module, q, k, v, None, bounds, scaling=module.scaling)[0]
+
+    want, want_grads = run(lambda: by_slices(True))
+    got, got_grads = run(packed)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     for a, b in zip(got_grads, want_grads):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+    # The float32 documents really differ from the bf16 computation (the switch is on), and nothing without
+    # gradients is upcast.
+    bf16, _ = run(lambda: by_slices(False))
+    assert torch.equal(got, bf16) == (short == 0)
+    assert torch.equal(run(packed, grad=False)[0], bf16)

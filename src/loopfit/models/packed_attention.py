@@ -11,6 +11,9 @@ CPU, the peers benchmark's 4 GSM8K records packed in one 678-token row: attentio
 (docs/benchmarks.md). On GPU it is one SDPA call per document, row and layer: launch-bound for many short documents
 (not measured); flash-attention reads packed position ids itself.
 
+On CPU under bf16 autocast a short document whose attention needs gradients is computed in float32
+(`FLOAT32_MAX_TOKENS`): there PyTorch's bf16 flash-attention backward costs up to 2.6x the float32 one.
+
 Segments are the document boundaries of each row, `[[0, s_1, ..., seq], ...]`, read from the position ids once per
 forward (`segments`) and passed down as a layer keyword argument, so a recomputed (gradient-checkpointed) layer
 gets them too.
@@ -47,19 +50,51 @@ def packed_sdpa_forward(module: nn.Module, query, key, value, attention_mask, lo
     if query.shape[2] != key.shape[2]:
         raise ValueError("packed segments need queries and keys of the same length (no KV cache)")
     kwargs.pop("is_causal", None)
+    sizes = [[stop - start for start, stop in zip(row[:-1], row[1:])] for row in loopfit_segments]
     device = query.device.type
-    if torch.is_autocast_enabled(device):  # cast once, not each document's slice (SDPA's autocast: the same numbers)
-        dtype = torch.get_autocast_dtype(device)
-        query, key, value = (t.to(dtype) for t in (query, key, value))
-    rows = []
+    if not torch.is_autocast_enabled(device):
+        return _per_document(module, (query, key, value), sizes, kwargs), None
+    dtype = torch.get_autocast_dtype(device)
+    short = FLOAT32_MAX_TOKENS if _upcast_short_documents(device, dtype, (query, key, value)) else 0
+    # Cast once, not each document's slice (SDPA's autocast: the same numbers): to float32 for the short documents
+    # whose backward pass is faster there, to the autocast dtype for the others.
+    low = [t.to(dtype) for t in (query, key, value)] if max(map(max, sizes)) > short else None
+    high = [t.float() for t in (query, key, value)] if min(map(min, sizes)) <= short else None
+    with torch.autocast(device, enabled=False):  # each call in its inputs' dtype
+        return _per_document(module, low, sizes, kwargs, high, short, dtype), None
+
+
+FLOAT32_MAX_TOKENS = 240
+"""On CPU under bf16 autocast, a document of at most this many tokens whose attention needs gradients runs SDPA in
+float32, its output cast back to bf16: PyTorch's CPU flash-attention backward has a large fixed cost in bf16 (1 ms
+at 64 tokens, 3 ms at 132-256). Forward + backward, casts included, one causal document, SmolLM2's 9 query / 3
+key-value heads x 64, torch 2.13, 2-core Xeon with AMX (`python -m benchmarks.sdpa_dtype`): float32 takes 0.38x the
+bf16 time at 64 tokens, 0.48x at 132, 0.80-0.89x at 196-218, 0.95-0.99x at 232-244, 1.04-1.07x at 256, 1.4x at 512.
+The peers benchmark's step (documents of 132-218 tokens) 4% faster. Without gradients (a teacher, evaluation) bf16
+is faster at every length and is kept; on GPU nothing changes."""
+
+
+def _upcast_short_documents(device: str, dtype: torch.dtype, tensors) -> bool:
+    return (device == "cpu" and dtype == torch.bfloat16 and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors))  # fmt: skip
+
+
+def _per_document(module, low, sizes, kwargs, high=None, short=0, dtype=None) -> torch.Tensor:
+    """One causal SDPA call per document and row -> `(batch, seq, heads, head_dim)`: on the slices of `high` (q, k, v)
+    for documents of at most `short` tokens, of `low` for the others; each output cast to `dtype` where given."""
     # `split`, not slicing: the backward pass joins the documents' gradients in one `cat`, where each slice's
     # backward would fill and copy a zero tensor of the whole row.
-    for b, (q_row, k_row, v_row) in enumerate(zip(*(t.split(1) for t in (query, key, value)))):
-        sizes = [stop - start for start, stop in zip(loopfit_segments[b][:-1], loopfit_segments[b][1:])]
-        parts = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
-                 for q, k, v in zip(*(t.split(sizes, dim=2) for t in (q_row, k_row, v_row)))]  # fmt: skip
+    by_row = [None if ts is None else list(zip(*(t.split(1) for t in ts))) for ts in (low, high)]
+    rows = []
+    for b, row_sizes in enumerate(sizes):
+        docs = [None if r is None else list(zip(*(t.split(row_sizes, dim=2) for t in r[b]))) for r in by_row]
+        parts = []
+        for i, n in enumerate(row_sizes):
+            q, k, v = docs[1][i] if n <= short else docs[0][i]
+            out = sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+            parts.append(out if dtype is None else out.to(dtype))
         rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0], None
+    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 
 
 def _sliding_window(module: nn.Module) -> int | None:

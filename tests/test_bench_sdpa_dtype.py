@@ -1,0 +1,17 @@
+"""benchmarks/sdpa_dtype.py: the kernel table it prints and writes (the peers step A/B needs SmolLM2 and GSM8K)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import sdpa_dtype
+
+
+def test_kernel_table_has_every_length_and_setting(tmp_path):
+    out = tmp_path / "sdpa.json"
+    sdpa_dtype.main(["--lengths", "8", "24", "--calls", "1", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [8, 24]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("fwd_bf16_ms", "fwd_fp32_ms", "fwd_bwd_bf16_ms", "fwd_bwd_fp32_ms"))
+        assert r["fwd_bwd_fp32_over_bf16"] == r["fwd_bwd_fp32_ms"] / r["fwd_bwd_bf16_ms"]

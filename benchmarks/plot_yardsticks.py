@@ -21,12 +21,13 @@ RESULTS = Path(__file__).parent / "results"
 # LABEL=FILE or LABEL=FILE#MODEL (the row label inside the file, where it holds several models).
 DEFAULT_SERIES = [
     "today's recipe at T = 2 (rank 16)=heal_yardsticks_s0.json#today-s0",
-    "cheap loop step, mean 4 (configs/heal-smol.yaml), seed 0=heal_yardsticks_k1m4_s0.json",
-    "rank 64, T = 1, mean 6, seed 0=heal_yardsticks_r64_t1_s0.json",
-    "rank 64, T = 1, seed 2=heal_yardsticks_r64_t1_s2.json",
+    "cheap loop step, mean 4 (configs/heal-smol.yaml), 451 steps, seed 0=heal_yardsticks_k1m4_s0.json",
+    "the same at the static model's minutes (396 steps), mean 4, seed 0=heal_yardsticks_k1m4_396_s0.json",
+    "the same, 396 steps, mean 4, seed 1=heal_yardsticks_k1m4_396_s1.json",
+    "static model, 573 steps, bf16=heal_yardsticks_static_573_bf16_s0.json",
     "loss at every depth, k = 3=heal_yardsticks_every3_s0.json",
-    "mix heal, rank 64, T = 1, mean 6=heal_yardsticks_mix_r64_t1_s0.json",
-    "static model, rank 64, T = 1, seed 0=heal_yardsticks_static_r64_t1_s0.json",
+    "mix heal (configs/heal-smol-mix.yaml), 396 steps, mean 4, seed 0=heal_yardsticks_mix_k1m4_396_s0.json",
+    "mix heal, 396 steps, mean 4, seed 1=heal_yardsticks_mix_k1m4_396_s1.json",
     "the loop at 1.5x the steps (453), bf16=heal_yardsticks_loop_15x_bf16_s0.json",
     "static model at 1.5x the steps (860), bf16=heal_yardsticks_static_15x_bf16_s0.json",
 ]
@@ -94,7 +95,7 @@ def plot(series: list[tuple[str, dict, bool]], out: Path) -> None:
     axes[0].set_ylim(3.6, 4.6)  # the pruned start (7.7) would flatten the curves that matter
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
-    fig.suptitle("SmolLM2-135M at 4-6-4, healed on tiny-shakespeare (docs/training.md, issue 20)")
+    fig.suptitle("SmolLM2-135M at 4-6-4 healed on tiny-shakespeare, or on it + GSM8K (mix); docs/training.md, issue 20")
     save_png(fig, out, rect=(0, 0.13, 1, 1))  # room below the axes for the shared legend
 
 

@@ -59,7 +59,7 @@ def test_default_series_are_all_committed_results():
     series = [load_series(s, RESULTS) for s in DEFAULT_SERIES]
     assert all("shakespeare" in curves and "gsm8k" in curves for _, curves, _ in series)
     assert [label for label, _, looped in series if not looped] == [
-        "static model, rank 64, T = 1, seed 0",
+        "static model, 573 steps, bf16",
         "static model at 1.5x the steps (860), bf16",
     ]
 

@@ -134,6 +134,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    counts = ("calls", "repeats", "steps", "pairs", "threads")
+    bad = [f"--{k} {v}" for k, v in vars(args).items() if k in counts and v < 1]
+    bad += [f"--lengths {n}" for n in args.lengths if n < 1]
+    if bad:
+        raise SystemExit(f"loopfit: error: {', '.join(bad)}: must be at least 1")
     torch.set_num_threads(args.threads)
     if args.step_worker:
         student, limit, out = args.step_worker

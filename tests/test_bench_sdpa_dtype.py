@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import sdpa_dtype
 
 
@@ -15,3 +17,10 @@ def test_kernel_table_has_every_length_and_setting(tmp_path):
     for r in rows:
         assert all(r[k] > 0 for k in ("fwd_bf16_ms", "fwd_fp32_ms", "fwd_bwd_bf16_ms", "fwd_bwd_fp32_ms"))
         assert r["fwd_bwd_fp32_over_bf16"] == r["fwd_bwd_fp32_ms"] / r["fwd_bwd_bf16_ms"]
+
+
+@pytest.mark.parametrize("args", [["--lengths", "0"], ["--calls", "0"], ["--steps", "-1"]])
+def test_bad_counts_are_one_line_errors(args, tmp_path):
+    with pytest.raises(SystemExit, match="^loopfit: error: .*must be at least 1$"):
+        sdpa_dtype.main([*args, "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()

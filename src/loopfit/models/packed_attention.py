@@ -12,7 +12,7 @@ CPU, the peers benchmark's 4 GSM8K records packed in one 678-token row: attentio
 (not measured); flash-attention reads packed position ids itself.
 
 On CPU under bf16 autocast a short document whose attention needs gradients is computed in float32
-(`FLOAT32_MAX_TOKENS`): there PyTorch's bf16 flash-attention backward costs up to 2.6x the float32 one.
+(`FLOAT32_MAX_TOKENS_X_HEAD_DIM`): there PyTorch's bf16 flash-attention backward costs up to 2.6x the float32 one.
 
 Segments are the document boundaries of each row, `[[0, s_1, ..., seq], ...]`, read from the position ids once per
 forward (`segments`) and passed down as a layer keyword argument, so a recomputed (gradient-checkpointed) layer
@@ -55,7 +55,8 @@ def packed_sdpa_forward(module: nn.Module, query, key, value, attention_mask, lo
     if not torch.is_autocast_enabled(device):
         return _per_document(module, (query, key, value), sizes, kwargs), None
     dtype = torch.get_autocast_dtype(device)
-    short = FLOAT32_MAX_TOKENS if _upcast_short_documents(device, dtype, (query, key, value)) else 0
+    upcast = _upcast_short_documents(device, dtype, (query, key, value))
+    short = FLOAT32_MAX_TOKENS_X_HEAD_DIM // query.shape[-1] if upcast else 0  # in tokens, for this head size
     # Cast once, not each document's slice (SDPA's autocast: the same numbers): to float32 for the short documents
     # whose backward pass is faster there, to the autocast dtype for the others.
     low = [t.to(dtype) for t in (query, key, value)] if max(map(max, sizes)) > short else None
@@ -64,14 +65,16 @@ def packed_sdpa_forward(module: nn.Module, query, key, value, attention_mask, lo
         return _per_document(module, low, sizes, kwargs, high, short, dtype), None
 
 
-FLOAT32_MAX_TOKENS = 240
-"""On CPU under bf16 autocast, a document of at most this many tokens whose attention needs gradients runs SDPA in
-float32, its output cast back to bf16: PyTorch's CPU flash-attention backward has a large fixed cost in bf16 (1 ms
-at 64 tokens, 3 ms at 132-256). Forward + backward, casts included, one causal document, SmolLM2's 9 query / 3
-key-value heads x 64, torch 2.13, 2-core Xeon with AMX (`python -m benchmarks.sdpa_dtype`): float32 takes 0.38x the
-bf16 time at 64 tokens, 0.48x at 132, 0.80-0.89x at 196-218, 0.95-0.99x at 232-244, 1.04-1.07x at 256, 1.4x at 512.
-The peers benchmark's step (documents of 132-218 tokens) on that Xeon: 0.983 -> 0.917 s (-6.8%). Without gradients
-(a teacher, evaluation) bf16 is faster at every length and is kept; on GPU nothing changes."""
+FLOAT32_MAX_TOKENS_X_HEAD_DIM = 240 * 64
+"""On CPU under bf16 autocast, a document whose attention needs gradients runs SDPA in float32, its output cast back to
+bf16, when its tokens x head_dim are at most this (240 tokens at head_dim 64, 120 at 128, 60 at 256): PyTorch's CPU
+flash-attention backward has a large fixed cost in bf16. Forward + backward, casts included, one causal document, torch
+2.13, 2-core Xeon with AMX (`python -m benchmarks.sdpa_dtype`), float32 time over bf16 at 64 / 132 / 170 / 218 / 256
+tokens: 9 query / 3 key-value heads x 64 (SmolLM2) 0.38 / 0.56 / 0.58 / 0.89 / 1.02; 16/8 x 128 0.63 / 0.72 / 0.82 /
+1.23 / 1.52; 8/4 x 256 0.94 / 1.07 / 1.31 / 1.60 / 2.00. Break-even ~250 tokens at head_dim 64, ~190 at 128, ~100 at
+256: the limit stays below each. The peers benchmark's step (SmolLM2, documents of 132-218 tokens) on that Xeon: 0.983
+-> 0.917 s (-6.8%). Without gradients (a teacher, evaluation) bf16 is faster at every length and is kept; on GPU
+nothing changes."""
 
 
 def _upcast_short_documents(device: str, dtype: torch.dtype, tensors) -> bool:

@@ -153,13 +153,35 @@ def distillation_config(kind: str, chunk_size: int | None = None):
     return DistillationConfig(enabled=True, teacher_model_name="smollm2-135m", temperature=1.0, **scales, **extra)
 
 
+def loopfit_run(student: str, data: str, batch: dict, batch_size: int, kind: str, out: str, max_steps: int,
+                precision: str, gradient_checkpointing: bool = False, chunk_size: int | None = None):  # fmt: skip
+    """loopfit's row as `loopfit train` builds it (trainer `setup`): the student with LoRA r = `R`, the objective of
+    `distillation_config(kind, chunk_size)`, AdamW at `LR`, a constant schedule, and `batch` (its `batch_size`
+    records padded, or packed when it carries `position_ids`) every step. Returns the `Run`; `fit(run, until=...)`
+    trains it."""
+    from loopfit.train import LoRAConfig, LRSchedule, TrainConfig
+    from loopfit.train.recipe import setup
+
+    cfg = TrainConfig(
+        model_name=student, out=out, data=data, chat=True, assistant_only=True, max_documents=64,
+        seq_len=batch["input_ids"].shape[1], batch_size=batch_size, max_steps=max_steps,
+        lora=LoRAConfig(enabled=True, r=R, lora_alpha=LORA_ALPHA),
+        distillation=distillation_config(kind, chunk_size), lr_schedule=LRSchedule(kind="constant"),
+        progress_bar=False, tensorboard=False, overwrite=True, device="cpu",
+        gradient_checkpointing=gradient_checkpointing, position_ids="position_ids" in batch, precision=precision,
+    )  # fmt: skip
+    cfg.optim_config.lr = LR
+    run = setup(cfg)
+    run.stream = FixedBatch(batch)
+    return run
+
+
 def worker_loopfit(args, kind: str) -> dict:
     import torch
 
     import loopfit.process  # noqa: F401  (the `loopfit` command's defaults: huge pages for large CPU tensors)
     from loopfit.loading import load_tokenizer
-    from loopfit.train import LoRAConfig, LRSchedule, TrainConfig
-    from loopfit.train.recipe import fit, setup
+    from loopfit.train.recipe import fit
     from loopfit.train.student import micro_batch_loss
 
     tok = load_tokenizer(args.student)
@@ -167,21 +189,12 @@ def worker_loopfit(args, kind: str) -> dict:
     real_tokens = int(batch["attention_mask"].sum())
     if args.loopfit_rows == "packed":
         batch = packed_batch(batch)
-    dist = distillation_config(kind, args.chunk_size)
-    cfg = TrainConfig(
-        model_name=args.student, out=str(Path(args.tmp) / f"run-{kind}"), data=args.data, chat=True,
-        assistant_only=True, max_documents=64, seq_len=batch["input_ids"].shape[1], batch_size=args.batch_size,
-        max_steps=args.warmup + args.steps, lora=LoRAConfig(enabled=True, r=R, lora_alpha=LORA_ALPHA),
-        distillation=dist, lr_schedule=LRSchedule(kind="constant"), progress_bar=False, tensorboard=False,
-        overwrite=True, device="cpu", gradient_checkpointing=args.gradient_checkpointing,
-        position_ids=args.loopfit_rows == "packed", precision=args.precision,
-    )  # fmt: skip
-    cfg.optim_config.lr = LR
-    run = setup(cfg)
+    out = str(Path(args.tmp) / f"run-{kind}")
+    run = loopfit_run(args.student, args.data, batch, args.batch_size, kind, out, args.warmup + args.steps,
+                      args.precision, args.gradient_checkpointing, args.chunk_size)  # fmt: skip
     num_items = (batch["labels"][:, 1:] != -100).sum().float()
     with torch.no_grad():
-        parts = micro_batch_loss(run.student, run.teacher, batch, None, cfg.distillation, num_items)
-    run.stream = FixedBatch(batch)
+        parts = micro_batch_loss(run.student, run.teacher, batch, None, run.cfg.distillation, num_items)
     start_training_phase()
     fit(run, until=args.warmup)
     times = []

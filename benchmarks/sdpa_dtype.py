@@ -111,21 +111,12 @@ def step_worker(student: str, limit: int, out: str, steps: int) -> None:
     from loopfit.io import write_json
     from loopfit.loading import load_tokenizer
     from loopfit.models import packed_attention
-    from loopfit.train import LoRAConfig, LRSchedule, TrainConfig
-    from loopfit.train.recipe import fit, setup
+    from loopfit.train.recipe import fit
 
     packed_attention.FLOAT32_MAX_TOKENS_X_HEAD_DIM = limit
     batch = peers.packed_batch(peers.shared_batch(load_tokenizer(student), peers.chat_records(peers.GSM8K, 4)))
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(
-            model_name=student, out=str(Path(tmp) / "run"), data=peers.GSM8K, chat=True, assistant_only=True,
-            max_documents=64, seq_len=batch["input_ids"].shape[1], batch_size=4, max_steps=2 + steps,
-            lora=LoRAConfig(enabled=True, r=peers.R, lora_alpha=peers.LORA_ALPHA),
-            distillation=peers.distillation_config("jsd"), lr_schedule=LRSchedule(kind="constant"),
-            progress_bar=False, tensorboard=False, overwrite=True, device="cpu", position_ids=True, precision="bf16",
-        )  # fmt: skip
-        run = setup(cfg)
-        run.stream = peers.FixedBatch(batch)
+        run = peers.loopfit_run(student, peers.GSM8K, batch, 4, "jsd", str(Path(tmp) / "run"), 2 + steps, "bf16")
         fit(run, until=2)
         times = []
         for _ in range(steps):

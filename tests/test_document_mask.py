@@ -250,9 +250,8 @@ def test_per_document_attention_under_bf16_autocast_is_the_slice_by_slice_comput
     """Under bf16 autocast `loopfit_sdpa` casts q, k, v once and splits them (one `cat` in the backward pass): the
     output and the gradients of q, k, v are bit-equal to SDPA called on each document's slice, GQA included. A
     document of at most `FLOAT32_MAX_TOKENS_X_HEAD_DIM / head_dim` tokens that needs gradients runs in float32, its
-    output cast to bf16;
-    the others, and every document without gradients, in bf16 (autocast casting the slice). `short` = 3 mixes both
-    in one row."""
+    output cast to bf16; the others, and every document without gradients, in bf16 (autocast casting the slice).
+    `short` = 3 mixes both in one row."""
     monkeypatch.setattr(packed_attention, "FLOAT32_MAX_TOKENS_X_HEAD_DIM", short * 8)  # head_dim 8
     teacher = make_tiny_model("llama", num_layers=1, hidden=32)
     module = teacher.model.layers[0].self_attn

@@ -735,6 +735,39 @@ def test_bf16_slower_than_fp32_on_this_cpu_is_said_at_start(models, tmp_path, ca
     assert "bf16 matmuls" not in capsys.readouterr().err
 
 
+def test_matmul_peak_is_the_best_size_and_skips_sizes_too_slow_for_the_time(monkeypatch):
+    """The MFU denominator on a CPU is the best of n = 1024, 1536, 2048 (oneDNN's speed depends on the shape: on an
+    AMX Xeon bf16 ran 1.7x faster at 2048 than at 1024); a size one product of which would overrun its share of the
+    time is not tried (emulated bf16 at a few GFLOP/s); a GPU measures n = 8192 once. And a real measurement is a
+    positive rate at least that of n = 1024 measured alone, give or take timing noise."""
+    from loopfit.train import metrics
+
+    calls = []
+
+    def fake(rates):
+        def rate(device, dtype, n, seconds):
+            calls.append((n, round(seconds, 3)))
+            return rates[n]
+
+        return rate
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(metrics, "_rate", fake({1024: 1.3e12, 1536: 2.2e12, 2048: 2.0e12}))
+    assert metrics._measure(cpu, torch.bfloat16, 0.9) == 2.2e12
+    assert calls == [(1024, 0.3), (1536, 0.3), (2048, 0.3)]
+    calls.clear()  # 5 GFLOP/s: a 1536 product (7.2 GFLOP) would take 1.4 s of a 0.3 s share
+    monkeypatch.setattr(metrics, "_rate", fake({1024: 5e9, 1536: 9e9, 2048: 9e9}))
+    assert metrics._measure(cpu, torch.bfloat16, 0.9) == 5e9
+    assert calls == [(1024, 0.3)]
+    calls.clear()
+    monkeypatch.setattr(metrics, "_rate", fake({8192: 7e14}))
+    assert metrics._measure(torch.device("cuda"), torch.bfloat16, 0.9) == 7e14
+    assert calls == [(8192, 0.9)]
+    monkeypatch.undo()
+    best = metrics._measure(cpu, torch.float32, 0.3)
+    assert best > 0.7 * metrics._rate(cpu, torch.float32, 1024, 0.1) > 0
+
+
 def test_bf16_run_scores_logits_with_bf16_products(models, tmp_path, logits_dtypes):
     """`--precision bf16`: the fused loss's lm_head products (student and teacher) run in bf16 like the model's
     other linear layers (autocast does not reach inside the fused loss by itself), and training still works: the

@@ -18,7 +18,7 @@ from conftest import write_teacher_and_looped_student
 from torch._dynamo.utils import counters
 
 from loopfit.loading import load_model
-from loopfit.models.compiled import compile_loop, is_compiled, loop_layers, uncompile_loop
+from loopfit.models.compiled import compile_loop, decoder_layers, is_compiled, loop_layers, uncompile_loop
 from loopfit.train import DistillationConfig, LoRAConfig, TrainConfig
 from loopfit.train.recipe import fit, setup
 from loopfit.train.student import Student, apply_lora, build_objective, objective_loss
@@ -125,9 +125,36 @@ def test_no_compiler_falls_back_to_eager_with_one_warning(models, capsys):
     assert not any("forward" in vars(layer) for layer in loop_layers(model))  # untouched: runs eager
 
 
-def test_compile_loop_refuses_a_plain_model(models):
-    with pytest.raises(ValueError, match="not a looped model"):
-        compile_loop(load_model(models / "teacher"))
+def test_compile_refuses_a_model_without_supported_decoder_layers(models):
+    with pytest.raises(ValueError, match="not a looped model nor a plain model of a supported family"):
+        compile_loop(torch.nn.Linear(4, 4))
+
+
+def test_a_plain_student_compiles_its_decoder_layers_and_trains_as_eager(models, tmp_path):
+    """`--compile=true` on a plain student (a static baseline, plain KD): every decoder layer compiled, and three
+    LoRA + KD steps give the eager run's losses."""
+    plain = load_model(models / "teacher")
+    assert compile_loop(plain) and is_compiled(plain)
+    assert len(decoder_layers(plain)) == plain.config.num_hidden_layers
+    assert all("forward" in vars(layer) for layer in decoder_layers(plain))
+    uncompile_loop(plain)
+    assert not any("forward" in vars(layer) for layer in decoder_layers(plain))
+
+    losses = {}
+    for compiled in (False, True):
+        cfg = TrainConfig(
+            model_name=str(models / "teacher"), out=str(tmp_path / f"c{compiled}"), data=str(models / "data.txt"),
+            seq_len=16, batch_size=2, max_steps=3, progress_bar=False, tensorboard=False, compile=compiled,
+            lora=LoRAConfig(enabled=True, r=4),
+            distillation=DistillationConfig(enabled=True, teacher_model_name=str(models / "teacher")),
+        )  # fmt: skip
+        run = setup(cfg)
+        assert is_compiled(run.model) == compiled
+        fit(run)
+        run.logger.close()
+        losses[compiled] = _losses(tmp_path / f"c{compiled}")
+    assert len(losses[False]) == 3
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=0)
 
 
 def _train_argv(models, out, *extra):

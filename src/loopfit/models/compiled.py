@@ -7,6 +7,8 @@ What is compiled, and why there:
   loop count outside the graphs, never a guard). The unrolled forward is not compiled whole: its length would be a
   guard and every new R a recompilation.
 - The adapter, masks, rotary embedding, state init, head and losses stay eager (one matmul or cheap setup each).
+- A plain model (a static baseline, a plain KD student) has its decoder layers compiled the same way, for training;
+  `loopfit generate --compile` takes looped models only.
 - KV cache: a layer's write into its (iteration, layer) slot (`layers._CompiledCacheSlot.update`) is a graph break
   that runs eagerly, so the slot number is no guard; with a cache each layer runs as two graphs (projections and
   rotary; attention and MLP). The layer index the attention passes to the cache is read as a symbolic int
@@ -29,6 +31,7 @@ import sys
 import torch
 from torch import nn
 
+from loopfit.models.families import family_of
 from loopfit.models.layers import COMPILED_MARK
 
 # Room for the graph variants that training and decoding need (train / eval, grad / no grad, with / without a
@@ -70,6 +73,26 @@ def compile_unsupported(device: torch.device | str, backend: str = "inductor") -
     return None
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers `compile_loop` compiles: a looped model's prelude, block and coda (`loop_layers`), or a
+    plain `*ForCausalLM` of a supported family's layers (a static baseline, or a plain KD student), each alone or
+    inside a PEFT wrapper.
+
+    Raises:
+        ValueError: `model` is neither a looped model nor a plain model of a supported family.
+    """
+    try:
+        return loop_layers(model)
+    except ValueError:
+        pass
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return list(family_of(inner.config).layers(inner))
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{type(model).__name__} is not a looped model nor a plain model of a supported family "
+                         f"({e}): no decoder layers to compile") from None  # fmt: skip
+
+
 def loop_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of a looped model, prelude, block and coda in order.
 
@@ -90,8 +113,9 @@ def compile_loop(
     mode: str | None = None,
     fullgraph: bool = False,
 ) -> bool:
-    """Compile the loop's decoder layers of `model` in place; return True, or False after a one-line warning on
-    stderr when `torch.compile` cannot run on this machine (the model then stays eager).
+    """Compile the loop's decoder layers of `model` in place (a plain model's decoder layers: `decoder_layers`);
+    return True, or False after a one-line warning on stderr when `torch.compile` cannot run on this machine (the
+    model then stays eager).
 
     Calling it again on a compiled model changes nothing. Numerics: equal to eager within float rounding (inductor
     fuses and reorders reductions; `tests/test_compile.py` states the tolerances). The weights, their names and
@@ -99,15 +123,16 @@ def compile_loop(
     are relaxed process-wide (`_set_dynamo_options`).
 
     Args:
-        model: a looped model (`LoopedForCausalLM`, `LoopedModel`, or a PEFT wrapper of either), on its device.
+        model: a looped model (`LoopedForCausalLM`, `LoopedModel`, or a PEFT wrapper of either), or a plain
+            `*ForCausalLM` of a supported family (or its PEFT wrapper), on its device.
         dynamic: shape policy passed to `torch.compile` (see the module docstring): None, True or False.
         backend, mode: passed to `torch.compile` (`mode="max-autotune"` etc.).
         fullgraph: passed to `torch.compile`; True fails on the KV cache's graph break (generation).
 
     Raises:
-        ValueError: `model` is not a looped model.
+        ValueError: `model` is neither a looped model nor a plain model of a supported family.
     """
-    layers = loop_layers(model)
+    layers = decoder_layers(model)
     param = next(model.parameters(), None)
     why = compile_unsupported(param.device if param is not None else "cpu", backend)
     if why is not None:
@@ -125,13 +150,13 @@ def compile_loop(
 
 
 def is_compiled(model: nn.Module) -> bool:
-    """Whether `compile_loop` compiled `model`'s loop."""
-    return all(getattr(layer, COMPILED_MARK, False) for layer in loop_layers(model))
+    """Whether `compile_loop` compiled `model`'s decoder layers."""
+    return all(getattr(layer, COMPILED_MARK, False) for layer in decoder_layers(model))
 
 
 def uncompile_loop(model: nn.Module) -> None:
     """Undo `compile_loop`: the layers run their eager forward again (dynamo's caches are left as they are)."""
-    for layer in loop_layers(model):
+    for layer in decoder_layers(model):
         if getattr(layer, COMPILED_MARK, False):
             del layer.forward
             delattr(layer, COMPILED_MARK)

@@ -252,9 +252,10 @@ class TrainConfig(Settings):
     compute): HF's `activation_checkpointing_enable` (the older `gradient_checkpointing_enable` where
     transformers lacks it), non-reentrant."""
     compile: bool = False
-    """`torch.compile` the student's loop (looped students only): each decoder layer compiled once and reused by
-    every iteration and depth (`loopfit.models.compiled`); equal to eager within float rounding. The first steps
-    pay the compilation; without a working compiler (inductor on CPU needs a C++ compiler) it warns and runs eager."""
+    """`torch.compile` the student's decoder layers: a looped student's compiled once and reused by every iteration
+    and depth, a plain student's (a static baseline, plain KD) each alike (`loopfit.models.compiled`); equal to eager
+    within float rounding. The first steps pay the compilation; without a working compiler (inductor on CPU needs a
+    C++ compiler) it warns and runs eager."""
     device: str = "auto"
     """`auto` (cuda if available), `cpu` or `cuda`."""
     nan_policy: str = "stop"

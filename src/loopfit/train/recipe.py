@@ -95,8 +95,6 @@ def setup(cfg: TrainConfig) -> Run | None:
         cfg.fixed_num_steps or cfg.mean_recurrence_schedule.turn_on or cfg.backprop_depth_schedule.turn_on
     ):
         raise LoopfitError(f"{cfg.model_name} is not a looped model: recurrence options do not apply to it")
-    if cfg.compile and not looped:
-        raise LoopfitError(f"--compile compiles the loop; {cfg.model_name} is a plain model")
     teacher = None
     dc = cfg.distillation
     cache = None
@@ -131,7 +129,7 @@ def setup(cfg: TrainConfig) -> Run | None:
         enable_activation_checkpointing(model)
     model.to(device).train()
     if cfg.compile:
-        compile_loop(model)  # the loop's decoder layers, in place (or a one-line warning and eager)
+        compile_loop(model)  # the decoder layers (a plain model's too), in place (or a warning and eager)
     if teacher is not None:
         teacher.to(device)
     objective = build_objective(dc, model, teacher, cache_estimator=cache.estimator if cache is not None else None,

@@ -130,6 +130,31 @@ def test_compile_refuses_a_model_without_supported_decoder_layers(models):
         compile_loop(torch.nn.Linear(4, 4))
 
 
+def test_train_compile_refuses_an_unsupported_plain_student_in_one_line(models, tmp_path, capsys):
+    """A plain student of a family loopfit has no spec for (GPT-2): `--compile=true` is a one-line error, nothing
+    written."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from loopfit.cli import main
+    from loopfit.loading import load_tokenizer
+
+    tok = load_tokenizer(models / "teacher")
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    argv = ["train", "--model_name", str(gpt2), "--out", str(tmp_path / "o"), "--data", str(models / "data.txt"),
+            "--seq_len", "16", "--batch_size", "2", "--max_steps", "1", "--progress_bar=false", "--tensorboard=false",
+            "--compile=true"]  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("loopfit: error: --compile:") and "no decoder layers to compile" in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
 def test_a_plain_student_compiles_its_decoder_layers_and_trains_as_eager(models, tmp_path):
     """`--compile=true` on a plain student (a static baseline, plain KD): every decoder layer compiled, and three
     LoRA + KD steps give the eager run's losses."""

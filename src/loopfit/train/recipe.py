@@ -29,7 +29,8 @@ from loopfit.errors import LoopfitError
 from loopfit.flops import flop_params, train_flops_per_token
 from loopfit.io import atomic_dir, remove_leftovers, write_json
 from loopfit.loading import load_model, load_tokenizer, resolve_device
-from loopfit.models.compiled import compile_loop
+from loopfit.models.compiled import compile_loop, decoder_layers
+from loopfit.models.families import FAMILIES
 from loopfit.models.layers import enable_activation_checkpointing
 from loopfit.models.packed_attention import use_packed_attention
 from loopfit.train import checkpoint as ckpt
@@ -95,6 +96,13 @@ def setup(cfg: TrainConfig) -> Run | None:
         cfg.fixed_num_steps or cfg.mean_recurrence_schedule.turn_on or cfg.backprop_depth_schedule.turn_on
     ):
         raise LoopfitError(f"{cfg.model_name} is not a looped model: recurrence options do not apply to it")
+    if cfg.compile:
+        try:
+            decoder_layers(model)
+        except ValueError:
+            families = ", ".join(FAMILIES)
+            raise LoopfitError(f"--compile: {cfg.model_name} is neither a looped model nor a plain model of a "
+                               f"supported family ({families}): no decoder layers to compile") from None  # fmt: skip
     teacher = None
     dc = cfg.distillation
     cache = None

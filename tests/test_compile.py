@@ -242,7 +242,47 @@ def test_generate_flag(models, capsys):
     main(["generate", str(models / "looped"), "--prompt", "12*7", "--max_new_tokens", "3", *adaptive,
           "--compile=true"])  # fmt: skip
     assert capsys.readouterr().out == eager and "12*7" in eager
+    # A plain model of a supported family (the tiny Llama teacher) compiles its decoder layers and decodes the
+    # eager model's tokens through HF's own KV cache.
+    plain = ["generate", str(models / "teacher"), "--prompt", "12*7", "--prompt", "3+4", "--max_new_tokens", "5"]
+    main(plain)
+    eager = capsys.readouterr().out
+    main([*plain, "--compile=true"])
+    out, err = capsys.readouterr()
+    assert out == eager and "'12*7' -> " in eager and "'3+4' -> " in eager and "warning" not in err
+
+
+def test_compiled_plain_model_greedy_generation_equals_eager(models):
+    """A plain Llama: every decoder layer compiled, greedy tokens equal eager's at several prompt lengths (HF's
+    DynamicCache written from inside the compiled layers)."""
+    eager = load_model(models / "teacher").eval()
+    compiled = load_model(models / "teacher").eval()
+    assert compile_loop(compiled) and is_compiled(compiled)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for length in (5, 9):
+            ids = torch.randint(4, 250, (2, length), generator=g)
+            kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+            a, b = compiled.generate(ids, **kw), eager.generate(ids, **kw)
+            assert torch.equal(a, b), length
+            assert a.shape[1] == length + 6
+
+
+def test_generate_compile_refuses_an_unsupported_plain_model_before_loading(models, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from loopfit.cli import main
+    from loopfit.loading import load_tokenizer
+
+    tok = load_tokenizer(models / "teacher")
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    (gpt2 / "model.safetensors").write_bytes(b"not weights")  # never read: the refusal comes from the config
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        main(["generate", str(models / "teacher"), "--max_new_tokens", "2", "--compile=true"])
+        main(["generate", str(gpt2), "--max_new_tokens", "2", "--compile=true"])
     assert e.value.code == 2
-    assert "loopfit: error: --compile compiles the loop;" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("loopfit: error: --compile:") and "gpt2" in err[0], err
+    assert "no decoder layers to compile" in err[0]

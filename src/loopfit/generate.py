@@ -13,6 +13,7 @@ from loopfit.errors import LoopfitError, check_count, check_number
 from loopfit.loading import load_config, load_model, load_tokenizer, resolve_device
 from loopfit.models.compiled import compile_loop
 from loopfit.models.depth import generation_depth
+from loopfit.models.families import family_of
 from loopfit.models.graphed import GraphCaptureError, GraphedDecoder, graph_unsupported
 from loopfit.models.prepacked import prepacked_linears
 
@@ -147,8 +148,9 @@ def generate_command(
             cumulative exit probability, in [0, 1]).
         min_num_steps: adaptive exit: never stop before this many iterations.
         check_every: adaptive exit: check the criterion every this many iterations.
-        compile: `torch.compile` the loop's decoder layers (looped models; `loopfit.models.compiled`): same tokens
-            as eager, the first tokens pay the compilation; without a working compiler it warns and runs eager.
+        compile: `torch.compile` the decoder layers (`loopfit.models.compiled`; a looped model's prelude, block
+            and coda, or a plain model's layers where loopfit has a spec for its family): same tokens as eager, the
+            first tokens pay the compilation; without a working compiler it warns and runs eager.
         prepack: on CPU in fp32, decode through weights reordered once into oneDNN's layout for the batch
             (`loopfit.models.prepacked`): ~1.5x faster at batch 4 on a 2-core AVX2 CPU, the same model up to float
             rounding (a token can differ where two nearly tie), one packed copy of the weights in memory. Not with
@@ -186,6 +188,8 @@ def generate_command(
         raise LoopfitError("--cuda_graphs=true needs --device cuda: CUDA graphs replay GPU kernels")
     if cuda_graphs and load_config(model).model_type != "looped":  # before the weights load
         raise LoopfitError(f"--cuda_graphs: {model} is a plain model; CUDA-graph decoding runs a looped model's loop")
+    if compile:  # before the weights load: a family without a spec has no decoder layers to compile
+        _check_compilable(model)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     exit = None
     if exit_criterion != "none":
@@ -199,8 +203,6 @@ def generate_command(
             raise LoopfitError(f"--cache_mode applies to looped models only; {model} is a plain model")
         lm.config.cache_mode = cache_mode
     if compile:
-        if lm.config.model_type != "looped":
-            raise LoopfitError(f"--compile compiles the loop; {model} is a plain model")
         compile_loop(lm)
     graphs = None
     if cuda_graphs:
@@ -230,6 +232,18 @@ def generate_command(
                                       graphs=graphs)  # fmt: skip
                 lines = [f"{label}{p!r} -> {text.strip()!r}" for p, text in zip(chunk, texts)]
             print("\n".join(lines))
+
+
+def _check_compilable(model: str) -> None:
+    """Refuse `--compile` for a plain model of a family loopfit has no spec for (its decoder layers are unknown)."""
+    config = load_config(model)
+    if config.model_type == "looped":
+        return
+    try:
+        family_of(config)
+    except ValueError as e:
+        raise LoopfitError(f"--compile: {model} is a plain model of a family loopfit has no spec for ({e}): no "
+                           "decoder layers to compile") from None  # fmt: skip
 
 
 def check_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None = None) -> None:

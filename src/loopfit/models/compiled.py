@@ -7,8 +7,8 @@ What is compiled, and why there:
   loop count outside the graphs, never a guard). The unrolled forward is not compiled whole: its length would be a
   guard and every new R a recompilation.
 - The adapter, masks, rotary embedding, state init, head and losses stay eager (one matmul or cheap setup each).
-- A plain model (a static baseline, a plain KD student) has its decoder layers compiled the same way, for training;
-  `loopfit generate --compile` takes looped models only.
+- A plain model of a supported family (a static baseline, a plain KD student, a teacher) has its decoder layers
+  compiled the same way, for training and for generation (HF's own KV cache: its write is the graph break).
 - KV cache: a layer's write into its (iteration, layer) slot (`layers._CompiledCacheSlot.update`) is a graph break
   that runs eagerly, so the slot number is no guard; with a cache each layer runs as two graphs (projections and
   rotary; attention and MLP). The layer index the attention passes to the cache is read as a symbolic int

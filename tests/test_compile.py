@@ -130,18 +130,24 @@ def test_compile_refuses_a_model_without_supported_decoder_layers(models):
         compile_loop(torch.nn.Linear(4, 4))
 
 
-def test_train_compile_refuses_an_unsupported_plain_student_in_one_line(models, tmp_path, capsys):
-    """A plain student of a family loopfit has no spec for (GPT-2): `--compile=true` is a one-line error, nothing
-    written."""
+def _tiny_gpt2(models, path):
+    """A tiny GPT-2 (a family loopfit has no spec for) with the test tokenizer, saved at `path`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from loopfit.cli import main
     from loopfit.loading import load_tokenizer
 
     tok = load_tokenizer(models / "teacher")
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(gpt2)
-    tok.save_pretrained(gpt2)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_train_compile_refuses_an_unsupported_plain_student_in_one_line(models, tmp_path, capsys):
+    """A plain student of a family loopfit has no spec for (GPT-2): `--compile=true` is a one-line error, nothing
+    written."""
+    from loopfit.cli import main
+
+    gpt2 = _tiny_gpt2(models, tmp_path / "gpt2")
     argv = ["train", "--model_name", str(gpt2), "--out", str(tmp_path / "o"), "--data", str(models / "data.txt"),
             "--seq_len", "16", "--batch_size", "2", "--max_steps", "1", "--progress_bar=false", "--tensorboard=false",
             "--compile=true"]  # fmt: skip
@@ -269,15 +275,9 @@ def test_compiled_plain_model_greedy_generation_equals_eager(models):
 
 
 def test_generate_compile_refuses_an_unsupported_plain_model_before_loading(models, tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from loopfit.cli import main
-    from loopfit.loading import load_tokenizer
 
-    tok = load_tokenizer(models / "teacher")
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(gpt2)
-    tok.save_pretrained(gpt2)
+    gpt2 = _tiny_gpt2(models, tmp_path / "gpt2")
     (gpt2 / "model.safetensors").write_bytes(b"not weights")  # never read: the refusal comes from the config
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:

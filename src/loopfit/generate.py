@@ -149,8 +149,9 @@ def generate_command(
         min_num_steps: adaptive exit: never stop before this many iterations.
         check_every: adaptive exit: check the criterion every this many iterations.
         compile: `torch.compile` the decoder layers (`loopfit.models.compiled`; a looped model's prelude, block
-            and coda, or a plain model's layers where loopfit has a spec for its family): same tokens as eager, the
-            first tokens pay the compilation; without a working compiler it warns and runs eager.
+            and coda, or a plain model's layers where loopfit has a spec for its family): in fp32 the same tokens as
+            eager (in bf16 inductor's fused rounding can flip a near tie), the first tokens pay the compilation;
+            without a working compiler it warns and runs eager.
         prepack: on CPU in fp32, decode through weights reordered once into oneDNN's layout for the batch
             (`loopfit.models.prepacked`): ~1.5x faster at batch 4 on a 2-core AVX2 CPU, the same model up to float
             rounding (a token can differ where two nearly tie), one packed copy of the weights in memory. Not with

@@ -18,7 +18,14 @@ from conftest import write_teacher_and_looped_student
 from torch._dynamo.utils import counters
 
 from loopfit.loading import load_model
-from loopfit.models.compiled import compile_loop, decoder_layers, is_compiled, loop_layers, uncompile_loop
+from loopfit.models.compiled import (
+    compile_loop,
+    decoder_layers,
+    generation_kwargs,
+    is_compiled,
+    loop_layers,
+    uncompile_loop,
+)
 from loopfit.train import DistillationConfig, LoRAConfig, TrainConfig
 from loopfit.train.recipe import fit, setup
 from loopfit.train.student import Student, apply_lora, build_objective, objective_loss
@@ -258,20 +265,49 @@ def test_generate_flag(models, capsys):
     assert out == eager and "'12*7' -> " in eager and "'3+4' -> " in eager and "warning" not in err
 
 
-def test_compiled_plain_model_greedy_generation_equals_eager(models):
-    """A plain Llama: every decoder layer compiled, greedy tokens equal eager's at several prompt lengths (HF's
-    DynamicCache written from inside the compiled layers)."""
-    eager = load_model(models / "teacher").eval()
-    compiled = load_model(models / "teacher").eval()
+def test_compiled_plain_model_greedy_generation_equals_eager():
+    """A plain 24-layer Llama: every decoder layer compiled, greedy tokens equal eager's at three prompt lengths,
+    and one set of graphs serves every layer: with the cache `generation_kwargs` gives (its write a graph break) no
+    code object needs more than 16 graphs, where HF's plain cache, traced inside the layers, guards on the layer
+    index and needs one per layer (`test_traced_cache_writes_compile_a_graph_per_layer`)."""
+    eager, compiled = _plain_llama(num_hidden_layers=24)
+    torch._dynamo.reset()  # count this model's graphs alone
     assert compile_loop(compiled) and is_compiled(compiled)
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for length in (5, 9):
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=16, fail_on_recompile_limit_hit=True):
+        for length in (5, 9, 7):
             ids = torch.randint(4, 250, (2, length), generator=g)
             kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-            a, b = compiled.generate(ids, **kw), eager.generate(ids, **kw)
+            a, b = compiled.generate(ids, **kw, **generation_kwargs(compiled)), eager.generate(ids, **kw)
             assert torch.equal(a, b), length
             assert a.shape[1] == length + 6
+    assert generation_kwargs(eager) == {}
+
+
+def test_traced_cache_writes_compile_a_graph_per_layer():
+    """What `EagerWriteCache` prevents: HF's own cache under compiled layers exceeds the limit that
+    `test_compiled_plain_model_greedy_generation_equals_eager` meets."""
+    _, compiled = _plain_llama(num_hidden_layers=24)
+    torch._dynamo.reset()
+    compile_loop(compiled)
+    ids = torch.randint(4, 250, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=16, fail_on_recompile_limit_hit=True):
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            compiled.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()
+
+
+def _plain_llama(**overrides):
+    """Two copies (eager, to be compiled) of one tiny random plain Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, **overrides)  # fmt: skip
+    torch.manual_seed(0)
+    eager = LlamaForCausalLM(cfg).eval()
+    compiled = LlamaForCausalLM(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
 
 
 def test_generate_compile_refuses_an_unsupported_plain_model_before_loading(models, tmp_path, capsys):

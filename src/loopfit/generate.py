@@ -11,7 +11,7 @@ from loopfit.adaptive import ExitConfig, adaptive_generation_lines
 from loopfit.data.chat import format_prompt  # noqa: F401  (re-exported)
 from loopfit.errors import LoopfitError, check_count, check_number
 from loopfit.loading import load_config, load_model, load_tokenizer, resolve_device
-from loopfit.models.compiled import compile_loop
+from loopfit.models.compiled import compile_loop, generation_kwargs
 from loopfit.models.depth import generation_depth
 from loopfit.models.families import family_of
 from loopfit.models.graphed import GraphCaptureError, GraphedDecoder, graph_unsupported
@@ -70,6 +70,7 @@ def generate_text(
                                 tokenizer.pad_token_id)  # fmt: skip
         return tokenizer.batch_decode(out, skip_special_tokens=True)
     kwargs = {"num_steps": num_steps} if num_steps is not None and model.config.model_type == "looped" else {}
+    kwargs.update(generation_kwargs(model))  # a compiled plain model: a cache whose write is a graph break
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,

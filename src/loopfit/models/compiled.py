@@ -8,7 +8,10 @@ What is compiled, and why there:
   guard and every new R a recompilation.
 - The adapter, masks, rotary embedding, state init, head and losses stay eager (one matmul or cheap setup each).
 - A plain model of a supported family (a static baseline, a plain KD student, a teacher) has its decoder layers
-  compiled the same way, for training and for generation (HF's own KV cache: its write is the graph break).
+  compiled the same way, for training and for generation. HF's cache write inside a compiled layer would be traced,
+  guarding on the layer index and on each cache layer's state (a recompilation per layer: SmolLM2's 30 layers
+  exhaust the limit and fall back to eager); `generation_kwargs` gives `generate` a cache whose write is a graph
+  break instead (`EagerWriteCache`), as the loop's slots are.
 - KV cache: a layer's write into its (iteration, layer) slot (`layers._CompiledCacheSlot.update`) is a graph break
   that runs eagerly, so the slot number is no guard; with a cache each layer runs as two graphs (projections and
   rotary; attention and MLP). The layer index the attention passes to the cache is read as a symbolic int
@@ -26,10 +29,12 @@ Sources: torch.compile (PyTorch 2.x, `torch._dynamo`, inductor). CUDA graphs for
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from loopfit.models.families import family_of
 from loopfit.models.layers import COMPILED_MARK
@@ -160,3 +165,26 @@ def uncompile_loop(model: nn.Module) -> None:
         if getattr(layer, COMPILED_MARK, False):
             del layer.forward
             delattr(layer, COMPILED_MARK)
+
+
+class EagerWriteCache(DynamicCache):
+    """HF's `DynamicCache` whose write runs eagerly, a graph break, when a compiled decoder layer calls it: the
+    layer index and the cache's state are then no guards, and one set of graphs serves every layer of a plain
+    model (`_CompiledCacheSlot` does the same for the loop's slots)."""
+
+    update = torch.compiler.disable(DynamicCache.update)
+
+
+def generation_kwargs(model: nn.Module) -> dict:
+    """Extra `generate` arguments for `model`: an `EagerWriteCache` for a plain model whose decoder layers
+    `compile_loop` compiled (under the argument name of the installed transformers: `cache` from 5.24 on,
+    `past_key_values` before), nothing otherwise (a looped model routes its own cache writes)."""
+    if getattr(model.config, "model_type", None) == "looped":
+        return {}
+    try:
+        if not is_compiled(model):
+            return {}
+    except ValueError:  # a family without a spec: nothing was compiled
+        return {}
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: EagerWriteCache(config=model.config)}

@@ -304,15 +304,20 @@ def test_compiled_plain_generation_of_other_families_equals_eager(family):
 
 def test_traced_cache_writes_compile_a_graph_per_layer():
     """What `EagerWriteCache` prevents: HF's own cache under compiled layers exceeds the limit that
-    `test_compiled_plain_model_greedy_generation_equals_eager` meets."""
+    `test_compiled_plain_model_greedy_generation_equals_eager` meets. This is upstream behaviour (transformers 5.25,
+    torch 2.13): a release whose cache no longer guards per layer skips it, saying so, rather than failing."""
     _, compiled = _plain_llama(num_hidden_layers=24)
     torch._dynamo.reset()
     compile_loop(compiled)
     ids = torch.randint(4, 250, (2, 5), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=16, fail_on_recompile_limit_hit=True):
-        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=16, fail_on_recompile_limit_hit=True):
             compiled.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    torch._dynamo.reset()
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        return
+    finally:
+        torch._dynamo.reset()
+    pytest.skip("HF's cache no longer compiles a graph per layer here: EagerWriteCache may be unneeded")
 
 
 def _plain_llama(**overrides):

@@ -30,6 +30,10 @@ DEFAULT_SERIES = [
     "mix heal, 396 steps, mean 4, seed 1=heal_yardsticks_mix_k1m4_396_s1.json",
     "the loop at 1.5x the steps (453), bf16=heal_yardsticks_loop_15x_bf16_s0.json",
     "static model at 1.5x the steps (860), bf16=heal_yardsticks_static_15x_bf16_s0.json",
+    "compiled, equal minutes, AMX Xeon: loop, 800 steps, mean 4, seed 0=heal_yardsticks_xeon_compiled_s0.json#loop",
+    "the same, seed 1=heal_yardsticks_xeon_compiled_s1.json#loop",
+    "its static model, 957 steps, seed 0=heal_yardsticks_xeon_compiled_s0.json#static",
+    "its static model, seed 1=heal_yardsticks_xeon_compiled_s1.json#static",
 ]
 # Scored by `benchmarks.heal_yardsticks` on the same tokens (docs/training.md, "Both yardsticks at every depth").
 FLOORS = {"shakespeare": {"teacher": 3.760, "pruned start": 7.737}, "gsm8k": {"teacher": 1.376, "pruned start": 5.748}}
@@ -72,13 +76,13 @@ def plot(series: list[tuple[str, dict, bool]], out: Path) -> None:
     plt = pyplot()
 
     depths = sorted({d for _, curves, _ in series for c in curves.values() for d in c})
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 7))
     for ax, key in zip(axes, ("shakespeare", "gsm8k")):
         for i, (label, curves, looped) in enumerate(series):
             c = curves.get(key)
             if not c:
                 continue
-            color = f"C{i}"
+            color = f"C{i}" if len(series) <= 10 else plt.get_cmap("tab20")(i % 20)
             if not looped:  # no loop: one number for every R
                 ax.axhline(c[1], color=color, linestyle=":", linewidth=2, label=label)
             else:
@@ -96,7 +100,8 @@ def plot(series: list[tuple[str, dict, bool]], out: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
     fig.suptitle("SmolLM2-135M at 4-6-4 healed on tiny-shakespeare, or on it + GSM8K (mix); docs/training.md, issue 20")
-    save_png(fig, out, rect=(0, 0.13, 1, 1))  # room below the axes for the shared legend
+    rows = -(-len(labels) // 3)
+    save_png(fig, out, rect=(0, 0.035 + 0.026 * rows, 1, 1))  # room below the axes for the shared legend
 
 
 def main() -> None:

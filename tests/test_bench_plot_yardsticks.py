@@ -61,6 +61,8 @@ def test_default_series_are_all_committed_results():
     assert [label for label, _, looped in series if not looped] == [
         "static model, 573 steps, bf16",
         "static model at 1.5x the steps (860), bf16",
+        "its static model, 957 steps, seed 0",
+        "its static model, seed 1",
     ]
 
 

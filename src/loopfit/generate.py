@@ -70,7 +70,8 @@ def generate_text(
                                 tokenizer.pad_token_id)  # fmt: skip
         return tokenizer.batch_decode(out, skip_special_tokens=True)
     kwargs = {"num_steps": num_steps} if num_steps is not None and model.config.model_type == "looped" else {}
-    kwargs.update(generation_kwargs(model))  # a compiled plain model: a cache whose write is a graph break
+    if use_cache:
+        kwargs.update(generation_kwargs(model))  # a compiled plain model: a cache whose write is a graph break
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,

@@ -32,8 +32,10 @@ DEFAULT_SERIES = [
     "static model at 1.5x the steps (860), bf16=heal_yardsticks_static_15x_bf16_s0.json",
     "compiled, equal minutes, AMX Xeon: loop, 800 steps, mean 4, seed 0=heal_yardsticks_xeon_compiled_s0.json#loop",
     "the same, seed 1=heal_yardsticks_xeon_compiled_s1.json#loop",
+    "the same, seed 2=heal_yardsticks_xeon_compiled_s2.json#loop",
     "its static model, 957 steps, seed 0=heal_yardsticks_xeon_compiled_s0.json#static",
     "its static model, seed 1=heal_yardsticks_xeon_compiled_s1.json#static",
+    "its static model, seed 2=heal_yardsticks_xeon_compiled_s2.json#static",
 ]
 # Scored by `benchmarks.heal_yardsticks` on the same tokens (docs/training.md, "Both yardsticks at every depth").
 FLOORS = {"shakespeare": {"teacher": 3.760, "pruned start": 7.737}, "gsm8k": {"teacher": 1.376, "pruned start": 5.748}}

@@ -63,6 +63,7 @@ def test_default_series_are_all_committed_results():
         "static model at 1.5x the steps (860), bf16",
         "its static model, 957 steps, seed 0",
         "its static model, seed 1",
+        "its static model, seed 2",
     ]
 
 

@@ -256,7 +256,7 @@ def test_generate_flag(models, capsys):
           "--compile=true"])  # fmt: skip
     assert capsys.readouterr().out == eager and "12*7" in eager
     # A plain model of a supported family (the tiny Llama teacher) compiles its decoder layers and decodes the
-    # eager model's tokens through HF's own KV cache.
+    # eager model's tokens (through `generation_kwargs`' cache, whose write is a graph break).
     plain = ["generate", str(models / "teacher"), "--prompt", "12*7", "--prompt", "3+4", "--max_new_tokens", "5"]
     main(plain)
     eager = capsys.readouterr().out

@@ -153,9 +153,12 @@ def generate_command(
         compile: `torch.compile` the decoder layers (`loopfit.models.compiled`; a looped model's prelude, block
             and coda, or a plain model's layers where loopfit has a spec for its family): in fp32 the same tokens as
             eager (in bf16 inductor's fused rounding can flip a near tie), the first tokens pay the compilation;
-            without a working compiler it warns and runs eager.
+            without a working compiler it warns and runs eager. On CPU it decodes no faster than eager (SmolLM2,
+            2-core AMX Xeon: 0.88-0.95x, `benchmarks/compiled_generation.py`): the per-token graph calls and the
+            cache write's graph break outweigh the fused elementwise work; it is for GPUs and training.
         prepack: on CPU in fp32, decode through weights reordered once into oneDNN's layout for the batch
-            (`loopfit.models.prepacked`): ~1.5x faster at batch 4 on a 2-core AVX2 CPU, the same model up to float
+            (`loopfit.models.prepacked`): ~1.5x faster at batch 4 on a 2-core AVX2 CPU, 1.16-1.2x at batch 8 and
+            0.74-0.79x at batch 1 on a 2-core AMX Xeon (`benchmarks/compiled_generation.py`), the same model up to float
             rounding (a token can differ where two nearly tie), one packed copy of the weights in memory. Not with
             --compile; without oneDNN in the PyTorch build it packs nothing and says so.
         batch_size: prompts decoded together (left-padded), at fixed depth or with adaptive exit (each row of the

@@ -86,8 +86,8 @@ def main(argv=None) -> None:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
         p, b, c = map(int, args.layout.split("-"))
     except ValueError:
-        raise SystemExit(f"loopfit: error: --batch_sizes {args.batch_sizes} / --layout {args.layout}: not integers "
-                         "(1,8 / P-B-C)") from None  # fmt: skip
+        raise SystemExit(f"loopfit: error: --batch_sizes {args.batch_sizes} / --layout {args.layout}: not "
+                         "integers as 1,8 / P-B-C") from None  # fmt: skip
     if not set(precisions) <= {"fp32", "bf16"}:
         raise SystemExit(f"loopfit: error: --precisions {args.precisions}: takes fp32 and/or bf16")
     if min(batch_sizes + [args.new_tokens, args.rounds, args.num_steps]) < 1:

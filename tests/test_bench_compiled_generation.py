@@ -12,12 +12,12 @@ from loopfit.models.compiled import compile_unsupported
 
 
 @pytest.mark.skipif(compile_unsupported("cpu") is not None, reason="torch.compile cannot run on this machine")
-def test_every_mode_decodes_eagers_tokens(tiny_source_dir, tmp_path):
+def test_every_mode_decodes_eagers_tokens(tiny_source_dir, tmp_path, one_thread):
     torch._dynamo.reset()
     out = tmp_path / "gen.json"
     compiled_generation.main(["--model", str(tiny_source_dir), "--layout", "1-2-1", "--num_steps", "2",
                               "--precisions", "fp32", "--batch_sizes", "2", "--new_tokens", "3", "--rounds", "1",
-                              "--threads", "1", "--out", str(out)])  # fmt: skip
+                              "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["mode"]) for r in rows] == [
         (m, mode) for m in ("plain", "looped 1-2-1 R=2") for mode in ("eager", "compile", "prepack")
@@ -32,7 +32,7 @@ def test_every_mode_decodes_eagers_tokens(tiny_source_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, why",
     [(["--precisions", "fp16"], "takes fp32 and/or bf16"), (["--batch_sizes", "0"], "must be >= 1"),
-     (["--layout", "4-x-4"], "not integers"), (["--rounds", "0"], "must be >= 1")],
+     (["--layout", "4-x-4"], "not integers"), (["--layout", "4-6"], "P-B-C"), (["--rounds", "0"], "must be >= 1")],
 )  # fmt: skip
 def test_bad_input_is_one_line_errors(args, why):
     with pytest.raises(SystemExit, match=f"^loopfit: error: .*{why}"):

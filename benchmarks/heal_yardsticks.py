@@ -9,8 +9,8 @@
   question, assistant = answer), the loss only on the assistant's tokens and its end-of-turn token.
 
 - With `--blank_lines`, the in-domain tokens also scored in two parts: the newline tokens of each blank line
-  ("\n\n" is two newline tokens), which no heal trains on (a `.txt` source is split into documents at blank lines),
-  and the rest (rows `shakespeare_blank`, `shakespeare_rest`).
+  ("\n\n" is two newline tokens), which no heal before session 51 trained on (a `.txt` source's blank lines were
+  dropped between its paragraph documents; docs/data.md), and the rest (rows `shakespeare_blank`, `shakespeare_rest`).
 
 Every model is scored on the same tokens at every `--depths` (a plain model once). Writes
 benchmarks/results/NAME.json; with `--gap_from` and a `teacher` model, the share of the teacher gap each row closes.

@@ -157,13 +157,12 @@ def test_calibration_windows_are_consecutive_text(tmp_path):
     batches = list(calibration_batches(tok, str(text), num_samples=10, seq_len=16, batch_size=2))
     ids = torch.cat([b[0] for b in batches])
     mask = torch.cat([b[1] for b in batches])
-    expected = []
-    for para in ("first paragraph here", "second one", "third and last paragraph, somewhat longer"):
-        expected += tok(para, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    assert len(expected) == 74  # 4 full 16-token windows and a padded one of 10: the source runs out before 10
+    # The file reads as itself, blank lines included, with one EOS at its end (none between its paragraphs).
+    expected = tok(text.read_text(), add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert len(expected) == 77  # 4 full 16-token windows and a padded one of 13: the source runs out before 10
     assert [b[0].shape[0] for b in batches] == [2, 2, 1]
     assert ids[mask.bool()].tolist() == expected
-    assert mask[:4].all() and mask[4].sum() == 10
+    assert mask[:4].all() and mask[4].sum() == 13
     assert len(list(calibration_batches(tok, str(text), num_samples=1, seq_len=16, batch_size=4))[0][0]) == 1
 
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ from loopfit.data import (
     pack_documents,
     read_documents,
     save_prepared,
+    tokenize_documents,
 )
 from loopfit.errors import LoopfitError
 
@@ -101,11 +103,93 @@ def test_default_source_is_the_unbounded_generator():
 # ---------------------------------------------------------------- sources
 
 
-def test_text_file_splits_at_blank_lines(tmp_path):
+def test_text_file_splits_at_blank_lines_and_keeps_every_byte(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("First line\nsecond line\n\n\nPara two\n   \nThree\n")
-    assert [d.text for d in read_documents(str(f))] == ["First line\nsecond line", "Para two", "Three"]
-    assert [d.text for d in read_documents(str(f), limit=2)] == ["First line\nsecond line", "Para two"]
+    docs = list(read_documents(str(f)))
+    assert [d.text for d in docs] == ["First line\nsecond line\n\n\n", "Para two\n   \n", "Three\n"]
+    assert [d.continued for d in docs] == [True, True, False]  # only the file's end gets an end-of-text
+    assert [d.text for d in read_documents(str(f), limit=2)] == ["First line\nsecond line\n\n\n", "Para two\n   \n"]
+    # Joined, the documents give the file back, leading and trailing blank lines and a missing last newline included.
+    for text in ("\n\n  \nA\nB\n\nC", "A", "A\n\n\n", "\tA\n\tB\n \n\nC\n\nD\n \n"):
+        f.write_text(text)
+        docs = list(read_documents(str(f)))
+        assert "".join(d.text for d in docs) == text
+        assert all(d.text.strip() for d in docs) and [d.continued for d in docs] == [True] * (len(docs) - 1) + [False]
+    f.write_bytes(b"A\r\n\r\nB\rC")  # universal newlines, as text mode reads them
+    assert "".join(d.text for d in read_documents(str(f))) == "A\n\nB\nC"
+    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
+    if real.is_file():  # the real corpus: every byte is trained on, 1 + its blank runs documents
+        docs = list(read_documents(str(real)))
+        assert "".join(d.text for d in docs) == real.read_text(encoding="utf-8")
+
+
+def test_paragraphs_of_a_text_file_get_no_separator(tok, tmp_path):
+    """A paragraph the file goes on after is packed with its blank lines and without an EOS (the raw text has none
+    there); the file's last paragraph gets its trained EOS as any document."""
+    f = tmp_path / "a.txt"
+    f.write_text("Alpha beta.\n\nGamma delta.\n")
+    docs = tokenize_documents(list(read_documents(str(f))), tok)
+    assert [(d.separator, d.train_separator) for d in docs] == [(False, False), (True, True)]
+    assert [d.packed_size for d in docs] == [len(docs[0].input_ids), len(docs[1].input_ids) + 1]
+    rows = pack_documents(docs, 64, tok.eos_token_id, tok.pad_token_id)
+    real = rows.input_ids[0, : rows.num_tokens[0]].tolist()
+    assert real.count(tok.eos_token_id) == 1 and rows.num_tokens[0] == sum(d.packed_size for d in docs)
+    assert "".join(tok.decode(d.input_ids) for d in docs) == f.read_text()
+
+
+def merging_tokenizer():
+    """`byte_tokenizer` with one merge, newline + newline, and a BOS: like SmolLM2's tokenizer, it reads "\n\n" as one
+    token at the end of a text and as two before more text (GPT-2's pre-tokenisation splits off the last one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {
+        "\u010a\u010a": len(alphabet),
+        "\u010a\u010a\u0120": len(alphabet) + 1,
+    }
+    # The second merge makes a token that runs across a paragraph start: "\n\n " before an indented paragraph.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("\u010a", "\u010a"), ("\u010a\u010a", "\u0120")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    hf.add_special_tokens({"additional_special_tokens": ["<s>", "</s>"]})
+    bos = hf.convert_tokens_to_ids("<s>")
+    hf.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return hf
+
+
+@pytest.mark.parametrize("batch", [512, 2])  # 2: the file tokenised two paragraphs at a time, cut the same
+def test_paragraphs_are_tokenised_as_the_file_reads(tmp_path, monkeypatch, batch):
+    import loopfit.data.chat as chat
+
+    monkeypatch.setattr(chat, "_BATCH", batch)
+    tok = merging_tokenizer()
+    two = tok.convert_tokens_to_ids("\u010a\u010a")
+    assert tok("Ab.\n\n", add_special_tokens=False).input_ids[-1] == two  # alone: one token ...
+    assert two not in tok("Ab.\n\nCd", add_special_tokens=False).input_ids  # ... in running text: two
+    f = tmp_path / "a.txt"
+    # Paragraphs 2, 4 and 6 are indented: "\n\n " before them is one token that runs into them (and, two paragraphs
+    # at a time, into the next batch).
+    text = "\n".join(f"{'  ' * (i in (2, 4, 6))}Speaker {i}:\nline {i} \u00e9t\u00e9.\n" for i in range(7)) + "\nEnd."
+    f.write_text(text)
+    docs = list(read_documents(str(f)))
+    assert len(docs) == 8
+    tokenized = tokenize_documents(docs, tok)
+    assert [t for d in tokenized for t in d.input_ids] == tok(text).input_ids  # BOS once, then the file's tokens
+    newline, span = tok.convert_tokens_to_ids(["\u010a", "\u010a\u010a\u0120"])
+    assert tokenized[0].input_ids[-2:] == [newline, newline] and tokenized[1].input_ids[-1] == span
+    assert tokenized[2].input_ids[:2] == tok(" Speaker", add_special_tokens=False).input_ids[:2]
+    assert [d.separator for d in tokenized] == [False] * 7 + [True] and tokenized[-1].train_separator
+    # A source cut short (--max_documents) ends on a paragraph the file goes on after: no EOS there either; only the
+    # cut paragraph's last blank line, with no text after it to read, may tokenise otherwise.
+    cut = tokenize_documents(docs[:3], tok)
+    assert [d.input_ids for d in cut[:2]] == [d.input_ids for d in tokenized[:2]] and not any(d.separator for d in cut)
+    assert tok.decode([t for d in cut for t in d.input_ids], skip_special_tokens=True) == "".join(
+        d.text for d in docs[:3]
+    )
+    assert cut[2].input_ids[-1] == two
 
 
 def test_jsonl_parquet_and_hf_folder_give_the_same_documents(tmp_path):
@@ -248,7 +332,7 @@ def test_default_data_is_generated_and_mixing_follows_weights(tok, tmp_path):
     mixed = build_dataset([f"{text}:0.25", f"{qa}:0.75"], tok, 128, seed=3)
     t, q = (s["train_tokens_used"] for s in mixed.manifest["sources"])
     assert q == sum(len(r["question"]) + len(r["answer"]) + len("Question: \nAnswer: ") + 1 for r in QA)  # all used
-    longest = max(len(f"paragraph {i} " * 5) + 1 for i in range(200))
+    longest = max(len(f"paragraph {i} " * 5) + 3 for i in range(200))  # with its blank line and EOS
     assert abs(t - q * 0.25 / 0.75) <= longest / 2  # the share is as close to 25% as whole documents allow
     assert 0 < mixed.manifest["sources"][0]["train_documents_used"] < 200
     with pytest.raises(LoopfitError, match="sum to a positive"):

@@ -96,8 +96,9 @@ def calibration_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`(input_ids, attention_mask)` batches of `num_samples` windows of `seq_len` tokens from a data source.
 
-    Documents are tokenised one at a time, joined with EOS and cut into consecutive windows (each starting with BOS
-    when the tokenizer adds one), so a window is ordinary running text; only a final, short window is padded.
+    Documents are tokenised one at a time, joined with EOS (none after a paragraph its text file goes on after: a
+    text file reads as itself) and cut into consecutive windows (each starting with BOS when the tokenizer adds one),
+    so a window is ordinary running text; only a final, short window is padded.
     Stops early, with fewer samples, if the source runs out.
     """
     docs = read_documents(data)  # raises here, not at the first batch, for a missing source
@@ -113,9 +114,16 @@ def _windows(tokenizer, docs, num_samples: int, seq_len: int, batch_size: int, c
     body = seq_len - len(bos)
     windows: list[list[int]] = []
     buffer: list[int] = []
-    done = 0
+    done, text = 0, ""
     for doc in docs:
-        buffer += tokenizer(document_text(doc, tokenizer, chat=chat), add_special_tokens=False).input_ids + sep
+        # A text file's paragraphs are tokenised together (alone, a paragraph's final blank line can be another
+        # token), in pieces of about 64k characters, so a window reads as the file; a file's last paragraph is never
+        # `continued`, so nothing is left over after the loop.
+        text += document_text(doc, tokenizer, chat=chat)
+        if doc.continued and len(text) < 1 << 16:
+            continue
+        buffer += tokenizer(text, add_special_tokens=False).input_ids + ([] if doc.continued else sep)
+        text = ""
         while len(buffer) >= body and done < num_samples:
             windows.append(bos + buffer[:body])
             buffer = buffer[body:]

@@ -67,7 +67,7 @@ def _mix(sources: list[list[TokenizedDocument]], weights: list[float], seed: int
         return [list(range(len(sources[0])))]
     total_w = sum(weights)
     shares = [w / total_w for w in weights]
-    tokens = [sum(len(d.input_ids) + 1 for d in docs) for docs in sources]
+    tokens = [sum(d.packed_size for d in docs) for docs in sources]
     budget = min(t / p for t, p in zip(tokens, shares) if p > 0)
     chosen = []
     for n, (docs, p) in enumerate(zip(sources, shares)):
@@ -75,7 +75,7 @@ def _mix(sources: list[list[TokenizedDocument]], weights: list[float], seed: int
         random.Random(f"{seed}:mix:{n}").shuffle(order)
         target, used, picked = p * budget, 0, []
         for i in order:
-            size = len(docs[i].input_ids) + 1
+            size = docs[i].packed_size
             if used + size / 2 > target:  # stop where the share is closest to the target
                 break
             picked.append(i)
@@ -151,7 +151,7 @@ def build_dataset(
     for rec, docs, idx in zip(records, train_docs, chosen):
         rec["train_documents_available"] = len(docs)
         rec["train_documents_used"] = len(idx)
-        rec["train_tokens_used"] = sum(len(docs[i].input_ids) + 1 for i in idx)
+        rec["train_tokens_used"] = sum(docs[i].packed_size for i in idx)
         mixed.extend(docs[i] for i in idx)
     random.Random(f"{seed}:shuffle").shuffle(mixed)
 

@@ -1,10 +1,11 @@
 """Pack tokenised documents into fixed-length rows.
 
-Each document is followed by one EOS separator. A document (with its separator) that fits in a row is never split:
-it goes into the open row with the least space left that still holds it (best fit), or starts a new row. A longer
-document fills whole rows of its own and its last piece is placed like a short document. Whatever space is left
-at the end of a row is padded and masked. Nothing is dropped. Best fit keeps padding low (about 7.3% on GSM8K chat
-records at 512 tokens, against about 23% for filling rows in order); rows are shuffled by the loader anyway.
+Each document is followed by one EOS separator (except a paragraph its text file goes on after, which ends with the
+file's own blank lines; `TokenizedDocument.separator`). A document (with its separator) that fits in a row is never
+split: it goes into the open row with the least space left that still holds it (best fit), or starts a new row. A
+longer document fills whole rows of its own and its last piece is placed like a short document. Whatever space is
+left at the end of a row is padded and masked. Nothing is dropped. Best fit keeps padding low (about 7.3% on GSM8K
+chat records at 512 tokens, against about 23% for filling rows in order); rows are shuffled by the loader anyway.
 
 Per-document position ids restart at 0 at every document start and at every row start (a document continued from
 another row cannot attend to its earlier part, so its positions restart too); padding counts
@@ -61,7 +62,9 @@ def pack_documents(docs: Sequence[TokenizedDocument], seq_len: int, eos_id: int,
             bisect.insort(free, (left, row))
 
     for d, doc in enumerate(docs):
-        n = len(doc.input_ids) + 1  # with the EOS separator
+        n = doc.packed_size  # with the EOS separator, if any
+        if n == 0:  # a paragraph whose text went into the token before it: nothing to place
+            continue
         full = n // seq_len if n > seq_len else 0
         for c in range(full):
             rows.append([(d, c * seq_len, (c + 1) * seq_len)])
@@ -76,7 +79,7 @@ def pack_documents(docs: Sequence[TokenizedDocument], seq_len: int, eos_id: int,
         k = 0
         for d, start, stop in pieces:
             doc = docs[d]
-            tokens = [*doc.input_ids, eos_id][start:stop]
+            tokens = [*doc.input_ids, eos_id][start:stop]  # a document without separator stops before the EOS
             targets = [t if m else IGNORE_INDEX for t, m in zip(doc.input_ids, doc.trainable)]
             targets.append(eos_id if doc.train_separator else IGNORE_INDEX)
             input_ids[r, k : k + len(tokens)] = tokens

@@ -2,7 +2,11 @@
 
 A `Document` is either free text (`text`) or a prompt/response pair (`prompt`, `response`). Plain text files are
 split into documents at blank lines (one or more empty lines), so paragraphs, speeches or sections stay whole;
-a file with no blank lines is one document (packing splits it across rows).
+a file with no blank lines is one document (packing splits it across rows). Nothing of the file is lost: each
+paragraph keeps its own newline and the blank lines after it (the first also any before it), so the documents
+joined give the file's text back (newlines normalised to `\n`), and every paragraph but the last is `continued`:
+packing puts no end-of-text between it and the rest, as in the raw file (a model trained on the split file learns
+the blank lines it will meet in the raw text, and no end-of-text where the text goes on).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class Document:
     """User turn / question."""
     response: str | None = None
     """Assistant turn / answer (the part trained on with assistant-only loss)."""
+    continued: bool = False
+    """True for a paragraph of a text file that the file goes on after: no end-of-text separator follows it."""
 
     @property
     def is_pair(self) -> bool:
@@ -88,15 +94,21 @@ def read_text(path: str | Path) -> str:
 
 
 def _text_documents(path: Path) -> Iterator[Document]:
-    paragraph: list[str] = []
+    """The paragraphs of a text file, each with its following blank lines (see the module docstring)."""
+    lines: list[str] = []  # the paragraph being read, then the blank lines after it
+    has_text = blank_tail = False  # leading blank lines (no text yet) join the first paragraph
     for line in text_lines(path):
-        if line.strip():
-            paragraph.append(line.rstrip("\n"))
-        elif paragraph:
-            yield Document(text="\n".join(paragraph))
-            paragraph = []
-    if paragraph:
-        yield Document(text="\n".join(paragraph))
+        if not line.strip():
+            lines.append(line)
+            blank_tail = has_text
+        elif blank_tail:
+            yield Document(text="".join(lines), continued=True)
+            lines, blank_tail = [line], False
+        else:
+            lines.append(line)
+            has_text = True
+    if has_text:
+        yield Document(text="".join(lines))
 
 
 def _jsonl_records(path: Path) -> Iterator[dict]:

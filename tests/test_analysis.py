@@ -150,7 +150,11 @@ def test_target_recurrent_size_keeps_highest_influence_thinking_layers():
         suggest(bi, ad, target_recurrent_size=7)
 
 
-def test_calibration_windows_are_consecutive_text(tmp_path):
+@pytest.mark.parametrize("batch", [512, 1])  # 1: the file tokenised a paragraph at a time, read the same
+def test_calibration_windows_are_consecutive_text(tmp_path, monkeypatch, batch):
+    from loopfit.data import paragraphs
+
+    monkeypatch.setattr(paragraphs, "BATCH", batch)
     tok = make_tiny_tokenizer()
     text = tmp_path / "t.txt"
     text.write_text("first paragraph here\n\nsecond one\n\nthird and last paragraph, somewhat longer\n")

@@ -23,6 +23,7 @@ from loopfit.data import (
     document_text,
     load_prepared,
     pack_documents,
+    paragraphs,
     read_documents,
     save_prepared,
     tokenize_documents,
@@ -118,6 +119,11 @@ def test_text_file_splits_at_blank_lines_and_keeps_every_byte(tmp_path):
         assert all(d.text.strip() for d in docs) and [d.continued for d in docs] == [True] * (len(docs) - 1) + [False]
     f.write_bytes(b"A\r\n\r\nB\rC")  # universal newlines, as text mode reads them
     assert "".join(d.text for d in read_documents(str(f))) == "A\n\nB\nC"
+    f.write_bytes("\ufeffA\n\nB".encode())  # a byte-order mark is not text
+    assert "".join(d.text for d in read_documents(str(f))) == "A\n\nB"
+    f.write_bytes("\ufeff\n".encode())
+    with pytest.raises(LoopfitError, match="no documents"):
+        list(read_documents(str(f)))
     real = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
     if real.is_file():  # the real corpus: every byte is trained on, 1 + its blank runs documents
         docs = list(read_documents(str(real)))
@@ -162,9 +168,7 @@ def merging_tokenizer():
 
 @pytest.mark.parametrize("batch", [512, 2])  # 2: the file tokenised two paragraphs at a time, cut the same
 def test_paragraphs_are_tokenised_as_the_file_reads(tmp_path, monkeypatch, batch):
-    import loopfit.data.chat as chat
-
-    monkeypatch.setattr(chat, "_BATCH", batch)
+    monkeypatch.setattr(paragraphs, "BATCH", batch)
     tok = merging_tokenizer()
     two = tok.convert_tokens_to_ids("\u010a\u010a")
     assert tok("Ab.\n\n", add_special_tokens=False).input_ids[-1] == two  # alone: one token ...
@@ -207,6 +211,76 @@ def test_jsonl_parquet_and_hf_folder_give_the_same_documents(tmp_path):
     assert [d.text for d in read_documents(jsonl, text_field="answer", limit=2)] == [QA[0]["answer"], QA[1]["answer"]]
     renamed = write_jsonl(tmp_path / "r.jsonl", [{"q": r["question"], "a": r["answer"]} for r in QA])
     assert list(read_documents(renamed, question_field="q", answer_field="a")) == want
+
+
+def _whole_file_cases():
+    """(tokenizer, text) pairs where cutting paragraphs by offsets is easy to get wrong."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {
+        "\u010a\u010a": len(alphabet),
+        "\u010a\u010a\u0120": len(alphabet) + 1,
+    }
+    trimmed = Tokenizer(models.BPE(vocab=vocab, merges=[("\u010a", "\u010a"), ("\u010a\u010a", "\u0120")]))
+    trimmed.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trimmed.post_processor = processors.ByteLevel(trim_offsets=True)  # RoBERTa-style: space tokens' offsets moved
+    metaspace = Tokenizer(
+        models.BPE(vocab={"<unk>": 0, "\u2581": 1, "A": 2, "B": 3, "\n": 4}, merges=[], unk_token="<unk>")
+    )
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")  # a word mark at a string's start
+    fast = [PreTrainedTokenizerFast(tokenizer_object=t, eos_token="</s>") for t in (trimmed, metaspace)]
+    return [(fast[0], "A\n\n  B\n\nA  "), (fast[1], "A\n\nB\n\nA\nB\n\nB")]
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_paragraph_cuts_hold_for_trimmed_offsets_and_word_marks(tmp_path, monkeypatch, case):
+    """One paragraph per batch, the hardest cut: every token of the file once, none invented at a batch start."""
+    monkeypatch.setattr(paragraphs, "BATCH", 1)
+    tok, text = _whole_file_cases()[case]
+    f = tmp_path / "a.txt"
+    f.write_text(text)
+    docs = list(read_documents(str(f)))
+    assert len(docs) == 3 + case
+    assert [t for d in tokenize_documents(docs, tok) for t in d.input_ids] == tok(text).input_ids
+
+
+def test_a_slow_tokenizers_bos_comes_once_per_file(tmp_path):
+    """Without offsets each paragraph is tokenised alone, but the tokenizer's BOS still only starts the file."""
+    from transformers.tokenization_python import PythonBackend
+
+    class CharTokenizer(PythonBackend):
+        def __init__(self, **kw):
+            self.vocab = {c: i for i, c in enumerate(["<s>", "</s>", "<unk>", *"\n abcdef"])}
+            super().__init__(bos_token="<s>", eos_token="</s>", unk_token="<unk>", **kw)
+
+        @property
+        def vocab_size(self):
+            return len(self.vocab)
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def _tokenize(self, text, **kw):
+            return list(text)
+
+        def _convert_token_to_id(self, t):
+            return self.vocab.get(t, 2)
+
+        def _convert_id_to_token(self, i):
+            return {v: k for k, v in self.vocab.items()}.get(i, "<unk>")
+
+        def build_inputs_with_special_tokens(self, a, b=None):
+            return [0] + a
+
+    tok = CharTokenizer()
+    assert not tok.is_fast and tok("ab").input_ids == [0, 3 + 2, 3 + 3]
+    f = tmp_path / "a.txt"
+    f.write_text("ab\n\ncd\n\n\nef")
+    docs = tokenize_documents(list(read_documents(str(f))), tok)
+    assert [t for d in docs for t in d.input_ids] == tok(f.read_text()).input_ids  # one BOS, at the start
+    assert [d.separator for d in docs] == [False, False, True]
 
 
 def test_document_text_plain_and_chat(tok):

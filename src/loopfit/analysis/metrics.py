@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from loopfit.data import document_text, read_documents
+from loopfit.data.paragraphs import paragraph_tokens
 from loopfit.models.families import family_of
 
 
@@ -114,16 +115,9 @@ def _windows(tokenizer, docs, num_samples: int, seq_len: int, batch_size: int, c
     body = seq_len - len(bos)
     windows: list[list[int]] = []
     buffer: list[int] = []
-    done, text = 0, ""
-    for doc in docs:
-        # A text file's paragraphs are tokenised together (alone, a paragraph's final blank line can be another
-        # token), in pieces of about 64k characters, so a window reads as the file; a file's last paragraph is never
-        # `continued`, so nothing is left over after the loop.
-        text += document_text(doc, tokenizer, chat=chat)
-        if doc.continued and len(text) < 1 << 16:
-            continue
-        buffer += tokenizer(text, add_special_tokens=False).input_ids + ([] if doc.continued else sep)
-        text = ""
+    done = 0
+    for ids in _document_ids(tokenizer, docs, chat, sep):
+        buffer += ids
         while len(buffer) >= body and done < num_samples:
             windows.append(bos + buffer[:body])
             buffer = buffer[body:]
@@ -137,6 +131,30 @@ def _windows(tokenizer, docs, num_samples: int, seq_len: int, batch_size: int, c
         windows.append(bos + buffer)
     if windows:
         yield _collate(windows, seq_len, pad)
+
+
+def _document_ids(tokenizer, docs, chat: bool, sep: list[int]) -> Iterator[list[int]]:
+    """Token ids of each document then its separator; a text file's paragraphs read as the file
+    (`loopfit.data.paragraphs`), with one separator at its end."""
+    docs = iter(docs)
+    for doc in docs:
+        if doc.continued:
+            ended: list[bool] = []
+            yield from paragraph_tokens(tokenizer, _file_texts(doc, docs, ended))
+            yield sep if ended else []
+        else:
+            yield tokenizer(document_text(doc, tokenizer, chat=chat), add_special_tokens=False).input_ids + sep
+
+
+def _file_texts(first, docs: Iterator, ended: list[bool]) -> Iterator[str]:
+    """The texts of `first` and the paragraphs after it in `docs`, to the file's last (then `ended` gets True)."""
+    doc = first
+    while doc is not None:
+        yield doc.text
+        if not doc.continued:
+            ended.append(True)
+            return
+        doc = next(docs, None)
 
 
 def _collate(windows: list[list[int]], seq_len: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

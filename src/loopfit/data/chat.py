@@ -14,8 +14,8 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 
+from loopfit.data.paragraphs import paragraph_tokens, special_affixes
 from loopfit.data.sources import Document, chat_messages
 from loopfit.errors import LoopfitError
 
@@ -88,7 +88,7 @@ def tokenize_documents(
     Free-text documents are fully trainable even with `assistant_only` (they have no assistant part). Chat
     renderings carry their own special tokens (BOS, if any, comes from the template); other text gets the
     tokenizer's default special tokens. The paragraphs of a text file (a run of `continued` documents and the one
-    that ends it) are tokenised as the file reads (`_file_paragraphs`): no separator between them, and the
+    that ends it) are tokenised as the file reads (`loopfit.data.paragraphs`): no separator between them, and the
     tokenizer's special tokens once, around the file.
     """
     if tokenizer.eos_token_id is None:
@@ -101,12 +101,13 @@ def tokenize_documents(
     # Chat renderings already contain the template's special tokens; everything else gets the tokenizer's defaults.
     special = [not (chat and boundary is not None) for _, boundary in rendered]
     out: list[TokenizedDocument | None] = [None] * len(docs)
-    if getattr(tokenizer, "is_fast", False):  # else (no offsets) each paragraph is tokenised alone, as other text
-        for run in _paragraph_runs(docs):
-            ends_file = not docs[run[-1]].continued
-            for i, ids in zip(run, _file_paragraphs(tokenizer, [docs[i].text for i in run], ends_file)):
-                out[i] = TokenizedDocument(ids, [True] * len(ids), True, separator=ends_file and i == run[-1])
-                out[i].train_separator = out[i].separator
+    prefix, suffix = special_affixes(tokenizer)
+    for run in _paragraph_runs(docs):
+        ends_file = not docs[run[-1]].continued  # else the source was cut short inside the file
+        for i, ids in zip(run, paragraph_tokens(tokenizer, (docs[i].text for i in run))):
+            last = ends_file and i == run[-1]
+            ids = (prefix if i == run[0] else []) + ids + (suffix if last else [])
+            out[i] = TokenizedDocument(ids, [True] * len(ids), last, separator=last)
     for flag in (True, False):
         idx = [i for i, s in enumerate(special) if s == flag and out[i] is None]
         for start in range(0, len(idx), _BATCH):
@@ -121,8 +122,6 @@ def tokenize_documents(
                     assistant_only,
                     chat,
                 )
-                if docs[i].continued:
-                    out[i].separator = out[i].train_separator = False
     return out
 
 
@@ -136,45 +135,6 @@ def _paragraph_runs(docs: Sequence[Document]) -> list[list[int]]:
             runs.append(run)
             run = []
     return runs + [run] if run else runs
-
-
-def _file_paragraphs(tokenizer, texts: list[str], ends_file: bool) -> list[list[int]]:
-    """Token ids of consecutive paragraphs of a text file, cut from the tokenisation of their joined text at the
-    paragraph starts (a token belongs to the paragraph it starts in), so that the text reads as in the file.
-
-    Tokenised alone, a paragraph's final blank line would be a different token: SmolLM2's tokenizer gives "\n\n" at
-    the end of a string one token, and two in running text. The tokenizer's leading special tokens (BOS) go to the
-    first paragraph, its trailing ones to the last if it ends the file. Tokenised `_BATCH` paragraphs at a time, each
-    batch with the next paragraph as context after it (its tokens dropped), so a file of any length costs bounded
-    memory and cuts as whole.
-    """
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    at = next((k for k in range(len(full)) if full[k : k + len(plain)] == plain), 0)
-    prefix, suffix = full[:at], full[at + len(plain) :]
-    out: list[list[int]] = []
-    skip = 0  # characters at the start of the batch that the previous batch's last token already covers
-    for start in range(0, len(texts), _BATCH):
-        batch = texts[start : start + _BATCH]
-        ends = list(accumulate(len(t) for t in batch))  # character offset where each paragraph ends
-        after = texts[start + _BATCH] if start + _BATCH < len(texts) else ""
-        enc = tokenizer(("".join(batch) + after)[skip:], add_special_tokens=False, return_offsets_mapping=True)
-        pieces: list[list[int]] = [[] for _ in batch]
-        k, skip_next = 0, 0
-        for token, (begin, end) in zip(enc["input_ids"], enc["offset_mapping"]):
-            begin, end = begin + skip, end + skip
-            if begin >= ends[-1]:
-                break
-            while begin >= ends[k]:
-                k += 1
-            pieces[k].append(token)
-            skip_next = max(0, end - ends[-1])  # e.g. "\n\n " before an indented paragraph can be one token
-        skip = skip_next
-        out.extend(pieces)
-    out[0] = prefix + out[0]
-    if ends_file:
-        out[-1] = out[-1] + suffix
-    return out
 
 
 def _masked(ids: list[int], offsets, text: str, boundary: int | None, assistant_only: bool, chat: bool):

@@ -64,8 +64,9 @@ def _detect_format(spec: str) -> str:
 
 
 def text_lines(path: Path) -> Iterator[str]:
-    """The lines of a UTF-8 text file; bytes that are not UTF-8 text (or a NUL byte, the mark of a binary file)
-    are refused with the file and the byte offset, instead of being replaced silently or failing mid-run."""
+    """The lines of a UTF-8 text file, without a leading byte-order mark; bytes that are not UTF-8 text (or a NUL
+    byte, the mark of a binary file) are refused with the file and the byte offset, instead of being replaced
+    silently or failing mid-run."""
     offset = 0
     with open(path, "rb") as f:
         for raw in f:
@@ -80,6 +81,8 @@ def text_lines(path: Path) -> Iterator[str]:
             if nul >= 0:
                 at = offset + len(line[:nul].encode())
                 raise LoopfitError(f"{path}: NUL byte at offset {at}: this is a binary file, not text")
+            if offset == 0 and line.startswith("\ufeff"):
+                line = line[1:]  # a byte-order mark (as "utf-8-sig" reads it) is not text to train on
             offset += len(raw)
             # Universal newlines, as text mode would give: CRLF and a lone CR end a line too.
             parts = line.replace("\r\n", "\n").replace("\r", "\n").split("\n")

@@ -213,6 +213,26 @@ def test_jsonl_parquet_and_hf_folder_give_the_same_documents(tmp_path):
     assert list(read_documents(renamed, question_field="q", answer_field="a")) == want
 
 
+def test_a_tokenizer_that_appends_eos_gets_one_separator(tmp_path):
+    """A post-processor "<s> $A </s>" already ends each text with EOS; packing's separator must not double it."""
+    from tokenizers import processors
+
+    tok = merging_tokenizer()
+    eos = tok.eos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", eos)]
+    )
+    assert tok("a").input_ids[-1] == eos
+    f = tmp_path / "a.txt"
+    f.write_text("Ab.\n\nCd.\n")
+    qa = write_jsonl(tmp_path / "qa.jsonl", QA[:2])
+    for source in (str(f), qa):
+        rows = build_dataset(source, tok, 512).train.rows
+        real = rows.input_ids[0, : rows.num_tokens[0]].tolist()
+        assert real.count(eos) == (1 if source == str(f) else 2)  # the file: one, at its end
+        assert real.count(tok.bos_token_id) == (1 if source == str(f) else 2)
+
+
 def _whole_file_cases():
     """(tokenizer, text) pairs where cutting paragraphs by offsets is easy to get wrong."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

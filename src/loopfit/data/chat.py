@@ -102,6 +102,9 @@ def tokenize_documents(
     special = [not (chat and boundary is not None) for _, boundary in rendered]
     out: list[TokenizedDocument | None] = [None] * len(docs)
     prefix, suffix = special_affixes(tokenizer)
+    # A tokenizer that ends every text with EOS (a post-processor "<s> $A </s>") would double packing's separator.
+    own_eos = suffix[-1:] == [tokenizer.eos_token_id]
+    suffix = suffix[:-1] if own_eos else suffix
     for run in _paragraph_runs(docs):
         ends_file = not docs[run[-1]].continued  # else the source was cut short inside the file
         for i, ids in zip(run, paragraph_tokens(tokenizer, (docs[i].text for i in run))):
@@ -115,9 +118,12 @@ def tokenize_documents(
             texts = [rendered[i][0] for i in chunk]
             enc = tokenizer(texts, add_special_tokens=flag, return_offsets_mapping=assistant_only)
             for j, i in enumerate(chunk):
+                ids, offsets = enc["input_ids"][j], enc.get("offset_mapping", [None] * len(chunk))[j]
+                if flag and own_eos and ids[-1:] == [tokenizer.eos_token_id]:
+                    ids, offsets = ids[:-1], offsets if offsets is None else offsets[:-1]
                 out[i] = _masked(
-                    enc["input_ids"][j],
-                    enc.get("offset_mapping", [None] * len(chunk))[j],
+                    ids,
+                    offsets,
                     *rendered[i],
                     assistant_only,
                     chat,

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from itertools import accumulate, islice
 
+from tokenizers import Tokenizer
+
 BATCH = 512
 """Paragraphs tokenised per call."""
 
@@ -28,8 +30,6 @@ def _offsets_tokenizer(tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not getattr(tokenizer, "is_fast", False):
         return None
-    from tokenizers import Tokenizer
-
     copy = Tokenizer.from_str(backend.to_str())
     copy.post_processor = None
     copy.no_truncation()

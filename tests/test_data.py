@@ -145,8 +145,9 @@ def test_paragraphs_of_a_text_file_get_no_separator(tok, tmp_path):
 
 
 def merging_tokenizer():
-    """`byte_tokenizer` with one merge, newline + newline, and a BOS: like SmolLM2's tokenizer, it reads "\n\n" as one
-    token at the end of a text and as two before more text (GPT-2's pre-tokenisation splits off the last one)."""
+    """`byte_tokenizer` with a BOS and two merges, newline + newline and that + space: like SmolLM2's tokenizer, it
+    reads "\n\n" as one token at the end of a text and as two before more text (GPT-2's pre-tokenisation splits off
+    the last one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -238,20 +239,15 @@ def _whole_file_cases():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)} | {
-        "\u010a\u010a": len(alphabet),
-        "\u010a\u010a\u0120": len(alphabet) + 1,
-    }
-    trimmed = Tokenizer(models.BPE(vocab=vocab, merges=[("\u010a", "\u010a"), ("\u010a\u010a", "\u0120")]))
-    trimmed.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trimmed.post_processor = processors.ByteLevel(trim_offsets=True)  # RoBERTa-style: space tokens' offsets moved
+    trimmed = merging_tokenizer()
+    # RoBERTa-style: a space token's offsets moved to its end.
+    trimmed.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
     metaspace = Tokenizer(
         models.BPE(vocab={"<unk>": 0, "\u2581": 1, "A": 2, "B": 3, "\n": 4}, merges=[], unk_token="<unk>")
     )
     metaspace.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")  # a word mark at a string's start
-    fast = [PreTrainedTokenizerFast(tokenizer_object=t, eos_token="</s>") for t in (trimmed, metaspace)]
-    return [(fast[0], "A\n\n  B\n\nA  "), (fast[1], "A\n\nB\n\nA\nB\n\nB")]
+    metaspace = PreTrainedTokenizerFast(tokenizer_object=metaspace, eos_token="</s>")
+    return [(trimmed, "A\n\n  B\n\nA  "), (metaspace, "A\n\nB\n\nA\nB\n\nB")]
 
 
 @pytest.mark.parametrize("case", [0, 1])

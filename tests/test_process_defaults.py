@@ -55,6 +55,9 @@ def test_huge_pages_take_effect_after_the_commands_imports():
         out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
 
-    small, default = faults(None), faults("0")
+    # Best of three, and 4x rather than the ~100x of a quiet machine: under memory pressure (heals beside the suite)
+    # the kernel may have few free huge pages and fall back to small ones for part of a run (37.5k against 82k seen
+    # once). Ignored, the setting gives the default's count every time.
+    small, default = min(faults(None) for _ in range(3)), faults("0")
     assert default > 40_000, default
-    assert small * 10 < default, (small, default)
+    assert small * 4 < default, (small, default)

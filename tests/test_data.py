@@ -144,6 +144,25 @@ def test_paragraphs_of_a_text_file_get_no_separator(tok, tmp_path):
     assert "".join(tok.decode(d.input_ids) for d in docs) == f.read_text()
 
 
+def test_file_runs_group_a_files_paragraphs_lazily(tmp_path):
+    """Each text file's paragraphs form one run, any other document is alone, a source cut inside a file ends on a
+    continued paragraph, and nothing past the current run is read."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("One.\n\nTwo.\n\nThree.\n")
+    b.write_text("Lone paragraph.\n")
+    docs = [*read_documents(str(a)), Document(prompt="q", response="r"), *read_documents(str(b))]
+    docs += list(read_documents(str(a), limit=2))  # cut short: both paragraphs are continued
+    runs = [[d.text or d.prompt for d in run] for run in paragraphs.file_runs(docs)]
+    assert runs == [["One.\n\n", "Two.\n\n", "Three.\n"], ["q"], ["Lone paragraph.\n"], ["One.\n\n", "Two.\n\n"]]
+
+    read = []
+    stream = paragraphs.file_runs(read.append(d) or d for d in docs)
+    assert [d.text for d in next(stream)] == ["One.\n\n", "Two.\n\n", "Three.\n"]
+    assert len(read) == 4  # groupby looks one document ahead to find the run's end, no further
+    indices = [list(r) for r in paragraphs.file_runs(range(len(docs)), lambda i: docs[i].continued)]
+    assert indices == [[0, 1, 2], [3], [4], [5, 6]]
+
+
 def merging_tokenizer():
     """`byte_tokenizer` with a BOS and two merges, newline + newline and that + space: like SmolLM2's tokenizer, it
     reads "\n\n" as one token at the end of a text and as two before more text (GPT-2's pre-tokenisation splits off

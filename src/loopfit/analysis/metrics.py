@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from loopfit.data import document_text, read_documents
-from loopfit.data.paragraphs import paragraph_tokens
+from loopfit.data.paragraphs import file_runs, paragraph_tokens
 from loopfit.models.families import family_of
 
 
@@ -135,26 +136,14 @@ def _windows(tokenizer, docs, num_samples: int, seq_len: int, batch_size: int, c
 
 def _document_ids(tokenizer, docs, chat: bool, sep: list[int]) -> Iterator[list[int]]:
     """Token ids of each document then its separator; a text file's paragraphs read as the file
-    (`loopfit.data.paragraphs`), with one separator at its end."""
-    docs = iter(docs)
-    for doc in docs:
-        if doc.continued:
-            ended: list[bool] = []
-            yield from paragraph_tokens(tokenizer, _file_texts(doc, docs, ended))
-            yield sep if ended else []
+    (`loopfit.data.paragraphs`), with one separator at its end (calibration reads its source whole: every file ends)."""
+    for run in file_runs(docs):
+        first = next(run)
+        if first.continued:
+            yield from paragraph_tokens(tokenizer, (doc.text for doc in chain([first], run)))
+            yield sep
         else:
-            yield tokenizer(document_text(doc, tokenizer, chat=chat), add_special_tokens=False).input_ids + sep
-
-
-def _file_texts(first, docs: Iterator, ended: list[bool]) -> Iterator[str]:
-    """The texts of `first` and the paragraphs after it in `docs`, to the file's last (then `ended` gets True)."""
-    doc = first
-    while doc is not None:
-        yield doc.text
-        if not doc.continued:
-            ended.append(True)
-            return
-        doc = next(docs, None)
+            yield tokenizer(document_text(first, tokenizer, chat=chat), add_special_tokens=False).input_ids + sep
 
 
 def _collate(windows: list[list[int]], seq_len: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

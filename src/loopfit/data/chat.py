@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loopfit.data.paragraphs import paragraph_tokens, special_affixes
+from loopfit.data.paragraphs import file_runs, paragraph_tokens, special_affixes
 from loopfit.data.sources import Document, chat_messages
 from loopfit.errors import LoopfitError
 
@@ -105,7 +105,9 @@ def tokenize_documents(
     # A tokenizer that ends every text with EOS (a post-processor "<s> $A </s>") would double packing's separator.
     own_eos = suffix[-1:] == [tokenizer.eos_token_id]
     suffix = suffix[:-1] if own_eos else suffix
-    for run in _paragraph_runs(docs):
+    for run in map(list, file_runs(range(len(docs)), lambda i: docs[i].continued)):
+        if not docs[run[0]].continued:  # a document on its own, tokenised below
+            continue
         ends_file = not docs[run[-1]].continued  # else the source was cut short inside the file
         for i, ids in zip(run, paragraph_tokens(tokenizer, (docs[i].text for i in run))):
             last = ends_file and i == run[-1]
@@ -129,18 +131,6 @@ def tokenize_documents(
                     chat,
                 )
     return out
-
-
-def _paragraph_runs(docs: Sequence[Document]) -> list[list[int]]:
-    """Indices of each run of consecutive paragraphs of one text file: `continued` documents and the one after."""
-    runs, run = [], []
-    for i, doc in enumerate(docs):
-        if doc.continued or run:
-            run.append(i)
-        if run and not doc.continued:
-            runs.append(run)
-            run = []
-    return runs + [run] if run else runs
 
 
 def _masked(ids: list[int], offsets, text: str, boundary: int | None, assistant_only: bool, chat: bool):

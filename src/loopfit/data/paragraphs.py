@@ -11,13 +11,33 @@ the whole file's for any tokenizer whose tokens depend on nearby text only, at b
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from itertools import accumulate, islice
+from collections.abc import Callable, Iterable, Iterator
+from itertools import accumulate, groupby, islice
+from operator import attrgetter
+from typing import TypeVar
 
 from tokenizers import Tokenizer
 
 BATCH = 512
 """Paragraphs tokenised per call."""
+
+T = TypeVar("T")
+
+
+def file_runs(items: Iterable[T], continued: Callable[[T], bool] = attrgetter("continued")) -> Iterator[Iterator[T]]:
+    """`items` (documents, or anything `continued` maps to a document's flag) grouped as `read_documents` made them:
+    each text file's paragraphs (a run of continued documents and the one that ends it, or only continued ones where
+    the source was cut short) and every other document alone. Lazy, like `itertools.groupby`: a group is read before
+    the next one is asked for."""
+    file = 0
+
+    def key(item: T) -> int:
+        nonlocal file
+        k = file
+        file += not continued(item)
+        return k
+
+    return (run for _, run in groupby(items, key))
 
 
 def _offsets_tokenizer(tokenizer):

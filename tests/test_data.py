@@ -450,6 +450,52 @@ def test_default_data_is_generated_and_mixing_follows_weights(tok, tmp_path):
         build_dataset([f"{qa}:1", str(tmp_path / "nope.txt")], tok, 128)
 
 
+def _windows(ids: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(ids[k : k + n]) for k in range(0, len(ids), n)]
+
+
+def _real_rows(ds) -> list[tuple[int, ...]]:
+    return [tuple(ds.rows.input_ids[r, : ds.rows.num_tokens[r]].tolist()) for r in range(len(ds))]
+
+
+@pytest.mark.parametrize("position_ids", [False, True])
+def test_text_stream_rows_are_the_files_windows(tok, tmp_path, position_ids):
+    """With text_stream a text file trains as nanoGPT reads it: its token stream (the whole file's tokenisation and
+    one EOS) cut into consecutive seq_len windows, one per row; without it the rows hold its paragraphs packed."""
+    f = tmp_path / "a.txt"
+    text = "".join(f"Paragraph {i} says {'la ' * (i % 7)}.\n\n" for i in range(40)) + "The end.\n"
+    f.write_text(text)
+    stream = tok(text)["input_ids"] + [tok.eos_token_id]
+    data = build_dataset(str(f), tok, 64, text_stream=True, position_ids=position_ids)
+    assert sorted(_real_rows(data.train)) == sorted(_windows(stream, 64))
+    assert data.manifest["text_stream"] is True
+    if position_ids:  # each window is a document of its own: positions restart, its first token is no target
+        item = data.train[0]
+        assert torch.equal(item["position_ids"][: data.train.rows.num_tokens[0]], torch.arange(len(item["labels"])))
+        assert item["labels"][0] == IGNORE_INDEX
+    plain = build_dataset(str(f), tok, 64, position_ids=position_ids)
+    assert sorted(_real_rows(plain.train)) != sorted(_windows(stream, 64))
+    assert plain.data_hash != data.data_hash  # a run or cache built one way refuses the other
+
+
+def test_text_stream_windows_mix_and_split_like_documents(tok, tmp_path):
+    """Windows, not whole files, are what the token-share mix subsamples; a held-out split keeps whole paragraphs,
+    each side joining its own in file order, and nothing of the file is lost or repeated."""
+    f = tmp_path / "a.txt"
+    paragraphs_ = [f"Paragraph {i} says {'ho ' * (i % 5)}.\n\n" for i in range(60)]
+    f.write_text("".join(paragraphs_))
+    qa = write_jsonl(tmp_path / "qa.jsonl", QA[:10])  # fewer tokens than the file: the file is subsampled
+    mixed = build_dataset([f"{f}:0.5", f"{qa}:0.5"], tok, 32, text_stream=True)
+    text_rec = mixed.manifest["sources"][0]
+    assert 0 < text_rec["train_documents_used"] < text_rec["train_documents_available"]  # some windows of the file
+    split = build_dataset(str(f), tok, 32, text_stream=True, val_fraction=0.25)
+    train_text = "".join(tok.decode(r, skip_special_tokens=True) for r in _real_rows(split.train))
+    val_text = "".join(tok.decode(r, skip_special_tokens=True) for r in _real_rows(split.val))
+    held = [p for p in paragraphs_ if p in val_text]
+    assert len(held) == 15 and all(p not in train_text for p in held)
+    assert sorted(train_text + val_text) == sorted("".join(paragraphs_))  # the same characters, once each
+
+
 def test_prepared_folder_round_trip(tok, tmp_path):
     f = write_jsonl(tmp_path / "qa.jsonl", QA)
     data = build_dataset(f, tok, 48, chat=True, assistant_only=True, val_fraction=0.1)

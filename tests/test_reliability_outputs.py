@@ -208,6 +208,7 @@ def stopped(models, tmp_path_factory):
         (dict(optim_config=OptimConfig(lr=1e-3, optimizer="ellis_adam")), ["optim_config.optimizer"]),
         (dict(seed=3, seq_len=16, grad_clip=0.5), ["grad_clip", "seed", "seq_len"]),
         (dict(batch_size=2), ["sequences per step"]),  # a layout change that halves the global batch
+        (dict(text_stream=True), ["text_stream"]),
     ],
 )
 def test_resume_refuses_changes_to_the_computation(models, stopped, tmp_path, change, keys):
@@ -240,6 +241,23 @@ def test_resume_refuses_data_whose_contents_changed(models, tmp_path):
         setup(_cfg(models, run, data=str(data), save_every=2, resume=True))
     one_line(e)
     assert snapshot(run) == before
+
+
+def test_text_stream_reaches_the_runs_data(models, tmp_path):
+    """`--text_stream` builds the run's rows (recorded in its data manifest) as contiguous windows of the file: every
+    row full but the last; without it the file's short paragraphs are packed, with padding, and a different hash."""
+    data = tmp_path / "paragraphs.txt"
+    data.write_text("".join(f"Line {i} of the text.\n\n" for i in range(60)))
+    full = {}
+    for stream in (True, False):
+        r = setup(_cfg(models, tmp_path / f"run-{stream}", data=str(data), text_stream=stream, val_fraction=0.0))
+        r.logger.close()
+        manifest = json.loads((tmp_path / f"run-{stream}" / "data_manifest.json").read_text())
+        assert manifest["text_stream"] is stream
+        rows = r.stream.dataset.rows
+        full[stream] = (int((rows.num_tokens == 32).sum()), len(rows.num_tokens), manifest["data_hash"])
+    assert full[True][0] == full[True][1] - 1 and full[False][0] < full[False][1] - 1
+    assert full[True][2] != full[False][2]
 
 
 def test_resume_allows_and_records_changes_that_extend_or_observe(models, stopped, tmp_path):

@@ -23,6 +23,7 @@ def build_teacher_cache(
     max_documents: int | None = None,
     val_fraction: float = 0.0,
     position_ids: bool = False,
+    text_stream: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Run `teacher` once over the training rows of `data` and store its next-token distributions sparsely in `out`.
@@ -36,7 +37,8 @@ def build_teacher_cache(
     tokenizer = load_tokenizer(teacher)
     settings.validate(len(tokenizer))
     data_kw = dict(chat=chat, assistant_only=assistant_only, system_prompt=system_prompt, val_fraction=val_fraction,
-                   seed=settings.seed, max_documents=max_documents, position_ids=position_ids)  # fmt: skip
+                   seed=settings.seed, max_documents=max_documents, position_ids=position_ids,
+                   text_stream=text_stream)  # fmt: skip
     packed = build_dataset(data, tokenizer, seq_len, **data_kw)
     model = load_model(teacher)
     if position_ids:  # documents kept apart as `loopfit train --position_ids` reads them: SDPA per document

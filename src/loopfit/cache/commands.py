@@ -25,6 +25,7 @@ def cache_teacher_command(
     max_documents: int | None = None,
     val_fraction: float = 0.0,
     position_ids: bool = False,
+    text_stream: bool = False,
     seed: int = 0,
     overwrite: bool = False,
 ) -> None:
@@ -51,6 +52,7 @@ def cache_teacher_command(
         max_documents: cap on documents per source (as in training).
         val_fraction: held-out fraction carved before packing (as in training).
         position_ids: rows carry position ids restarting at each document (as in training).
+        text_stream: text files as contiguous `seq_len` windows (as in training).
         seed: data seed (as in training) and seed of the draws.
         overwrite: replace an existing output folder (only one loopfit wrote; it is replaced by rename once the
             new cache is complete).
@@ -64,7 +66,7 @@ def cache_teacher_command(
     path = build_teacher_cache(teacher, data, out, settings, seq_len=seq_len, chat=chat,
                                assistant_only=assistant_only, system_prompt=system_prompt,
                                max_documents=max_documents, val_fraction=val_fraction, position_ids=position_ids,
-                               overwrite=overwrite)  # fmt: skip
+                               text_stream=text_stream, overwrite=overwrite)  # fmt: skip
     print(f"wrote {path}")
 
 

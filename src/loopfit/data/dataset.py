@@ -5,6 +5,11 @@ match p_i without repeating any document, so the source that is scarcest relativ
 and the others are subsampled (seeded). What was used of each source is recorded in the manifest. The held-out
 split is carved per source before mixing: the documents whose seeded content hash is smallest, so the same
 documents are held out for the same seed and sources, whatever their order.
+
+With `text_stream` a text file's paragraphs (`Document.continued`) are not documents of their own: each side of
+the split joins its paragraphs of the file, in file order, into one token stream cut into `seq_len` windows
+(nanoGPT's and litgpt's contiguous text, HF `run_clm`'s `group_texts`), and the windows are what is mixed,
+shuffled and packed: a full window is a row of its own, so the rows read as the file does.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from loopfit.data.packing import (  # noqa: F401  (PackedDataset, PackedData, da
     data_hash,
     pack_documents,
 )
+from loopfit.data.paragraphs import file_runs
 from loopfit.data.shards import load_prepared
 from loopfit.data.sources import ARITHMETIC, Document, read_documents
 from loopfit.errors import LoopfitError
@@ -84,6 +90,33 @@ def _mix(sources: list[list[TokenizedDocument]], weights: list[float], seed: int
     return chosen
 
 
+def _file_windows(
+    docs: list[Document], tok: list[TokenizedDocument], indices: list[int], seq_len: int
+) -> list[TokenizedDocument]:
+    """`tok[i]` for `indices` (in source order), each text file's paragraphs among them joined into one stream and
+    cut into windows of `seq_len` packed tokens; the last window carries the file's end-of-text separator, if any."""
+    out: list[TokenizedDocument] = []
+    for run in map(list, file_runs(indices, lambda i: docs[i].continued)):
+        if not docs[run[0]].continued:  # a document on its own
+            out.extend(tok[i] for i in run)
+            continue
+        ids = [t for i in run for t in tok[i].input_ids]
+        trainable = [m for i in run for m in tok[i].trainable]
+        end = tok[run[-1]]
+        size = len(ids) + int(end.separator)
+        for k in range(0, size, seq_len):
+            last = k + seq_len >= size
+            out.append(
+                TokenizedDocument(
+                    ids[k : k + seq_len],
+                    trainable[k : k + seq_len],
+                    end.train_separator and last,
+                    end.separator and last,
+                )
+            )
+    return out
+
+
 def _is_prepared(entry: str) -> bool:
     return (Path(entry) / MANIFEST).is_file()
 
@@ -119,12 +152,14 @@ def build_dataset(
     position_ids: bool = False,
     format: str = "auto",
     text_field: str | None = None,
+    text_stream: bool = False,
 ) -> PackedData:
     """Read, tokenise, carve, mix and pack the data; or load a folder written by `loopfit prepare`.
 
     `data`: None (the built-in arithmetic generator), one entry or a list; each entry is a source (see
     `read_documents`) optionally suffixed `:weight`. `max_documents` caps each source (default for the
-    generator: 2000). A prepared folder brings its own formatting; `seq_len` and the tokenizer must match it.
+    generator: 2000). `text_stream`: text files train as contiguous `seq_len` windows (see the module docstring).
+    A prepared folder brings its own formatting; `seq_len` and the tokenizer must match it.
     """
     entries = check_sources(data, format, text_field)
     if seq_len < 2:
@@ -143,8 +178,12 @@ def build_dataset(
         docs = _source_documents(spec, format, text_field, max_documents, seed)
         tr, va = _carve(docs, val_fraction, seed)
         tok = tokenize_documents(docs, tokenizer, chat=chat, assistant_only=assistant_only, system=system_prompt)
-        train_docs.append([tok[i] for i in tr])
-        val_docs.extend(tok[i] for i in va)
+        if text_stream:
+            train_docs.append(_file_windows(docs, tok, tr, seq_len))
+            val_docs.extend(_file_windows(docs, tok, sorted(va), seq_len))
+        else:
+            train_docs.append([tok[i] for i in tr])
+            val_docs.extend(tok[i] for i in va)
         records.append({"spec": spec, "weight": weight, "documents": len(docs), "val_documents": len(va)})
     chosen = _mix(train_docs, [w for _, w in parsed], seed)
     mixed = []
@@ -171,6 +210,7 @@ def build_dataset(
         "format": format,
         "text_field": text_field,
         "position_ids": position_ids,
+        "text_stream": text_stream,
         "seed": seed,
         "val_fraction": val_fraction,
         "max_documents": max_documents,

@@ -24,6 +24,7 @@ def prepare_command(
     seed: int = 0,
     max_documents: int | None = None,
     position_ids: bool = False,
+    text_stream: bool = False,
     out: str | None = None,
     overwrite: bool = False,
 ) -> None:
@@ -45,6 +46,8 @@ def prepare_command(
         seed: seed for the generator, the held-out split, mixing and shuffling.
         max_documents: at most this many documents per source (generator default: 2000).
         position_ids: also store per-document position ids.
+        text_stream: text files as one contiguous token stream cut into `seq_len` windows, each a row of its own
+            (default: each paragraph a document, packed among the others).
         out: output folder (required).
         overwrite: replace an existing output folder.
     """
@@ -64,7 +67,7 @@ def prepare_command(
     built = build_dataset(
         data, tok, seq_len, chat=chat, assistant_only=assistant_only, system_prompt=system_prompt,
         val_fraction=val_fraction, seed=seed, max_documents=max_documents, position_ids=position_ids,
-        format=format, text_field=text_field,
+        format=format, text_field=text_field, text_stream=text_stream,
     )  # fmt: skip
     save_prepared(built, out, shards=shards, overwrite=overwrite)
     for s in built.manifest["sources"]:

@@ -196,6 +196,10 @@ class TrainConfig(Settings):
     padded row of its own, without computing the padding. Off: a document sees the ones packed before it in its row
     and positions run 0..seq_len-1 (pretraining-style packing). Teacher, student and validation all read the rows
     this way; a teacher cache must be built with the same setting (`loopfit cache-teacher --position_ids=true`)."""
+    text_stream: bool = False
+    """Text files train as one contiguous token stream cut into `seq_len` windows, each a row of its own (nanoGPT,
+    litgpt, HF `run_clm`), the windows shuffled and mixed like documents. Off: each paragraph is a document, packed
+    best-fit among the others in shuffled order, so a row holds unrelated paragraphs. Records are unaffected."""
     seq_len: int = 256
     """Tokens per packed sequence (at least 2, at most the model's `max_position_embeddings`: longer is refused)."""
     batch_size: int = 4

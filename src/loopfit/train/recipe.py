@@ -156,7 +156,7 @@ def setup(cfg: TrainConfig) -> Run | None:
     data = build_dataset(
         cfg.data, tokenizer, cfg.seq_len, chat=cfg.chat, assistant_only=cfg.assistant_only,
         system_prompt=cfg.system_prompt, val_fraction=cfg.val_fraction, seed=cfg.seed, max_documents=cfg.max_documents,
-        position_ids=cfg.position_ids,
+        position_ids=cfg.position_ids, text_stream=cfg.text_stream,
     )  # fmt: skip
     val_set = data.val if cfg.val_fraction > 0 else None
     if cfg.val_data:
@@ -169,6 +169,7 @@ def setup(cfg: TrainConfig) -> Run | None:
             system_prompt=cfg.system_prompt,
             seed=cfg.seed,
             position_ids=cfg.position_ids,
+            text_stream=cfg.text_stream,
         ).train
     if len(data.train) < cfg.batch_size * d.world_size:
         raise LoopfitError(f"only {len(data.train)} training rows: fewer than one global batch")

@@ -496,6 +496,27 @@ def test_text_stream_windows_mix_and_split_like_documents(tok, tmp_path):
     assert sorted(train_text + val_text) == sorted("".join(paragraphs_))  # the same characters, once each
 
 
+def test_text_stream_leaves_records_alone_and_windows_a_file_without_blank_lines(tok, tmp_path):
+    """Records keep their rows and held-out order (the data hash of a JSONL source does not depend on the flag); a
+    text file without blank lines (one paragraph) is windowed too, so a mix takes a share of it, not all or nothing."""
+    qa = write_jsonl(tmp_path / "qa.jsonl", QA)
+    for val_fraction in (0.0, 0.25):
+        a = build_dataset(qa, tok, 64, val_fraction=val_fraction)
+        b = build_dataset(qa, tok, 64, val_fraction=val_fraction, text_stream=True)
+        assert _real_rows(a.val) == _real_rows(b.val) and _real_rows(a.train) == _real_rows(b.train)
+    one = tmp_path / "one.txt"
+    one.write_text("".join(f"Line {i} of a file without blank lines.\n" for i in range(100)))
+    alone = build_dataset(str(one), tok, 32, text_stream=True)
+    assert sorted(_real_rows(alone.train)) == sorted(
+        _windows(tok(one.read_text())["input_ids"] + [tok.eos_token_id], 32)
+    )
+    mixed = build_dataset(
+        [f"{one}:0.5", f"{write_jsonl(tmp_path / 'few.jsonl', QA[:10])}:0.5"], tok, 32, text_stream=True
+    )
+    rec = mixed.manifest["sources"][0]
+    assert 0 < rec["train_documents_used"] < rec["train_documents_available"]
+
+
 def test_prepared_folder_round_trip(tok, tmp_path):
     f = write_jsonl(tmp_path / "qa.jsonl", QA)
     data = build_dataset(f, tok, 48, chat=True, assistant_only=True, val_fraction=0.1)

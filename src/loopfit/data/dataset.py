@@ -28,9 +28,8 @@ from loopfit.data.packing import (  # noqa: F401  (PackedDataset, PackedData, da
     data_hash,
     pack_documents,
 )
-from loopfit.data.paragraphs import file_runs
 from loopfit.data.shards import load_prepared
-from loopfit.data.sources import ARITHMETIC, Document, read_documents
+from loopfit.data.sources import ARITHMETIC, Document, read_documents, source_format
 from loopfit.errors import LoopfitError
 
 DEFAULT_GENERATED_DOCUMENTS = 2000
@@ -90,31 +89,27 @@ def _mix(sources: list[list[TokenizedDocument]], weights: list[float], seed: int
     return chosen
 
 
-def _file_windows(
-    docs: list[Document], tok: list[TokenizedDocument], indices: list[int], seq_len: int
-) -> list[TokenizedDocument]:
-    """`tok[i]` for `indices` (in source order), each text file's paragraphs among them joined into one stream and
-    cut into windows of `seq_len` packed tokens; the last window carries the file's end-of-text separator, if any."""
-    out: list[TokenizedDocument] = []
-    for run in map(list, file_runs(indices, lambda i: docs[i].continued)):
-        if not docs[run[0]].continued:  # a document on its own
-            out.extend(tok[i] for i in run)
-            continue
-        ids = [t for i in run for t in tok[i].input_ids]
-        trainable = [m for i in run for m in tok[i].trainable]
-        end = tok[run[-1]]
-        size = len(ids) + int(end.separator)
-        for k in range(0, size, seq_len):
-            last = k + seq_len >= size
-            out.append(
-                TokenizedDocument(
-                    ids[k : k + seq_len],
-                    trainable[k : k + seq_len],
-                    end.train_separator and last,
-                    end.separator and last,
-                )
+def _stream_windows(tok: list[TokenizedDocument], indices: list[int], seq_len: int) -> list[TokenizedDocument]:
+    """A text file's paragraphs `tok[i]` for `indices`, joined in file order into one stream and cut into windows of
+    `seq_len` packed tokens; the last window carries the file's end-of-text separator, if the file's last paragraph
+    is among them (an EOS that would start a window of its own is one: a file of exactly k * seq_len tokens)."""
+    if not indices:
+        return []
+    indices = sorted(indices)
+    ids = [t for i in indices for t in tok[i].input_ids]
+    trainable = [m for i in indices for m in tok[i].trainable]
+    end = tok[indices[-1]]
+    size = len(ids) + int(end.separator)
+    windows = []
+    for k in range(0, size, seq_len):
+        last = k + seq_len >= size
+        separator = last and end.separator
+        windows.append(
+            TokenizedDocument(
+                ids[k : k + seq_len], trainable[k : k + seq_len], separator and end.train_separator, separator
             )
-    return out
+        )
+    return windows
 
 
 def _is_prepared(entry: str) -> bool:
@@ -178,9 +173,9 @@ def build_dataset(
         docs = _source_documents(spec, format, text_field, max_documents, seed)
         tr, va = _carve(docs, val_fraction, seed)
         tok = tokenize_documents(docs, tokenizer, chat=chat, assistant_only=assistant_only, system=system_prompt)
-        if text_stream:
-            train_docs.append(_file_windows(docs, tok, tr, seq_len))
-            val_docs.extend(_file_windows(docs, tok, sorted(va), seq_len))
+        if text_stream and source_format(spec, format) == "text":
+            train_docs.append(_stream_windows(tok, tr, seq_len))
+            val_docs.extend(_stream_windows(tok, va, seq_len))
         else:
             train_docs.append([tok[i] for i in tr])
             val_docs.extend(tok[i] for i in va)

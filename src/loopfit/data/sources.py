@@ -43,6 +43,11 @@ class Document:
         return self.prompt is not None
 
 
+def source_format(spec: str, format: str = "auto") -> str:
+    """The format a source is read as: `format`, or with `auto` the one its name implies (`LoopfitError` if none)."""
+    return _detect_format(spec) if format == "auto" else format
+
+
 def _detect_format(spec: str) -> str:
     path = Path(spec)
     if spec == ARITHMETIC:
@@ -207,7 +212,7 @@ def read_documents(
         where = ARITHMETIC
     else:
         spec = str(spec)
-        fmt = _detect_format(spec) if format == "auto" else format
+        fmt = source_format(spec, format)
         where = spec
         path = Path(spec)
         if fmt != "hf" and not path.is_file():

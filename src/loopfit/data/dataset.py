@@ -6,8 +6,8 @@ and the others are subsampled (seeded). What was used of each source is recorded
 split is carved per source before mixing: the documents whose seeded content hash is smallest, so the same
 documents are held out for the same seed and sources, whatever their order.
 
-With `text_stream` a text file's paragraphs (`Document.continued`) are not documents of their own: each side of
-the split joins its paragraphs of the file, in file order, into one token stream cut into `seq_len` windows
+With `text_stream` a text file's paragraphs are not documents of their own: each side of the split joins its
+paragraphs of the file, in file order, into one token stream cut into `seq_len` windows
 (nanoGPT's and litgpt's contiguous text, HF `run_clm`'s `group_texts`), and the windows are what is mixed,
 shuffled and packed: a full window is a row of its own, so the rows read as the file does.
 """

@@ -160,3 +160,74 @@ def test_padded_batches_give_the_same_loss():
     padded = depth_sweep(lm, chunk_tokens(ids, 16, 3), [1, 3])  # chunks of 16, 16 and 5 tokens in one batch
     assert padded["tokens"] == one["tokens"]
     assert padded["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory):
+    from conftest import write_teacher_and_looped_student
+
+    root = write_teacher_and_looped_student(tmp_path_factory.mktemp("evalrun"))
+    src, lm = _looped()  # a random adapter: the loss changes with the depth
+    lm.save_pretrained(root / "looped")
+    rows = [{"question": f"What is {i} plus {i % 5}?", "answer": f"{i} plus {i % 5} is {i + i % 5}. " * (1 + i % 3)}
+            for i in range(48)]  # fmt: skip
+    (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.parametrize(
+    "data, flags",
+    [
+        ("data.txt", dict(val_fraction=0.2, text_stream=True)),
+        ("data.txt", dict(val_fraction=0.25, max_documents=40, seed=3)),
+        ("qa.jsonl", dict(val_fraction=0.2, chat=True, assistant_only=True, position_ids=True)),
+        ("qa.jsonl", dict(val_data=True, chat=True, system_prompt="Be brief.")),
+    ],
+    ids=["stream", "capped", "chat-positions", "val-data"],
+)
+def test_eval_gives_the_runs_own_validation_loss(run_files, tmp_path, data, flags):
+    """`loopfit eval` with a run's data flags scores exactly the rows the run validates on, as the run does."""
+    from loopfit.cli import main
+    from loopfit.train import DistillationConfig, LoRAConfig, TrainConfig
+    from loopfit.train.recipe import setup, validate
+
+    flags = dict(flags)
+    source = str(run_files / data)
+    # the val-data case: the run trains on the text and validates on all of the records
+    train_kw = dict(val_data=source, data=str(run_files / "data.txt")) if flags.pop("val_data", None) else {}
+    cfg = TrainConfig(**{"data": source, **train_kw}, model_name=str(run_files / "looped"), out=str(tmp_path / "run"),
+                      seq_len=48, batch_size=2, max_steps=1, progress_bar=False, tensorboard=False, precision="fp32",
+                      lora=LoRAConfig(enabled=True, r=4), distillation=DistillationConfig(enabled=False),
+                      **flags)  # fmt: skip
+    run = setup(cfg)
+    want = validate(run, [1, 3])
+    run.logger.close()
+    assert len(run.val_set) >= 2
+    args = ["eval", str(run_files / "looped"), "--data", source, "--seq_len", "48", "--depths", "1,3",
+            "--batch_size", "3", "--json", str(tmp_path / "e.json")]  # fmt: skip
+    for k, v in flags.items():
+        args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    main(args)
+    got = json.loads((tmp_path / "e.json").read_text())
+    assert got["loss"] == pytest.approx([want[1], want[3]], rel=1e-5)
+    assert got["tokens"] == sum(int((run.val_set[i]["labels"][1:] != -100).sum()) for i in range(len(run.val_set)))
+    assert got["loss"][0] != pytest.approx(got["loss"][1], rel=1e-4)  # the depth matters: not one number twice
+
+
+def test_eval_pipeline_flags_change_the_rows_and_bad_combinations_are_refused(run_files, tmp_path):
+    from loopfit.evaluate import eval_command
+
+    looped, qa = str(run_files / "looped"), str(run_files / "qa.jsonl")
+    losses = {}
+    for name, kw in {"plain": {}, "chat": dict(chat=True), "answers": dict(chat=True, assistant_only=True)}.items():
+        eval_command(looped, data=qa, seq_len=48, depths="2", json=str(tmp_path / f"{name}.json"), **kw)
+        losses[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert losses["answers"]["tokens"] < losses["chat"]["tokens"]
+    assert losses["chat"]["chat"] is True and "chat" not in losses["plain"]
+    assert len({round(v["loss"][0], 6) for v in losses.values()}) == 3
+    with pytest.raises(LoopfitError, match="--assistant_only needs --chat"):
+        eval_command(looped, data=qa, assistant_only=True)
+    with pytest.raises(LoopfitError, match="--limit_tokens cuts a whole file"):
+        eval_command(looped, data=qa, val_fraction=0.2, limit_tokens=100)
+    with pytest.raises(LoopfitError, match="--max_documents must be >= 1"):
+        eval_command(looped, data=qa, max_documents=0)

@@ -5,7 +5,11 @@ without special tokens; other sources document by document, joined with the EOS 
 into consecutive, non-overlapping `seq_len`-token chunks (the last one shorter), and the loss is the mean next-token
 cross-entropy over every predicted token of every chunk (each chunk predicts its tokens 2..n; nothing is
 predicted across chunk boundaries). With `--val_fraction` the chunks are instead the validation rows of
-`loopfit.data.build_dataset`, the same deterministic split training uses.
+`loopfit.data.build_dataset`, the same deterministic split training uses, formatted as training formats them when
+given the run's data flags (`--chat`, `--assistant_only`, `--system_prompt`, `--max_documents`, `--position_ids`,
+`--text_stream`). Any of those flags without `--val_fraction` evaluates all of `--data` as training's `--val_data`
+reads it: the rows `build_dataset` packs from the whole source. So the loss equals the run's own `val_loss` on the
+same rows and depth (`loopfit.train.recipe.validate`).
 
 For a looped model, one pass at the largest depth gives every depth: iterations are deterministic in eval mode,
 so the state after iteration R of that pass is the state an R-step run ends with, and only the coda and head run
@@ -92,7 +96,8 @@ def _coda_logits(model, state: torch.Tensor, attention_mask, position_ids: torch
 def depth_sweep(model, batches: Iterable[dict], depths: list[int] | None = None) -> dict:
     """Mean next-token loss and perplexity at each depth over all batches.
 
-    `batches` yields dicts with `input_ids` and unshifted `labels` (-100 ignored), optionally `attention_mask`.
+    `batches` yields dicts with `input_ids` and unshifted `labels` (-100 ignored), optionally `attention_mask` and
+    `position_ids` (per-document positions of packed rows: each document then attends only to itself).
     Returns `{"depths", "loss", "ppl", "tokens"}`; a plain (non-looped) model gives the same loss at every depth.
     """
     depths = sorted(set(depths or DEFAULT_DEPTHS))
@@ -104,14 +109,15 @@ def depth_sweep(model, batches: Iterable[dict], depths: list[int] | None = None)
 
     for batch in tqdm(batches, desc="depth sweep", unit="batch", disable=None, leave=False):
         ids, labels = batch["input_ids"], batch["labels"]
-        mask = batch.get("attention_mask")
+        mask, given = batch.get("attention_mask"), batch.get("position_ids")
         if not is_looped(model):
-            s, n = _token_losses(model(input_ids=ids, attention_mask=mask).logits, labels)
+            s, n = _token_losses(model(input_ids=ids, attention_mask=mask, position_ids=given).logits, labels)
             for r in depths:
                 sums[r] += s
         else:
-            out = model.model(input_ids=ids, attention_mask=mask, num_steps=depths[-1], output_states=True)
-            pos = torch.arange(ids.shape[1]).unsqueeze(0)
+            out = model.model(input_ids=ids, attention_mask=mask, position_ids=given, num_steps=depths[-1],
+                              output_states=True)  # fmt: skip
+            pos = given if given is not None else torch.arange(ids.shape[1]).unsqueeze(0)
             for r in depths:
                 s, n = _token_losses(_coda_logits(model, out.states[r - 1], mask, pos), labels)
                 sums[r] += s
@@ -146,18 +152,33 @@ def file_token_ids(data: str, tokenizer, limit_tokens: int | None = None) -> lis
     return ids[:limit_tokens] if limit_tokens is not None else ids
 
 
-def validation_batches(data: str, tokenizer, seq_len: int, val_fraction: float, batch_size: int, seed: int) -> list:
-    """The validation rows of the training data pipeline (same deterministic split), batched."""
-    val = build_dataset(data, tokenizer, seq_len, val_fraction=val_fraction, seed=seed).val
-    if val is None or len(val) == 0:
-        raise LoopfitError(f"--val_fraction {val_fraction} leaves no validation rows in {data}")
-    rows = [val[i] for i in range(len(val))]
-    real = torch.as_tensor(val.num_tokens)
+def validation_batches(
+    data: str, tokenizer, seq_len: int, val_fraction: float, batch_size: int, seed: int, **pipeline
+) -> list:
+    """The rows the training data pipeline makes of `data`, batched: its validation split (same deterministic
+    split) with `0 < val_fraction < 1`, all of it (as training's `--val_data`) with `val_fraction == 0`.
+
+    `pipeline`: `build_dataset`'s formatting flags (`chat`, `assistant_only`, `system_prompt`, `max_documents`,
+    `position_ids`, `text_stream`), to be the run's. Batches hold `input_ids` and `labels` `(rows, seq_len)`; with
+    `position_ids` they carry the rows' per-document `position_ids` (each document attends only to itself, as in
+    training) and no attention mask, otherwise an `attention_mask` over the real tokens. Raises `LoopfitError`
+    when there are no rows.
+    """
+    packed = build_dataset(data, tokenizer, seq_len, val_fraction=val_fraction, seed=seed, **pipeline)
+    rows_set = packed.val if val_fraction > 0 else packed.train
+    if rows_set is None or len(rows_set) == 0:
+        what = f"--val_fraction {val_fraction} leaves no validation rows" if val_fraction > 0 else "no rows"
+        raise LoopfitError(f"{what} in {data}")
+    rows = [rows_set[i] for i in range(len(rows_set))]
+    real = torch.as_tensor(rows_set.num_tokens)
+    keys = ("input_ids", "labels", "position_ids") if pipeline.get("position_ids") else ("input_ids", "labels")
     batches = []
     for i in range(0, len(rows), batch_size):
-        batch = {k: torch.stack([r[k] for r in rows[i : i + batch_size]]) for k in ("input_ids", "labels")}
-        n = real[i : i + batch_size, None]
-        batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < n).long()
+        batch = {k: torch.stack([r[k] for r in rows[i : i + batch_size]]) for k in keys}
+        # With position ids the padding at a row's end is a document of its own, which no real token attends to.
+        if "position_ids" not in batch:
+            n = real[i : i + batch_size, None]
+            batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < n).long()
         batches.append(batch)
     return batches
 
@@ -190,6 +211,12 @@ def eval_command(
     val_fraction: float | None = None,
     limit_tokens: int | None = None,
     seed: int = 0,
+    chat: bool = False,
+    assistant_only: bool = False,
+    system_prompt: str | None = None,
+    max_documents: int | None = None,
+    position_ids: bool = False,
+    text_stream: bool = False,
 ) -> None:
     """Loss and perplexity at each depth on held-out data, with a baseline model's loss on the same tokens.
 
@@ -204,7 +231,13 @@ def eval_command(
         batch_size: chunks per forward pass.
         val_fraction: evaluate on the validation split of the training data pipeline instead of all of --data.
         limit_tokens: evaluate on at most this many tokens of --data (the first ones).
-        seed: seed of the training/validation split (with --val_fraction).
+        seed: seed of the training/validation split (with --val_fraction), as the run's `--seed`.
+        chat: as the run's `--chat`: records in the tokenizer's chat template (rows of the training pipeline).
+        assistant_only: as the run's: loss only on assistant tokens (needs --chat).
+        system_prompt: as the run's: with --chat, a system message prepended to each conversation.
+        max_documents: as the run's: at most this many documents per source (rows of the training pipeline).
+        position_ids: as the run's: packed documents kept apart (each attends only to itself).
+        text_stream: as the run's: a text file read as one token stream cut into --seq_len windows.
     """
 
     if data is None:
@@ -214,6 +247,15 @@ def eval_command(
     if val_fraction is not None and not 0 < val_fraction < 1:
         raise LoopfitError(f"--val_fraction must be in (0, 1), got {val_fraction}")
     check_count("limit_tokens", limit_tokens, 2)
+    check_count("max_documents", max_documents)
+    if assistant_only and not chat:
+        raise LoopfitError("--assistant_only needs --chat=true (assistant turns come from the chat template)")
+    pipeline = dict(chat=chat, assistant_only=assistant_only, system_prompt=system_prompt,
+                    max_documents=max_documents, position_ids=position_ids, text_stream=text_stream)  # fmt: skip
+    from_pipeline = val_fraction is not None or any(v not in (False, None) for v in pipeline.values())
+    if from_pipeline and limit_tokens is not None:
+        raise LoopfitError("--limit_tokens cuts a whole file into chunks; rows of the training pipeline "
+                           "(--val_fraction or its data flags) are capped with --max_documents")  # fmt: skip
     depths = parse_depths(depths, DEFAULT_DEPTHS)
     check_output("json", json)
     check_output("plot", plot)
@@ -223,14 +265,15 @@ def eval_command(
     check_seq_len(model, seq_len)
     if baseline is not None and load_tokenizer(baseline).get_vocab() != tok.get_vocab():
         raise LoopfitError(f"the baseline {baseline} has a different tokenizer than {model}: losses would not compare")
-    if val_fraction is not None:
-        batches = validation_batches(data, tok, seq_len, val_fraction, batch_size, seed)
+    if from_pipeline:
+        batches = validation_batches(data, tok, seq_len, val_fraction or 0.0, batch_size, seed, **pipeline)
     else:
         batches = chunk_tokens(file_token_ids(data, tok, limit_tokens), seq_len, batch_size)
     lm = load_model(model).eval()
     result = depth_sweep(lm, batches, depths if is_looped(lm) else [1])
     result["baseline_loss"] = baseline_loss(load_model(baseline).eval(), batches) if baseline else None
-    result.update(model=model, baseline=baseline, data=data, seq_len=seq_len, val_fraction=val_fraction)
+    result.update(model=model, baseline=baseline, data=data, seq_len=seq_len, val_fraction=val_fraction,
+                  **(pipeline if from_pipeline else {}))  # fmt: skip
     for r, loss, ppl in zip(result["depths"], result["loss"], result["ppl"]):
         print(f"R={r:>3}  loss {loss:.4f}  ppl {ppl:.2f}")
     if baseline:

@@ -488,6 +488,8 @@ def test_text_stream_windows_mix_and_split_like_documents(tok, tmp_path):
     mixed = build_dataset([f"{f}:0.5", f"{qa}:0.5"], tok, 32, text_stream=True)
     text_rec = mixed.manifest["sources"][0]
     assert 0 < text_rec["train_documents_used"] < text_rec["train_documents_available"]  # some windows of the file
+    assert text_rec["train_units"] == "windows" and mixed.manifest["sources"][1]["train_units"] == "documents"
+    assert text_rec["documents"] == 60 and text_rec["train_documents_available"] < 60  # paragraphs, then windows
     split = build_dataset(str(f), tok, 32, text_stream=True, val_fraction=0.25)
     train_text = "".join(tok.decode(r, skip_special_tokens=True) for r in _real_rows(split.train))
     val_text = "".join(tok.decode(r, skip_special_tokens=True) for r in _real_rows(split.val))

@@ -173,13 +173,17 @@ def build_dataset(
         docs = _source_documents(spec, format, text_field, max_documents, seed)
         tr, va = _carve(docs, val_fraction, seed)
         tok = tokenize_documents(docs, tokenizer, chat=chat, assistant_only=assistant_only, system=system_prompt)
-        if text_stream and source_format(spec, format) == "text":
+        streamed = text_stream and source_format(spec, format) == "text"
+        if streamed:
             train_docs.append(_stream_windows(tok, tr, seq_len))
             val_docs.extend(_stream_windows(tok, va, seq_len))
         else:
             train_docs.append([tok[i] for i in tr])
             val_docs.extend(tok[i] for i in va)
-        records.append({"spec": spec, "weight": weight, "documents": len(docs), "val_documents": len(va)})
+        # documents and val_documents count what was read (a text file's paragraphs); the train_documents_* counts
+        # below count the units mixed, windows of a streamed text file
+        records.append({"spec": spec, "weight": weight, "documents": len(docs), "val_documents": len(va),
+                        "train_units": "windows" if streamed else "documents"})  # fmt: skip
     chosen = _mix(train_docs, [w for _, w in parsed], seed)
     mixed = []
     for rec, docs, idx in zip(records, train_docs, chosen):

@@ -241,7 +241,7 @@ CASES = {
     "eval-json-read-only": ("eval {w}/looped --data {w}/text.txt --json {w}/readonly/e.json", "not writable", R),
     "eval-depths-zero": ("eval {w}/looped --data {w}/text.txt --depths 0,2", "--depths must be"),
     "eval-assistant-only-no-chat": ("eval {w}/looped --data {w}/text.txt --assistant_only true",
-                                    "--assistant_only needs --chat=true"),
+                                    "--assistant_only and --system_prompt need --chat=true"),
     "eval-limit-tokens-pipeline": ("eval {w}/looped --data {w}/text.txt --text_stream true --limit_tokens 64",
                                    "--limit_tokens cuts a whole file"),
     "eval-no-tokenizer": ("eval {w}/notok --data {w}/text.txt", "notok has no tokenizer"),

@@ -166,68 +166,103 @@ def test_padded_batches_give_the_same_loss():
 def run_files(tmp_path_factory):
     from conftest import write_teacher_and_looped_student
 
+    from loopfit.data.prepare import prepare_command
+
     root = write_teacher_and_looped_student(tmp_path_factory.mktemp("evalrun"))
     src, lm = _looped()  # a random adapter: the loss changes with the depth
     lm.save_pretrained(root / "looped")
     rows = [{"question": f"What is {i} plus {i % 5}?", "answer": f"{i} plus {i % 5} is {i + i % 5}. " * (1 + i % 3)}
             for i in range(48)]  # fmt: skip
     (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare_command(str(root / "qa.jsonl"), chat=True, assistant_only=True, tokenizer=str(root / "looped"),
+                    seq_len=48, val_fraction=0.2, position_ids=True, out=str(root / "prepared"))  # fmt: skip
     return root
 
 
-@pytest.mark.parametrize(
-    "data, flags",
-    [
-        ("data.txt", dict(val_fraction=0.2, text_stream=True)),
-        ("data.txt", dict(val_fraction=0.25, max_documents=40, seed=3)),
-        ("qa.jsonl", dict(val_fraction=0.2, chat=True, assistant_only=True, position_ids=True)),
-        ("qa.jsonl", dict(val_data=True, chat=True, system_prompt="Be brief.")),
-    ],
-    ids=["stream", "capped", "chat-positions", "val-data"],
-)
-def test_eval_gives_the_runs_own_validation_loss(run_files, tmp_path, data, flags):
+# (model, data, the run's flags); `val_data` names the run's --val_data source, `eval_batches` becomes --max_rows
+RUNS = {
+    "stream": ("looped", "data.txt", dict(val_fraction=0.2, text_stream=True)),
+    "capped": ("looped", "data.txt", dict(val_fraction=0.25, max_documents=40, seed=3)),
+    "chat-positions": ("looped", "qa.jsonl", dict(val_fraction=0.2, chat=True, assistant_only=True, position_ids=True)),
+    "val-data": ("looped", "data.txt", dict(val_data="qa.jsonl", chat=True, system_prompt="Be brief.")),
+    "plain-positions": ("teacher", "qa.jsonl", dict(val_fraction=0.2, chat=True, position_ids=True)),
+    "mix": ("looped", ["data.txt:0.5", "qa.jsonl:0.5"], dict(val_fraction=0.2, chat=True, seed=2)),
+    "first-rows": ("looped", "data.txt", dict(val_fraction=0.3, eval_batches=2)),
+    "prepared": ("looped", "prepared", dict(val_fraction=0.2, position_ids=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_eval_gives_the_runs_own_validation_loss(run_files, tmp_path, name):
     """`loopfit eval` with a run's data flags scores exactly the rows the run validates on, as the run does."""
     from loopfit.cli import main
     from loopfit.train import DistillationConfig, LoRAConfig, TrainConfig
     from loopfit.train.recipe import setup, validate
 
+    model, data, flags = RUNS[name]
     flags = dict(flags)
-    source = str(run_files / data)
-    # the val-data case: the run trains on the text and validates on all of the records
-    train_kw = dict(val_data=source, data=str(run_files / "data.txt")) if flags.pop("val_data", None) else {}
-    cfg = TrainConfig(**{"data": source, **train_kw}, model_name=str(run_files / "looped"), out=str(tmp_path / "run"),
-                      seq_len=48, batch_size=2, max_steps=1, progress_bar=False, tensorboard=False, precision="fp32",
+    sources = [str(run_files / d) for d in ([data] if isinstance(data, str) else data)]
+    if "val_data" in flags:
+        flags["val_data"] = str(run_files / flags["val_data"])
+    cfg = TrainConfig(model_name=str(run_files / model), out=str(tmp_path / "run"), data=sources, seq_len=48,
+                      batch_size=2, max_steps=1, progress_bar=False, tensorboard=False, precision="fp32",
                       lora=LoRAConfig(enabled=True, r=4), distillation=DistillationConfig(enabled=False),
                       **flags)  # fmt: skip
+    depths = [1, 3] if model == "looped" else [1]
     run = setup(cfg)
-    want = validate(run, [1, 3])
+    want = validate(run, depths)
     run.logger.close()
-    assert len(run.val_set) >= 2
-    args = ["eval", str(run_files / "looped"), "--data", source, "--seq_len", "48", "--depths", "1,3",
-            "--batch_size", "3", "--json", str(tmp_path / "e.json")]  # fmt: skip
+    rows = len(run.val_set) if not cfg.eval_batches else cfg.eval_batches * cfg.batch_size
+    assert rows >= 2
+    if "val_data" in flags:
+        sources = [flags.pop("val_data")]
+    if "eval_batches" in flags:
+        flags["max_rows"] = flags.pop("eval_batches") * cfg.batch_size
+    args = ["eval", str(run_files / model), "--seq_len", "48", "--depths", "1,3", "--batch_size", "3",
+            "--json", str(tmp_path / "e.json")]  # fmt: skip
+    for source in sources:
+        args += ["--data", source]
     for k, v in flags.items():
         args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
     main(args)
     got = json.loads((tmp_path / "e.json").read_text())
-    assert got["loss"] == pytest.approx([want[1], want[3]], rel=1e-5)
-    assert got["tokens"] == sum(int((run.val_set[i]["labels"][1:] != -100).sum()) for i in range(len(run.val_set)))
-    assert got["loss"][0] != pytest.approx(got["loss"][1], rel=1e-4)  # the depth matters: not one number twice
+    assert got["loss"] == pytest.approx([want[r] for r in depths], rel=1e-5)
+    assert got["tokens"] == sum(int((run.val_set[i]["labels"][1:] != -100).sum()) for i in range(rows))
+    assert got["seed"] == cfg.seed and got["position_ids"] == cfg.position_ids
+    if model == "looped":
+        assert got["loss"][0] != pytest.approx(got["loss"][1], rel=1e-4)  # the depth matters: not one number twice
 
 
 def test_eval_pipeline_flags_change_the_rows_and_bad_combinations_are_refused(run_files, tmp_path):
     from loopfit.evaluate import eval_command
 
-    looped, qa = str(run_files / "looped"), str(run_files / "qa.jsonl")
+    looped, qa, prepared = str(run_files / "looped"), str(run_files / "qa.jsonl"), str(run_files / "prepared")
     losses = {}
     for name, kw in {"plain": {}, "chat": dict(chat=True), "answers": dict(chat=True, assistant_only=True)}.items():
         eval_command(looped, data=qa, seq_len=48, depths="2", json=str(tmp_path / f"{name}.json"), **kw)
         losses[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert losses["answers"]["tokens"] < losses["chat"]["tokens"]
-    assert losses["chat"]["chat"] is True and "chat" not in losses["plain"]
+    assert losses["chat"]["chat"] is True and "chat" not in losses["plain"] and losses["plain"]["limit_tokens"] is None
     assert len({round(v["loss"][0], 6) for v in losses.values()}) == 3
-    with pytest.raises(LoopfitError, match="--assistant_only needs --chat"):
-        eval_command(looped, data=qa, assistant_only=True)
-    with pytest.raises(LoopfitError, match="--limit_tokens cuts a whole file"):
-        eval_command(looped, data=qa, val_fraction=0.2, limit_tokens=100)
-    with pytest.raises(LoopfitError, match="--max_documents must be >= 1"):
-        eval_command(looped, data=qa, max_documents=0)
+    # a prepared folder without --val_fraction: all of its training rows
+    eval_command(looped, data=prepared, seq_len=48, depths="2", json=str(tmp_path / "p.json"))
+    from loopfit.data import build_dataset
+    from loopfit.loading import load_tokenizer
+
+    train = build_dataset(prepared, load_tokenizer(looped), 48).train
+    targets = sum(int((train[i]["labels"][1:] != -100).sum()) for i in range(len(train)))
+    assert json.loads((tmp_path / "p.json").read_text())["tokens"] == targets
+    refused = {
+        "--assistant_only and --system_prompt need --chat": dict(data=qa, assistant_only=True),
+        "need --chat=true": dict(data=qa, system_prompt="Be brief."),
+        "--limit_tokens cuts a whole file": dict(data=qa, val_fraction=0.2, limit_tokens=100),
+        "--max_documents must be >= 1": dict(data=qa, max_documents=0),
+        "--max_rows must be >= 1": dict(data=qa, max_rows=0),
+        "without a split .* use --max_rows": dict(data=qa, chat=True, max_documents=10),
+        "is a prepared data folder: .* drop --chat, --text_stream": dict(data=prepared, chat=True, text_stream=True),
+        "holds the split of --val_fraction 0.2, not 0.5": dict(data=prepared, val_fraction=0.5),
+        r"--val_fraction must be in \[0, 1\)": dict(data=qa, val_fraction=1.0),
+    }
+    for message, kw in refused.items():
+        with pytest.raises(LoopfitError, match=message):
+            eval_command(looped, seq_len=48, **kw)

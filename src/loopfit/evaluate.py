@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from loopfit.data import build_dataset
-from loopfit.data.dataset import check_sources
+from loopfit.data.dataset import check_sources, is_prepared, parse_source
 from loopfit.data.sources import document_text, read_documents, read_text
 from loopfit.errors import LoopfitError, check_count, check_output
 from loopfit.io import write_json
 from loopfit.loading import check_seq_len, load_model, load_tokenizer
+from loopfit.models.packed_attention import packed_kwargs
 from loopfit.plotting import pyplot, save_png
 
 DEFAULT_DEPTHS = [1, 2, 4, 8, 16, 32, 64]
@@ -111,12 +112,14 @@ def depth_sweep(model, batches: Iterable[dict], depths: list[int] | None = None)
         ids, labels = batch["input_ids"], batch["labels"]
         mask, given = batch.get("attention_mask"), batch.get("position_ids")
         if not is_looped(model):
-            s, n = _token_losses(model(input_ids=ids, attention_mask=mask, position_ids=given).logits, labels)
+            # packed rows as training reads them: no KV cache (HF drops the packed-document mask with one)
+            logits = model(input_ids=ids, attention_mask=mask, **packed_kwargs(model, given)).logits
+            s, n = _token_losses(logits, labels)
             for r in depths:
                 sums[r] += s
         else:
-            out = model.model(input_ids=ids, attention_mask=mask, position_ids=given, num_steps=depths[-1],
-                              output_states=True)  # fmt: skip
+            out = model.model(input_ids=ids, attention_mask=mask, num_steps=depths[-1], output_states=True,
+                              **packed_kwargs(model, given))  # fmt: skip
             pos = given if given is not None else torch.arange(ids.shape[1]).unsqueeze(0)
             for r in depths:
                 s, n = _token_losses(_coda_logits(model, out.states[r - 1], mask, pos), labels)
@@ -153,23 +156,36 @@ def file_token_ids(data: str, tokenizer, limit_tokens: int | None = None) -> lis
 
 
 def validation_batches(
-    data: str, tokenizer, seq_len: int, val_fraction: float, batch_size: int, seed: int, **pipeline
+    data: str | list[str],
+    tokenizer,
+    seq_len: int,
+    val_fraction: float,
+    batch_size: int,
+    seed: int,
+    max_rows: int | None = None,
+    **pipeline,
 ) -> list:
     """The rows the training data pipeline makes of `data`, batched: its validation split (same deterministic
-    split) with `0 < val_fraction < 1`, all of it (as training's `--val_data`) with `val_fraction == 0`.
+    split) with `0 < val_fraction < 1`, all of it (as training's `--val_data`) with `val_fraction == 0`; the first
+    `max_rows` of them if given.
 
     `pipeline`: `build_dataset`'s formatting flags (`chat`, `assistant_only`, `system_prompt`, `max_documents`,
     `position_ids`, `text_stream`), to be the run's. Batches hold `input_ids` and `labels` `(rows, seq_len)`; with
     `position_ids` they carry the rows' per-document `position_ids` (each document attends only to itself, as in
     training) and no attention mask, otherwise an `attention_mask` over the real tokens. Raises `LoopfitError`
-    when there are no rows.
+    when there are no rows, or for a prepared folder whose split is not `val_fraction`.
     """
     packed = build_dataset(data, tokenizer, seq_len, val_fraction=val_fraction, seed=seed, **pipeline)
+    held = packed.manifest.get("val_fraction", 0.0)
+    name = data if isinstance(data, str) else " + ".join(data)
+    if val_fraction and held != val_fraction:  # a prepared folder holds the split it was made with
+        raise LoopfitError(f"{name} holds the split of --val_fraction {held}, not {val_fraction}: pass --val_fraction "
+                           f"{held} for its validation rows, or leave it out for its training rows")  # fmt: skip
     rows_set = packed.val if val_fraction > 0 else packed.train
     if rows_set is None or len(rows_set) == 0:
         what = f"--val_fraction {val_fraction} leaves no validation rows" if val_fraction > 0 else "no rows"
-        raise LoopfitError(f"{what} in {data}")
-    rows = [rows_set[i] for i in range(len(rows_set))]
+        raise LoopfitError(f"{what} in {name}")
+    rows = [rows_set[i] for i in range(min(len(rows_set), max_rows or len(rows_set)))]
     real = torch.as_tensor(rows_set.num_tokens)
     keys = ("input_ids", "labels", "position_ids") if pipeline.get("position_ids") else ("input_ids", "labels")
     batches = []
@@ -177,7 +193,7 @@ def validation_batches(
         batch = {k: torch.stack([r[k] for r in rows[i : i + batch_size]]) for k in keys}
         # With position ids the padding at a row's end is a document of its own, which no real token attends to.
         if "position_ids" not in batch:
-            n = real[i : i + batch_size, None]
+            n = real[i : i + len(batch["input_ids"]), None]
             batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < n).long()
         batches.append(batch)
     return batches
@@ -201,7 +217,7 @@ def plot_sweep(result: dict, path: str, title: str | None = None) -> None:
 
 def eval_command(
     model: str,
-    data: str | None = None,
+    data: str | list[str] | None = None,
     seq_len: int = 256,
     depths: list[int] | str | None = None,
     baseline: str | None = None,
@@ -217,63 +233,83 @@ def eval_command(
     max_documents: int | None = None,
     position_ids: bool = False,
     text_stream: bool = False,
+    max_rows: int | None = None,
 ) -> None:
     """Loss and perplexity at each depth on held-out data, with a baseline model's loss on the same tokens.
 
     Args:
         model: looped (or plain) model: folder, hub id, .gguf file or `smollm2-135m`.
-        data: held-out data: a text file (tokenized whole, cut into --seq_len chunks), JSONL, Parquet or HF dataset.
-        seq_len: tokens per chunk.
+        data: held-out data: a text file (tokenized whole, cut into --seq_len chunks), JSONL, Parquet or HF dataset;
+            with the training pipeline (below) also a `loopfit prepare` folder or the run's several `path:weight`
+            sources (`--data a.txt:0.7 --data b.jsonl:0.3`).
+        seq_len: tokens per chunk (the run's `--seq_len` for its rows).
         depths: loop depths to evaluate, e.g. `1,2,4` (default 1,2,4,8,16,32,64); ignored for a plain model.
         baseline: a plain model (same tokenizer) whose loss on the same tokens is reported and plotted.
-        json: write `{"depths", "loss", "ppl", "baseline_loss", "tokens"}` here.
+        json: write `{"depths", "loss", "ppl", "baseline_loss", "tokens", ...}` and the flags used here.
         plot: write a PNG of loss against depth here.
         batch_size: chunks per forward pass.
-        val_fraction: evaluate on the validation split of the training data pipeline instead of all of --data.
-        limit_tokens: evaluate on at most this many tokens of --data (the first ones).
-        seed: seed of the training/validation split (with --val_fraction), as the run's `--seed`.
-        chat: as the run's `--chat`: records in the tokenizer's chat template (rows of the training pipeline).
-        assistant_only: as the run's: loss only on assistant tokens (needs --chat).
-        system_prompt: as the run's: with --chat, a system message prepended to each conversation.
-        max_documents: as the run's: at most this many documents per source (rows of the training pipeline).
-        position_ids: as the run's: packed documents kept apart (each attends only to itself).
-        text_stream: as the run's: a text file read as one token stream cut into --seq_len windows.
+        val_fraction: the run's: score the validation split of the training data pipeline; 0: all of --data as the
+            pipeline packs it (as a run's `--val_data` is read).
+        limit_tokens: evaluate on at most this many tokens of --data (the first ones; whole-file chunks only).
+        seed: the run's `--seed` (its split, mixing and packing).
+        chat: the run's `--chat`: records in the tokenizer's chat template.
+        assistant_only: the run's: loss only on assistant tokens (needs --chat).
+        system_prompt: the run's: a system message prepended to each conversation (needs --chat).
+        max_documents: the run's: the documents per source its split was carved from (with --val_fraction > 0).
+        position_ids: the run's: packed documents kept apart (each attends only to itself).
+        text_stream: the run's: a text file read as one token stream cut into --seq_len windows.
+        max_rows: score only the first N rows of the pipeline (a run validates on its first `eval_batches x
+            batch_size x ranks` rows).
+
+    Any of the last eight (or a prepared folder, or several or weighted sources) scores rows of the training data
+    pipeline instead of whole-file chunks; a prepared folder brings its own formatting (its manifest).
     """
 
-    if data is None:
+    entries = check_sources(data) if data is not None else None
+    if entries is None:
         raise LoopfitError("--data is required")
     check_count("seq_len", seq_len, 2)
     check_count("batch_size", batch_size)
-    if val_fraction is not None and not 0 < val_fraction < 1:
-        raise LoopfitError(f"--val_fraction must be in (0, 1), got {val_fraction}")
-    check_count("limit_tokens", limit_tokens, 2)
-    check_count("max_documents", max_documents)
-    if assistant_only and not chat:
-        raise LoopfitError("--assistant_only needs --chat=true (assistant turns come from the chat template)")
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        raise LoopfitError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    for flag, value in (("limit_tokens", limit_tokens), ("max_documents", max_documents), ("max_rows", max_rows)):
+        check_count(flag, value, 2 if flag == "limit_tokens" else 1)
+    if (assistant_only or system_prompt is not None) and not chat:
+        raise LoopfitError("--assistant_only and --system_prompt need --chat=true (they shape the chat template)")
+    if max_documents is not None and not val_fraction:
+        raise LoopfitError("--max_documents is the run's cap of the documents its --val_fraction split is carved "
+                           "from; without a split (a --val_data source is read whole) use --max_rows")  # fmt: skip
     pipeline = dict(chat=chat, assistant_only=assistant_only, system_prompt=system_prompt,
                     max_documents=max_documents, position_ids=position_ids, text_stream=text_stream)  # fmt: skip
-    from_pipeline = val_fraction is not None or any(v not in (False, None) for v in pipeline.values())
+    prepared = is_prepared(entries[0])
+    if prepared:
+        _check_prepared(entries[0], pipeline)
+    several = len(entries) > 1 or parse_source(entries[0])[0] != entries[0]
+    chosen = {k: v for k, v in pipeline.items() if v not in (False, None)}
+    from_pipeline = val_fraction is not None or bool(chosen) or max_rows is not None or prepared or several
     if from_pipeline and limit_tokens is not None:
-        raise LoopfitError("--limit_tokens cuts a whole file into chunks; rows of the training pipeline "
-                           "(--val_fraction or its data flags) are capped with --max_documents")  # fmt: skip
+        raise LoopfitError("--limit_tokens cuts a whole file into chunks; rows of the training pipeline are capped "
+                           "with --max_rows")  # fmt: skip
     depths = parse_depths(depths, DEFAULT_DEPTHS)
     check_output("json", json)
     check_output("plot", plot)
 
-    check_sources(data)
     tok = load_tokenizer(model)
     check_seq_len(model, seq_len)
     if baseline is not None and load_tokenizer(baseline).get_vocab() != tok.get_vocab():
         raise LoopfitError(f"the baseline {baseline} has a different tokenizer than {model}: losses would not compare")
     if from_pipeline:
-        batches = validation_batches(data, tok, seq_len, val_fraction or 0.0, batch_size, seed, **pipeline)
+        batches = validation_batches(entries, tok, seq_len, val_fraction or 0.0, batch_size, seed, max_rows, **pipeline)
     else:
-        batches = chunk_tokens(file_token_ids(data, tok, limit_tokens), seq_len, batch_size)
+        batches = chunk_tokens(file_token_ids(entries[0], tok, limit_tokens), seq_len, batch_size)
     lm = load_model(model).eval()
     result = depth_sweep(lm, batches, depths if is_looped(lm) else [1])
     result["baseline_loss"] = baseline_loss(load_model(baseline).eval(), batches) if baseline else None
-    result.update(model=model, baseline=baseline, data=data, seq_len=seq_len, val_fraction=val_fraction,
-                  **(pipeline if from_pipeline else {}))  # fmt: skip
+    result.update(model=model, baseline=baseline, data=data, seq_len=seq_len, val_fraction=val_fraction)
+    if from_pipeline:
+        result.update(seed=seed, max_rows=max_rows, **pipeline)
+    else:
+        result.update(limit_tokens=limit_tokens)
     for r, loss, ppl in zip(result["depths"], result["loss"], result["ppl"]):
         print(f"R={r:>3}  loss {loss:.4f}  ppl {ppl:.2f}")
     if baseline:
@@ -282,3 +318,12 @@ def eval_command(
         write_json(json, result)
     if plot is not None:
         plot_sweep(result, plot)
+
+
+def _check_prepared(folder: str, pipeline: dict) -> None:
+    """A prepared folder's rows are formatted already: refuse the flags it would ignore."""
+    ignored = [k for k in ("chat", "assistant_only", "system_prompt", "max_documents", "text_stream")
+               if pipeline[k] not in (False, None)]  # fmt: skip
+    if ignored:
+        raise LoopfitError(f"{folder} is a prepared data folder: its rows are formatted already (see its manifest); "
+                           f"drop --{', --'.join(ignored)}")  # fmt: skip

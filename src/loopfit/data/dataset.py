@@ -112,7 +112,8 @@ def _stream_windows(tok: list[TokenizedDocument], indices: list[int], seq_len: i
     return windows
 
 
-def _is_prepared(entry: str) -> bool:
+def is_prepared(entry: str) -> bool:
+    """Whether a data entry is a folder written by `loopfit prepare` (it holds a manifest)."""
     return (Path(entry) / MANIFEST).is_file()
 
 
@@ -121,7 +122,7 @@ def check_sources(data: str | list[str] | None, format: str = "auto", text_field
     entries = [data] if isinstance(data, str) else list(data or [ARITHMETIC])
     if not entries:
         raise LoopfitError("no data sources given")
-    prepared = [e for e in entries if _is_prepared(e)]
+    prepared = [e for e in entries if is_prepared(e)]
     if prepared:
         if len(entries) > 1:
             raise LoopfitError(f"a prepared data folder ({prepared[0]}) cannot be mixed with other sources")
@@ -163,7 +164,7 @@ def build_dataset(
         raise LoopfitError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     if max_documents is not None and max_documents < 1:
         raise LoopfitError(f"--max_documents must be >= 1, got {max_documents}")
-    if _is_prepared(entries[0]):
+    if is_prepared(entries[0]):
         prepared = load_prepared(entries[0], tokenizer, seq_len, position_ids)
         check_targets(prepared, entries[0])
         return prepared
@@ -243,7 +244,7 @@ def train_documents(
         LoopfitError: a bad source, or a prepared data folder (it holds token rows, not documents).
     """
     entries = check_sources(data, format, text_field)
-    if _is_prepared(entries[0]):
+    if is_prepared(entries[0]):
         raise LoopfitError(f"{entries[0]} is a prepared data folder: it holds token rows, not the documents asked "
                            "for; pass the source records instead")  # fmt: skip
     out = []

@@ -72,6 +72,9 @@ def world(tmp_path_factory):
     plain.chat_template = PLAIN_TEMPLATE
     plain.save_pretrained(root / "plain_chat")
     _masked_prepared_folder(root / "masked_prepared", tok)
+    from loopfit.data.prepare import prepare_command
+
+    prepare_command(str(root / "data.txt"), tokenizer=str(root / "teacher"), seq_len=32, out=str(root / "prepared"))
     for name in ("cut_weights", "bad_config", "bad_tokenizer"):
         shutil.copytree(root / "looped", root / name)
     weights = (root / "looped" / "model.safetensors").read_bytes()
@@ -168,6 +171,8 @@ CASES = {
     "train-all-targets-masked": (TRAIN.replace("looped", "plain_chat").replace("text.txt", "empty_answers.jsonl")
                                  + " --chat=true --assistant_only=true", "no target tokens in the training data"),
     "train-all-masked-prepared": (TRAIN.replace("text.txt", "masked_prepared"), "no target tokens"),
+    "train-prepared-other-flags": (TRAIN.replace("text.txt", "prepared") + " --text_stream true --val_fraction 0.2",
+                                   "prepared data folder made with --text_stream false: its rows cannot follow"),
     "train-out-read-only": (TRAIN.replace("{w}/run", "{w}/readonly/run"), "readonly is not writable", R),
     # --- generate
     "generate-no-tokenizer": ("generate {w}/notok --max_new_tokens 2", "notok has no tokenizer"),

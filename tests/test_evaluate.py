@@ -259,8 +259,13 @@ def test_eval_pipeline_flags_change_the_rows_and_bad_combinations_are_refused(ru
         "--max_documents must be >= 1": dict(data=qa, max_documents=0),
         "--max_rows must be >= 1": dict(data=qa, max_rows=0),
         "without a split .* use --max_rows": dict(data=qa, chat=True, max_documents=10),
-        "is a prepared data folder: .* drop --chat, --text_stream": dict(data=prepared, chat=True, text_stream=True),
-        "holds the split of --val_fraction 0.2, not 0.5": dict(data=prepared, val_fraction=0.5),
+        "made with --text_stream false: .* follow --text_stream true": dict(data=prepared, text_stream=True),
+        "made with --val_fraction 0.2: its rows cannot follow --val_fraction 0.5": dict(
+            data=prepared, val_fraction=0.5
+        ),
+        "made with --system_prompt null: its rows cannot follow --system_prompt 'Hi'": dict(
+            data=prepared, chat=True, system_prompt="Hi"
+        ),
         r"--val_fraction must be in \[0, 1\)": dict(data=qa, val_fraction=1.0),
     }
     for message, kw in refused.items():

@@ -173,14 +173,10 @@ def validation_batches(
     `position_ids`, `text_stream`), to be the run's. Batches hold `input_ids` and `labels` `(rows, seq_len)`; with
     `position_ids` they carry the rows' per-document `position_ids` (each document attends only to itself, as in
     training) and no attention mask, otherwise an `attention_mask` over the real tokens. Raises `LoopfitError`
-    when there are no rows, or for a prepared folder whose split is not `val_fraction`.
+    when there are no rows, and whatever `build_dataset` refuses (a prepared folder made with other flags).
     """
     packed = build_dataset(data, tokenizer, seq_len, val_fraction=val_fraction, seed=seed, **pipeline)
-    held = packed.manifest.get("val_fraction", 0.0)
     name = data if isinstance(data, str) else " + ".join(data)
-    if val_fraction and held != val_fraction:  # a prepared folder holds the split it was made with
-        raise LoopfitError(f"{name} holds the split of --val_fraction {held}, not {val_fraction}: pass --val_fraction "
-                           f"{held} for its validation rows, or leave it out for its training rows")  # fmt: skip
     rows_set = packed.val if val_fraction > 0 else packed.train
     if rows_set is None or len(rows_set) == 0:
         what = f"--val_fraction {val_fraction} leaves no validation rows" if val_fraction > 0 else "no rows"
@@ -262,7 +258,7 @@ def eval_command(
             batch_size x ranks` rows).
 
     Any of the last eight (or a prepared folder, or several or weighted sources) scores rows of the training data
-    pipeline instead of whole-file chunks; a prepared folder brings its own formatting (its manifest).
+    pipeline instead of whole-file chunks; a prepared folder brings its own formatting (given flags must match it).
     """
 
     entries = check_sources(data) if data is not None else None
@@ -281,9 +277,7 @@ def eval_command(
                            "from; without a split (a --val_data source is read whole) use --max_rows")  # fmt: skip
     pipeline = dict(chat=chat, assistant_only=assistant_only, system_prompt=system_prompt,
                     max_documents=max_documents, position_ids=position_ids, text_stream=text_stream)  # fmt: skip
-    prepared = is_prepared(entries[0])
-    if prepared:
-        _check_prepared(entries[0], pipeline)
+    prepared = is_prepared(entries[0])  # build_dataset refuses flags other than the folder's
     several = len(entries) > 1 or parse_source(entries[0])[0] != entries[0]
     chosen = {k: v for k, v in pipeline.items() if v not in (False, None)}
     from_pipeline = val_fraction is not None or bool(chosen) or max_rows is not None or prepared or several
@@ -318,12 +312,3 @@ def eval_command(
         write_json(json, result)
     if plot is not None:
         plot_sweep(result, plot)
-
-
-def _check_prepared(folder: str, pipeline: dict) -> None:
-    """A prepared folder's rows are formatted already: refuse the flags it would ignore."""
-    ignored = [k for k in ("chat", "assistant_only", "system_prompt", "max_documents", "text_stream")
-               if pipeline[k] not in (False, None)]  # fmt: skip
-    if ignored:
-        raise LoopfitError(f"{folder} is a prepared data folder: its rows are formatted already (see its manifest); "
-                           f"drop --{', --'.join(ignored)}")  # fmt: skip

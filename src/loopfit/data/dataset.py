@@ -166,6 +166,9 @@ def build_dataset(
         raise LoopfitError(f"--max_documents must be >= 1, got {max_documents}")
     if is_prepared(entries[0]):
         prepared = load_prepared(entries[0], tokenizer, seq_len, position_ids)
+        _check_prepared_flags(prepared.manifest, entries[0], chat=chat, assistant_only=assistant_only,
+                              system_prompt=system_prompt, text_stream=text_stream, max_documents=max_documents,
+                              val_fraction=val_fraction)  # fmt: skip
         check_targets(prepared, entries[0])
         return prepared
     parsed = [(s, w) for s, w in map(parse_source, entries) if w > 0]
@@ -221,6 +224,28 @@ def build_dataset(
     packed = PackedData(train, val, manifest)
     check_targets(packed, ", ".join(spec for spec, _ in parsed), chat, assistant_only)
     return packed
+
+
+def _check_prepared_flags(manifest: dict, folder: str, **given) -> None:
+    """A prepared folder's rows are formatted, split and capped already: a flag given with another value than the
+    folder was prepared with would be silently ignored, so it is refused (defaults pass: the folder decides)."""
+
+    def shown(v):
+        return (
+            "null"
+            if v is None
+            else str(v).lower()
+            if isinstance(v, bool)
+            else repr(v)
+            if isinstance(v, str)
+            else str(v)
+        )
+
+    for flag, value in given.items():
+        if value not in (False, None, 0.0) and value != manifest.get(flag):
+            made = shown(manifest.get(flag))
+            raise LoopfitError(f"{folder} is a prepared data folder made with --{flag} {made}: its rows cannot "
+                               f"follow --{flag} {shown(value)} (leave it out, or prepare the data again)")  # fmt: skip
 
 
 def _source_documents(spec: str, format: str, text_field: str | None, max_documents: int | None, seed: int):

@@ -7,9 +7,9 @@ cross-entropy over every predicted token of every chunk (each chunk predicts its
 predicted across chunk boundaries). With `--val_fraction` the chunks are instead the validation rows of
 `loopfit.data.build_dataset`, the same deterministic split training uses, formatted as training formats them when
 given the run's data flags (`--chat`, `--assistant_only`, `--system_prompt`, `--max_documents`, `--position_ids`,
-`--text_stream`). Any of those flags without `--val_fraction` evaluates all of `--data` as training's `--val_data`
-reads it: the rows `build_dataset` packs from the whole source. So the loss equals the run's own `val_loss` on the
-same rows and depth (`loopfit.train.recipe.validate`).
+`--text_stream`; `--max_rows` for a run's first `eval_batches`). `--val_fraction 0`, or those flags without it,
+evaluates all of `--data` as training's `--val_data` reads it: the rows `build_dataset` packs from the whole source.
+So the loss equals the run's own `val_loss` on the same rows and depth (`loopfit.train.recipe.validate`).
 
 For a looped model, one pass at the largest depth gives every depth: iterations are deterministic in eval mode,
 so the state after iteration R of that pass is the state an R-step run ends with, and only the coda and head run
@@ -261,9 +261,9 @@ def eval_command(
     pipeline instead of whole-file chunks; a prepared folder brings its own formatting (given flags must match it).
     """
 
-    entries = check_sources(data) if data is not None else None
-    if entries is None:
+    if data is None:  # check_sources reads None as the built-in generator: not held-out data
         raise LoopfitError("--data is required")
+    entries = check_sources(data)
     check_count("seq_len", seq_len, 2)
     check_count("batch_size", batch_size)
     if val_fraction is not None and not 0 <= val_fraction < 1:

@@ -229,23 +229,20 @@ def build_dataset(
 def _check_prepared_flags(manifest: dict, folder: str, **given) -> None:
     """A prepared folder's rows are formatted, split and capped already: a flag given with another value than the
     folder was prepared with would be silently ignored, so it is refused (defaults pass: the folder decides)."""
-
-    def shown(v):
-        return (
-            "null"
-            if v is None
-            else str(v).lower()
-            if isinstance(v, bool)
-            else repr(v)
-            if isinstance(v, str)
-            else str(v)
-        )
-
     for flag, value in given.items():
         if value not in (False, None, 0.0) and value != manifest.get(flag):
-            made = shown(manifest.get(flag))
+            made, asked = _shown(manifest.get(flag)), _shown(value)
             raise LoopfitError(f"{folder} is a prepared data folder made with --{flag} {made}: its rows cannot "
-                               f"follow --{flag} {shown(value)} (leave it out, or prepare the data again)")  # fmt: skip
+                               f"follow --{flag} {asked} (leave it out, or prepare the data again)")  # fmt: skip
+
+
+def _shown(value) -> str:
+    """A flag's value as it is typed on the command line (`true`, `null`, `'text'`, `0.1`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _source_documents(spec: str, format: str, text_field: str | None, max_documents: int | None, seed: int):

@@ -73,8 +73,7 @@ def prepare_command(
     for s in built.manifest["sources"]:
         print(
             f"{s['spec']}: {s['documents']} documents, {s['val_documents']} held out, "
-            f"{s['train_documents_used']}/{s['train_documents_available']} train {s['train_units']} "
-            "used"
+            f"{s['train_documents_used']}/{s['train_documents_available']} train {s['train_units']} used"
         )
     tr, va = built.manifest["counts"]["train"], built.manifest["counts"]["val"]
     print(

@@ -173,6 +173,7 @@ CASES = {
     "train-all-masked-prepared": (TRAIN.replace("text.txt", "masked_prepared"), "no target tokens"),
     "train-prepared-other-flags": (TRAIN.replace("text.txt", "prepared") + " --text_stream true --val_fraction 0.2",
                                    "prepared data folder made with --text_stream false: its rows cannot follow"),
+    "train-system-prompt-no-chat": (TRAIN + " --system_prompt 'Be brief.'", "--system_prompt need --chat=true"),
     "train-out-read-only": (TRAIN.replace("{w}/run", "{w}/readonly/run"), "readonly is not writable", R),
     # --- generate
     "generate-no-tokenizer": ("generate {w}/notok --max_new_tokens 2", "notok has no tokenizer"),
@@ -259,7 +260,11 @@ CASES = {
                                    "random.jsonl: the bytes at offset 0"),
     "cache-teacher-seq-len-one": ("cache-teacher --teacher {w}/teacher --data {w}/text.txt --out {w}/cache "
                                   "--seq_len 1", "--seq_len must be >= 2"),
+    "cache-teacher-assistant-only-no-chat": ("cache-teacher --teacher {w}/teacher --data {w}/text.txt --out {w}/cache "
+                                             "--assistant_only true", "--assistant_only and --system_prompt need"),
     # --- prepare
+    "prepare-system-prompt-no-chat": ("prepare --data {w}/text.txt --tokenizer {w}/teacher --out {w}/p "
+                                      "--system_prompt Hi", "--system_prompt need --chat=true"),
     "prepare-random-bytes": ("prepare --data {w}/random.jsonl --tokenizer {w}/teacher --out {w}/p --seq_len 32",
                              "random.jsonl: the bytes at offset 0"),
     "prepare-seq-len-zero": ("prepare --data {w}/text.txt --tokenizer {w}/teacher --out {w}/p --seq_len 0",

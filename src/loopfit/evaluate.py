@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from loopfit.data import build_dataset
-from loopfit.data.dataset import check_sources, is_prepared, parse_source
+from loopfit.data.dataset import check_format_flags, check_sources, is_prepared, parse_source
 from loopfit.data.sources import document_text, read_documents, read_text
 from loopfit.errors import LoopfitError, check_count, check_output
 from loopfit.io import write_json
@@ -270,8 +270,7 @@ def eval_command(
         raise LoopfitError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     for flag, value in (("limit_tokens", limit_tokens), ("max_documents", max_documents), ("max_rows", max_rows)):
         check_count(flag, value, 2 if flag == "limit_tokens" else 1)
-    if (assistant_only or system_prompt is not None) and not chat:
-        raise LoopfitError("--assistant_only and --system_prompt need --chat=true (they shape the chat template)")
+    check_format_flags(chat, assistant_only, system_prompt)
     if max_documents is not None and not val_fraction:
         raise LoopfitError("--max_documents is the run's cap of the documents its --val_fraction split is carved "
                            "from; without a split (a --val_data source is read whole) use --max_rows")  # fmt: skip
@@ -279,8 +278,8 @@ def eval_command(
                     max_documents=max_documents, position_ids=position_ids, text_stream=text_stream)  # fmt: skip
     prepared = is_prepared(entries[0])  # build_dataset refuses flags other than the folder's
     several = len(entries) > 1 or parse_source(entries[0])[0] != entries[0]
-    chosen = {k: v for k, v in pipeline.items() if v not in (False, None)}
-    from_pipeline = val_fraction is not None or bool(chosen) or max_rows is not None or prepared or several
+    chosen = any(v not in (False, None) for v in pipeline.values())
+    from_pipeline = val_fraction is not None or chosen or max_rows is not None or prepared or several
     if from_pipeline and limit_tokens is not None:
         raise LoopfitError("--limit_tokens cuts a whole file into chunks; rows of the training pipeline are capped "
                            "with --max_rows")  # fmt: skip

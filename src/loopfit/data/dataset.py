@@ -135,6 +135,17 @@ def check_sources(data: str | list[str] | None, format: str = "auto", text_field
     return entries
 
 
+def check_format_flags(chat: bool, assistant_only: bool, system_prompt: str | None) -> None:
+    """Refuse formatting flags that only the chat template gives a meaning to.
+
+    Raises:
+        LoopfitError: `assistant_only` or a `system_prompt` without `chat` (the answer's start and the system turn
+            come from the template; without it the flags would be silently ignored).
+    """
+    if (assistant_only or system_prompt is not None) and not chat:
+        raise LoopfitError("--assistant_only and --system_prompt need --chat=true (they shape the chat template)")
+
+
 def build_dataset(
     data: str | list[str] | None,
     tokenizer,
@@ -157,6 +168,7 @@ def build_dataset(
     generator: 2000). `text_stream`: text files train as contiguous `seq_len` windows (see the module docstring).
     A prepared folder brings its own formatting; `seq_len` and the tokenizer must match it.
     """
+    check_format_flags(chat, assistant_only, system_prompt)
     entries = check_sources(data, format, text_field)
     if seq_len < 2:
         raise LoopfitError(f"--seq_len must be >= 2, got {seq_len}")
@@ -230,7 +242,7 @@ def _check_prepared_flags(manifest: dict, folder: str, **given) -> None:
     """A prepared folder's rows are formatted, split and capped already: a flag given with another value than the
     folder was prepared with would be silently ignored, so it is refused (defaults pass: the folder decides)."""
     for flag, value in given.items():
-        if value not in (False, None, 0.0) and value != manifest.get(flag):
+        if value not in (False, None) and value != manifest.get(flag):  # 0.0 == False: val_fraction's default
             made, asked = _shown(manifest.get(flag)), _shown(value)
             raise LoopfitError(f"{folder} is a prepared data folder made with --{flag} {made}: its rows cannot "
                                f"follow --{flag} {asked} (leave it out, or prepare the data again)")  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loopfit.data.dataset import build_dataset, check_sources
+from loopfit.data.dataset import build_dataset, check_format_flags, check_sources
 from loopfit.data.shards import save_prepared
 from loopfit.errors import LoopfitError, check_count, check_output
 from loopfit.loading import check_seq_len, load_tokenizer
@@ -62,6 +62,7 @@ def prepare_command(
         raise LoopfitError(f"output folder {out} already exists (pass --overwrite=true to replace it)")
     check_output("out", out, folder=True)
     check_sources(data, format, text_field)
+    check_format_flags(chat, assistant_only, system_prompt)
     tok = load_tokenizer(tokenizer)
     check_seq_len(tokenizer, seq_len)  # training on these rows would refuse them later
     built = build_dataset(

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from loopfit.data.dataset import check_format_flags
 from loopfit.errors import LoopfitError, check_count, check_number
 from loopfit.losses.depths import DEPTH_WEIGHTINGS
 from loopfit.train.distillation_config import (  # noqa: F401
@@ -372,8 +373,7 @@ def _validate(c: TrainConfig) -> None:
         raise LoopfitError("--eval_every needs validation data: set --val_fraction > 0 or --val_data")
     if any(r < 1 for r in c.eval_num_steps):
         raise LoopfitError(f"--eval_num_steps must all be >= 1, got {c.eval_num_steps}")
-    if c.assistant_only and not c.chat:
-        raise LoopfitError("--assistant_only needs --chat=true (assistant turns come from the chat template)")
+    check_format_flags(c.chat, c.assistant_only, c.system_prompt)
     o = c.optim_config
     if o.lr <= 0 or o.muon_lr <= 0:
         raise LoopfitError("--optim_config.lr and --optim_config.muon_lr must be > 0")

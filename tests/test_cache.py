@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
-from loopfit.cache import CacheSettings, TeacherCache, TeacherTargetsDataset, write_cache
+from loopfit.cache import CacheSettings, TeacherCache, TeacherTargetsDataset, build_teacher_cache, write_cache
 from loopfit.data import build_dataset, tokenizer_hash
 from loopfit.errors import LoopfitError
 from loopfit.losses import fused_kd_loss, kd_divergence
@@ -202,6 +202,10 @@ def test_bad_settings_fail_before_work(setup):
                     (dict(estimator="topk", temperature=2.0), "temperature")]:  # fmt: skip
         with pytest.raises(LoopfitError, match=msg):
             write_cache(teacher, data.train, root / "never", CacheSettings(**kw), info, progress=False)
+    # Format flags that need a chat template are refused before the (here missing) teacher is looked up.
+    for kw in (dict(assistant_only=True), dict(system_prompt="Be brief.")):
+        with pytest.raises(LoopfitError, match="need --chat=true"):
+            build_teacher_cache(str(root / "no-teacher"), "x.txt", root / "never", CacheSettings(), **kw)
     assert not (root / "never").exists() and not (root / ".partial-never").exists()
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from loopfit.cache.writer import CacheSettings, check_cache_output, write_cache
 from loopfit.data import build_dataset, tokenizer_hash
+from loopfit.data.dataset import check_format_flags
 from loopfit.loading import load_model, load_tokenizer
 from loopfit.models.packed_attention import use_packed_attention
 
@@ -31,9 +32,11 @@ def build_teacher_cache(
     The data arguments must be exactly those training will use (they decide the rows; training checks the data and
     tokenizer hashes); `settings.seed` is both the data seed and the seed of the draws. An interrupted run resumes
     when called again with the same arguments. Returns the cache folder. Raises `LoopfitError` for an output that
-    exists (without `overwrite`, or not written by loopfit) or invalid settings, before the teacher is loaded.
+    exists (without `overwrite`, or not written by loopfit), invalid settings or `assistant_only` / `system_prompt`
+    without `chat`, before the teacher is loaded.
     """
-    check_cache_output(Path(out), overwrite)  # before the teacher is loaded: a refusal costs nothing
+    check_format_flags(chat, assistant_only, system_prompt)  # before anything is loaded: a refusal costs nothing
+    check_cache_output(Path(out), overwrite)
     tokenizer = load_tokenizer(teacher)
     settings.validate(len(tokenizer))
     data_kw = dict(chat=chat, assistant_only=assistant_only, system_prompt=system_prompt, val_fraction=val_fraction,

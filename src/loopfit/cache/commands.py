@@ -5,7 +5,6 @@ from __future__ import annotations
 from loopfit.cache.build import build_teacher_cache
 from loopfit.cache.reader import TeacherCache
 from loopfit.cache.writer import CacheSettings
-from loopfit.data.dataset import check_format_flags
 from loopfit.errors import LoopfitError
 
 
@@ -62,7 +61,6 @@ def cache_teacher_command(
         raise LoopfitError("--teacher is required")
     if out is None:
         raise LoopfitError("--out is required")
-    check_format_flags(chat, assistant_only, system_prompt)
     settings = CacheSettings(estimator=estimator, top_k=top_k, samples=samples, temperature=temperature,
                              shard_rows=shard_rows, batch_size=batch_size, seed=seed)  # fmt: skip
     path = build_teacher_cache(teacher, data, out, settings, seq_len=seq_len, chat=chat,
